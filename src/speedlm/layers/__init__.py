@@ -1,0 +1,1 @@
+"""nn.Modules: one mixer family per file, plus norms, RoPE and MLPs."""

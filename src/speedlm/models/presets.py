@@ -1,0 +1,100 @@
+"""Named architectures in three sizes. A preset is a description, a paper and a function from
+size to `ModelConfig`; the schema knows nothing about presets.
+
+Names are `ARCH-SIZE` (e.g. `gqa-small`); a bare `ARCH` means `ARCH-tiny`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from speedlm.errors import SpeedlmError
+from speedlm.models.config import ModelConfig
+
+# d_model, n_layers, n_heads, max_seq_len, sliding window
+SIZES = {
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=512, window=32),
+    "small": dict(d_model=256, n_layers=6, n_heads=8, max_seq_len=1024, window=128),
+    "base": dict(d_model=768, n_layers=12, n_heads=12, max_seq_len=2048, window=512),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    paper: str
+    make: Callable[[dict], dict]  # size dict -> ModelConfig fields (pattern, mixers, ...)
+
+
+def _cfg(size: dict, **fields) -> ModelConfig:
+    base = {k: size[k] for k in ("d_model", "n_layers", "n_heads", "max_seq_len")}
+    base.update(fields)
+    return ModelConfig(**base)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "transformer",
+            "Llama-style decoder: multi-head causal attention (SDPA/FlashAttention), RoPE, SwiGLU, RMSNorm",
+            "Vaswani et al. 2017 (arXiv:1706.03762); Touvron et al. 2023 (arXiv:2302.13971)",
+            lambda s: dict(pattern="A", mixers={"A": {"name": "attention"}}),
+        ),
+        Preset(
+            "gqa",
+            "grouped-query attention: n_heads / 4 shared key-value heads",
+            "Ainslie et al. 2023, GQA (arXiv:2305.13245)",
+            lambda s: dict(pattern="A", mixers={"A": {"name": "attention", "kv_heads": max(1, s["n_heads"] // 4)}}),
+        ),
+        Preset(
+            "mqa",
+            "multi-query attention: one key-value head shared by all query heads",
+            "Shazeer 2019, Fast Transformer Decoding (arXiv:1911.02150)",
+            lambda s: dict(pattern="A", mixers={"A": {"name": "attention", "kv_heads": 1}}),
+        ),
+        Preset(
+            "sliding-window",
+            "sliding-window attention on FlexAttention block masks; O(window) KV cache",
+            "Beltagy et al. 2020, Longformer (arXiv:2004.05150); Jiang et al. 2023, Mistral 7B (arXiv:2310.06825)",
+            lambda s: dict(pattern="S", mixers={"S": {"name": "sliding_window", "window": s["window"]}}),
+        ),
+        Preset(
+            "linear-attention",
+            "causal linear attention (elu+1 features), chunked training, O(1) matrix-state cache",
+            "Katharopoulos et al. 2020, Transformers are RNNs (arXiv:2006.16236)",
+            lambda s: dict(pattern="L", mixers={"L": {"name": "linear_attention"}}),
+        ),
+        Preset(
+            "linear-hybrid",
+            "inter-layer hybrid: linear attention layers interleaved with sliding-window attention",
+            "Arora et al. 2024, Based (arXiv:2402.18668)",
+            lambda s: dict(
+                pattern="LS",
+                mixers={"L": {"name": "linear_attention"}, "S": {"name": "sliding_window", "window": s["window"]}},
+            ),
+        ),
+    ]
+}
+
+
+def split_preset_name(name: str) -> tuple[str, str]:
+    arch, _, size = name.rpartition("-")
+    if arch in PRESETS and size in SIZES:
+        return arch, size
+    if name in PRESETS:
+        return name, "tiny"
+    raise SpeedlmError(
+        f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))} "
+        f"with an optional size suffix -{'/-'.join(SIZES)} (see `speedlm list`)"
+    )
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+    arch, size = split_preset_name(name)
+    s = SIZES[size]
+    fields = PRESETS[arch].make(s)
+    fields.update(overrides)
+    return _cfg(s, **fields)

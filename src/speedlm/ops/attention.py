@@ -1,0 +1,63 @@
+"""Softmax attention: the explicit dense reference and the SDPA forms.
+
+Shapes: q (B, H, Tq, Dh); k, v (B, Hkv, Tk, Dh) with H % Hkv == 0 (MHA: Hkv == H,
+GQA: 1 < Hkv < H, MQA: Hkv == 1). Positions are absolute: query i sits at q_start + i,
+key j at kv_start + j.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv, T, Dh) -> (B, Hkv * groups, T, Dh): each KV head serves `groups` query heads."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Explicit softmax(q k^T * scale + mask) v, in the inputs' dtype (use float64 for reference).
+
+    mask: (Tq, Tk) bool, True where a query may attend; rows with no allowed key give 0
+    (the FlexAttention convention).
+    """
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows -> 0
+    return probs @ v
+
+
+def causal_mask(tq: int, tk: int, device=None) -> torch.Tensor:
+    """(tq, tk) bool mask for queries that are the last tq of tk positions (lower-right aligned)."""
+    q_pos = torch.arange(tk - tq, tk, device=device)[:, None]
+    k_pos = torch.arange(tk, device=device)[None, :]
+    return k_pos <= q_pos
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Causal attention where the queries are the last Tq of the Tk keys (training, prefill,
+    chunked prefill and decoding alike), on torch's fused SDPA kernels.
+
+    GQA/MQA use SDPA's native `enable_gqa` so K/V are never materialised per query head.
+    """
+    tq, tk = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if tq == 1:  # decoding: the single query sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    # chunked prefill: the new block attends to the whole cache plus its own causal triangle
+    mask = causal_mask(tq, tk, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
