@@ -1,0 +1,69 @@
+"""Prefill the prompt through the caches, then decode one token at a time."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from speedlm.errors import SpeedlmError
+from speedlm.generate.sampling import check_sampling, sample_next
+
+
+@dataclass
+class GenerationResult:
+    ids: torch.Tensor  # (B, prompt + new)
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    cache_bytes: int
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.new_tokens * self.ids.shape[0] / self.decode_s if self.decode_s > 0 else float("inf")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> GenerationResult:
+    """prompt_ids (B, T0) -> GenerationResult. use_cache=False recomputes the whole sequence
+    at every step (the reference the cached path must reproduce exactly under greedy decoding)."""
+    check_sampling(temperature, top_k, top_p)
+    if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
+        raise SpeedlmError("the prompt must contain at least one token")
+    total = prompt_ids.shape[1] + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise SpeedlmError(
+            f"prompt ({prompt_ids.shape[1]}) + new tokens ({max_new_tokens}) = {total} exceeds the model's "
+            f"max_seq_len={model.config.max_seq_len}; ask for fewer tokens"
+        )
+    model.eval()
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=prompt_ids.device).manual_seed(seed)
+    ids = prompt_ids
+
+    sync = torch.cuda.synchronize if prompt_ids.is_cuda else (lambda: None)
+    t0 = time.perf_counter()
+    cache = model.init_cache() if use_cache else None
+    logits = model(ids, cache)[:, -1]
+    sync()
+    t1 = time.perf_counter()
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, gen)[:, None]
+        ids = torch.cat([ids, nxt], dim=1)
+        if i == max_new_tokens - 1:
+            break
+        logits = model(nxt, cache)[:, -1] if use_cache else model(ids)[:, -1]
+    sync()
+    t2 = time.perf_counter()
+    return GenerationResult(ids, max_new_tokens, t1 - t0, t2 - t1, cache.nbytes() if cache else 0)
