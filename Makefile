@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+# torch first: a bare `torch` requirement would pull the CUDA build and several GB of packages
+TORCH_VERSION ?= 2.13.0
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test test-slow bench clean
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
+	@$(PYTHON) -m pip install -q -e ".[test]"
+
+# Train a tiny model on the embedded corpus (Python's own stdlib sources) for a few minutes,
+# evaluate it, and generate from it through the KV cache.
+demo: install
+	$(PYTHON) -m speedlm train --preset transformer-tiny --steps 600 --batch-size 16 --seq-len 256 \
+		--eval-every 200 --out $(DEMO_DIR)
+	$(PYTHON) -m speedlm eval --checkpoint $(DEMO_DIR)
+	$(PYTHON) -m speedlm generate --checkpoint $(DEMO_DIR) --prompt "def main(" --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 0
+
+test: install
+	$(PYTHON) -m pytest -n 2 -q
+
+test-slow: install
+	$(PYTHON) -m pytest -n 2 -q -m slow
+
+bench: install
+	$(PYTHON) -m speedlm bench speed --presets transformer-tiny,sliding-window-tiny,linear-attention-tiny \
+		--lengths 128,256,512,1024,2048
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,3 @@
+from speedlm.cli import main
+
+raise SystemExit(main())

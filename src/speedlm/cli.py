@@ -1,0 +1,170 @@
+"""`speedlm` command line. Thin: parses arguments and calls the library.
+
+Every user mistake surfaces as `SpeedlmError` (or an OS error such as a missing file) and is
+printed as one line on stderr with exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from speedlm.errors import SpeedlmError
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_list(args) -> int:
+    from speedlm.models import MIXERS, PRESETS, SIZES
+
+    print("presets (use NAME or NAME-SIZE, sizes: " + ", ".join(SIZES) + ")\n")
+    width = max(map(len, PRESETS))
+    for p in PRESETS.values():
+        print(f"  {p.name:<{width}}  {p.description}\n  {'':<{width}}  paper: {p.paper}")
+    print("\nmixers (for the `mixers` table of a config)\n")
+    width = max(map(len, MIXERS))
+    for m in MIXERS.values():
+        opts = ", ".join(m.options()) or "-"
+        print(f"  {m.name:<{width}}  [{m.family}] {m.description}\n  {'':<{width}}  options: {opts}; paper: {m.paper}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from speedlm.commands.train import run_train
+
+    run_train(args)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from speedlm.commands.evaluate import run_eval
+
+    run_eval(args)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from speedlm.commands.generate import run_generate
+
+    run_generate(args)
+    return 0
+
+
+def cmd_bench_speed(args) -> int:
+    from speedlm.bench.speed import run_speed_bench
+
+    run_speed_bench(
+        presets=args.presets,
+        lengths=args.lengths,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        decode_tokens=args.decode_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        out_dir=args.out,
+        baseline=args.baseline,
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="speedlm", description="Efficient LLM architectures behind one contract.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="presets and mixers, with descriptions and papers").set_defaults(func=cmd_list)
+
+    t = sub.add_parser("train", help="train a model (default: tiny transformer on the stdlib corpus)")
+    t.add_argument("--preset", default="transformer-tiny", help="preset name, e.g. gqa-small (see `speedlm list`)")
+    t.add_argument("--config", help="model config JSON instead of a preset")
+    t.add_argument("--data", default="stdlib", help="'stdlib' (default), files/folders (comma-separated) or hf:NAME")
+    t.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
+    t.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
+    t.add_argument("--out", default="runs/train", help="run folder: checkpoints, metrics.jsonl, loss.png")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--min-lr-ratio", type=float, default=0.1)
+    t.add_argument("--warmup-steps", type=int, default=50)
+    t.add_argument("--weight-decay", type=float, default=0.1)
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--eval-every", type=int, default=200)
+    t.add_argument("--eval-batches", type=int, default=20)
+    t.add_argument("--save-every", type=int, default=500)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    e.add_argument("--checkpoint", required=True, help="run folder or step folder")
+    e.add_argument("--data", help="corpus (default: the one the model was trained on)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--seq-len", type=int, help="default: the training sequence length")
+    e.add_argument("--batches", type=int, default=50, help="at most this many batches (0 = whole split)")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="sample from a checkpoint: prefill, then decode through the caches")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--prompt", default="def ")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (reference)")
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    s = bsub.add_parser("speed", help="forward, forward+backward, decode latency and peak memory vs length")
+    s.add_argument("--presets", type=_csv, default=_csv("transformer-tiny,sliding-window-tiny,linear-attention-tiny"))
+    s.add_argument("--lengths", type=_ints, default=[128, 256, 512, 1024])
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--decode-tokens", type=int, default=32)
+    s.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    s.add_argument("--warmup", type=int, default=1)
+    s.add_argument("--baseline", help="preset the ratios are taken against (default: the first)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    s.add_argument("--out", default="runs/bench")
+    s.set_defaults(func=cmd_bench_speed)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpeedlmError as e:
+        print(f"speedlm: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"speedlm: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("speedlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

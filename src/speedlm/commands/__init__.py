@@ -1,0 +1,1 @@
+"""CLI command bodies: glue between parsed arguments and the library."""

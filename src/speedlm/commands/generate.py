@@ -1,0 +1,37 @@
+"""`speedlm generate`: prefill the prompt, decode through the caches, report tokens/s."""
+
+from __future__ import annotations
+
+import torch
+
+from speedlm.commands.common import load_trained, resolve_device
+from speedlm.errors import SpeedlmError
+
+
+def run_generate(args):
+    from speedlm.generate import generate
+
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_trained(args.checkpoint, device)
+    ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=device)[None]
+    if ids.shape[1] == 0:
+        raise SpeedlmError("the prompt encodes to no tokens; give a non-empty --prompt")
+    if args.max_new_tokens < 1:
+        raise SpeedlmError("--max-new-tokens must be at least 1")
+    result = generate(
+        model,
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        use_cache=not args.no_cache,
+    )
+    print(tokenizer.decode(result.ids[0].tolist()))
+    cache = "no cache" if args.no_cache else f"cache {result.cache_bytes / 1024:.1f} KiB"
+    print(
+        f"\n[{result.new_tokens} tokens: prefill {result.prefill_s * 1e3:.1f} ms, "
+        f"decode {result.decode_tokens_per_s:.1f} tokens/s, {cache}]"
+    )
+    return result

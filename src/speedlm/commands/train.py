@@ -1,0 +1,88 @@
+"""`speedlm train`: corpus -> tokenizer -> model -> trainer, with a short report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from speedlm.errors import SpeedlmError
+
+
+def _model_config(args):
+    """A resumed run rebuilds the model from its checkpoint's config; a new run from the
+    user's config JSON (taken as is, so a mismatch with the tokenizer is reported rather than
+    papered over) or the preset (its vocabulary is set from the tokenizer later)."""
+    from speedlm.models import resolve_config
+    from speedlm.train import load_checkpoint
+
+    if args.resume:
+        return load_checkpoint(args.out).config
+    return resolve_config(args.config or args.preset)
+
+
+def _tokenizer_for_run(args, corpus):
+    from speedlm.data import load_tokenizer, make_tokenizer
+    from speedlm.train import load_checkpoint
+
+    if args.resume:
+        ckpt = load_checkpoint(args.out)
+        return load_tokenizer(ckpt.trainer_state.get("tokenizer"), ckpt.path)
+    return make_tokenizer(args.tokenizer, corpus, args.vocab_size)
+
+
+def run_train(args) -> dict:
+    from speedlm.data import TokenStream, encode_corpus, load_corpus
+    from speedlm.models import build_model, resolve_config
+    from speedlm.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=min(args.warmup_steps, args.steps),
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        save_every=args.save_every,
+        seed=args.seed,
+        device=args.device,
+        out_dir=args.out,
+    )
+    if args.resume and not Path(args.out, "latest").exists():
+        raise SpeedlmError(f"no checkpoint in {args.out} to resume from; run without --resume to start a new run")
+    # everything that can be checked without data is checked before the corpus is read
+    model_cfg = _model_config(args)
+    cfg.check_model(model_cfg)
+    corpus = load_corpus(args.data)
+    print(f"data: {corpus.name}: {corpus.files} files, fingerprint {corpus.fingerprint}")
+    tokenizer = _tokenizer_for_run(args, corpus)
+    train_ids, val_ids = encode_corpus(corpus, tokenizer)
+    print(f"tokenizer: {tokenizer.spec()['kind']} ({tokenizer.vocab_size} tokens): "
+          f"{len(train_ids):,} train / {len(val_ids):,} validation tokens")
+
+    if not (args.config or args.resume):
+        model_cfg = resolve_config(model_cfg, vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(args.seed)  # model init is part of the run's reproducibility
+    model = build_model(model_cfg)
+    c = model.config
+    print(
+        f"model: {args.config or args.preset}: {model.num_params():,} parameters, "
+        f"{c.n_layers} layers x d={c.d_model}, pattern {c.pattern!r}, "
+        f"{model.flops_per_token(cfg.seq_len) / 1e6:.1f} MFLOP/token (training)"
+    )
+    summary = train(
+        model, cfg, TokenStream(train_ids), val_ids, tokenizer=tokenizer, resume=args.resume,
+        data_info={"spec": args.data, "name": corpus.name, "fingerprint": corpus.fingerprint},
+    )
+    print(
+        f"done: step {summary['step']}, train loss {summary['loss']:.4f}, "
+        f"val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f}), "
+        f"{summary['tok_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%} of {summary['peak_source']} peak"
+    )
+    print(f"checkpoint: {summary['checkpoint']}\nmetrics: {summary['metrics_path']}\nloss curve: {summary['plot_path']}")
+    return {k: v for k, v in summary.items() if k != "history"}

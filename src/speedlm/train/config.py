@@ -1,0 +1,110 @@
+"""`TrainConfig`: every knob of a training run, validated before any compute is spent."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from speedlm.errors import SpeedlmError
+
+DTYPES = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps; the schedule spans exactly these
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # matrices only, see optim.py
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    eval_every: int = 200  # steps between validations; 0 = only at the end
+    eval_batches: int = 20  # validation batches per evaluation
+    save_every: int = 500  # steps between checkpoints; 0 = only at the end
+    keep: int = 3  # newest checkpoints kept on disk
+    seed: int = 0  # data order and RNG seeds
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    dtype: str = "auto"  # "auto" = bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
+    log_every: int = 10  # steps between metric records / progress-bar updates
+    out_dir: str = "runs/default"
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise SpeedlmError(f"invalid train config: {msg}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep", "log_every"):
+            v = getattr(self, name)
+            need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            v = getattr(self, name)
+            need(is_int(v) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
+        need(self.warmup_steps <= self.steps, f"warmup_steps={self.warmup_steps} is more than steps={self.steps}")
+        need(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be positive, got {self.lr!r}")
+        need(
+            isinstance(self.min_lr_ratio, (int, float)) and 0.0 <= self.min_lr_ratio <= 1.0,
+            f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio!r}",
+        )
+        need(
+            isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
+            f"weight_decay must be >= 0, got {self.weight_decay!r}",
+        )
+        need(isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip!r}")
+        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(isinstance(self.out_dir, str) and self.out_dir.strip() != "", "out_dir must be a non-empty path")
+        need(isinstance(self.device, str), f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                need(False, f"device {self.device!r} is not a torch device; use 'auto', 'cpu' or 'cuda'")
+
+    def check_model(self, model) -> None:
+        """Checks that need the model (or just its ModelConfig): the sequence length it allows."""
+        max_len = getattr(model, "config", model).max_seq_len
+        if self.seq_len > max_len:
+            raise SpeedlmError(
+                f"invalid train config: seq_len={self.seq_len} is longer than the model's max_seq_len={max_len}; "
+                "lower seq_len or build the model with a larger max_seq_len"
+            )
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SpeedlmError(f"device {self.device!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+        return dev
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype, or None for plain fp32."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else None
+        return torch.bfloat16 if self.dtype == "bf16" else None
+
+    # ----- serialisation -----
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SpeedlmError(f"invalid train config: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**d)

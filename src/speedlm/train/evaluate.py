@@ -1,0 +1,76 @@
+"""Validation loss and perplexity over contiguous, non-overlapping windows of held-out ids."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from speedlm.errors import SpeedlmError
+
+
+def eval_batches(ids, batch_size: int, seq_len: int, max_batches: int | None = None):
+    """`speedlm.data.dataset.iter_eval_batches`, imported here rather than at module import
+    so that importing the trainer never pulls in the tokenizer and corpus code."""
+    from speedlm.data.dataset import iter_eval_batches
+
+    return iter_eval_batches(ids, batch_size, seq_len, max_batches=max_batches)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """`torch.autocast` for `dtype`, or a no-op context for plain fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_eval_size(val_ids, seq_len: int) -> None:
+    n = len(val_ids)
+    if n < seq_len + 1:
+        raise SpeedlmError(
+            f"validation set has {n} tokens, too few for one window of seq_len+1={seq_len + 1}; "
+            "use more validation data or a shorter seq_len"
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    val_ids,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None = None,
+    device: str | torch.device | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
+    """Token-weighted mean cross-entropy over up to `max_batches` batches of `val_ids`.
+
+    Returns {"loss": nats/token, "ppl": exp(loss), "tokens": tokens scored}. The model runs
+    in eval mode under no_grad and is put back in the mode it was in. `device` defaults to
+    the model's.
+    """
+    check_eval_size(val_ids, seq_len)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: one sync at the end
+    tokens = 0
+    try:
+        for x, y in eval_batches(val_ids, batch_size, seq_len, max_batches):
+            n = int((y != -100).sum())  # model.loss averages over non-ignored targets; counted on CPU, no sync
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast_context(device, autocast_dtype):
+                loss = model.loss(x, y)
+            total += loss.double() * n
+            tokens += n
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise SpeedlmError("validation produced no batches; use more validation data or a shorter seq_len")
+    loss = float(total) / tokens
+    try:
+        ppl = math.exp(loss)
+    except OverflowError:
+        ppl = float("inf")
+    return {"loss": loss, "ppl": ppl, "tokens": tokens}

@@ -1,0 +1,134 @@
+"""The command line end to end, and its promise on bad input: one line naming the problem,
+exit code 2, no traceback, nothing lost."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from speedlm.cli import main
+from speedlm.models import preset_config
+
+TRAIN_FAST = ["--steps", "6", "--batch-size", "2", "--seq-len", "32", "--eval-every", "3", "--eval-batches", "2",
+              "--warmup-steps", "2", "--save-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(8):
+        (d / f"doc{i}.txt").write_text(("def f(x):\n    return x * %d\n\n" % i) * 40)
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(corpus_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    assert main(["train", "--data", str(corpus_dir), "--out", str(out), *TRAIN_FAST]) == 0
+    return out
+
+
+def one_error_line(capsys, needle):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("speedlm: error:") and needle in err[0], err[0]
+
+
+def test_train_writes_checkpoint_metrics_and_plot(trained):
+    latest = (trained / "latest").read_text().strip()
+    assert latest == "step_0000006"
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in records)
+    assert (trained / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = json.loads((trained / latest / "trainer_state.json").read_text())
+    assert state["tokenizer"]["kind"] == "byte" and state["data"]["fingerprint"]
+
+
+def test_resume_continues_to_more_steps(trained, corpus_dir, capsys):
+    args = ["train", "--data", str(corpus_dir), "--out", str(trained), *TRAIN_FAST]
+    args[args.index("--steps") + 1] = "9"
+    # the schedule spans --steps, so a resumed run must keep it: continuing a 6-step run to
+    # 9 steps is a new schedule, which resume allows with a warning
+    assert main(args + ["--resume"]) == 0
+    assert (trained / "latest").read_text().strip() == "step_0000009"
+
+
+def test_eval_and_generate(trained, capsys):
+    assert main(["eval", "--checkpoint", str(trained), "--batches", "2", "--seq-len", "32"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(trained), "--prompt", "def f", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def f") and "tokens/s" in out
+
+
+def test_list_names_every_preset_with_its_paper(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("transformer", "gqa", "mqa", "sliding-window", "linear-attention", "arXiv"):
+        assert name in out
+
+
+def test_unknown_preset(capsys, tmp_path):
+    assert main(["train", "--preset", "gtp", "--out", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "unknown preset 'gtp'")
+
+
+def test_invalid_pattern(capsys, tmp_path):
+    cfg = preset_config("transformer").to_dict()
+    cfg["pattern"] = "AZ"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "pattern letters ['Z']")
+
+
+def test_mismatched_vocabulary(capsys, tmp_path, corpus_dir):
+    path = tmp_path / "v.json"
+    path.write_text(preset_config("transformer", vocab_size=300).to_json())
+    assert main(["train", "--config", str(path), "--data", str(corpus_dir), "--out", str(tmp_path / "o"), *TRAIN_FAST]) == 2
+    one_error_line(capsys, "mismatched vocabulary")
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    assert main(["eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    one_error_line(capsys, "no checkpoint")
+
+
+def test_corrupt_checkpoint(capsys, trained, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained / (trained / "latest").read_text().strip(), broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["generate", "--checkpoint", str(broken)]) == 2
+    one_error_line(capsys, "model.safetensors")
+
+
+def test_empty_data(capsys, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "empty.txt").write_text("")
+    assert main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "empty")
+
+
+def test_sequence_longer_than_the_model_allows(capsys, tmp_path, trained):
+    assert main(["train", "--seq-len", "100000", "--out", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "max_seq_len")
+    assert main(["generate", "--checkpoint", str(trained), "--max-new-tokens", "5000"]) == 2
+    one_error_line(capsys, "max_seq_len")
+
+
+def test_bad_bench_lengths(capsys):
+    assert main(["bench", "speed", "--presets", "transformer-tiny", "--lengths", "0"]) == 2
+    one_error_line(capsys, "length")
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "speedlm", "eval", "--checkpoint", str(tmp_path / "missing")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
