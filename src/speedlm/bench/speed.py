@@ -27,6 +27,7 @@ from speedlm.bench import report
 from speedlm.bench.memory import PeakMemory, is_oom, memory_method
 from speedlm.bench.plots import write_plots
 from speedlm.bench.timing import median, time_fn, timing_method
+from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
 from speedlm.layers.mixer import Mixer
 from speedlm.models import build_model, resolve_config
@@ -45,22 +46,6 @@ METRICS = ("fwd", "fwd_bwd", "decode")
 
 
 # ----- argument handling -----
-def resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise SpeedlmError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise SpeedlmError(f"the speed benchmark runs on cpu or cuda, not {dev.type!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SpeedlmError("device cuda was requested but CUDA is not available; use --device cpu")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None or dtype == "auto":
         if device.type == "cuda":

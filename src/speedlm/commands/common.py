@@ -7,17 +7,6 @@ import torch
 from speedlm.errors import SpeedlmError
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SpeedlmError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SpeedlmError(f"unknown device {name!r}; use auto, cpu or cuda") from None
-
-
 def load_trained(checkpoint: str, device: torch.device):
     """(model, tokenizer, trainer_state) from a run or step folder."""
     from speedlm.data import load_tokenizer

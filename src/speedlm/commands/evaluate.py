@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from speedlm.commands.common import load_trained, resolve_device
+from speedlm.commands.common import load_trained
+from speedlm.device import resolve_device
 
 
 def run_eval(args) -> dict:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from speedlm.commands.common import load_trained, resolve_device
+from speedlm.commands.common import load_trained
+from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
 
 

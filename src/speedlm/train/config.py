@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
 
 DTYPES = ("auto", "bf16", "fp32")
@@ -84,12 +85,7 @@ class TrainConfig:
             )
 
     def resolve_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise SpeedlmError(f"device {self.device!r} requested but CUDA is not available; use device='cpu' or 'auto'")
-        return dev
+        return resolve_device(self.device)
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         """The autocast dtype, or None for plain fp32."""
