@@ -11,10 +11,11 @@ install:
 	@$(PYTHON) -m pip install -q -e ".[test]"
 
 # Train a tiny model on the embedded corpus (Python's own stdlib sources) for a few minutes,
-# evaluate it, and generate from it through the KV cache.
+# evaluate it, and generate from it through the KV cache. Each run starts a fresh $(DEMO_DIR).
 demo: install
-	$(PYTHON) -m speedlm train --preset transformer-tiny --steps 600 --batch-size 16 --seq-len 256 \
-		--eval-every 200 --out $(DEMO_DIR)
+	rm -rf $(DEMO_DIR)
+	$(PYTHON) -m speedlm train --preset transformer-tiny --steps 2000 --batch-size 16 --seq-len 256 \
+		--eval-every 500 --save-every 1000 --out $(DEMO_DIR)
 	$(PYTHON) -m speedlm eval --checkpoint $(DEMO_DIR)
 	$(PYTHON) -m speedlm generate --checkpoint $(DEMO_DIR) --prompt "def main(" --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 0
 

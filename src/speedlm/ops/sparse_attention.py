@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -74,36 +75,65 @@ def active_kv_blocks(
     return order, valid
 
 
+@dataclass(frozen=True)
+class BlockPlan:
+    """Everything the gathered-block backend derives from the pattern for one shape."""
+
+    block: int
+    kv_idx: torch.Tensor  # (nQb, K) key-block ids per query block
+    allowed: torch.Tensor  # (nQb, block, K*block) bool; empty rows opened (zeroed after SDPA)
+    seen_any: torch.Tensor  # (nQb, block, 1) bool: the query may attend to some key
+
+
+_PLANS: OrderedDict = OrderedDict()
+
+
+def block_plan(mask: MaskFn, tq: int, tk: int, q_start: int, kv_start: int, block: int, device) -> BlockPlan:
+    """The plan for these shapes and offsets, cached: every layer of a model and every
+    training step sees the same shapes, so the pattern is evaluated once, not per call."""
+    block = min(block, max(tq, tk))  # short inputs need no padding to a full block
+    key = (mask, tq, tk, q_start, kv_start, block, str(device))
+    plan = _PLANS.get(key)
+    if plan is None:
+        kv_idx, valid = active_kv_blocks(mask, tq, tk, q_start, kv_start, block, device)
+        nqb, kmax = kv_idx.shape
+        q_pos = (q_start + torch.arange(nqb * block, device=device)).view(nqb, block, 1)
+        k_local = (kv_idx[:, :, None] * block + torch.arange(block, device=device)).view(nqb, 1, kmax * block)
+        allowed = mask(q_pos, kv_start + k_local)
+        allowed = allowed & (k_local < tk) & valid.repeat_interleave(block, dim=1)[:, None, :]
+        allowed = allowed & (q_pos - q_start < tq)
+        seen_any = allowed.any(dim=-1, keepdim=True)
+        plan = BlockPlan(block, kv_idx, allowed | ~seen_any, seen_any)
+        _PLANS[key] = plan
+        while len(_PLANS) > 32:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
 def block_sparse_attention(q, k, v, mask: MaskFn, q_start: int, kv_start: int, scale=None, block: int = 64):
     """Torch backend: gather the touched key blocks per query block, SDPA on (block x K*block)."""
     b, h, tq, dh = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     groups = h // hkv
-    block = min(block, max(tq, tk))  # short inputs need no padding to a full block
-    kv_idx, valid = active_kv_blocks(mask, tq, tk, q_start, kv_start, block, q.device)
-    nqb, kmax = kv_idx.shape
+    plan = block_plan(mask, tq, tk, q_start, kv_start, block, q.device)
+    block = plan.block
+    nqb, kmax = plan.kv_idx.shape
     nkb = -(-tk // block)
 
     q_pad = F.pad(q, (0, 0, 0, nqb * block - tq))
     k_pad = F.pad(k, (0, 0, 0, nkb * block - tk))
     v_pad = F.pad(v, (0, 0, 0, nkb * block - tk))
     # (B, Hkv, nKb, block, Dh) -> gathered (B, Hkv, nQb, K*block, Dh)
-    k_g = k_pad.view(b, hkv, nkb, block, dh)[:, :, kv_idx].reshape(b, hkv, nqb, kmax * block, dh)
-    v_g = v_pad.view(b, hkv, nkb, block, dh)[:, :, kv_idx].reshape(b, hkv, nqb, kmax * block, dh)
+    k_g = k_pad.view(b, hkv, nkb, block, dh)[:, :, plan.kv_idx].reshape(b, hkv, nqb, kmax * block, dh)
+    v_g = v_pad.view(b, hkv, nkb, block, dh)[:, :, plan.kv_idx].reshape(b, hkv, nqb, kmax * block, dh)
     # queries of one KV group share its gathered keys: (B, Hkv, nQb, groups*block, Dh)
     q_g = q_pad.view(b, hkv, groups, nqb, block, dh).permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, nqb, groups * block, dh)
-
-    q_pos = (q_start + torch.arange(nqb * block, device=q.device)).view(nqb, block, 1)
-    k_local = (kv_idx[:, :, None] * block + torch.arange(block, device=q.device)).view(nqb, 1, kmax * block)
-    allowed = mask(q_pos, kv_start + k_local)
-    allowed = allowed & (k_local < tk) & valid.repeat_interleave(block, dim=1)[:, None, :]
-    allowed = allowed & (q_pos - q_start < tq)
-    seen_any = allowed.any(dim=-1, keepdim=True)  # (nQb, block, 1)
-    allowed = allowed | ~seen_any  # keep softmax finite on empty rows; zeroed below
-    allowed = allowed.repeat(1, groups, 1)  # (nQb, groups*block, K*block)
+    allowed = plan.allowed.repeat(1, groups, 1) if groups > 1 else plan.allowed  # (nQb, groups*block, K*block)
 
     out = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=allowed, scale=scale)
-    out = out.view(b, hkv, nqb, groups, block, dh) * seen_any.view(1, 1, nqb, 1, block, 1).to(out.dtype)
+    out = out.view(b, hkv, nqb, groups, block, dh) * plan.seen_any.view(1, 1, nqb, 1, block, 1).to(out.dtype)
     out = out.permute(0, 1, 3, 2, 4, 5).reshape(b, h, nqb * block, dh)
     return out[:, :, :tq]
 
