@@ -3,6 +3,7 @@ on the whole stdlib. They prove the mechanisms learn, not only that they compute
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,8 +26,12 @@ def test_every_preset_learns_python_source(preset, tmp_path):
                       eval_batches=8, save_every=0, device="cpu", out_dir=str(tmp_path / preset))
     summary = train(model, cfg, TokenStream(train_ids), val_ids, tokenizer=tok, progress=False)
     assert before == pytest.approx(math.log(256), abs=0.3)
-    # 300 steps of 1k bytes: far below uniform (5.55 nats) and below the byte unigram entropy
-    assert summary["val_loss"] < 2.6, summary["val_loss"]
+    # beating the unigram entropy (3.27 nats on CPython 3.11's stdlib) by a margin means the
+    # mixer carries information across positions; uniform would be 5.55
+    counts = np.bincount(val_ids, minlength=256)
+    p = counts[counts > 0] / counts.sum()
+    unigram = float(-(p * np.log(p)).sum())
+    assert summary["val_loss"] < unigram - 0.3, (summary["val_loss"], unigram)
 
 
 def test_bpe_on_the_stdlib_round_trips_and_compresses(tmp_path):
