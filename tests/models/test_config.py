@@ -54,3 +54,16 @@ def test_build_from_preset_dict_config_and_json_file(tmp_path):
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(SpeedlmError, match="unknown preset 'gtp'.*transformer"):
         build_model("gtp")
+
+
+def test_bidirectional_only_mixer_is_refused_in_a_causal_model(monkeypatch):
+    from speedlm.layers.attention import Attention
+    from speedlm.models.registry import MIXERS, MixerEntry
+
+    class BidirectionalOnly(Attention):
+        supports_causal = False
+        supports_bidirectional = True
+
+    monkeypatch.setitem(MIXERS, "bidi", MixerEntry("bidi", BidirectionalOnly, "test", "test", "test"))
+    with pytest.raises(SpeedlmError, match="'bidi'.*bidirectional-only.*causal"):
+        ModelConfig(mixers={"A": {"name": "bidi"}})

@@ -67,9 +67,11 @@ def test_window_touches_O_window_key_blocks_not_O_T():
     assert idx.shape[1] == 16  # a dense causal pattern touches every earlier block
 
 
-def test_flex_backend_matches_reference_on_cpu_inference():
-    """Compiled FlexAttention consumes the same mask function (CPU has no flex backward)."""
-    q, k, v = _inputs(150, 150, 4, 2, torch.float32)
-    ref = sparse_attention_reference(q.double(), k.double(), v.double(), SlidingWindow(40), 0, 0)
-    out = flex_sparse_attention(q, k, v, SlidingWindow(40), 0, 0)
+@pytest.mark.parametrize("tq,tk,q_start,kv_start", [(150, 150, 0, 0), (37, 90, 60, 7)], ids=["prefill", "chunk"])
+def test_flex_backend_matches_reference_on_cpu_inference(tq, tk, q_start, kv_start):
+    """Compiled FlexAttention consumes the same mask function (CPU has no flex backward),
+    including the offsets of a chunked prefill."""
+    q, k, v = _inputs(tq, tk, 4, 2, torch.float32)
+    ref = sparse_attention_reference(q.double(), k.double(), v.double(), SlidingWindow(40), q_start, kv_start)
+    out = flex_sparse_attention(q, k, v, SlidingWindow(40), q_start, kv_start)
     assert rel_rms_error(out, ref) < 1e-5

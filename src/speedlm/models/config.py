@@ -74,7 +74,12 @@ class ModelConfig:
         missing = sorted(set(self.pattern) - set(self.mixers))
         need(not missing, f"pattern letters {missing} have no entry in mixers (have {sorted(self.mixers)})")
         for letter in sorted(set(self.pattern)):
-            check_mixer_spec(self.mixers[letter], f"invalid model config: mixers[{letter!r}]")
+            entry = check_mixer_spec(self.mixers[letter], f"invalid model config: mixers[{letter!r}]")
+            need(
+                self.objective != "ar" or entry.cls.supports_causal,
+                f"mixer {entry.name!r} (pattern letter {letter!r}) is bidirectional-only and cannot be used "
+                f"in a causal (objective='ar') model",
+            )
         need(self.ffn in FFNS, f"ffn must be one of {FFNS}, got {self.ffn!r}")
         need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         need(self.ffn_hidden is None or (isinstance(self.ffn_hidden, int) and self.ffn_hidden > 0), "ffn_hidden must be a positive integer")

@@ -142,20 +142,28 @@ def block_sparse_attention(q, k, v, mask: MaskFn, q_start: int, kv_start: int, s
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # shapes change between prefill chunks: let dynamo mark them dynamic instead of
+    # recompiling for every length
+    return torch.compile(flex_attention, dynamic=None)
 
 
 _BLOCK_MASKS: OrderedDict = OrderedDict()
 
 
 def _block_mask(mask: MaskFn, tq: int, tk: int, q_start: int, kv_start: int, device):
-    """BlockMask for the pattern at these offsets; cached because training repeats shapes."""
+    """BlockMask for the pattern at these offsets; cached because training repeats shapes.
+
+    The offsets enter the mask_mod as captured device tensors, not Python ints, so the
+    compiled kernel is reused across chunked-prefill offsets rather than recompiled.
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
     key = (mask, tq, tk, q_start, kv_start, str(device))
     if key not in _BLOCK_MASKS:
+        offsets = torch.tensor([q_start, kv_start], device=device)
+
         def mask_mod(b, h, q_idx, kv_idx):
-            return mask(q_idx + q_start, kv_idx + kv_start)
+            return mask(q_idx + offsets[0], kv_idx + offsets[1])
 
         _BLOCK_MASKS[key] = create_block_mask(mask_mod, None, None, tq, tk, device=device)
         while len(_BLOCK_MASKS) > 16:
