@@ -52,6 +52,7 @@ def test_causality(name):
 
 @pytest.mark.parametrize("name", DECODING)
 @pytest.mark.parametrize("t", LENGTHS)
+@torch.no_grad()  # the inference path (buffered caches); state chaining below runs under autograd
 def test_cache_equivalence_full_chunked_tokenwise(name, t):
     mixer, x = make(name), x_of(t)
     full = mixer(x, SeqMeta())
@@ -77,6 +78,7 @@ def test_reference_equivalence_float64_and_float32(name, t):
 
 @pytest.mark.parametrize("name", DECODING)
 def test_state_chaining_and_declared_state_size(name):
+    """Under autograd (parameters require grad), so the cache's training path is exercised."""
     mixer, x = make(name), x_of(75)
     whole = mixer(x, SeqMeta())
     halves, cache = run_in_pieces(mixer, x, [40])
