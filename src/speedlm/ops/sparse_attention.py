@@ -20,6 +20,7 @@ Patterns must not depend on batch or head (true of every static pattern here).
 from __future__ import annotations
 
 import functools
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -177,10 +178,25 @@ def flex_sparse_attention(q, k, v, mask: MaskFn, q_start: int, kv_start: int, sc
     return _compiled_flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+_flex_failed: str | None = None  # set once if FlexAttention cannot compile on this machine
+
+
 def sparse_attention(q, k, v, mask: MaskFn, q_start: int, kv_start: int, scale=None, backend: str = "auto"):
-    """Dispatch: `flex` on CUDA, `blocks` elsewhere; decode steps (Tq == 1) use a (1, Tk) mask."""
+    """Dispatch: `flex` on CUDA, `blocks` elsewhere; decode steps (Tq == 1) use a (1, Tk) mask.
+
+    One fallback: if FlexAttention fails to compile (e.g. CUDA without a working Triton), `auto`
+    warns once and uses `blocks` from then on; an explicit `flex` still raises.
+    """
+    global _flex_failed
     if backend == "auto":
-        backend = "flex" if q.is_cuda else "blocks"
+        backend = "flex" if q.is_cuda and _flex_failed is None else "blocks"
+        if backend == "flex":
+            try:
+                return sparse_attention(q, k, v, mask, q_start, kv_start, scale, "flex")
+            except Exception as e:  # noqa: BLE001 - compile failures come in many types
+                _flex_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                warnings.warn(f"FlexAttention unavailable ({_flex_failed}); using the gathered-block backend")
+                backend = "blocks"
     if q.shape[-2] == 1:
         m = dense_mask(mask, 1, k.shape[-2], q_start, kv_start, device=q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
