@@ -75,3 +75,25 @@ def test_flex_backend_matches_reference_on_cpu_inference(tq, tk, q_start, kv_sta
     ref = sparse_attention_reference(q.double(), k.double(), v.double(), SlidingWindow(40), q_start, kv_start)
     out = flex_sparse_attention(q, k, v, SlidingWindow(40), q_start, kv_start)
     assert rel_rms_error(out, ref) < 1e-5
+
+
+def test_auto_falls_back_once_to_blocks_when_flex_cannot_compile(monkeypatch):
+    import speedlm.ops.sparse_attention as sa
+
+    calls = []
+
+    def broken_flex(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("triton not found")
+
+    monkeypatch.setattr(sa, "_prefers_flex", lambda q: True)
+    monkeypatch.setattr(sa, "flex_sparse_attention", broken_flex)
+    monkeypatch.setattr(sa, "_flex_failed", None)
+    q, k, v = _inputs(40, 40, 2, 2, torch.float64)
+    with pytest.warns(UserWarning, match="triton not found"):
+        out = sa.sparse_attention(q, k, v, SlidingWindow(9), 0, 0)
+    assert rel_rms_error(out, sparse_attention_reference(q, k, v, SlidingWindow(9), 0, 0)) < 1e-12
+    sa.sparse_attention(q, k, v, SlidingWindow(9), 0, 0)
+    assert len(calls) == 1  # not retried on every call
+    with pytest.raises(RuntimeError, match="triton"):
+        sa.sparse_attention(q, k, v, SlidingWindow(9), 0, 0, backend="flex")  # explicit: no fallback

@@ -181,6 +181,11 @@ def flex_sparse_attention(q, k, v, mask: MaskFn, q_start: int, kv_start: int, sc
 _flex_failed: str | None = None  # set once if FlexAttention cannot compile on this machine
 
 
+def _prefers_flex(q: torch.Tensor) -> bool:
+    # FlexAttention has no CPU backward (torch <= 2.13); on CUDA it is the fused kernel
+    return q.is_cuda
+
+
 def sparse_attention(q, k, v, mask: MaskFn, q_start: int, kv_start: int, scale=None, backend: str = "auto"):
     """Dispatch: `flex` on CUDA, `blocks` elsewhere; decode steps (Tq == 1) use a (1, Tk) mask.
 
@@ -189,7 +194,7 @@ def sparse_attention(q, k, v, mask: MaskFn, q_start: int, kv_start: int, scale=N
     """
     global _flex_failed
     if backend == "auto":
-        backend = "flex" if q.is_cuda and _flex_failed is None else "blocks"
+        backend = "flex" if _prefers_flex(q) and _flex_failed is None else "blocks"
         if backend == "flex":
             try:
                 return sparse_attention(q, k, v, mask, q_start, kv_start, scale, "flex")
