@@ -9,32 +9,29 @@ import torch
 from speedlm.errors import SpeedlmError
 
 
-def _model_config(args):
+def _model_config(args, resumed):
     """A resumed run rebuilds the model from its checkpoint's config; a new run from the
     user's config JSON (taken as is, so a mismatch with the tokenizer is reported rather than
     papered over) or the preset (its vocabulary is set from the tokenizer later)."""
     from speedlm.models import resolve_config
-    from speedlm.train import load_checkpoint
 
-    if args.resume:
-        return load_checkpoint(args.out).config
+    if resumed is not None:
+        return resumed.config
     return resolve_config(args.config or args.preset)
 
 
-def _tokenizer_for_run(args, corpus):
+def _tokenizer_for_run(args, corpus, resumed):
     from speedlm.data import load_tokenizer, make_tokenizer
-    from speedlm.train import load_checkpoint
 
-    if args.resume:
-        ckpt = load_checkpoint(args.out)
-        return load_tokenizer(ckpt.trainer_state.get("tokenizer"), ckpt.path)
+    if resumed is not None:
+        return load_tokenizer(resumed.trainer_state.get("tokenizer"), resumed.path)
     return make_tokenizer(args.tokenizer, corpus, args.vocab_size)
 
 
 def run_train(args) -> dict:
     from speedlm.data import TokenStream, encode_corpus, load_corpus
     from speedlm.models import build_model, resolve_config
-    from speedlm.train import TrainConfig, train
+    from speedlm.train import TrainConfig, load_checkpoint, train
 
     cfg = TrainConfig(
         steps=args.steps,
@@ -56,11 +53,12 @@ def run_train(args) -> dict:
     if args.resume and not Path(args.out, "latest").exists():
         raise SpeedlmError(f"no checkpoint in {args.out} to resume from; run without --resume to start a new run")
     # everything that can be checked without data is checked before the corpus is read
-    model_cfg = _model_config(args)
+    resumed = load_checkpoint(args.out) if args.resume else None  # read once, used twice
+    model_cfg = _model_config(args, resumed)
     cfg.check_model(model_cfg)
     corpus = load_corpus(args.data)
     print(f"data: {corpus.name}: {corpus.files} files, fingerprint {corpus.fingerprint}")
-    tokenizer = _tokenizer_for_run(args, corpus)
+    tokenizer = _tokenizer_for_run(args, corpus, resumed)
     train_ids, val_ids = encode_corpus(corpus, tokenizer)
     print(f"tokenizer: {tokenizer.spec()['kind']} ({tokenizer.vocab_size} tokens): "
           f"{len(train_ids):,} train / {len(val_ids):,} validation tokens")

@@ -10,7 +10,7 @@ from speedlm.cache.kv import FullPolicy, KVCache
 from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
-from speedlm.layers.rope import apply_rope, rope_angles
+from speedlm.layers.rope import apply_rope, rope_table
 from speedlm.ops.attention import attention_reference, causal_mask, causal_sdpa
 
 
@@ -37,7 +37,7 @@ class AttentionBase(Mixer):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope_angles(meta.positions(t, x.device), self.head_dim, self.rope_theta)
+        cos, sin = rope_table(meta.start, t, self.head_dim, self.rope_theta, x.device)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _out(self, y_bhtd: torch.Tensor) -> torch.Tensor:

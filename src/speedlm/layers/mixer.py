@@ -26,9 +26,6 @@ class SeqMeta:
     causal: bool = True
     token_ids: torch.Tensor | None = None
 
-    def positions(self, length: int, device=None) -> torch.Tensor:
-        return torch.arange(self.start, self.start + length, device=device)
-
 
 class Mixer(nn.Module):
     """Base class. Subclasses set the capability flags and implement the methods below."""

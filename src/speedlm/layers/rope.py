@@ -1,5 +1,7 @@
 """Rotary position embedding (Su et al. 2021, arXiv:2104.09864), on absolute positions."""
 
+import functools
+
 import torch
 
 
@@ -9,6 +11,12 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
     ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]
     return ang.cos(), ang.sin()
+
+
+@functools.lru_cache(maxsize=8)  # small: a long-context table is MBs; decoding needs one per step
+def rope_table(start: int, length: int, head_dim: int, theta: float, device: torch.device):
+    """cos, sin for positions start .. start+length-1, shared by every layer of one forward."""
+    return rope_angles(torch.arange(start, start + length, device=device), head_dim, theta)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
