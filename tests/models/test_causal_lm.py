@@ -40,7 +40,7 @@ def test_window_and_gqa_reduce_the_right_terms():
 def test_every_preset_trains_a_step(preset):
     m = build_model(preset)
     x = torch.randint(0, 256, (2, 40))
-    loss = m.loss(x[:, :-1], x[:, 1:])
+    loss = m.loss(x[:, :-1], x[:, 1:]).total
     loss.backward()
     assert torch.isfinite(loss) and abs(loss.item() - torch.log(torch.tensor(256.0)).item()) < 0.5
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
@@ -54,6 +54,91 @@ def test_sequence_longer_than_allowed_is_a_clear_error():
     m(torch.zeros(1, 16, dtype=torch.long), cache)
     with pytest.raises(SpeedlmError, match="max_seq_len=16"):
         m(torch.zeros(1, 1, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("preset", ["sliding-window", "linear-attention", "linear-hybrid"])
+def test_models_with_bounded_caches_generate_past_max_seq_len(preset):
+    """Context limits belong to mixers: a window or a recurrent state never looks further back
+    than it can, so only full attention keeps the max_seq_len limit."""
+    from speedlm.generate import generate
+
+    m = build_model(preset, max_seq_len=16)
+    assert m.max_context() is None and m.init_cache().max_context is None
+    out = generate(m, torch.zeros(1, 4, dtype=torch.long), 40)
+    assert out.ids.shape == (1, 44)
+    hybrid = build_model("transformer", max_seq_len=16)
+    assert hybrid.max_context() == 16
+
+
+def test_a_bounded_kv_policy_lifts_the_limit_of_full_attention():
+    from speedlm.cache import WindowPolicy
+
+    m = build_model("transformer", max_seq_len=16)
+    cache = m.init_cache(kv_policy=WindowPolicy(8))
+    assert cache.max_context is None
+    for i in range(30):
+        m(torch.zeros(1, 1, dtype=torch.long), cache)
+    assert cache.layers[0].length == 7 and cache.seen == 30
+
+
+def test_each_module_initialises_itself_and_the_model_scales_residual_outputs():
+    """GPT-2 init with residual scaling, done by the modules (not by parameter names), also
+    when the model is built on the meta device and initialised afterwards."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=128, n_layers=8, n_heads=4, vocab_size=512)
+    m = CausalLM(cfg)
+    std = cfg.init_std
+    block = m.blocks[0]
+    assert block.mixer.q_proj.weight.std().item() == pytest.approx(std, rel=0.05)
+    assert block.mixer.o_proj.weight.std().item() == pytest.approx(std / 4, rel=0.05)  # 1/sqrt(2 * 8)
+    assert block.ffn.down.weight.std().item() == pytest.approx(std / 4, rel=0.05)
+    assert m.embed.weight.std().item() == pytest.approx(std, rel=0.05)
+    assert torch.equal(block.mixer_norm.weight, torch.ones(128))
+
+    with torch.device("meta"):
+        lazy = CausalLM(cfg)
+    lazy.to_empty(device="cpu")
+    lazy.reset_parameters()
+    for (name, a), (_, b) in zip(m.named_parameters(), lazy.named_parameters()):
+        assert torch.isfinite(b).all(), name
+        assert b.std().item() == pytest.approx(a.std().item(), rel=0.1, abs=1e-6), name
+    assert lazy.lm_head.weight is lazy.embed.weight
+
+
+def test_loss_returns_total_and_named_parts():
+    from speedlm.models.registry import MIXERS
+    from support.parts import AuxPenalty
+
+    MIXERS.register("test_aux", AuxPenalty, family="test", description="test", paper="-")
+    try:
+        m = build_model(ModelConfig(n_layers=2, layers={"A": {"mixer": {"name": "test_aux", "coef": 0.25}}}))
+        x = torch.randint(0, 256, (2, 20))
+        total, parts = m.loss(x[:, :-1], x[:, 1:])
+        assert set(parts) == {"lm", "penalty"}
+        assert torch.allclose(total, parts["lm"] + parts["penalty"])
+        assert parts["penalty"] > 0
+        plain = build_model("transformer")
+        total, parts = plain.loss(x[:, :-1], x[:, 1:])
+        assert set(parts) == {"lm"} and torch.equal(total, parts["lm"])
+    finally:
+        MIXERS.unregister("test_aux")
+
+
+@pytest.mark.parametrize("preset", ["transformer", "gqa", "linear-hybrid"])
+def test_foundation_checkpoints_load_and_give_the_same_logits(preset):
+    """Checkpoints written by the foundation (commit f9ec2e3: `mixers` configs, the old Block)
+    load through the checkpoint loader and give bit-for-bit the float64 logits it computed."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from speedlm.checkpoint import load_pretrained
+
+    here = Path(__file__).parent.parent / "fixtures" / "foundation"
+    expected = load_file(here / "expected.safetensors")
+    model = load_pretrained(here / preset, tokenizer=False).model.double()
+    with torch.no_grad():
+        assert torch.equal(model(expected["input_ids"]), expected[f"logits.{preset}"])
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -16,7 +16,7 @@ def _trained(make_model, steps=2):
     opt = build_optimizer(model, lr=1e-2)
     for _ in range(steps):
         x = torch.randint(0, 64, (2, 16))
-        model.loss(x, x.roll(-1, 1)).backward()
+        model.loss(x, x.roll(-1, 1)).total.backward()
         opt.step()
         opt.zero_grad()
     return model, opt
@@ -89,17 +89,17 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, make_model, monkeypa
     good = save_checkpoint(tmp_path, 1, model, opt)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
 
-    real = ckpt_mod._write_json
+    real = ckpt_mod.write_json
 
     def crash(path, obj):  # model/optimizer/rng files are already written by now
         raise OSError("disk full (simulated)")
 
     with torch.no_grad():
         model.embed.weight.add_(1.0)
-    monkeypatch.setattr(ckpt_mod, "_write_json", crash)
+    monkeypatch.setattr(ckpt_mod, "write_json", crash)
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint(tmp_path, 2, model, opt)
-    monkeypatch.setattr(ckpt_mod, "_write_json", real)
+    monkeypatch.setattr(ckpt_mod, "write_json", real)
 
     assert (tmp_path / "latest").read_text().strip() == "step_0000001"
     assert not (tmp_path / "step_0000002").exists()

@@ -114,7 +114,11 @@ def test_resume_needs_a_checkpoint_and_fresh_runs_refuse_old_ones(data, make_mod
 # If a deliberate change (model init, loss, optimizer defaults, schedule, data contract) moves
 # them, run this test: its failure message lists all 8 new values, rounded; paste them here
 # and say in the commit why they changed.
-GOLDEN_LOSSES = [4.1624064, 3.9890609, 3.7727296, 3.568944, 3.4298174, 3.2352877, 3.1735513, 3.1644096]
+# Re-pinned when modules started initialising themselves (issue 5): the distributions are the
+# same (N(0, 0.02), residual outputs / sqrt(2L)) but the random draws come in construction
+# order instead of a second pass by parameter name, so the initial weights differ. Loading the
+# foundation's initial weights into the new code reproduces the old values to 1e-7.
+GOLDEN_LOSSES = [4.1669068, 3.9883564, 3.7600389, 3.593888, 3.4568973, 3.2679973, 3.205399, 3.1644495]
 
 
 def test_golden_losses(make_model, tmp_path, helpers):
@@ -181,7 +185,7 @@ class _FakeTokenizer:
 
 def test_mismatched_vocab_refused(data, make_model, make_cfg):
     train_ids, _ = data
-    with pytest.raises(SpeedlmError, match="mismatched vocabulary: tokenizer has 100 tokens, model expects 64"):
+    with pytest.raises(SpeedlmError, match="mismatched vocabulary: the tokenizer has 100 tokens, the model expects 64"):
         train(make_model(), make_cfg(), token_stream(train_ids), tokenizer=_FakeTokenizer(), progress=False)
 
 

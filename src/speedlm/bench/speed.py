@@ -29,7 +29,6 @@ from speedlm.bench.plots import write_plots
 from speedlm.bench.timing import median, time_fn, timing_method
 from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
-from speedlm.layers.mixer import Mixer
 from speedlm.models import build_model, resolve_config
 
 DTYPES = {
@@ -157,7 +156,7 @@ def _skipped(reason: str, oom: bool = False) -> dict:
 
 
 def _supports_decoding(model) -> bool:
-    return all(getattr(m, "supports_decoding", True) for m in model.modules() if isinstance(m, Mixer))
+    return all(b.supports_decoding for b in model.blocks)
 
 
 def bench_one(model, x, y, decode_ids, device, *, repeats: int, warmup: int) -> dict:
@@ -174,7 +173,7 @@ def bench_one(model, x, y, decode_ids, device, *, repeats: int, warmup: int) -> 
         model.zero_grad(set_to_none=True)
 
     def fwd_bwd(_):
-        model.loss(x, y).backward()
+        model.loss(x, y).total.backward()
 
     metrics["fwd_bwd"] = measure(fwd_bwd, device, repeats=repeats, warmup=warmup, setup=zero_grad)
     model.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ from speedlm.device import resolve_device
 
 
 def run_eval(args) -> dict:
-    from speedlm.data import encode_corpus, load_corpus
+    from speedlm.data import encode_split, load_corpus
     from speedlm.train import evaluate
 
     device = resolve_device(args.device)
@@ -15,7 +15,7 @@ def run_eval(args) -> dict:
     data = args.data or (state.get("data") or {}).get("spec", "stdlib")
     corpus = load_corpus(data)
     print(f"data: {corpus.name} (fingerprint {corpus.fingerprint}), tokenizer: {tokenizer.spec()['kind']}")
-    _, val_ids = encode_corpus(corpus, tokenizer)
+    val_ids = encode_split(corpus, tokenizer, "val")
     seq_len = args.seq_len or state.get("train_config", {}).get("seq_len", 256)
     result = evaluate(model, val_ids, args.batch_size, seq_len, max_batches=args.batches or None, device=device)
     print(

@@ -6,7 +6,6 @@ import torch
 
 from speedlm.commands.common import load_trained
 from speedlm.device import resolve_device
-from speedlm.errors import SpeedlmError
 
 
 def run_generate(args):
@@ -14,11 +13,7 @@ def run_generate(args):
 
     device = resolve_device(args.device)
     model, tokenizer, _ = load_trained(args.checkpoint, device)
-    ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=device)[None]
-    if ids.shape[1] == 0:
-        raise SpeedlmError("the prompt encodes to no tokens; give a non-empty --prompt")
-    if args.max_new_tokens < 1:
-        raise SpeedlmError("--max-new-tokens must be at least 1")
+    ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=device).view(1, -1)
     result = generate(
         model,
         ids,

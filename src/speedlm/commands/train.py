@@ -53,7 +53,7 @@ def run_train(args) -> dict:
     if args.resume and not Path(args.out, "latest").exists():
         raise SpeedlmError(f"no checkpoint in {args.out} to resume from; run without --resume to start a new run")
     # everything that can be checked without data is checked before the corpus is read
-    resumed = load_checkpoint(args.out) if args.resume else None  # read once, used twice
+    resumed = load_checkpoint(args.out) if args.resume else None  # read once: config, tokenizer, then the trainer
     model_cfg = _model_config(args, resumed)
     cfg.check_model(model_cfg)
     corpus = load_corpus(args.data)
@@ -74,7 +74,7 @@ def run_train(args) -> dict:
         f"{model.flops_per_token(cfg.seq_len) / 1e6:.1f} MFLOP/token (training)"
     )
     summary = train(
-        model, cfg, TokenStream(train_ids), val_ids, tokenizer=tokenizer, resume=args.resume,
+        model, cfg, TokenStream(train_ids), val_ids, tokenizer=tokenizer, resume=resumed or False,
         data_info={"spec": args.data, "name": corpus.name, "fingerprint": corpus.fingerprint},
     )
     print(

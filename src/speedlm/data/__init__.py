@@ -16,7 +16,7 @@ from speedlm.data.corpus import (
     stdlib_corpus,
     text_corpus,
 )
-from speedlm.data.dataset import TokenStream, encode_corpus, iter_eval_batches
+from speedlm.data.dataset import TokenStream, encode_corpus, encode_split, iter_eval_batches, require_tokens
 from speedlm.data.mqar import IGNORE_INDEX, mqar_batch
 from speedlm.data.tokenizers import (
     DEFAULT_BPE_VOCAB,
@@ -42,6 +42,7 @@ __all__ = [
     "Tokenizer",
     "default_cache_dir",
     "encode_corpus",
+    "encode_split",
     "hf_corpus",
     "ids_dtype",
     "is_val_file",
@@ -49,6 +50,7 @@ __all__ = [
     "load_corpus",
     "load_tokenizer",
     "make_tokenizer",
+    "require_tokens",
     "mqar_batch",
     "stdlib_corpus",
     "text_corpus",

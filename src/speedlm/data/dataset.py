@@ -39,38 +39,56 @@ def _load_cached(path: Path, dtype: np.dtype) -> np.ndarray | None:
     return arr if arr.dtype == dtype and arr.ndim == 1 else None
 
 
+SPLITS = ("train", "val")
+
+
+def encode_split(
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+    split: str,
+    cache_dir: str | os.PathLike | None = None,
+) -> np.ndarray:
+    """One split's ids, (n,) in `ids_dtype(tokenizer.vocab_size)` (uint8 for bytes, uint16 up
+    to 65536 tokens, else int32): evaluation encodes the validation split only.
+
+    Byte encoding is a memcpy, so it is never cached. Other tokenizers cache the array as
+    `ids-{corpus.fingerprint}-{tokenizer.fingerprint()}-{split}.npy` in the same folder as the
+    BPE cache (see speedlm.data.cachedir), so the second run is instant.
+    """
+    if split not in SPLITS:
+        raise SpeedlmError(f"unknown split {split!r}; use one of {SPLITS}")
+    dtype = ids_dtype(tokenizer.vocab_size)
+    path = None
+    if tokenizer.kind != "byte":
+        folder = resolve_cache_dir(corpus.cache_dir, cache_dir)
+        path = folder / f"ids-{corpus.fingerprint}-{tokenizer.fingerprint()}-{split}.npy"
+        cached = _load_cached(path, dtype)
+        if cached is not None:
+            return cached
+    text = corpus.train_text if split == "train" else corpus.val_text
+    ids = tokenizer.encode_large(text, progress=len(text) > _PROGRESS_CHARS and tokenizer.kind != "byte")
+    if ids.size == 0:
+        raise SpeedlmError(f"corpus {corpus.name!r} encodes to no tokens in its {split} split; add more text")
+    if path is not None:
+        atomic_write_bytes(path, _npy_bytes(ids))
+    return ids
+
+
 def encode_corpus(
     corpus: Corpus,
     tokenizer: Tokenizer,
     cache_dir: str | os.PathLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train_ids (n_train,), val_ids (n_val,)) in `ids_dtype(tokenizer.vocab_size)`
-    (uint8 for bytes, uint16 up to 65536 tokens, else int32).
+    """(train_ids, val_ids): `encode_split` of both splits."""
+    return tuple(encode_split(corpus, tokenizer, split, cache_dir) for split in SPLITS)
 
-    Byte encoding is a memcpy, so it is never cached. Other tokenizers cache the arrays as
-    `ids-{corpus.fingerprint}-{tokenizer.fingerprint()}-{train,val}.npy` in the same folder
-    as the BPE cache (see speedlm.data.cachedir), so the second run is instant.
-    """
-    dtype = ids_dtype(tokenizer.vocab_size)
-    cache = None
-    if tokenizer.kind != "byte":
-        folder = resolve_cache_dir(corpus.cache_dir, cache_dir)
-        stem = f"ids-{corpus.fingerprint}-{tokenizer.fingerprint()}"
-        cache = (folder / f"{stem}-train.npy", folder / f"{stem}-val.npy")
-        train, val = (_load_cached(p, dtype) for p in cache)
-        if train is not None and val is not None:
-            return train, val
 
-    def enc(text: str) -> np.ndarray:
-        return tokenizer.encode_large(text, progress=len(text) > _PROGRESS_CHARS and tokenizer.kind != "byte")
-
-    train, val = enc(corpus.train_text), enc(corpus.val_text)
-    if train.size == 0 or val.size == 0:
-        raise SpeedlmError(f"corpus {corpus.name!r} encodes to no tokens in its train or val split; add more text")
-    if cache is not None:
-        atomic_write_bytes(cache[0], _npy_bytes(train))
-        atomic_write_bytes(cache[1], _npy_bytes(val))
-    return train, val
+def require_tokens(n: int, seq_len: int, what: str = "the token stream") -> None:
+    """The one "too few tokens" check: a window needs seq_len inputs plus the next token."""
+    if n < seq_len + 1:
+        raise SpeedlmError(
+            f"{what} has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}; use a shorter seq_len or more data"
+        )
 
 
 def _mix_seed(seed: int, step: int) -> int:
@@ -119,11 +137,7 @@ class TokenStream:
         """
         _check_positive(batch_size=batch_size, seq_len=seq_len)
         n = len(self)
-        if n < seq_len + 1:
-            raise SpeedlmError(
-                f"the token stream has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
-                "use a shorter seq_len or more data"
-            )
+        require_tokens(n, seq_len)
         g = torch.Generator().manual_seed(_mix_seed(seed, step))
         starts = torch.randint(0, n - seq_len, (batch_size,), generator=g).numpy()
         windows = self.ids[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)  # (B, T+1)
@@ -148,12 +162,8 @@ def iter_eval_batches(
     if max_batches is not None and max_batches < 1:
         raise SpeedlmError(f"max_batches must be a positive integer or None, got {max_batches}")
     arr = _as_numpy_ids(ids)
+    require_tokens(len(arr), seq_len, "the evaluation stream")
     n_windows = (len(arr) - 1) // seq_len
-    if n_windows < 1:
-        raise SpeedlmError(
-            f"the evaluation stream has {len(arr)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
-            "use a shorter seq_len or a larger validation split"
-        )
     for b, first in enumerate(range(0, n_windows, batch_size)):
         if max_batches is not None and b >= max_batches:
             return

@@ -39,12 +39,15 @@ def generate(
     at every step (the reference the cached path must reproduce exactly under greedy decoding)."""
     check_sampling(temperature, top_k, top_p)
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
-        raise SpeedlmError("the prompt must contain at least one token")
+        raise SpeedlmError("the prompt must contain at least one token; give a non-empty prompt")
+    if max_new_tokens < 1:
+        raise SpeedlmError(f"the number of new tokens must be at least 1, got {max_new_tokens}")
     total = prompt_ids.shape[1] + max_new_tokens
-    if total > model.config.max_seq_len:
+    limit = model.max_context()  # None: every cache is bounded, generation may go on as long as asked
+    if limit is not None and total > limit:
         raise SpeedlmError(
             f"prompt ({prompt_ids.shape[1]}) + new tokens ({max_new_tokens}) = {total} exceeds the model's "
-            f"max_seq_len={model.config.max_seq_len}; ask for fewer tokens"
+            f"max_seq_len={limit}; ask for fewer tokens"
         )
     model.eval()
     gen = None

@@ -1,85 +1,99 @@
-"""Softmax attention mixers: full causal attention (MHA / GQA / MQA) on SDPA, and the shared
-projection + RoPE + KV-cache plumbing that sparse patterns reuse."""
+"""Softmax attention mixers: full attention (MHA / GQA / MQA) on SDPA, and the shared RoPE +
+KV-cache + mask plumbing that sparse patterns reuse (layers/sparse_attention.py)."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from speedlm.cache.kv import FullPolicy, KVCache
-from speedlm.errors import SpeedlmError
+from speedlm.cache.kv import FullPolicy, KVCache, KVPolicy
 from speedlm.layers.dims import ModelDims
-from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
-from speedlm.layers.rope import apply_rope, rope_table
-from speedlm.ops.attention import attention_reference, causal_mask, causal_sdpa
+from speedlm.layers.heads import HeadsMixer
+from speedlm.layers.mixer import SeqMeta
+from speedlm.layers.rope import apply_rope, rope_for, rope_reference
+from speedlm.ops.attention import attention, attention_reference
+from speedlm.ops.masks import AttentionMask, Full
 
 
-class AttentionBase(Mixer):
-    """q/k/v/o projections with RoPE and grouped KV heads. Subclasses choose the pattern:
-    `_attend` (fast form), `_reference_mask` (dense mask for the naive form), `_cache_policy`."""
+class AttentionBase(HeadsMixer):
+    """Attention restricted by a pattern (ops/masks.py). Subclasses choose `pattern()`, the
+    default KV policy and the mean number of keys a query sees (for FLOPs)."""
+
+    supports_bidirectional = True
+    supports_doc_ids = True
+    backend: str = "auto"  # sparse-attention backend (ops/dispatch.py)
 
     def __init__(self, dims: ModelDims, kv_heads: int | None = None):
-        super().__init__()
-        self.n_heads = dims.n_heads
-        self.kv_heads = dims.n_heads if kv_heads is None else kv_heads
-        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
-            raise SpeedlmError(f"kv_heads={self.kv_heads} must divide n_heads={self.n_heads}")
-        self.head_dim = dims.head_dim
+        super().__init__(dims, kv_heads)
         self.rope_theta = dims.rope_theta
-        d, dh = dims.d_model, self.head_dim
-        self.q_proj = nn.Linear(d, self.n_heads * dh, bias=False)
-        self.k_proj = nn.Linear(d, self.kv_heads * dh, bias=False)
-        self.v_proj = nn.Linear(d, self.kv_heads * dh, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * dh, d, bias=False)
 
-    def _qkv(self, x: torch.Tensor, meta: SeqMeta):
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope_table(meta.start, t, self.head_dim, self.rope_theta, x.device)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    def pattern(self):
+        return Full()
 
-    def _out(self, y_bhtd: torch.Tensor) -> torch.Tensor:
-        b, _, t, _ = y_bhtd.shape
-        return self.o_proj(y_bhtd.transpose(1, 2).reshape(b, t, -1))
+    def default_policy(self) -> KVPolicy:
+        return FullPolicy()
 
-    def forward(self, x, meta: SeqMeta, cache: KVCache | None = None):
-        q, k, v = self._qkv(x, meta)
-        if cache is not None:
-            k, v = cache.extend(k, v)
-        # keys run up to the last query, so the first key sits at start + T - Tk
-        kv_start = meta.start + x.shape[1] - k.shape[2]
-        return self._out(self._attend(q, k, v, meta.start, kv_start))
+    def _rope(self, x: torch.Tensor, positions) -> torch.Tensor:
+        cos, sin = rope_for(positions, x.shape[-2], self.head_dim, self.rope_theta, x.device)
+        return apply_rope(x, cos, sin)
 
-    def reference(self, x, meta: SeqMeta):
-        q, k, v = self._qkv(x, meta)
+    def mix(self, x, meta: SeqMeta, cache: KVCache | None = None):
+        q, k, v = self.project(x)
         t = x.shape[1]
-        return self._out(attention_reference(q, k, v, self._reference_mask(t, meta.start, x.device)))
+        pos = meta.query_positions()
+        if cache is not None and cache.policy.pre_rope:
+            # keys are cached unrotated and rotated by their slot: positions stay within the cache
+            k_all, v_all, _ = cache.extend(k, v, pos)
+            n = k_all.shape[-2]
+            q, k_all = self._rope(q, n - t), self._rope(k_all, 0)
+            mask = AttentionMask(self.pattern(), t, n, n - t, 0, causal=True)
+        else:
+            q, k = self._rope(q, pos), self._rope(k, pos)
+            k_all, v_all, k_pos = (k, v, pos) if cache is None else cache.extend(k, v, pos)
+            mask = AttentionMask(self.pattern(), t, k_all.shape[-2], pos, k_pos, meta.causal, meta.doc_ids, meta.doc_ids)
+        return self.output(attention(q, k_all, v_all, mask, backend=self.backend))
 
-    def init_cache(self) -> KVCache:
-        return KVCache(self._cache_policy())
+    def reference(self, x, meta: SeqMeta, visible=None):
+        """Explicit float64-able softmax over a dense mask built from positions, with the
+        projections and RoPE computed independently of the fast path. `visible(q_pos, k_pos)`
+        further restricts the keys (the mask a lossy cache policy emulates)."""
+        b, t, _ = x.shape
+        q, k, v = self.reference_project(x)
+        pos = meta.positions if meta.positions is not None else torch.arange(meta.start, meta.start + t, device=x.device)[None]
+        q, k = rope_reference(q, pos, self.rope_theta), rope_reference(k, pos, self.rope_theta)
+        qp, kp = pos[:, :, None], pos[:, None, :]
+        allowed = self.pattern()(qp, kp)
+        idx = torch.arange(t, device=x.device)
+        if meta.causal:
+            allowed = allowed & (idx[None, :] <= idx[:, None])
+        if meta.doc_ids is not None:
+            allowed = allowed & (meta.doc_ids[:, :, None] == meta.doc_ids[:, None, :])
+        extra = None if visible is None else visible(qp, kp)
+        if extra is not None:
+            allowed = allowed & extra
+        return self.reference_output(attention_reference(q, k, v, allowed.expand(b, t, t)))
+
+    def init_cache(self, kv_policy: KVPolicy | None = None) -> KVCache:
+        return KVCache(kv_policy or self.default_policy())
 
     def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
-        kept = self._cache_policy().keep(context_len)
+        kept = self.default_policy().retained(context_len)
         return 2 * batch_size * self.kv_heads * self.head_dim * kept * bytes_per_elem
 
     def flops_per_token(self, context_len: int) -> float:
-        proj = linear_flops(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
-        return proj + 4.0 * self.n_heads * self.head_dim * self._mean_keys(context_len)
+        return self.projection_flops() + 4.0 * self.n_heads * self.head_dim * self._mean_keys(context_len)
 
-
-class Attention(AttentionBase):
-    """Full causal softmax attention; kv_heads < n_heads gives GQA, kv_heads == 1 MQA."""
-
-    def _cache_policy(self):
-        return FullPolicy()
-
-    def _attend(self, q, k, v, q_start, kv_start):
-        return causal_sdpa(q, k, v)
-
-    def _reference_mask(self, t, start, device):
-        return causal_mask(t, t, device)
+    def max_context(self, kv_policy: KVPolicy | None = None) -> int | None:
+        # positions beyond the training length are only safe when no query looks that far back
+        return None if (kv_policy or self.default_policy()).bounded else self.dims.max_seq_len
 
     def _mean_keys(self, context_len: int) -> float:
         return (context_len + 1) / 2
+
+
+class Attention(AttentionBase):
+    """Full softmax attention, causal or bidirectional; kv_heads < n_heads gives GQA, kv_heads
+    == 1 MQA."""
+
+    def __init__(self, dims: ModelDims, kv_heads: int | None = None):
+        super().__init__(dims, kv_heads)
+        self.reset_parameters()

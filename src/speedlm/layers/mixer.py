@@ -3,45 +3,84 @@
 A mixer maps x (B, T, D) -> y (B, T, D). One `forward` serves training (cache=None), prefill
 (empty cache, T > 1), chunked prefill (non-empty cache, T > 1) and decoding (T == 1); the cache
 is updated in place. Sequence metadata travels in `SeqMeta`.
+
+Subclasses implement `mix` (the forward proper); `forward` first checks the call against the
+declared capabilities, so no mixer can silently ignore `causal=False`, document boundaries or
+a cache it cannot use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from speedlm.cache.base import LayerCache
+from speedlm.errors import SpeedlmError
+from speedlm.layers.context import AuxLosses, SeqMeta
+from speedlm.layers.dims import ModelDims
+
+__all__ = ["AuxLosses", "Mixer", "SeqMeta", "check_call", "linear_flops", "init_linears"]
 
 
-@dataclass(frozen=True)
-class SeqMeta:
-    """start: absolute position of x[:, 0] (== tokens already in the cache).
-    causal: False only for bidirectional (e.g. diffusion) models.
-    token_ids: (B, T) ids for mixers that look at tokens (e.g. separator detection)."""
+def check_call(module: nn.Module, meta: SeqMeta, cache) -> None:
+    """Refuse a call the module has not declared it can serve (one line for the user)."""
+    name = type(module).__name__
+    if meta.causal and not module.supports_causal:
+        raise SpeedlmError(f"{name} is bidirectional-only; it cannot run in a causal model")
+    if not meta.causal and not module.supports_bidirectional:
+        raise SpeedlmError(f"{name} is causal-only; it cannot run with causal=False (bidirectional)")
+    if cache is not None:
+        if not meta.causal:
+            raise SpeedlmError(f"{name}: a bidirectional call takes no cache")
+        if not module.supports_decoding:
+            raise SpeedlmError(f"{name} has no incremental decoding; call it without a cache")
+        if meta.doc_ids is not None:
+            raise SpeedlmError(f"{name}: document boundaries are for training; decode one document per cache")
+    if meta.doc_ids is not None and not module.supports_doc_ids:
+        raise SpeedlmError(f"{name} does not support document boundaries (doc_ids); train it on unpacked sequences")
 
-    start: int = 0
-    causal: bool = True
-    token_ids: torch.Tensor | None = None
+
+def init_linears(module: nn.Module, std: float) -> None:
+    """N(0, std) weights and zero biases for every nn.Linear under `module` (GPT-2 style)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class Mixer(nn.Module):
-    """Base class. Subclasses set the capability flags and implement the methods below."""
+    """Base class. Subclasses set the capability flags, implement `mix` and the methods below,
+    and call `self.reset_parameters()` at the end of `__init__`."""
 
     supports_causal: ClassVar[bool] = True
     supports_bidirectional: ClassVar[bool] = False
     supports_decoding: ClassVar[bool] = True
+    supports_doc_ids: ClassVar[bool] = False
+    # submodules whose output enters the residual stream: the model scales their weights by
+    # 1/sqrt(2 n_layers) after init (GPT-2)
+    residual_out: ClassVar[tuple[str, ...]] = ("o_proj",)
+
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        self.dims = dims
 
     def forward(self, x: torch.Tensor, meta: SeqMeta, cache: LayerCache | None = None) -> torch.Tensor:
+        check_call(self, meta, cache)
+        return self.mix(x, meta, cache)
+
+    def mix(self, x: torch.Tensor, meta: SeqMeta, cache: LayerCache | None) -> torch.Tensor:
         raise NotImplementedError
 
     def reference(self, x: torch.Tensor, meta: SeqMeta) -> torch.Tensor:
         """The same function through the naive op (dense mask / loop over time), no cache."""
         raise NotImplementedError
 
-    def init_cache(self) -> LayerCache:
+    def init_cache(self, kv_policy=None) -> LayerCache:
+        """An empty cache. `kv_policy` overrides the retention of KV caches (e.g. attention sinks
+        on a full-attention model); mixers without a KV cache ignore it."""
         raise NotImplementedError
 
     def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
@@ -51,6 +90,19 @@ class Mixer(nn.Module):
     def flops_per_token(self, context_len: int) -> float:
         """Forward FLOPs per token (2 per multiply-add), averaged over a sequence of context_len."""
         raise NotImplementedError
+
+    def max_context(self, kv_policy=None) -> int | None:
+        """How many tokens this mixer can process in one sequence; None = no limit (a bounded
+        cache or a recurrent state generates as long as asked)."""
+        return None
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter of this mixer (overridden where the paper prescribes more
+        than N(0, init_std) projections, e.g. Mamba's A_log and dt bias)."""
+        init_linears(self, self.dims.init_std)
+
+    def residual_weights(self) -> list[torch.Tensor]:
+        return [getattr(self, name).weight for name in self.residual_out]
 
 
 def linear_flops(*modules: nn.Linear) -> float:

@@ -1,18 +1,30 @@
-import torch
+from __future__ import annotations
+
 import torch.nn.functional as F
 from torch import nn
 
+from speedlm.errors import SpeedlmError
+from speedlm.layers.dims import ModelDims
+from speedlm.layers.ffn import FFN
 
-class SwiGLU(nn.Module):
-    """Gated MLP (Shazeer 2020, arXiv:2002.05202): down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.gate = nn.Linear(d_model, hidden, bias=False)
-        self.up = nn.Linear(d_model, hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
+class SwiGLU(FFN):
+    """Gated MLP (Shazeer 2020, arXiv:2002.05202): down(silu(gate(x)) * up(x)). `hidden`
+    defaults to the model's ffn_hidden (8/3 d_model rounded up to a multiple of 64)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    residual_out = ("down",)
+
+    def __init__(self, dims: ModelDims, hidden: int | None = None):
+        super().__init__(dims)
+        hidden = dims.hidden_dim if hidden is None else hidden
+        if hidden < 1:
+            raise SpeedlmError(f"hidden must be >= 1, got {hidden}")
+        self.gate = nn.Linear(dims.d_model, hidden, bias=False)
+        self.up = nn.Linear(dims.d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, dims.d_model, bias=False)
+        self.reset_parameters()
+
+    def forward(self, x, meta=None):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
     def flops_per_token(self) -> float:

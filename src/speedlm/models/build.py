@@ -11,25 +11,31 @@ from speedlm.models.presets import preset_config
 
 
 def resolve_config(spec, **overrides) -> ModelConfig:
+    """A validated ModelConfig from a preset name, a config, a dict or the path of a config JSON;
+    `overrides` replace fields (e.g. vocab_size=...)."""
+    if isinstance(spec, str) and not spec.endswith(".json"):
+        return preset_config(spec, **overrides)
     if isinstance(spec, ModelConfig):
-        cfg = ModelConfig.from_dict({**spec.to_dict(), **overrides})
+        if not overrides:
+            return spec
+        fields = spec.to_dict()
     elif isinstance(spec, dict):
-        cfg = ModelConfig.from_dict({**spec, **overrides})
-    elif isinstance(spec, str) and spec.endswith(".json"):
+        fields = spec
+    elif isinstance(spec, str):
         if not os.path.isfile(spec):
             raise SpeedlmError(f"config file {spec!r} does not exist")
         with open(spec) as f:
-            cfg = ModelConfig.from_json(f.read())
-        cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
-    elif isinstance(spec, str):
-        cfg = preset_config(spec, **overrides)
+            fields = ModelConfig.parse_json(f.read())
     else:
         raise SpeedlmError(f"cannot build a model from {type(spec).__name__}; give a preset name, config or JSON path")
-    return cfg
+    return ModelConfig.from_dict({**fields, **overrides})
+
+
+# the model class of each objective (config validation keeps `objective` to these keys)
+MODEL_CLASSES = {"ar": CausalLM}
 
 
 def build_model(spec, **overrides) -> CausalLM:
+    """A freshly initialised model of the class its config's objective calls for."""
     cfg = resolve_config(spec, **overrides)
-    if cfg.objective != "ar":
-        raise SpeedlmError(f"objective {cfg.objective!r} has no model class yet")
-    return CausalLM(cfg)
+    return MODEL_CLASSES[cfg.objective](cfg)

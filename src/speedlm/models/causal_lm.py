@@ -1,8 +1,11 @@
-"""Decoder-only language model: embedding, pre-norm blocks (mixer + FFN), final norm, LM head."""
+"""Decoder-only language model: embedding, blocks (built from the config's layer specs), final
+norm, LM head. Nothing here knows a mixer family: it asks blocks for caches, state sizes,
+FLOPs and context limits."""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -10,32 +13,23 @@ from torch import nn
 
 from speedlm.cache.base import ModelCache
 from speedlm.errors import SpeedlmError
-from speedlm.layers.dims import ModelDims
-from speedlm.layers.mixer import SeqMeta
-from speedlm.layers.mlp import SwiGLU
+from speedlm.layers.context import AuxLosses, SeqMeta
 from speedlm.layers.norm import RMSNorm
 from speedlm.models.config import ModelConfig
-from speedlm.models.registry import build_mixer
+from speedlm.registry import BLOCKS
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, spec: dict):
-        super().__init__()
-        dims = ModelDims(cfg.d_model, cfg.n_heads, cfg.rope_theta)
-        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = build_mixer(spec, dims)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.ffn != "none" else None
-        self.ffn = SwiGLU(cfg.d_model, cfg.hidden_dim) if cfg.ffn != "none" else None
+class Loss(NamedTuple):
+    """`total` is what training minimises; `parts` names its terms: "lm" (the cross-entropy,
+    what evaluation reports) and every auxiliary loss the modules added."""
 
-    def forward(self, x, meta: SeqMeta, cache=None):
-        x = x + self.mixer(self.mixer_norm(x), meta, cache)
-        if self.ffn is not None:
-            x = x + self.ffn(self.ffn_norm(x))
-        return x
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
 
-    def flops_per_token(self, context_len: int) -> float:
-        ffn = self.ffn.flops_per_token() if self.ffn is not None else 0.0
-        return self.mixer.flops_per_token(context_len) + ffn
+
+def _min_limit(limits) -> int | None:
+    bounded = [n for n in limits if n is not None]
+    return min(bounded) if bounded else None
 
 
 class CausalLM(nn.Module):
@@ -43,34 +37,65 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, spec) for spec in config.layer_specs())
+        self.blocks = nn.ModuleList(
+            BLOCKS.build(spec["block"], config.dims(i), mixer=spec["mixer"], ffn=spec["ffn"])
+            for i, spec in enumerate(config.layer_specs())
+        )
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.reset_parameters()
+        self._init_outer()
+
+    # ----- initialisation -----
+    def _init_outer(self) -> None:
+        """What the model owns: embeddings and head N(0, init_std) (GPT-2), and the residual
+        scaling: every projection that writes into the residual stream is scaled by
+        1/sqrt(2 n_layers), so the stream's variance does not grow with depth."""
+        std = self.config.init_std
+        nn.init.normal_(self.embed.weight, 0.0, std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, 0.0, std)
+        scale = 1.0 / math.sqrt(2 * self.config.n_layers)
+        with torch.no_grad():
+            for block in self.blocks:
+                for w in block.residual_weights():
+                    w.mul_(scale)
 
     def reset_parameters(self) -> None:
-        # GPT-2 init: N(0, std); output projections of residual branches scaled by 1/sqrt(2L)
-        std = self.config.init_std
-        resid_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue
-            last = name.rsplit(".", 2)[-2] if name.count(".") else name
-            nn.init.normal_(p, 0.0, resid_std if last in ("o_proj", "down") else std)
+        """Re-initialise everything (e.g. after building on the meta device and `to_empty`):
+        every module's own `reset_parameters`, children before parents so that a mixer's
+        initialisation of its projections wins over nn.Linear's default, then the model's part.
+        Re-ties the head to the embedding (`to_empty` unties them)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        for m in reversed(list(self.modules())):
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        self._init_outer()
 
     # ----- forward -----
-    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V). With a cache, the tokens continue from cache.seen."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: ModelCache | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        aux: AuxLosses | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V). With a cache, the tokens continue from cache.seen.
+        positions (B, T): per-row positions (default: contiguous from cache.seen); doc_ids (B, T):
+        packed documents that must not mix (training only); aux: collects auxiliary losses."""
         start = 0 if cache is None else cache.seen
         t = input_ids.shape[1]
-        if start + t > self.config.max_seq_len:
+        limit = self.max_context() if cache is None else cache.max_context
+        if limit is not None and start + t > limit:
             raise SpeedlmError(
                 f"sequence of {start + t} tokens is longer than this model allows "
-                f"(max_seq_len={self.config.max_seq_len})"
+                f"(max_seq_len={limit}; models whose caches are bounded have no such limit)"
             )
-        meta = SeqMeta(start=start, causal=True, token_ids=input_ids)
+        meta = SeqMeta(start=start, causal=True, token_ids=input_ids, positions=positions, doc_ids=doc_ids, aux=aux)
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, meta, None if cache is None else cache.layers[i])
@@ -78,12 +103,23 @@ class CausalLM(nn.Module):
             cache.seen += t
         return self.lm_head(self.norm(x))
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self(input_ids)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, **meta) -> Loss:
+        aux = AuxLosses()
+        logits = self(input_ids, aux=aux, **meta)
+        lm = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return Loss(lm + aux.total(), {"lm": lm, **aux.parts})
 
-    def init_cache(self) -> ModelCache:
-        return ModelCache([b.mixer.init_cache() for b in self.blocks])
+    def init_cache(self, kv_policy=None) -> ModelCache:
+        """Empty caches for every layer; `kv_policy` overrides the retention of every KV cache
+        (layers without one ignore it)."""
+        return ModelCache(
+            [b.init_cache(kv_policy) for b in self.blocks],
+            max_context=_min_limit(b.max_context(kv_policy) for b in self.blocks),
+        )
+
+    def max_context(self, kv_policy=None) -> int | None:
+        """The longest sequence this model can process (None: no limit)."""
+        return _min_limit(b.max_context(kv_policy) for b in self.blocks)
 
     # ----- accounting -----
     def num_params(self, non_embedding: bool = False) -> int:
@@ -93,12 +129,12 @@ class CausalLM(nn.Module):
         return n
 
     def flops_per_token(self, context_len: int, training: bool = True) -> float:
-        """Analytic FLOPs per token for sequences of `context_len`: mixers (window-, GQA- and
-        state-aware), FFNs and LM head; training counts backward as 2x forward."""
+        """Analytic FLOPs per token for sequences of `context_len`: blocks (window-, GQA- and
+        state-aware), and the LM head; training counts backward as 2x forward."""
         fwd = sum(b.flops_per_token(context_len) for b in self.blocks)
         fwd += 2.0 * self.config.d_model * self.config.vocab_size
         return 3.0 * fwd if training else fwd
 
     def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
         """Inference cache size after context_len tokens, summed over layers."""
-        return sum(b.mixer.state_bytes(context_len, batch_size, bytes_per_elem) for b in self.blocks)
+        return sum(b.state_bytes(context_len, batch_size, bytes_per_elem) for b in self.blocks)

@@ -1,32 +1,52 @@
 """`ModelConfig`: one serialisable, validated description of a model.
 
-The layer pattern names the mixer of each layer by letter, e.g. pattern "LLA" with
-mixers {"L": {"name": "linear_attention"}, "A": {"name": "attention"}} repeated over
-n_layers. Letters map to registered mixer names plus their options.
+The layer pattern names each layer by letter, tiled over n_layers; `layers` maps each letter to
+a layer spec: a mixer spec, and optionally an FFN spec and a block kind, each a registered
+name plus options (strings are shorthand for {"name": ...}):
+
+    pattern="MMA", layers={
+        "M": {"mixer": {"name": "linear_attention"}, "ffn": "none"},
+        "A": {"mixer": {"name": "sliding_window", "window": 128}},
+    }
+
+Letters without an `ffn` or `block` use the model-wide `ffn` and `block` defaults. Configs
+written by the foundation (a `mixers` table of mixer specs, `ffn` as a string) load unchanged.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 
+import torch
+
 from speedlm.errors import SpeedlmError
-from speedlm.models.registry import check_mixer_spec
+from speedlm.layers.dims import ModelDims
+from speedlm.registry import BLOCKS, FFNS, MIXERS
+from speedlm.schema import Schema, is_int, is_number
 
 OBJECTIVES = ("ar",)
-FFNS = ("swiglu", "none")
+LAYER_KEYS = ("mixer", "ffn", "block")
+
+
+def _named(spec):
+    """"swiglu" -> {"name": "swiglu"}; dicts are copied; anything else is left for validation."""
+    if isinstance(spec, str):
+        return {"name": spec}
+    return dict(spec) if isinstance(spec, dict) else spec
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Schema):
+    what = "model config"
+
     vocab_size: int = 256
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
     pattern: str = "A"
-    mixers: dict = field(default_factory=lambda: {"A": {"name": "attention"}})
-    ffn: str = "swiglu"
+    layers: dict = field(default_factory=lambda: {"A": {"mixer": {"name": "attention"}}})
+    ffn: dict = field(default_factory=lambda: {"name": "swiglu"})  # default FFN of every layer
+    block: dict = field(default_factory=lambda: {"name": "prenorm"})  # default block kind
     ffn_hidden: int | None = None  # default: 8/3 * d_model rounded up to a multiple of 64
     max_seq_len: int = 1024
     tie_embeddings: bool = True
@@ -36,33 +56,69 @@ class ModelConfig:
     objective: str = "ar"
 
     def __post_init__(self):
-        self.validate()
+        self.ffn, self.block = _named(self.ffn), _named(self.block)
+        if isinstance(self.layers, dict):
+            self.layers = {
+                letter: {k: _named(v) if k in LAYER_KEYS else v for k, v in spec.items()} if isinstance(spec, dict) else spec
+                for letter, spec in self.layers.items()
+            }
+        super().__post_init__()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Also reads the foundation's form: `mixers` {letter: mixer spec} becomes `layers`."""
+        if isinstance(d, dict) and "mixers" in d:
+            if "layers" in d:
+                raise SpeedlmError("invalid model config: give `layers` (layer specs) or the older `mixers`, not both")
+            d = dict(d)
+            mixers = d.pop("mixers")
+            d["layers"] = {k: {"mixer": v} for k, v in mixers.items()} if isinstance(mixers, dict) else mixers
+        return super().from_dict(d)
 
     # ----- derived -----
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    def dims(self, layer_idx: int = 0) -> ModelDims:
+        return ModelDims(
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            rope_theta=float(self.rope_theta),
+            max_seq_len=self.max_seq_len,
+            layer_idx=layer_idx,
+            n_layers=self.n_layers,
+            ffn_hidden=self.ffn_hidden,
+            norm_eps=float(self.norm_eps),
+            init_std=float(self.init_std),
+        )
+
     @property
     def hidden_dim(self) -> int:
-        if self.ffn_hidden is not None:
-            return self.ffn_hidden
-        return -(-(8 * self.d_model // 3) // 64) * 64
+        return self.dims().hidden_dim
+
+    def layer_spec(self, letter: str) -> dict:
+        """The full layer spec of a pattern letter, defaults filled in."""
+        spec = self.layers[letter]
+        return {"mixer": dict(spec["mixer"]), "ffn": dict(spec.get("ffn", self.ffn)), "block": dict(spec.get("block", self.block))}
 
     def layer_specs(self) -> list[dict]:
-        """The mixer spec of every layer, the pattern repeated over n_layers."""
+        """The full layer spec of every layer, the pattern repeated over n_layers."""
         reps = self.n_layers // len(self.pattern)
-        return [dict(self.mixers[ch]) for ch in self.pattern * reps]
+        return [self.layer_spec(ch) for ch in self.pattern * reps]
+
+    def check_vocab(self, vocab_size: int, source: str = "tokenizer") -> None:
+        """The one vocabulary check: a tokenizer (or checkpoint tokenizer) must match the model."""
+        if vocab_size != self.vocab_size:
+            raise SpeedlmError(
+                f"mismatched vocabulary: the {source} has {vocab_size} tokens, the model expects {self.vocab_size}; "
+                f"build the model with vocab_size={vocab_size}"
+            )
 
     # ----- validation -----
     def validate(self) -> None:
-        def need(cond, msg):
-            if not cond:
-                raise SpeedlmError(f"invalid model config: {msg}")
-
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        need = self.need
+        self.need_ints(("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"), 1)
         need(self.d_model % self.n_heads == 0, f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
         need(isinstance(self.pattern, str) and len(self.pattern) > 0, "pattern must be a non-empty string of letters")
@@ -70,41 +126,43 @@ class ModelConfig:
             self.n_layers % len(self.pattern) == 0,
             f"pattern {self.pattern!r} (length {len(self.pattern)}) does not tile n_layers={self.n_layers}",
         )
-        need(isinstance(self.mixers, dict), "mixers must map pattern letters to mixer specs")
-        missing = sorted(set(self.pattern) - set(self.mixers))
-        need(not missing, f"pattern letters {missing} have no entry in mixers (have {sorted(self.mixers)})")
-        for letter in sorted(set(self.pattern)):
-            entry = check_mixer_spec(self.mixers[letter], f"invalid model config: mixers[{letter!r}]")
-            need(
-                self.objective != "ar" or entry.cls.supports_causal,
-                f"mixer {entry.name!r} (pattern letter {letter!r}) is bidirectional-only and cannot be used "
-                f"in a causal (objective='ar') model",
-            )
-        need(self.ffn in FFNS, f"ffn must be one of {FFNS}, got {self.ffn!r}")
+        need(isinstance(self.layers, dict), "layers must map pattern letters to layer specs")
+        missing = sorted(set(self.pattern) - set(self.layers))
+        need(not missing, f"pattern letters {missing} have no entry in layers (have {sorted(self.layers)})")
         need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        need(self.ffn_hidden is None or (isinstance(self.ffn_hidden, int) and self.ffn_hidden > 0), "ffn_hidden must be a positive integer")
+        need(self.ffn_hidden is None or (is_int(self.ffn_hidden) and self.ffn_hidden > 0), "ffn_hidden must be a positive integer")
+        need(isinstance(self.tie_embeddings, bool), f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            v = getattr(self, name)
+            need(is_number(v) and v > 0, f"{name} must be a positive number, got {v!r}")
+        FFNS.check(self.ffn, "invalid model config: ffn")
+        BLOCKS.check(self.block, "invalid model config: block")
+        first_use = {}
+        for i, letter in enumerate(self.pattern * (self.n_layers // len(self.pattern))):
+            first_use.setdefault(letter, i)
+        for letter, layer_idx in first_use.items():
+            self._check_layer(letter, layer_idx)
 
-    # ----- serialisation -----
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        if not isinstance(d, dict):
-            raise SpeedlmError(f"invalid model config: expected a JSON object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+    def _check_layer(self, letter: str, layer_idx: int) -> None:
+        where = f"invalid model config: layers[{letter!r}]"
+        raw = self.layers[letter]
+        if not isinstance(raw, dict) or "mixer" not in raw:
+            raise SpeedlmError(f"{where}: a layer spec is an object with a 'mixer' (and optional 'ffn', 'block'), got {raw!r}")
+        unknown = sorted(set(raw) - set(LAYER_KEYS))
         if unknown:
-            raise SpeedlmError(f"invalid model config: unknown field(s) {unknown}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+            raise SpeedlmError(f"{where}: unknown key(s) {unknown}; a layer spec has {list(LAYER_KEYS)}")
+        spec = self.layer_spec(letter)
+        mixer = MIXERS.check(spec["mixer"], f"{where}.mixer")
+        FFNS.check(spec["ffn"], f"{where}.ffn")
+        BLOCKS.check(spec["block"], f"{where}.block")
+        if self.objective == "ar" and not mixer.cls.supports_causal:
+            raise SpeedlmError(
+                f"{where}: mixer {mixer.name!r} is bidirectional-only and cannot be used in a causal (objective='ar') model"
+            )
+        # value checks that need the model's sizes (kv_heads divides n_heads, window >= 1, ...)
+        # live in the constructors: build the layer on the meta device, which allocates nothing
         try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpeedlmError(f"invalid model config: not valid JSON ({e.msg} at line {e.lineno})") from None
-        return cls.from_dict(d)
+            with torch.device("meta"):
+                BLOCKS.build(spec["block"], self.dims(layer_idx), mixer=spec["mixer"], ffn=spec["ffn"])
+        except SpeedlmError as e:
+            raise SpeedlmError(f"{where}: {e}") from None

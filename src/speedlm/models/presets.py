@@ -25,7 +25,7 @@ class Preset:
     name: str
     description: str
     paper: str
-    make: Callable[[dict], dict]  # size dict -> ModelConfig fields (pattern, mixers, ...)
+    make: Callable[[dict], dict]  # size dict -> ModelConfig fields (pattern, layers, ...)
 
 
 def _cfg(size: dict, **fields) -> ModelConfig:
@@ -41,31 +41,31 @@ PRESETS: dict[str, Preset] = {
             "transformer",
             "Llama-style decoder: multi-head causal attention (SDPA/FlashAttention), RoPE, SwiGLU, RMSNorm",
             "Vaswani et al. 2017 (arXiv:1706.03762); Touvron et al. 2023 (arXiv:2302.13971)",
-            lambda s: dict(pattern="A", mixers={"A": {"name": "attention"}}),
+            lambda s: dict(pattern="A", layers={"A": {"mixer": {"name": "attention"}}}),
         ),
         Preset(
             "gqa",
             "grouped-query attention: n_heads / 4 shared key-value heads",
             "Ainslie et al. 2023, GQA (arXiv:2305.13245)",
-            lambda s: dict(pattern="A", mixers={"A": {"name": "attention", "kv_heads": max(1, s["n_heads"] // 4)}}),
+            lambda s: dict(pattern="A", layers={"A": {"mixer": {"name": "attention", "kv_heads": max(1, s["n_heads"] // 4)}}}),
         ),
         Preset(
             "mqa",
             "multi-query attention: one key-value head shared by all query heads",
             "Shazeer 2019, Fast Transformer Decoding (arXiv:1911.02150)",
-            lambda s: dict(pattern="A", mixers={"A": {"name": "attention", "kv_heads": 1}}),
+            lambda s: dict(pattern="A", layers={"A": {"mixer": {"name": "attention", "kv_heads": 1}}}),
         ),
         Preset(
             "sliding-window",
             "sliding-window attention on FlexAttention block masks; O(window) KV cache",
             "Beltagy et al. 2020, Longformer (arXiv:2004.05150); Jiang et al. 2023, Mistral 7B (arXiv:2310.06825)",
-            lambda s: dict(pattern="S", mixers={"S": {"name": "sliding_window", "window": s["window"]}}),
+            lambda s: dict(pattern="S", layers={"S": {"mixer": {"name": "sliding_window", "window": s["window"]}}}),
         ),
         Preset(
             "linear-attention",
             "causal linear attention (elu+1 features), chunked training, O(1) matrix-state cache",
             "Katharopoulos et al. 2020, Transformers are RNNs (arXiv:2006.16236)",
-            lambda s: dict(pattern="L", mixers={"L": {"name": "linear_attention"}}),
+            lambda s: dict(pattern="L", layers={"L": {"mixer": {"name": "linear_attention"}}}),
         ),
         Preset(
             "linear-hybrid",
@@ -73,7 +73,10 @@ PRESETS: dict[str, Preset] = {
             "Arora et al. 2024, Based (arXiv:2402.18668)",
             lambda s: dict(
                 pattern="LS",
-                mixers={"L": {"name": "linear_attention"}, "S": {"name": "sliding_window", "window": s["window"]}},
+                layers={
+                    "L": {"mixer": {"name": "linear_attention"}},
+                    "S": {"mixer": {"name": "sliding_window", "window": s["window"]}},
+                },
             ),
         ),
     ]

@@ -1,14 +1,17 @@
-"""Softmax attention: the explicit dense reference and the SDPA forms.
+"""Softmax attention: the explicit dense reference, and the one entry point every attention
+mixer calls (`attention`), which picks SDPA's fused kernels for plain causal or unmasked
+attention and the mask-function sparse path (ops/sparse_attention.py) for everything else.
 
 Shapes: q (B, H, Tq, Dh); k, v (B, Hkv, Tk, Dh) with H % Hkv == 0 (MHA: Hkv == H,
-GQA: 1 < Hkv < H, MQA: Hkv == 1). Positions are absolute: query i sits at q_start + i,
-key j at kv_start + j.
+GQA: 1 < Hkv < H, MQA: Hkv == 1).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from speedlm.ops.masks import AttentionMask
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -25,15 +28,15 @@ def attention_reference(
 ) -> torch.Tensor:
     """Explicit softmax(q k^T * scale + mask) v, in the inputs' dtype (use float64 for reference).
 
-    mask: (Tq, Tk) bool, True where a query may attend; rows with no allowed key give 0
-    (the FlexAttention convention).
+    mask: (Tq, Tk) or (B, Tq, Tk) bool, True where a query may attend; rows with no allowed
+    key give 0 (the FlexAttention convention).
     """
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-1, -2)) * scale
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~(mask if mask.dim() == 2 else mask[:, None]), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows -> 0
     return probs @ v
@@ -61,3 +64,16 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float 
     # chunked prefill: the new block attends to the whole cache plus its own causal triangle
     mask = causal_mask(tq, tk, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def attention(q, k, v, mask: AttentionMask, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Attention under `mask`, on the cheapest exact path: SDPA's causal kernels for plain causal
+    attention, SDPA without a mask for unmasked (bidirectional) attention, else the sparse
+    dispatch (compiled FlexAttention on CUDA, gathered key blocks elsewhere)."""
+    if mask.is_plain_causal:
+        return causal_sdpa(q, k, v, scale)
+    if mask.is_unmasked:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    from speedlm.ops.sparse_attention import sparse_attention
+
+    return sparse_attention(q, k, v, mask, scale, backend=backend)

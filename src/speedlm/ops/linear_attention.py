@@ -74,3 +74,23 @@ def linear_attention_chunked(
         num = num / (den[..., None] + eps)
     out = num.reshape(b, h, n * c, dv)[:, :, :t]
     return out, (s0 + s_incl[:, :, -1], z0 + z_incl[:, :, -1])
+
+
+def linear_attention_bidirectional(q, k, v, normalize: bool = True, eps: float = 1e-6):
+    """Non-causal form: every query sees every key, o_i = phi(q_i)^T S_T / (phi(q_i)^T z_T + eps),
+    in O(T Dk Dv) with no (T, T) product."""
+    s = k.transpose(-1, -2) @ v  # (B, H, Dk, Dv)
+    num = q @ s
+    if normalize:
+        num = num / ((q * k.sum(dim=-2, keepdim=True)).sum(-1, keepdim=True) + eps)
+    return num
+
+
+def linear_attention_dense(q, k, v, causal: bool, normalize: bool = True, eps: float = 1e-6):
+    """Reference for both modes: the explicit (T, T) matrix of feature products."""
+    a = q @ k.transpose(-1, -2)
+    if causal:
+        t = q.shape[-2]
+        a = a.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), 0.0)
+    num = a @ v
+    return num / (a.sum(-1, keepdim=True) + eps) if normalize else num

@@ -1,4 +1,27 @@
-"""Static attention patterns as mask functions on absolute positions (see sparse_attention)."""
+"""Attention patterns, and the masks the attention backends consume.
+
+A *pattern* is a shape on absolute positions, `pattern(q_pos, k_pos) -> bool` on broadcastable
+long tensors (True = may attend), with no notion of causality: `SlidingWindow(w)` is the band
+|q - k| < w. Later sparse mechanisms (dilated windows, Longformer, LogSparse, ...) supply only
+such a function. Patterns are frozen dataclasses, hashable by value, so block plans and block
+masks can be cached per pattern.
+
+An `AttentionMask` is what a backend sees: a pattern placed on concrete queries and keys. It
+is a function of *indices* (query i in 0..Tq-1, key j in 0..Tk-1), like FlexAttention's
+mask_mod:
+
+    allowed(i, j) = pattern(q_pos[i], k_pos[j])
+                    & (not causal or j <= i + Tk - Tq)      queries are the last Tq keys
+                    & (q_doc[i] == k_doc[j])                 when documents are packed
+
+Positions are an int start (contiguous and shared by every row: the common case, which lets
+kernels use `is_causal` and cached plans) or explicit (B or 1, T) long tensors: per-row
+positions, or the non-contiguous key positions of a lossy KV cache. Causality is by order
+(index), positions feed the pattern (and RoPE, elsewhere).
+
+Index tensors passed to an `AttentionMask` carry a leading batch dimension (1 when shared by
+every row); its result has a leading dimension of 1 (batch-independent) or B.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +31,105 @@ import torch
 
 
 @dataclass(frozen=True)
-class SlidingWindow:
-    """Causal sliding window: a query sees itself and the window - 1 keys before it.
+class Full:
+    """Every key: full attention (causality comes from the mask, not the pattern)."""
 
-    Frozen (hashable by value) so block masks can be cached per pattern.
-    """
-
-    window: int
-
-    def __call__(self, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor:
-        return (kv_pos <= q_pos) & (q_pos - kv_pos < self.window)
+    def __call__(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(q_pos - k_pos, dtype=torch.bool)
 
 
 @dataclass(frozen=True)
-class Causal:
-    def __call__(self, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor:
-        return kv_pos <= q_pos
+class SlidingWindow:
+    """Keys within `window` positions: a causal query sees itself and the window - 1 keys
+    before it; a bidirectional one sees window - 1 keys on each side (Longformer's band)."""
+
+    window: int
+
+    def __call__(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        return (q_pos - k_pos).abs() < self.window
+
+
+def _gather(pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """pos (Bp, T) at idx (Bi, *s) -> (max(Bp, Bi), *s)."""
+    b = max(pos.shape[0], idx.shape[0])
+    flat = idx.reshape(idx.shape[0], -1).expand(b, -1)
+    return pos.expand(b, -1).gather(1, flat).view(b, *idx.shape[1:])
+
+
+def _pick(pos: torch.Tensor, b, i):
+    """pos (Bp, T) at row b (or 0 when shared), index i: for FlexAttention's scalar mask_mod."""
+    return pos[b if pos.shape[0] > 1 else 0, i]
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionMask:
+    pattern: object
+    tq: int
+    tk: int
+    q_pos: int | torch.Tensor = 0
+    k_pos: int | torch.Tensor = 0
+    causal: bool = True
+    q_doc: torch.Tensor | None = None
+    k_doc: torch.Tensor | None = None
+
+    @property
+    def contiguous(self) -> bool:
+        """Positions are int starts and there are no documents: the mask is a pure function of
+        (pattern, shapes, offsets), cacheable and the same for every row."""
+        return isinstance(self.q_pos, int) and isinstance(self.k_pos, int) and self.q_doc is None
+
+    @property
+    def plan_key(self):
+        return (self.pattern, self.tq, self.tk, self.q_pos, self.k_pos, self.causal) if self.contiguous else None
+
+    @property
+    def batch(self) -> int:
+        """Leading dimension of the mask: 1 if every row shares it, else B."""
+        sizes = [t.shape[0] for t in (self.q_pos, self.k_pos, self.q_doc, self.k_doc) if isinstance(t, torch.Tensor)]
+        return max(sizes, default=1)
+
+    @property
+    def is_plain_causal(self) -> bool:
+        """Full causal attention with the queries at the end of contiguous keys: SDPA's own
+        causal kernels apply."""
+        return self.contiguous and self.causal and isinstance(self.pattern, Full) and self.k_pos + self.tk == self.q_pos + self.tq
+
+    @property
+    def is_unmasked(self) -> bool:
+        return self.contiguous and not self.causal and isinstance(self.pattern, Full)
+
+    def __call__(self, qi: torch.Tensor, kj: torch.Tensor) -> torch.Tensor:
+        """qi, kj: broadcastable index tensors with a leading batch dim (1 or B)."""
+        qp = self.q_pos + qi if isinstance(self.q_pos, int) else _gather(self.q_pos, qi)
+        kp = self.k_pos + kj if isinstance(self.k_pos, int) else _gather(self.k_pos, kj)
+        m = self.pattern(qp, kp)
+        if self.causal:
+            m = m & (kj <= qi + (self.tk - self.tq))
+        if self.q_doc is not None:
+            m = m & (_gather(self.q_doc, qi) == _gather(self.k_doc, kj))
+        return m
+
+    def dense(self, device=None) -> torch.Tensor:
+        """(batch, Tq, Tk) bool; for references and single-token decode steps only."""
+        qi = torch.arange(self.tq, device=device).view(1, -1, 1)
+        kj = torch.arange(self.tk, device=device).view(1, 1, -1)
+        return torch.broadcast_to(self(qi, kj), (self.batch, self.tq, self.tk))
+
+    def mask_mod(self, device):
+        """FlexAttention's mask_mod(b, h, q_idx, kv_idx). Int offsets become captured device
+        tensors so that one compiled kernel serves every chunked-prefill offset."""
+        q_off = torch.tensor(self.q_pos, device=device) if isinstance(self.q_pos, int) else None
+        k_off = torch.tensor(self.k_pos, device=device) if isinstance(self.k_pos, int) else None
+        shift = self.tk - self.tq
+
+        def mod(b, h, q_idx, kv_idx):
+            qp = q_idx + q_off if q_off is not None else _pick(self.q_pos, b, q_idx)
+            kp = kv_idx + k_off if k_off is not None else _pick(self.k_pos, b, kv_idx)
+            m = self.pattern(qp, kp)
+            if self.causal:
+                m = m & (kv_idx <= q_idx + shift)
+            if self.q_doc is not None:
+                m = m & (_pick(self.q_doc, b, q_idx) == _pick(self.k_doc, b, kv_idx))
+            return m
+
+        return mod

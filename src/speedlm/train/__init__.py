@@ -6,12 +6,12 @@ JSONL metrics, loss plots and MFU.
     model, state = load_model("runs/x")        # latest checkpoint, for eval / generation
 """
 
+from speedlm.checkpoint import load_model
 from speedlm.train.checkpoint import (
     Checkpoint,
     capture_rng,
     list_checkpoints,
     load_checkpoint,
-    load_model,
     restore_rng,
     save_checkpoint,
 )

@@ -1,32 +1,12 @@
-"""Crash-safe checkpoints: one folder per saved step, published atomically.
-
-Layout of a run folder (`out_dir`):
-
-    out_dir/
-      latest                    text file: the name of the newest complete step folder
-      step_0000200/
-        model.safetensors       weights; a tied tensor is stored once (see TIED_KEY)
-        config.json             ModelConfig.to_json()
-        optimizer.safetensors   optimizer tensors, named "state.{param_index}.{key}"
-        trainer_state.json      step, data position, schedule, seed, tokenizer spec, metrics,
-                                train config, and the optimizer's non-tensor state
-        rng.safetensors         RNG states as uint8 tensors (torch CPU, CUDA, numpy, python)
-        ...                     extra files, e.g. the tokenizer (`extra_files_writer`)
-
-Why it survives a crash: everything is written into a hidden temporary sibling folder,
-fsync'd, and only then renamed to `step_N` with `os.replace` (atomic on POSIX). `latest` is
-updated afterwards by writing a temp file and `os.replace`-ing it. A crash at any point
-leaves either the old `latest` pointing at the old, complete folder, or the new one; a
-half-written folder only ever exists under a `.tmp-` name, which `load_checkpoint` never
-reads and the next save deletes. Old step folders are pruned only after `latest` moved.
-"""
+"""Training checkpoints: the model plus everything a resumed run needs to continue exactly
+(optimizer state, RNG states, trainer state), saved atomically in the format of
+`speedlm.checkpoint.files` (layout and crash-safety are described there)."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,93 +16,35 @@ import numpy as np
 import torch
 from torch import nn
 
+from speedlm.checkpoint.files import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    STATE_FILE,
+    TIED_KEY,
+    TMP_PREFIX,
+    corrupt,
+    fsync_dir,
+    full_state_dict,
+    list_checkpoints,
+    load_weights_into,
+    model_tensors,
+    read_config,
+    read_json,
+    read_safetensors,
+    read_weights,
+    resolve_checkpoint,
+    step_folder_name,
+    write_json,
+    write_safetensors,
+    write_text,
+)
 from speedlm.errors import SpeedlmError
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "trainer_state.json"
-RNG_FILE = "rng.safetensors"
-LATEST_FILE = "latest"
-TMP_PREFIX = ".tmp-"
-# safetensors metadata key holding {dropped name: kept name} for tied tensors
-TIED_KEY = "speedlm_tied"
-FORMAT_VERSION = 1
-
-_STEP_RE = re.compile(r"^step_(\d{7,})$")
-
-
-def step_folder_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-# ----------------------------------------------------------------------------------------
-# low-level durable writes
-# ----------------------------------------------------------------------------------------
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename is only durable once the directory entry is flushed; Windows can't open
-    # directories, and there the rename itself is the best we get.
-    if os.name == "nt":
-        return
-    _fsync_file(path)
-
-
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    _fsync_file(path)
-
-
-# ----------------------------------------------------------------------------------------
-# state capture: model (tied weights), optimizer, RNG
-# ----------------------------------------------------------------------------------------
-
-
-def _dedupe_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's state dict with each tied tensor stored once.
-
-    safetensors refuses tensors that share memory; tied weights (embedding = LM head) are
-    the same tensor under two names. Keep the first name, record the others as aliases so
-    load can fill them back in and use strict loading.
-    """
-    kept: dict[str, torch.Tensor] = {}
-    tied: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, t in model.state_dict().items():
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() > 0 and key in seen:
-            tied[name] = seen[key]
-        else:
-            seen[key] = name
-            kept[name] = t
-    return kept, tied
-
+__all__ = ["Checkpoint", "capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint", "list_checkpoints", "LATEST_FILE", "MODEL_FILE", "CONFIG_FILE", "STATE_FILE", "RNG_FILE", "OPTIMIZER_FILE", "TMP_PREFIX"]
 
 def _optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state dict -> (tensors for safetensors, JSON-able rest)."""
@@ -187,18 +109,8 @@ def restore_rng(states: dict[str, torch.Tensor]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-# ----------------------------------------------------------------------------------------
-# save
-# ----------------------------------------------------------------------------------------
 
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete step folders in `run_dir`, oldest first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
+# ----- save -----
 
 
 def save_checkpoint(
@@ -232,24 +144,24 @@ def save_checkpoint(
         shutil.rmtree(p, ignore_errors=True)
     tmp.mkdir()
     try:
-        weights, tied = _dedupe_state_dict(model)
-        _write_safetensors(tmp / MODEL_FILE, weights, {TIED_KEY: json.dumps(tied)})
+        weights, tied = model_tensors(model)
+        write_safetensors(tmp / MODEL_FILE, weights, {TIED_KEY: json.dumps(tied)})
         config = getattr(model, "config", None)
         if config is not None:
-            _write_text(tmp / CONFIG_FILE, config.to_json() + "\n")
+            write_text(tmp / CONFIG_FILE, config.to_json() + "\n")
         state = dict(trainer_state or {})
         state["step"] = step
         state["format_version"] = FORMAT_VERSION
         if optimizer is not None:
             opt_tensors, opt_rest = _optimizer_split(optimizer)
-            _write_safetensors(tmp / OPTIMIZER_FILE, opt_tensors)
+            write_safetensors(tmp / OPTIMIZER_FILE, opt_tensors)
             state["optimizer"] = opt_rest
-        _write_safetensors(tmp / RNG_FILE, rng_state if rng_state is not None else capture_rng())
+        write_safetensors(tmp / RNG_FILE, rng_state if rng_state is not None else capture_rng())
         if extra_files_writer is not None:
             extra_files_writer(tmp)
         # trainer_state.json last: its presence marks the folder as complete
-        _write_json(tmp / STATE_FILE, state)
-        _fsync_dir(tmp)
+        write_json(tmp / STATE_FILE, state)
+        fsync_dir(tmp)
         if final.exists():
             # re-saving the same step (e.g. interrupted right after a save): swap the old
             # folder out first, since os.replace cannot overwrite a non-empty directory
@@ -259,7 +171,7 @@ def save_checkpoint(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -270,9 +182,9 @@ def save_checkpoint(
 
 def _point_latest(run_dir: Path, name: str) -> None:
     tmp = run_dir / f"{TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"
-    _write_text(tmp, name + "\n")
+    write_text(tmp, name + "\n")
     os.replace(tmp, run_dir / LATEST_FILE)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
 
 
 def _prune(run_dir: Path, keep: int, protect: Path) -> None:
@@ -282,63 +194,8 @@ def _prune(run_dir: Path, keep: int, protect: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------------------
-# load
-# ----------------------------------------------------------------------------------------
 
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A step folder from a step folder or a run folder (following `latest`, else the newest
-    step folder). SpeedlmError if there is none."""
-    path = Path(path)
-    if not path.exists():
-        raise SpeedlmError(f"no checkpoint at {path}; check the path, or train a model first")
-    if path.is_dir() and (path / STATE_FILE).exists():
-        return path
-    pointer = path / LATEST_FILE
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
-        if not _STEP_RE.match(name):
-            raise SpeedlmError(f"checkpoint file {pointer} is corrupt: {name[:40]!r} is not a step folder name; delete it")
-        target = path / name
-        if not (target / STATE_FILE).is_file():
-            raise SpeedlmError(f"checkpoint file {pointer} names {name}, which is missing or incomplete; delete {pointer}")
-        return target
-    folders = [p for p in list_checkpoints(path) if (p / STATE_FILE).is_file()]
-    if folders:
-        return folders[-1]
-    raise SpeedlmError(f"no checkpoint at {path} (no {LATEST_FILE} file or step_* folder); check the path")
-
-
-def _corrupt(path: Path, err: BaseException) -> SpeedlmError:
-    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return SpeedlmError(f"checkpoint file {path} is corrupt: {msg}; delete this checkpoint folder and use an older one")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise SpeedlmError(f"checkpoint {path.parent} is incomplete: {path.name} is missing") from None
-    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise _corrupt(path, e) from None
-    if not isinstance(obj, dict):
-        raise _corrupt(path, ValueError(f"expected a JSON object, got {type(obj).__name__}"))
-    return obj
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise SpeedlmError(f"checkpoint {path.parent} is incomplete: {path.name} is missing")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    except Exception as e:  # safetensors raises its own error types for bad headers/short files
-        raise _corrupt(path, e) from None
+# ----- load -----
 
 
 @dataclass
@@ -363,19 +220,10 @@ class Checkpoint:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Model state dict with tied aliases filled back in."""
-        sd = dict(self.model_tensors)
-        for alias, src in self.tied.items():
-            sd[alias] = sd[src]
-        return sd
+        return full_state_dict(self.model_tensors, self.tied)
 
     def restore_model(self, model: nn.Module) -> None:
-        try:
-            model.load_state_dict(self.state_dict(), strict=True)
-        except RuntimeError as e:
-            raise SpeedlmError(
-                f"checkpoint {self.path} does not fit this model ({str(e).splitlines()[0]}); "
-                "build the model from the checkpoint's config.json"
-            ) from None
+        load_weights_into(model, self.state_dict(), self.path)
 
     def restore_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         if self.optimizer_tensors is None or "optimizer" not in self.trainer_state:
@@ -391,14 +239,15 @@ class Checkpoint:
         try:
             restore_rng(self.rng)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            raise _corrupt(self.path / RNG_FILE, e) from None
+            raise corrupt(self.path / RNG_FILE, e) from None
 
     def build_model(self, device: str | torch.device = "cpu"):
-        from speedlm.models import CausalLM
+        """A model of the class the config's objective calls for, with these weights."""
+        from speedlm.models import build_model
 
         if self.config is None:
             raise SpeedlmError(f"checkpoint {self.path} has no {CONFIG_FILE}; it cannot be loaded on its own")
-        model = CausalLM(self.config)
+        model = build_model(self.config)
         self.restore_model(model)
         return model.to(device)
 
@@ -409,33 +258,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     Every file is parsed here, so corruption shows up now as a SpeedlmError naming the
     file, never later as a raw traceback halfway through a restore.
     """
-    from speedlm.models import ModelConfig
-
     folder = resolve_checkpoint(path)
-    state = _read_json(folder / STATE_FILE)
-    config = None
-    if (folder / CONFIG_FILE).exists():
-        try:
-            config = ModelConfig.from_dict(_read_json(folder / CONFIG_FILE))
-        except (SpeedlmError, TypeError) as e:
-            raise _corrupt(folder / CONFIG_FILE, e) from None
-    tensors, meta = _read_safetensors(folder / MODEL_FILE)
-    try:
-        tied = json.loads(meta.get(TIED_KEY, "{}"))
-        assert isinstance(tied, dict) and all(v in tensors for v in tied.values())
-    except (ValueError, AssertionError):
-        raise _corrupt(folder / MODEL_FILE, ValueError("bad tied-weights metadata")) from None
-    opt = _read_safetensors(folder / OPTIMIZER_FILE)[0] if (folder / OPTIMIZER_FILE).exists() else None
-    rng = _read_safetensors(folder / RNG_FILE)[0] if (folder / RNG_FILE).exists() else None
+    state = read_json(folder / STATE_FILE)
+    config = read_config(folder) if (folder / CONFIG_FILE).exists() else None
+    tensors, tied = read_weights(folder)
+    opt = read_safetensors(folder / OPTIMIZER_FILE)[0] if (folder / OPTIMIZER_FILE).exists() else None
+    rng = read_safetensors(folder / RNG_FILE)[0] if (folder / RNG_FILE).exists() else None
     return Checkpoint(folder, config, state, tensors, tied, opt, rng)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(CausalLM in eval mode on `device`, trainer_state dict) from a checkpoint, for
-    evaluation and generation. `trainer_state["checkpoint_path"]` is the step folder, where
-    the tokenizer files were saved (`load_tokenizer(state["tokenizer"], that folder)`)."""
-    ckpt = load_checkpoint(path)
-    model = ckpt.build_model(device).eval()
-    state = dict(ckpt.trainer_state)
-    state["checkpoint_path"] = str(ckpt.path)
-    return model, state

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
+from speedlm.schema import Schema, is_number
 
 DTYPES = ("auto", "bf16", "fp32")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Schema):
+    what = "train config"
+
     steps: int = 1000  # optimizer steps; the schedule spans exactly these
     batch_size: int = 16  # sequences per micro-batch
     seq_len: int = 256
@@ -34,38 +36,22 @@ class TrainConfig:
     log_every: int = 10  # steps between metric records / progress-bar updates
     out_dir: str = "runs/default"
 
-    def __post_init__(self):
-        self.validate()
-
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
 
     def validate(self) -> None:
-        def need(cond, msg):
-            if not cond:
-                raise SpeedlmError(f"invalid train config: {msg}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep", "log_every"):
-            v = getattr(self, name)
-            need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
-        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
-            v = getattr(self, name)
-            need(is_int(v) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
+        need = self.need
+        self.need_ints(("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep", "log_every"), 1)
+        self.need_ints(("warmup_steps", "eval_every", "save_every", "seed"), 0)
         need(self.warmup_steps <= self.steps, f"warmup_steps={self.warmup_steps} is more than steps={self.steps}")
-        need(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be positive, got {self.lr!r}")
+        need(is_number(self.lr) and self.lr > 0, f"lr must be positive, got {self.lr!r}")
         need(
-            isinstance(self.min_lr_ratio, (int, float)) and 0.0 <= self.min_lr_ratio <= 1.0,
+            is_number(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0,
             f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio!r}",
         )
-        need(
-            isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
-            f"weight_decay must be >= 0, got {self.weight_decay!r}",
-        )
-        need(isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip!r}")
+        need(is_number(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(is_number(self.grad_clip) and self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(isinstance(self.out_dir, str) and self.out_dir.strip() != "", "out_dir must be a non-empty path")
         need(isinstance(self.device, str), f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
@@ -92,15 +78,3 @@ class TrainConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else None
         return torch.bfloat16 if self.dtype == "bf16" else None
-
-    # ----- serialisation -----
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SpeedlmError(f"invalid train config: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**d)

@@ -18,20 +18,18 @@ def eval_batches(ids, batch_size: int, seq_len: int, max_batches: int | None = N
     return iter_eval_batches(ids, batch_size, seq_len, max_batches=max_batches)
 
 
+def require_tokens(n: int, seq_len: int, what: str) -> None:
+    """`speedlm.data.dataset.require_tokens` (the one "too few tokens" check), imported lazily."""
+    from speedlm.data.dataset import require_tokens as check
+
+    check(n, seq_len, what)
+
+
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
     """`torch.autocast` for `dtype`, or a no-op context for plain fp32."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def check_eval_size(val_ids, seq_len: int) -> None:
-    n = len(val_ids)
-    if n < seq_len + 1:
-        raise SpeedlmError(
-            f"validation set has {n} tokens, too few for one window of seq_len+1={seq_len + 1}; "
-            "use more validation data or a shorter seq_len"
-        )
 
 
 @torch.no_grad()
@@ -46,11 +44,11 @@ def evaluate(
 ) -> dict:
     """Token-weighted mean cross-entropy over up to `max_batches` batches of `val_ids`.
 
-    Returns {"loss": nats/token, "ppl": exp(loss), "tokens": tokens scored}. The model runs
+    Returns {"loss": nats/token, "ppl": exp(loss), "tokens": tokens scored}: the language-model
+    cross-entropy alone, without auxiliary losses. The model runs
     in eval mode under no_grad and is put back in the mode it was in. `device` defaults to
     the model's.
     """
-    check_eval_size(val_ids, seq_len)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -61,8 +59,8 @@ def evaluate(
             n = int((y != -100).sum())  # model.loss averages over non-ignored targets; counted on CPU, no sync
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast_context(device, autocast_dtype):
-                loss = model.loss(x, y)
-            total += loss.double() * n
+                lm = model.loss(x, y).parts["lm"]
+            total += lm.double() * n
             tokens += n
     finally:
         model.train(was_training)

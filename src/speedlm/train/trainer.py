@@ -25,13 +25,14 @@ import torch
 from speedlm.errors import SpeedlmError
 from speedlm.train.checkpoint import (
     LATEST_FILE,
+    Checkpoint,
     capture_rng,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
 from speedlm.train.config import TrainConfig
-from speedlm.train.evaluate import autocast_context, check_eval_size, evaluate
+from speedlm.train.evaluate import autocast_context, evaluate, require_tokens
 from speedlm.train.flops import mfu, peak_flops
 from speedlm.train.metrics import MetricsWriter, plot_losses, truncate_metrics
 from speedlm.train.optim import build_optimizer
@@ -79,23 +80,13 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _check_tokenizer(tokenizer, model) -> None:
-    if tokenizer is None:
-        return
-    n, m = tokenizer.vocab_size, model.config.vocab_size
-    if n != m:
-        raise SpeedlmError(
-            f"mismatched vocabulary: tokenizer has {n} tokens, model expects {m}; "
-            f"build the model with vocab_size={n}"
-        )
-
-
-def _resume_from(out_dir: Path, model, optimizer, cfg: TrainConfig, tokenizer):
-    """Restore model, optimizer and RNG from the latest checkpoint in `out_dir`; returns
-    (its trainer_state, its folder)."""
-    if not (out_dir / LATEST_FILE).exists() and not list_checkpoints(out_dir):
-        raise SpeedlmError(f"no checkpoint in {out_dir} to resume from; run without resume to start a new run")
-    ckpt = load_checkpoint(out_dir)
+def _resume_from(out_dir: Path, model, optimizer, cfg: TrainConfig, tokenizer, ckpt: Checkpoint | None):
+    """Restore model, optimizer and RNG from `ckpt` (read here from `out_dir` when the caller has
+    not read it already); returns (its trainer_state, its folder)."""
+    if ckpt is None:
+        if not (out_dir / LATEST_FILE).exists() and not list_checkpoints(out_dir):
+            raise SpeedlmError(f"no checkpoint in {out_dir} to resume from; run without resume to start a new run")
+        ckpt = load_checkpoint(out_dir)
     if ckpt.config is not None and ckpt.config.to_dict() != model.config.to_dict():
         saved, now = ckpt.config.to_dict(), model.config.to_dict()
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
@@ -126,7 +117,7 @@ def train(
     train_stream,
     val_ids=None,
     tokenizer=None,
-    resume: bool = False,
+    resume: bool | Checkpoint = False,
     progress: bool = True,
     stop_at_step: int | None = None,
     data_info: dict | None = None,
@@ -138,7 +129,8 @@ def train(
     val_ids: held-out token ids (1-D array) for validation, or None to skip validation.
     tokenizer: saved into every checkpoint (its `.save(folder)`, spec in trainer_state) so
         checkpoints are self-contained; its vocab_size must equal the model's.
-    resume: continue from `cfg.out_dir`'s latest checkpoint (model, optimizer, step, RNG).
+    resume: continue from `cfg.out_dir`'s latest checkpoint (model, optimizer, step, RNG); pass
+        the `Checkpoint` itself if the caller has read it already (it is not read twice).
         Without it, an out_dir that already holds checkpoints is refused rather than
         silently mixed with a new run.
     data_info: JSON-able description of the data (spec, fingerprint) stored in every
@@ -155,9 +147,10 @@ def train(
     """
     cfg.validate()
     cfg.check_model(model)
-    _check_tokenizer(tokenizer, model)
+    if tokenizer is not None:
+        model.config.check_vocab(tokenizer.vocab_size)
     if val_ids is not None:
-        check_eval_size(val_ids, cfg.seq_len)
+        require_tokens(len(val_ids), cfg.seq_len, "validation set")
     if stop_at_step is not None and stop_at_step < 0:
         raise SpeedlmError(f"stop_at_step must be >= 0, got {stop_at_step}")
     device = cfg.resolve_device()
@@ -170,7 +163,8 @@ def train(
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
 
     if resume:
-        state, resumed_from = _resume_from(out_dir, model, optimizer, cfg, tokenizer)
+        given = resume if isinstance(resume, Checkpoint) else None
+        state, resumed_from = _resume_from(out_dir, model, optimizer, cfg, tokenizer, given)
         start = int(state["step"])
         tokens = int(state.get("tokens", start * cfg.tokens_per_step))
         prior_elapsed = float(state.get("elapsed_s", 0.0))
@@ -198,7 +192,7 @@ def train(
 
     step = start  # completed optimizer steps
     rng_at_step = capture_rng()  # RNG state at the boundary after `step`, what a checkpoint stores
-    last_saved = start if resume else None
+    last_saved = start if resumed_from is not None else None
     last_ckpt = resumed_from
     history: list[dict] = []
     t_start = time.perf_counter()
@@ -247,14 +241,17 @@ def train(
                 model.train()
                 # summed on device: reading it (.item()) forces a sync, so only at log steps
                 loss_sum = torch.zeros((), device=device)
+                part_sums: dict[str, torch.Tensor] = {}
                 for micro in range(cfg.grad_accum):
                     x, y = train_stream.batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with autocast_context(device, amp_dtype):
-                        loss = model.loss(x, y)
+                        loss, parts = model.loss(x, y)
                     # mean over micro-batches, so grad_accum changes the batch, not the lr
                     (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach()
+                    for name, value in parts.items():
+                        part_sums[name] = part_sums.get(name, 0.0) + value.detach()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 in_update = True
                 optimizer.step()
@@ -287,6 +284,8 @@ def train(
                         "tokens": tokens,
                         "tok_per_s": tok_s,
                         "mfu": mfu(flops_tok, tok_s, peak),
+                        # the named parts of the loss: "lm" (cross-entropy) and any auxiliary losses
+                        **{f"loss/{name}": float(v) / cfg.grad_accum for name, v in part_sums.items()},
                     }
                     if do_eval:
                         ev = evaluate(model, val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device, amp_dtype)

@@ -1,0 +1,66 @@
+"""Blocks: how a layer wires its mixer and FFN around the residual stream. Registered by name
+(`prenorm` now; Conformer's macaron block and parallel heads come later) and chosen per layer
+in the config. The model only asks blocks (for caches, state size, FLOPs, context limits and
+residual projections); it never reaches into a mixer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from speedlm.layers.dims import ModelDims
+from speedlm.layers.mixer import SeqMeta
+from speedlm.layers.norm import RMSNorm
+from speedlm.registry import FFNS, MIXERS
+
+
+class Block(nn.Module):
+    """Base: builds the layer's mixer and FFN from their specs. Subclasses add norms and wiring
+    (`forward`), and any extra parts; if those carry state, they override `init_cache` with a
+    CompositeCache."""
+
+    def __init__(self, dims: ModelDims, mixer: dict, ffn: dict):
+        super().__init__()
+        self.dims = dims
+        self.mixer = MIXERS.build(mixer, dims)
+        built = FFNS.build(ffn, dims)
+        self.ffn = None if built.is_empty else built
+
+    def forward(self, x: torch.Tensor, meta: SeqMeta, cache=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ----- what the model asks -----
+    @property
+    def supports_decoding(self) -> bool:
+        return self.mixer.supports_decoding
+
+    def init_cache(self, kv_policy=None):
+        return self.mixer.init_cache(kv_policy)
+
+    def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
+        return self.mixer.state_bytes(context_len, batch_size, bytes_per_elem)
+
+    def flops_per_token(self, context_len: int) -> float:
+        ffn = self.ffn.flops_per_token() if self.ffn is not None else 0.0
+        return self.mixer.flops_per_token(context_len) + ffn
+
+    def max_context(self, kv_policy=None) -> int | None:
+        return self.mixer.max_context(kv_policy)
+
+    def residual_weights(self) -> list[torch.Tensor]:
+        return self.mixer.residual_weights() + (self.ffn.residual_weights() if self.ffn is not None else [])
+
+
+class PreNormBlock(Block):
+    """x + mixer(norm(x)), then x + ffn(norm(x)) (GPT-2 / Llama)."""
+
+    def __init__(self, dims: ModelDims, mixer: dict, ffn: dict):
+        super().__init__(dims, mixer, ffn)
+        self.mixer_norm = RMSNorm(dims.d_model, dims.norm_eps)
+        self.ffn_norm = RMSNorm(dims.d_model, dims.norm_eps) if self.ffn is not None else None
+
+    def forward(self, x, meta: SeqMeta, cache=None):
+        x = x + self.mixer(self.mixer_norm(x), meta, cache)
+        if self.ffn is not None:
+            x = x + self.ffn(self.ffn_norm(x), meta)
+        return x

@@ -1,0 +1,73 @@
+"""Multi-head projections shared by every mixer that has queries, keys, values and an output
+projection (softmax attention, linear attention, and the linear-attention family to come), so
+that no mixer re-implements the projections or the head split and merge."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from speedlm.errors import SpeedlmError
+from speedlm.layers.dims import ModelDims
+from speedlm.layers.mixer import Mixer, linear_flops
+
+
+class HeadsMixer(Mixer):
+    """q/k/v/o projections over `n_heads` query heads and `kv_heads` key/value heads (GQA when
+    fewer), each `head_dim` wide. Fast forms use `project` / `output`; references use
+    `reference_project` / `reference_output`, which compute the same maps from the weights with
+    einsums, independently of the view/transpose plumbing of the fast path."""
+
+    def __init__(self, dims: ModelDims, kv_heads: int | None = None):
+        super().__init__(dims)
+        self.n_heads = dims.n_heads
+        self.kv_heads = dims.n_heads if kv_heads is None else kv_heads
+        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+            raise SpeedlmError(f"kv_heads={self.kv_heads} must be a positive divisor of n_heads={self.n_heads}")
+        self.head_dim = dims.head_dim
+        d, dh = dims.d_model, self.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * dh, bias=False)
+        self.k_proj = nn.Linear(d, self.kv_heads * dh, bias=False)
+        self.v_proj = nn.Linear(d, self.kv_heads * dh, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * dh, d, bias=False)
+
+    # ----- fast path -----
+    def split_heads(self, y: torch.Tensor, heads: int) -> torch.Tensor:
+        """(B, T, heads * Dh) -> (B, heads, T, Dh)."""
+        b, t, _ = y.shape
+        return y.view(b, t, heads, -1).transpose(1, 2)
+
+    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, Dh) -> (B, T, H * Dh)."""
+        b, _, t, _ = y.shape
+        return y.transpose(1, 2).reshape(b, t, -1)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> q (B, H, T, Dh), k and v (B, Hkv, T, Dh)."""
+        return (
+            self.split_heads(self.q_proj(x), self.n_heads),
+            self.split_heads(self.k_proj(x), self.kv_heads),
+            self.split_heads(self.v_proj(x), self.kv_heads),
+        )
+
+    def output(self, y_bhtd: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.merge_heads(y_bhtd))
+
+    def projection_flops(self) -> float:
+        return linear_flops(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+
+    # ----- references -----
+    @staticmethod
+    def _heads_of(x: torch.Tensor, weight: torch.Tensor, heads: int) -> torch.Tensor:
+        return torch.einsum("btd,hed->bhte", x, weight.view(heads, -1, x.shape[-1]))
+
+    def reference_project(self, x):
+        return (
+            self._heads_of(x, self.q_proj.weight, self.n_heads),
+            self._heads_of(x, self.k_proj.weight, self.kv_heads),
+            self._heads_of(x, self.v_proj.weight, self.kv_heads),
+        )
+
+    def reference_output(self, y_bhtd):
+        w = self.o_proj.weight.view(-1, self.n_heads, self.head_dim)
+        return torch.einsum("bhte,dhe->btd", y_bhtd, w)

@@ -1,0 +1,1 @@
+"""Test-only parts and helpers (importable as `support` from any test)."""
