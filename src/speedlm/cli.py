@@ -27,17 +27,18 @@ def _ints(text: str) -> list[int]:
 
 
 def cmd_list(args) -> int:
-    from speedlm.models import MIXERS, PRESETS, SIZES
+    from speedlm.models import BLOCKS, FFNS, MIXERS, PRESETS, SIZES
 
     print("presets (use NAME or NAME-SIZE, sizes: " + ", ".join(SIZES) + ")\n")
     width = max(map(len, PRESETS))
     for p in PRESETS.values():
         print(f"  {p.name:<{width}}  {p.description}\n  {'':<{width}}  paper: {p.paper}")
-    print("\nmixers (for the `mixers` table of a config)\n")
-    width = max(map(len, MIXERS))
-    for m in MIXERS.values():
-        opts = ", ".join(m.options()) or "-"
-        print(f"  {m.name:<{width}}  [{m.family}] {m.description}\n  {'':<{width}}  options: {opts}; paper: {m.paper}")
+    for registry, where in ((MIXERS, "mixer"), (FFNS, "ffn"), (BLOCKS, "block")):
+        print(f"\n{registry.kind}s (the `{where}` of a layer spec in a config)\n")
+        width = max(map(len, registry))
+        for m in registry.values():
+            opts = ", ".join(m.options()) or "-"
+            print(f"  {m.name:<{width}}  [{m.family}] {m.description}\n  {'':<{width}}  options: {opts}; paper: {m.paper}")
     return 0
 
 

@@ -132,3 +132,51 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "option,needle",
+    [({"window": "abc"}, "option 'window' of mixer 'sliding_window' must be int, got 'abc'"),
+     ({"window": 0}, "window must be >= 1")],
+)
+def test_bad_mixer_option_value_is_one_line(capsys, tmp_path, option, needle):
+    cfg = preset_config("sliding-window").to_dict()
+    cfg["layers"]["S"]["mixer"].update(option)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, needle)
+
+
+def test_resume_reads_the_checkpoint_once(trained, corpus_dir, monkeypatch):
+    import speedlm.checkpoint.files as files
+    import speedlm.train.checkpoint as ckpt
+
+    reads = []
+    real = files.read_safetensors
+    for module in (files, ckpt):
+        monkeypatch.setattr(module, "read_safetensors", lambda path: reads.append(path.name) or real(path))
+    args = ["train", "--data", str(corpus_dir), "--out", str(trained), *TRAIN_FAST]
+    args[args.index("--steps") + 1] = "12"
+    assert main(args + ["--resume"]) == 0
+    assert sorted(reads) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors"]
+
+
+def test_eval_encodes_only_the_validation_split(trained, monkeypatch):
+    import speedlm.data as data
+
+    splits = []
+    real = data.encode_split
+    monkeypatch.setattr(data, "encode_split", lambda corpus, tok, split, *a: splits.append(split) or real(corpus, tok, split, *a))
+    assert main(["eval", "--checkpoint", str(trained), "--batches", "1", "--seq-len", "32"]) == 0
+    assert splits == ["val"]
+
+
+def test_generate_does_not_read_training_state(trained, monkeypatch, capsys):
+    import speedlm.checkpoint.files as files
+
+    reads = []
+    real = files.read_safetensors
+    monkeypatch.setattr(files, "read_safetensors", lambda path: reads.append(path.name) or real(path))
+    assert main(["generate", "--checkpoint", str(trained), "--prompt", "def", "--max-new-tokens", "3"]) == 0
+    assert reads == ["model.safetensors"]  # no optimizer, no RNG state

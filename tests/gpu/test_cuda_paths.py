@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from speedlm.ops.attention import attention_reference, causal_mask, causal_sdpa
-from speedlm.ops.masks import SlidingWindow
+from speedlm.ops.masks import AttentionMask, SlidingWindow
 from speedlm.ops.metrics import rel_rms_error
-from speedlm.ops.sparse_attention import flex_sparse_attention, sparse_attention_reference
+from speedlm.ops.sparse_attention import SPARSE_ATTENTION, flex_sparse_attention, sparse_attention_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -30,15 +30,35 @@ def test_sdpa_flash_bf16_matches_float64_reference(hkv):
 
 def test_compiled_flex_forward_and_backward_match_reference():
     q, k, v = _qkv(8, 2, 1000, 1000, torch.float32, grad=True)
-    mask = SlidingWindow(256)
-    out = flex_sparse_attention(q, k, v, mask, 0, 0)
-    ref = sparse_attention_reference(q.double(), k.double(), v.double(), mask, 0, 0)
+    mask = AttentionMask(SlidingWindow(256), 1000, 1000, 0, 0)
+    out = flex_sparse_attention(q, k, v, mask)
+    ref = sparse_attention_reference(q.double(), k.double(), v.double(), mask)
     assert rel_rms_error(out, ref) < 1e-3  # tf32-level
     g = torch.randn_like(out)
     grads = torch.autograd.grad((out * g).sum(), (q, k, v))
     ref_grads = torch.autograd.grad((ref * g.double()).sum(), (q, k, v))
     for a, b in zip(grads, ref_grads):
         assert rel_rms_error(a, b) < 1e-3
+
+
+def test_flex_with_per_row_documents_matches_reference_and_is_what_auto_picks():
+    """Packed documents give a per-row mask: flex builds a batched BlockMask from it."""
+    q, k, v = _qkv(8, 2, 700, 700, torch.float32, grad=True)
+    doc = (torch.arange(700, device="cuda")[None] >= torch.tensor([[300], [450]], device="cuda")).long()
+    mask = AttentionMask(SlidingWindow(128), 700, 700, 0, 0, True, doc, doc)
+    assert SPARSE_ATTENTION.choose(q, k, v, mask, None) == "flex"
+    out = flex_sparse_attention(q, k, v, mask)
+    ref = sparse_attention_reference(q.double(), k.double(), v.double(), mask)
+    assert rel_rms_error(out, ref) < 1e-3
+
+
+def test_bf16_linear_attention_state_stays_float32_on_cuda():
+    from speedlm.models import build_model
+
+    m = build_model("linear-attention").cuda().bfloat16()
+    cache = m.init_cache()
+    m(torch.randint(0, 256, (1, 20), device="cuda"), cache)
+    assert all(s.dtype == torch.float32 for s in cache.layers[0].state)
 
 
 def test_training_step_under_bf16_autocast(tmp_path):

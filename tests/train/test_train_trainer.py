@@ -234,3 +234,35 @@ def test_evaluate(data, make_model):
     assert model.training  # mode restored
     full = evaluate(model, val_ids[:100], batch_size=2, seq_len=32)
     assert full["tokens"] == 3 * 32  # (100 - 1) // 32 windows, last batch partial
+
+
+# ----- auxiliary losses ----------------------------------------------------------------
+
+
+def test_auxiliary_losses_are_trained_logged_by_name_and_left_out_of_evaluation(data, make_model, make_cfg):
+    """A module adds a loss through SeqMeta.aux; the trainer minimises the total, logs every
+    part as loss/<name>, and validation reports the language-model cross-entropy alone."""
+    from speedlm.models.registry import MIXERS
+    from support.parts import AuxPenalty
+
+    train_ids, val_ids = data
+    MIXERS.register("test_aux", AuxPenalty, family="test", description="test", paper="-")
+    try:
+        model = make_model(layers={"A": {"mixer": {"name": "test_aux", "coef": 10.0}}})
+        summary = train(model, make_cfg("aux", steps=4, eval_every=2), token_stream(train_ids), val_ids, progress=False)
+    finally:
+        MIXERS.unregister("test_aux")
+    records = summary["history"]
+    for r in records:
+        assert r["loss"] == pytest.approx(r["loss/lm"] + r["loss/penalty"], rel=1e-5)
+        assert r["loss/penalty"] > 0
+    # validation is the LM cross-entropy alone, although the model's total has a penalty in it
+    lm_only = evaluate(model, val_ids, batch_size=4, seq_len=32, max_batches=2)["loss"]
+    assert records[-1]["val_loss"] == pytest.approx(lm_only, rel=1e-6)
+    x, y = torch.from_numpy(val_ids[:32].astype("int64"))[None], torch.from_numpy(val_ids[1:33].astype("int64"))[None]
+    total, parts = model.loss(x, y)
+    assert float(total) > float(parts["lm"]) + 1e-6
+    # and the penalty is part of what is minimised: it moves the gradients
+    g_total = torch.autograd.grad(total, model.embed.weight, retain_graph=True)[0]
+    g_lm = torch.autograd.grad(parts["lm"], model.embed.weight)[0]
+    assert (g_total - g_lm).abs().max() > 1e-6

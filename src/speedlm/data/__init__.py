@@ -17,7 +17,7 @@ from speedlm.data.corpus import (
     text_corpus,
 )
 from speedlm.data.dataset import TokenStream, encode_corpus, encode_split, iter_eval_batches, require_tokens
-from speedlm.data.mqar import IGNORE_INDEX, mqar_batch
+from speedlm.data.mqar import IGNORE_INDEX, MQARStream, mqar_accuracy, mqar_batch
 from speedlm.data.tokenizers import (
     DEFAULT_BPE_VOCAB,
     TOKENIZER_KINDS,
@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_BPE_VOCAB",
     "FILE_SEPARATOR",
     "IGNORE_INDEX",
+    "MQARStream",
     "TOKENIZER_KINDS",
     "TokenStream",
     "Tokenizer",
@@ -51,6 +52,7 @@ __all__ = [
     "load_tokenizer",
     "make_tokenizer",
     "require_tokens",
+    "mqar_accuracy",
     "mqar_batch",
     "stdlib_corpus",
     "text_corpus",

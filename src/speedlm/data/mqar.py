@@ -90,3 +90,24 @@ def mqar_batch(
     targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     targets.scatter_(1, query_pos, values)
     return inputs, targets
+
+
+class MQARStream:
+    """MQAR as a training stream: `batch(step, batch_size, seq_len, seed)` is a pure function of
+    (seed, step), like `TokenStream.batch`, so the trainer (and exact resume) work unchanged.
+    Targets are IGNORE_INDEX except at the queries, so the loss scores recall alone."""
+
+    def __init__(self, vocab_size: int, num_kv_pairs: int, **options):
+        self.vocab_size, self.num_kv_pairs, self.options = vocab_size, num_kv_pairs, options
+
+    def batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+        return mqar_batch(batch_size, seq_len, self.num_kv_pairs, self.vocab_size, g, **self.options)
+
+
+@torch.no_grad()
+def mqar_accuracy(model, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of queries whose value the model predicts (argmax) correctly."""
+    pred = model(inputs.to(next(model.parameters()).device)).argmax(-1).cpu()
+    scored = targets != IGNORE_INDEX
+    return float((pred[scored] == targets[scored]).float().mean())

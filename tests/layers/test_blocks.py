@@ -1,0 +1,85 @@
+"""Block-level contract, over the block and FFN registries: every block kind with every FFN
+around a causal mixer is causal, decodes through its cache exactly as its full forward, has
+finite gradients, and reports the state, FLOPs and residual projections of its parts."""
+
+import itertools
+
+import pytest
+import torch
+
+from speedlm.layers.dims import ModelDims
+from speedlm.layers.mixer import SeqMeta
+from speedlm.models.registry import BLOCKS, FFNS, MIXERS
+from speedlm.ops.metrics import rel_rms_error
+
+DIMS = ModelDims(d_model=32, n_heads=4, max_seq_len=128, ffn_hidden=48, n_layers=2)
+MIXER_SPECS = [{"name": "attention", **MIXERS["attention"].contract_spec}, {"name": "linear_attention", **MIXERS["linear_attention"].contract_spec}]
+CASES = list(itertools.product(BLOCKS, FFNS, range(len(MIXER_SPECS))))
+IDS = [f"{b}-{f}-{MIXER_SPECS[m]['name']}" for b, f, m in CASES]
+
+
+def make(block, ffn, m, dtype=torch.float64):
+    torch.manual_seed(2)
+    ffn_spec = {"name": ffn, **FFNS[ffn].contract_spec}
+    return BLOCKS.build({"name": block}, DIMS, mixer=MIXER_SPECS[m], ffn=ffn_spec).to(dtype)
+
+
+def x_of(t, b=2):
+    return torch.randn(b, t, DIMS.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
+
+
+@pytest.mark.parametrize("block,ffn,m", CASES, ids=IDS)
+def test_block_is_causal_and_decodes_like_its_full_forward(block, ffn, m):
+    blk, x = make(block, ffn, m), x_of(43)
+    full = blk(x, SeqMeta())
+    x2 = x.clone()
+    x2[:, 30] += 1.0
+    assert rel_rms_error(blk(x2, SeqMeta())[:, :30], full[:, :30]) < 1e-14
+    with torch.no_grad():
+        cache = blk.init_cache()
+        steps = [blk(x[:, :11], SeqMeta(0), cache)] + [blk(x[:, i : i + 1], SeqMeta(i), cache) for i in range(11, 43)]
+    assert rel_rms_error(torch.cat(steps, 1), full) < 1e-12
+    assert cache.nbytes() == blk.state_bytes(43, batch_size=2, bytes_per_elem=8) == blk.mixer.state_bytes(43, 2, 8)
+
+
+@pytest.mark.parametrize("block,ffn,m", CASES, ids=IDS)
+def test_block_gradients_are_finite_and_reach_every_parameter(block, ffn, m):
+    blk, x = make(block, ffn, m), x_of(29).requires_grad_(True)
+    grads = torch.autograd.grad(blk(x, SeqMeta()).pow(2).sum(), [x, *blk.parameters()])
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("block,ffn,m", CASES, ids=IDS)
+def test_block_accounting_is_the_sum_of_its_parts(block, ffn, m):
+    blk = make(block, ffn, m)
+    ffn_flops = blk.ffn.flops_per_token() if blk.ffn is not None else 0.0
+    assert blk.flops_per_token(100) == pytest.approx(blk.mixer.flops_per_token(100) + ffn_flops)
+    res = blk.residual_weights()
+    assert len(res) == 1 + (blk.ffn is not None) and all(w.shape[0] == DIMS.d_model for w in res)
+    with torch.no_grad():  # NaN trap: every parameter is initialised by some module's own reset
+        for p in blk.parameters():
+            p.fill_(float("nan"))
+    for mod in reversed(list(blk.modules())):
+        if hasattr(mod, "reset_parameters"):
+            mod.reset_parameters()
+    assert all(torch.isfinite(p).all() for p in blk.parameters())
+
+
+@pytest.mark.parametrize("ffn", list(FFNS))
+def test_ffn_is_position_wise_and_documented(ffn):
+    e = FFNS[ffn]
+    assert e.description and e.paper and e.family
+    f = e.cls(DIMS, **e.contract_spec).double()
+    x = x_of(17)
+    y = f(x, SeqMeta())
+    x2 = x.clone()
+    x2[:, 9] += 1.0
+    changed = (f(x2, SeqMeta()) - y).abs().sum(dim=(0, 2)) > 0
+    assert changed.sum() <= 1 and not changed[:9].any() and not changed[10:].any()
+
+
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_block_entry_is_documented(block):
+    e = BLOCKS[block]
+    assert e.description and e.paper and e.family
+    assert not {"dims", "mixer", "ffn"} & set(e.options())  # the fixed arguments are not options
