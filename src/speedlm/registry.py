@@ -4,8 +4,10 @@ Configs refer to parts by these names, never by class. A part's options are the 
 parameters of its constructor after the fixed ones (`dims`, and for blocks the `mixer` and
 `ffn` specs); their annotations are the option types, checked before anything is built, so a
 bad value is one clear line (`option 'window' must be int, got 'abc'`), not a TypeError deep
-in a constructor. Range and cross-option checks stay in the constructors, which raise
-`SpeedlmError`; config validation surfaces them by building each layer on the meta device.
+in a constructor. Bounds ride on the annotation (`window: Annotated[int, Range(min=1)]`), and
+checks that relate options to the model's sizes (kv_heads divides n_heads) live in the part's
+`check_options(dims, **options)` classmethod. All of it runs when a config is made, without
+building anything.
 
 The built-in parts are registered in `speedlm.models.registry`; lookups import it first, so
 `MIXERS["attention"]` works whatever was imported before.
@@ -26,6 +28,28 @@ _BUILTINS = "speedlm.models.registry"
 
 
 @dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric option, carried by its annotation: `Annotated[int, Range(min=1)]`."""
+
+    min: float | None = None
+    max: float | None = None
+
+    def problem(self, value) -> str | None:
+        if self.min is not None and value < self.min:
+            return f"must be >= {self.min}"
+        if self.max is not None and value > self.max:
+            return f"must be <= {self.max}"
+        return None
+
+
+def _split_annotated(hint) -> tuple[object, list]:
+    if typing.get_origin(hint) is typing.Annotated:
+        base, *extras = typing.get_args(hint)
+        return base, extras
+    return hint, []
+
+
+@dataclass(frozen=True)
 class Entry:
     """One registered part: its class, where it comes from, and what the contract suite feeds it."""
 
@@ -41,10 +65,10 @@ class Entry:
     fixed: tuple[str, ...] = ("dims",)
 
     def option_hints(self) -> dict[str, object]:
-        """{option name: type hint (or None when unannotated)} in signature order."""
+        """{option name: type hint (or None when unannotated), Annotated kept} in signature order."""
         params = list(inspect.signature(self.cls.__init__).parameters.values())[1:]  # drop self
         try:
-            hints = typing.get_type_hints(self.cls.__init__)
+            hints = typing.get_type_hints(self.cls.__init__, include_extras=True)
         except Exception:  # noqa: BLE001 - an unresolvable annotation just goes unchecked
             hints = {}
         return {
@@ -83,7 +107,9 @@ def matches(value, hint) -> bool:
         return value in typing.get_args(hint)
     if origin in (list, tuple):
         args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        return isinstance(value, (list, tuple)) and all(matches(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
+        if not isinstance(value, (list, tuple)):
+            return False
+        return all(matches(v, args[0]) for v in value) if args else True
     if hint is type(None):
         return value is None
     if hint is bool:
@@ -131,8 +157,9 @@ class Registry(Mapping):
         self._entries.pop(name, None)
 
     # ----- specs -----
-    def check(self, spec, where: str) -> Entry:
-        """Validate {"name": registered, **options} (names and option types) without building."""
+    def check(self, spec, where: str, dims=None) -> Entry:
+        """Validate {"name": registered, **options} without building: names, option types and
+        bounds, and (given the model's `dims`) the part's own `check_options`."""
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise SpeedlmError(f"{where}: a {self.kind} spec is an object with a 'name', got {spec!r}")
         entry = self._loaded().get(spec["name"])
@@ -142,15 +169,26 @@ class Registry(Mapping):
         unknown = sorted(set(spec) - {"name"} - set(hints))
         if unknown:
             raise SpeedlmError(f"{where}: {self.kind} {entry.name!r} has no option(s) {unknown}; it takes {list(hints)}")
-        for key, value in spec.items():
-            if key != "name" and not matches(value, hints[key]):
+        options = {k: v for k, v in spec.items() if k != "name"}
+        for key, value in options.items():
+            hint, extras = _split_annotated(hints[key])
+            if not matches(value, hint):
                 raise SpeedlmError(
-                    f"{where}: option {key!r} of {self.kind} {entry.name!r} must be {_type_name(hints[key])}, got {value!r}"
+                    f"{where}: option {key!r} of {self.kind} {entry.name!r} must be {_type_name(hint)}, got {value!r}"
                 )
+            for bound in extras:
+                problem = bound.problem(value) if isinstance(bound, Range) and value is not None else None
+                if problem:
+                    raise SpeedlmError(f"{where}: option {key!r} of {self.kind} {entry.name!r} {problem}, got {value!r}")
+        if dims is not None and hasattr(entry.cls, "check_options"):
+            try:
+                entry.cls.check_options(dims, **options)
+            except SpeedlmError as e:
+                raise SpeedlmError(f"{where}: {e}") from None
         return entry
 
     def build(self, spec: dict, dims, where: str | None = None, **fixed):
-        entry = self.check(spec, where or self.kind)
+        entry = self.check(spec, where or self.kind, dims)
         return entry.cls(dims, **fixed, **{k: v for k, v in spec.items() if k != "name"})
 
 

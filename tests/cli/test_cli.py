@@ -137,7 +137,7 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
 @pytest.mark.parametrize(
     "option,needle",
     [({"window": "abc"}, "option 'window' of mixer 'sliding_window' must be int, got 'abc'"),
-     ({"window": 0}, "window must be >= 1")],
+     ({"window": 0}, "'window' of mixer 'sliding_window' must be >= 1")],
 )
 def test_bad_mixer_option_value_is_one_line(capsys, tmp_path, option, needle):
     cfg = preset_config("sliding-window").to_dict()

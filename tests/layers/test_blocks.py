@@ -13,7 +13,7 @@ from speedlm.models.registry import BLOCKS, FFNS, MIXERS
 from speedlm.ops.metrics import rel_rms_error
 
 DIMS = ModelDims(d_model=32, n_heads=4, max_seq_len=128, ffn_hidden=48, n_layers=2)
-MIXER_SPECS = [{"name": "attention", **MIXERS["attention"].contract_spec}, {"name": "linear_attention", **MIXERS["linear_attention"].contract_spec}]
+MIXER_SPECS = [{"name": n, **MIXERS[n].contract_spec} for n in ("attention", "linear_attention")]
 CASES = list(itertools.product(BLOCKS, FFNS, range(len(MIXER_SPECS))))
 IDS = [f"{b}-{f}-{MIXER_SPECS[m]['name']}" for b, f, m in CASES]
 

@@ -79,10 +79,11 @@ def test_invalid_configs_raise_one_clear_error(fields, needle):
         ({"name": "sliding_window", "window": True}, "must be int, got True"),
         ({"name": "attention", "kv_heads": "2"}, "must be int or null"),
         ({"name": "linear_attention", "normalize": "yes"}, "must be bool"),
-        # value checks that need the model's sizes come from the constructors, at config time
-        ({"name": "sliding_window", "window": 0}, "window must be >= 1"),
+        # bounds from the annotations, and checks against the model's sizes (check_options)
+        ({"name": "sliding_window", "window": 0}, "option 'window' of mixer 'sliding_window' must be >= 1, got 0"),
+        ({"name": "attention", "kv_heads": 0}, "must be >= 1"),
         ({"name": "attention", "kv_heads": 3}, "kv_heads=3 must be a positive divisor of n_heads=4"),
-        ({"name": "linear_attention", "chunk_size": 0}, "chunk_size must be >= 1"),
+        ({"name": "linear_attention", "chunk_size": 0}, "'chunk_size' of mixer 'linear_attention' must be >= 1"),
     ],
 )
 def test_mixer_option_values_are_validated_with_the_config(spec, needle):
@@ -94,7 +95,7 @@ def test_mixer_option_values_are_validated_with_the_config(spec, needle):
 def test_ffn_option_values_are_validated():
     with pytest.raises(SpeedlmError, match="option 'hidden' of ffn 'swiglu' must be int or null"):
         ModelConfig(ffn={"name": "swiglu", "hidden": "wide"})
-    with pytest.raises(SpeedlmError, match="hidden must be >= 1"):
+    with pytest.raises(SpeedlmError, match="'hidden' of ffn 'swiglu' must be >= 1, got -4"):
         ModelConfig(layers={"A": {"mixer": "attention", "ffn": {"name": "swiglu", "hidden": -4}}})
 
 

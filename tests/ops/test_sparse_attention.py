@@ -143,7 +143,9 @@ def test_auto_falls_back_once_when_flex_cannot_compile(monkeypatch):
         sparse_attention(q, k, v, mask, backend="flex")  # explicit: no fallback
 
 
-@pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("shape mismatch")], ids=["oom", "bug"])
+@pytest.mark.parametrize(
+    "exc", [torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("shape mismatch")], ids=["oom", "bug"]
+)
 def test_auto_does_not_hide_runtime_errors_behind_a_fallback(monkeypatch, exc):
     import speedlm.ops.sparse_attention as sa
 

@@ -51,7 +51,8 @@ class TokenBuffer(LayerCache):
     def entries(self) -> list[torch.Tensor]:
         if self._bufs is None:
             return []
-        return [b[..., self._begin : self._end, :] for b in self._bufs[: self.n_entries]]
+        begin, n = self._begin, self._end - self._begin
+        return [b.narrow(-2, begin, n) for b in self._bufs[: self.n_entries]]
 
     def positions(self) -> int | torch.Tensor:
         """Positions of the retained slots: an int start (contiguous) or a (B, L) tensor."""
@@ -117,15 +118,11 @@ class TokenBuffer(LayerCache):
 
     def _append(self, items: list[torch.Tensor]) -> None:
         t = items[0].shape[-2]
-        if (
-            self._bufs is None
-            or len(self._bufs) != len(items)
-            or self._end + t > self._bufs[0].shape[-2]
-            or any(b.requires_grad for b in self._bufs)
-        ):
+        bufs = self._bufs
+        if bufs is None or len(bufs) != len(items) or self._end + t > bufs[0].shape[-2] or bufs[0].requires_grad:
             self._reallocate(items, needed=self.length + t)
         for buf, x in zip(self._bufs, items):
-            buf[..., self._end : self._end + t, :] = x
+            buf.narrow(-2, self._end, t).copy_(x)
         self._end += t
 
     def _reallocate(self, like: list[torch.Tensor], needed: int) -> None:
@@ -143,8 +140,8 @@ class TokenBuffer(LayerCache):
 
     def _retain(self, keep) -> None:
         if isinstance(keep, slice):
-            start, stop, _ = keep.indices(self.length)
-            assert stop == self.length, "a slice policy keeps a suffix"
+            start = keep.start or 0
+            assert keep.stop == self.length and start >= 0, "a slice policy keeps a suffix"
             self._begin += start
             if self._pos_start is not None:
                 self._pos_start += start
@@ -167,7 +164,7 @@ class TokenBuffer(LayerCache):
 
     def _shrink_if_oversized(self) -> None:
         # after a long prefill into a window cache, give back what the policy will never use
-        if self._bufs is None or any(b.requires_grad for b in self._bufs):
+        if self._bufs is None or self._bufs[0].requires_grad:
             return
         if self._bufs[0].shape[-2] > max(_MIN_CAPACITY, 4 * (self.length + 1)):
             self._reallocate(self._bufs, needed=self.length + 1)

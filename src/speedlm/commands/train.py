@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-
-from speedlm.errors import SpeedlmError
 
 
 def _model_config(args, resumed):
@@ -31,7 +27,8 @@ def _tokenizer_for_run(args, corpus, resumed):
 def run_train(args) -> dict:
     from speedlm.data import TokenStream, encode_corpus, load_corpus
     from speedlm.models import build_model, resolve_config
-    from speedlm.train import TrainConfig, load_checkpoint, train
+    from speedlm.train import TrainConfig, train
+    from speedlm.train.checkpoint import load_resumable
 
     cfg = TrainConfig(
         steps=args.steps,
@@ -50,10 +47,8 @@ def run_train(args) -> dict:
         device=args.device,
         out_dir=args.out,
     )
-    if args.resume and not Path(args.out, "latest").exists():
-        raise SpeedlmError(f"no checkpoint in {args.out} to resume from; run without --resume to start a new run")
     # everything that can be checked without data is checked before the corpus is read
-    resumed = load_checkpoint(args.out) if args.resume else None  # read once: config, tokenizer, then the trainer
+    resumed = load_resumable(args.out) if args.resume else None  # read once: config, tokenizer, then the trainer
     model_cfg = _model_config(args, resumed)
     cfg.check_model(model_cfg)
     corpus = load_corpus(args.data)

@@ -3,6 +3,8 @@ KV-cache + mask plumbing that sparse patterns reuse (layers/sparse_attention.py)
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from speedlm.cache.kv import FullPolicy, KVCache, KVPolicy
@@ -12,6 +14,7 @@ from speedlm.layers.mixer import SeqMeta
 from speedlm.layers.rope import apply_rope, rope_for, rope_reference
 from speedlm.ops.attention import attention, attention_reference
 from speedlm.ops.masks import AttentionMask, Full
+from speedlm.registry import Range
 
 
 class AttentionBase(HeadsMixer):
@@ -22,7 +25,7 @@ class AttentionBase(HeadsMixer):
     supports_doc_ids = True
     backend: str = "auto"  # sparse-attention backend (ops/dispatch.py)
 
-    def __init__(self, dims: ModelDims, kv_heads: int | None = None):
+    def __init__(self, dims: ModelDims, kv_heads: Annotated[int | None, Range(min=1)] = None):
         super().__init__(dims, kv_heads)
         self.rope_theta = dims.rope_theta
 
@@ -32,9 +35,8 @@ class AttentionBase(HeadsMixer):
     def default_policy(self) -> KVPolicy:
         return FullPolicy()
 
-    def _rope(self, x: torch.Tensor, positions) -> torch.Tensor:
-        cos, sin = rope_for(positions, x.shape[-2], self.head_dim, self.rope_theta, x.device)
-        return apply_rope(x, cos, sin)
+    def _rope_table(self, positions, length: int, like: torch.Tensor):
+        return rope_for(positions, length, self.head_dim, self.rope_theta, like.device, like.dtype)
 
     def mix(self, x, meta: SeqMeta, cache: KVCache | None = None):
         q, k, v = self.project(x)
@@ -44,10 +46,12 @@ class AttentionBase(HeadsMixer):
             # keys are cached unrotated and rotated by their slot: positions stay within the cache
             k_all, v_all, _ = cache.extend(k, v, pos)
             n = k_all.shape[-2]
-            q, k_all = self._rope(q, n - t), self._rope(k_all, 0)
+            cos, sin = self._rope_table(0, n, q)
+            q, k_all = apply_rope(q, cos[n - t :], sin[n - t :]), apply_rope(k_all, cos, sin)
             mask = AttentionMask(self.pattern(), t, n, n - t, 0, causal=True)
         else:
-            q, k = self._rope(q, pos), self._rope(k, pos)
+            cos, sin = self._rope_table(pos, t, q)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k_all, v_all, k_pos = (k, v, pos) if cache is None else cache.extend(k, v, pos)
             mask = AttentionMask(self.pattern(), t, k_all.shape[-2], pos, k_pos, meta.causal, meta.doc_ids, meta.doc_ids)
         return self.output(attention(q, k_all, v_all, mask, backend=self.backend))
@@ -94,6 +98,6 @@ class Attention(AttentionBase):
     """Full softmax attention, causal or bidirectional; kv_heads < n_heads gives GQA, kv_heads
     == 1 MQA."""
 
-    def __init__(self, dims: ModelDims, kv_heads: int | None = None):
+    def __init__(self, dims: ModelDims, kv_heads: Annotated[int | None, Range(min=1)] = None):
         super().__init__(dims, kv_heads)
         self.reset_parameters()

@@ -4,12 +4,15 @@ that no mixer re-implements the projections or the head split and merge."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
 from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.mixer import Mixer, linear_flops
+from speedlm.registry import Range
 
 
 class HeadsMixer(Mixer):
@@ -18,12 +21,15 @@ class HeadsMixer(Mixer):
     `reference_project` / `reference_output`, which compute the same maps from the weights with
     einsums, independently of the view/transpose plumbing of the fast path."""
 
-    def __init__(self, dims: ModelDims, kv_heads: int | None = None):
+    @classmethod
+    def check_options(cls, dims: ModelDims, kv_heads: int | None = None, **options) -> None:
+        if kv_heads is not None and dims.n_heads % kv_heads:
+            raise SpeedlmError(f"kv_heads={kv_heads} must be a positive divisor of n_heads={dims.n_heads}")
+
+    def __init__(self, dims: ModelDims, kv_heads: Annotated[int | None, Range(min=1)] = None):
         super().__init__(dims)
         self.n_heads = dims.n_heads
         self.kv_heads = dims.n_heads if kv_heads is None else kv_heads
-        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
-            raise SpeedlmError(f"kv_heads={self.kv_heads} must be a positive divisor of n_heads={self.n_heads}")
         self.head_dim = dims.head_dim
         d, dh = dims.d_model, self.head_dim
         self.q_proj = nn.Linear(d, self.n_heads * dh, bias=False)

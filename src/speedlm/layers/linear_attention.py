@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from speedlm.cache.recurrent import RecurrentState
-from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.heads import HeadsMixer
 from speedlm.layers.mixer import SeqMeta
@@ -14,6 +15,7 @@ from speedlm.ops.linear_attention import (
     linear_attention_dense,
     linear_attention_recurrent,
 )
+from speedlm.registry import Range
 
 
 class LinearAttention(HeadsMixer):
@@ -22,10 +24,8 @@ class LinearAttention(HeadsMixer):
 
     supports_bidirectional = True
 
-    def __init__(self, dims: ModelDims, chunk_size: int = 64, normalize: bool = True):
+    def __init__(self, dims: ModelDims, chunk_size: Annotated[int, Range(min=1)] = 64, normalize: bool = True):
         super().__init__(dims)
-        if chunk_size < 1:
-            raise SpeedlmError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size, self.normalize = chunk_size, normalize
         self.reset_parameters()
 

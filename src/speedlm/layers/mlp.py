@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch.nn.functional as F
 from torch import nn
 
-from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.ffn import FFN
+from speedlm.registry import Range
 
 
 class SwiGLU(FFN):
@@ -14,11 +16,9 @@ class SwiGLU(FFN):
 
     residual_out = ("down",)
 
-    def __init__(self, dims: ModelDims, hidden: int | None = None):
+    def __init__(self, dims: ModelDims, hidden: Annotated[int | None, Range(min=1)] = None):
         super().__init__(dims)
         hidden = dims.hidden_dim if hidden is None else hidden
-        if hidden < 1:
-            raise SpeedlmError(f"hidden must be >= 1, got {hidden}")
         self.gate = nn.Linear(dims.d_model, hidden, bias=False)
         self.up = nn.Linear(dims.d_model, hidden, bias=False)
         self.down = nn.Linear(hidden, dims.d_model, bias=False)

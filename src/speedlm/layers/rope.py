@@ -5,8 +5,6 @@ and channel i of the second half form the pair rotated by angle pos * theta^(-2i
 (x1 + i x2) * e^{i pos w_i} as a complex number.
 """
 
-import functools
-
 import torch
 
 
@@ -18,27 +16,44 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
     return ang.cos(), ang.sin()
 
 
-@functools.lru_cache(maxsize=8)  # small: a long-context table is MBs; decoding needs one per step
-def rope_table(start: int, length: int, head_dim: int, theta: float, device: torch.device):
-    """cos, sin (T, head_dim / 2) for positions start .. start+length-1, shared by every layer
-    of one forward."""
-    return rope_angles(torch.arange(start, start + length, device=device), head_dim, theta)
+# Tables of cos/sin for positions 0..N-1 per (head_dim, theta, device, dtype), grown by doubling
+# up to _MAX_TABLE positions, so a decode step slices instead of recomputing its angles; positions
+# beyond (long streams) are computed directly.
+_TABLES: dict = {}
+_MAX_TABLE = 1 << 15
 
 
-def rope_for(positions, length: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_table(start: int, length: int, head_dim: int, theta: float, device, dtype=torch.float64):
+    """cos, sin (T, head_dim / 2) for positions start .. start+length-1 in `dtype`, shared by every
+    layer and every step (angles computed in float64, then cast once)."""
+    end = start + length
+    if end > _MAX_TABLE:
+        cos, sin = rope_angles(torch.arange(start, end, device=device), head_dim, theta)
+        return cos.to(dtype), sin.to(dtype)
+    key = (head_dim, theta, str(device), dtype)
+    table = _TABLES.get(key)
+    if table is None or table[0].shape[0] < end:
+        size = min(_MAX_TABLE, max(4096, 2 * end))
+        cos, sin = rope_angles(torch.arange(size, device=device), head_dim, theta)
+        table = _TABLES[key] = (cos.to(dtype), sin.to(dtype))
+    return table[0][start:end], table[1][start:end]
+
+
+def rope_for(positions, length: int, head_dim: int, theta: float, device, dtype=torch.float64):
     """cos, sin broadcastable against (B, H, T, head_dim / 2): positions is an int start
-    (-> (T, Dh/2), cached) or a (B, T) tensor (-> (B, 1, T, Dh/2))."""
+    (-> (T, Dh/2), from the shared table) or a (B, T) tensor (-> (B, 1, T, Dh/2))."""
     if isinstance(positions, int):
-        return rope_table(positions, length, head_dim, theta, torch.device(device))
+        return rope_table(positions, length, head_dim, theta, device, dtype)
     cos, sin = rope_angles(positions, head_dim, theta)
-    return cos[:, None], sin[:, None]
+    return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, Dh): rotate pairs (x[..., :Dh/2], x[..., Dh/2:]) (the GPT-NeoX layout)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 

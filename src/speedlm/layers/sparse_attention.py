@@ -8,11 +8,13 @@ the reference come with it.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from speedlm.cache.kv import WindowPolicy
-from speedlm.errors import SpeedlmError
 from speedlm.layers.attention import AttentionBase
 from speedlm.layers.dims import ModelDims
 from speedlm.ops.masks import SlidingWindow
+from speedlm.registry import Range
 
 
 class SlidingWindowAttention(AttentionBase):
@@ -20,10 +22,13 @@ class SlidingWindowAttention(AttentionBase):
     band, Mistral's SWA); a bidirectional one sees window - 1 tokens on either side. Cache: the
     last window - 1 keys, whatever the context length."""
 
-    def __init__(self, dims: ModelDims, window: int = 256, kv_heads: int | None = None):
+    def __init__(
+        self,
+        dims: ModelDims,
+        window: Annotated[int, Range(min=1)] = 256,
+        kv_heads: Annotated[int | None, Range(min=1)] = None,
+    ):
         super().__init__(dims, kv_heads)
-        if window < 1:
-            raise SpeedlmError(f"window must be >= 1, got {window}")
         self.window = window
         self._pattern = SlidingWindow(window)
         self.reset_parameters()

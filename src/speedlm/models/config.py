@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
 from speedlm.registry import BLOCKS, FFNS, MIXERS
@@ -100,7 +98,11 @@ class ModelConfig(Schema):
     def layer_spec(self, letter: str) -> dict:
         """The full layer spec of a pattern letter, defaults filled in."""
         spec = self.layers[letter]
-        return {"mixer": dict(spec["mixer"]), "ffn": dict(spec.get("ffn", self.ffn)), "block": dict(spec.get("block", self.block))}
+        return {
+            "mixer": dict(spec["mixer"]),
+            "ffn": dict(spec.get("ffn", self.ffn)),
+            "block": dict(spec.get("block", self.block)),
+        }
 
     def layer_specs(self) -> list[dict]:
         """The full layer spec of every layer, the pattern repeated over n_layers."""
@@ -130,7 +132,10 @@ class ModelConfig(Schema):
         missing = sorted(set(self.pattern) - set(self.layers))
         need(not missing, f"pattern letters {missing} have no entry in layers (have {sorted(self.layers)})")
         need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        need(self.ffn_hidden is None or (is_int(self.ffn_hidden) and self.ffn_hidden > 0), "ffn_hidden must be a positive integer")
+        need(
+            self.ffn_hidden is None or (is_int(self.ffn_hidden) and self.ffn_hidden > 0),
+            f"ffn_hidden must be a positive integer, got {self.ffn_hidden!r}",
+        )
         need(isinstance(self.tie_embeddings, bool), f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         for name in ("rope_theta", "norm_eps", "init_std"):
             v = getattr(self, name)
@@ -151,18 +156,11 @@ class ModelConfig(Schema):
         unknown = sorted(set(raw) - set(LAYER_KEYS))
         if unknown:
             raise SpeedlmError(f"{where}: unknown key(s) {unknown}; a layer spec has {list(LAYER_KEYS)}")
-        spec = self.layer_spec(letter)
-        mixer = MIXERS.check(spec["mixer"], f"{where}.mixer")
-        FFNS.check(spec["ffn"], f"{where}.ffn")
-        BLOCKS.check(spec["block"], f"{where}.block")
+        spec, dims = self.layer_spec(letter), self.dims(layer_idx)
+        mixer = MIXERS.check(spec["mixer"], f"{where}.mixer", dims)
+        FFNS.check(spec["ffn"], f"{where}.ffn", dims)
+        BLOCKS.check(spec["block"], f"{where}.block", dims)
         if self.objective == "ar" and not mixer.cls.supports_causal:
             raise SpeedlmError(
                 f"{where}: mixer {mixer.name!r} is bidirectional-only and cannot be used in a causal (objective='ar') model"
             )
-        # value checks that need the model's sizes (kv_heads divides n_heads, window >= 1, ...)
-        # live in the constructors: build the layer on the meta device, which allocates nothing
-        try:
-            with torch.device("meta"):
-                BLOCKS.build(spec["block"], self.dims(layer_idx), mixer=spec["mixer"], ffn=spec["ffn"])
-        except SpeedlmError as e:
-            raise SpeedlmError(f"{where}: {e}") from None

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from speedlm.ops.masks import AttentionMask
+from speedlm.ops.masks import AttentionMask, Full
+from speedlm.ops.sparse_attention import sparse_attention
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -70,10 +71,9 @@ def attention(q, k, v, mask: AttentionMask, scale: float | None = None, backend:
     """Attention under `mask`, on the cheapest exact path: SDPA's causal kernels for plain causal
     attention, SDPA without a mask for unmasked (bidirectional) attention, else the sparse
     dispatch (compiled FlexAttention on CUDA, gathered key blocks elsewhere)."""
-    if mask.is_plain_causal:
-        return causal_sdpa(q, k, v, scale)
-    if mask.is_unmasked:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    from speedlm.ops.sparse_attention import sparse_attention
-
+    if isinstance(mask.pattern, Full) and mask.contiguous:
+        if mask.causal and mask.k_pos + mask.tk == mask.q_pos + mask.tq:
+            return causal_sdpa(q, k, v, scale)
+        if not mask.causal:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return sparse_attention(q, k, v, mask, scale, backend=backend)

@@ -88,22 +88,12 @@ class AttentionMask:
         sizes = [t.shape[0] for t in (self.q_pos, self.k_pos, self.q_doc, self.k_doc) if isinstance(t, torch.Tensor)]
         return max(sizes, default=1)
 
-    @property
-    def is_plain_causal(self) -> bool:
-        """Full causal attention with the queries at the end of contiguous keys: SDPA's own
-        causal kernels apply."""
-        return self.contiguous and self.causal and isinstance(self.pattern, Full) and self.k_pos + self.tk == self.q_pos + self.tq
-
-    @property
-    def is_unmasked(self) -> bool:
-        return self.contiguous and not self.causal and isinstance(self.pattern, Full)
-
     def __call__(self, qi: torch.Tensor, kj: torch.Tensor) -> torch.Tensor:
         """qi, kj: broadcastable index tensors with a leading batch dim (1 or B)."""
         qp = self.q_pos + qi if isinstance(self.q_pos, int) else _gather(self.q_pos, qi)
         kp = self.k_pos + kj if isinstance(self.k_pos, int) else _gather(self.k_pos, kj)
         m = self.pattern(qp, kp)
-        if self.causal:
+        if self.causal and self.tq > 1:  # a single query is the last key: every key is at or before it
             m = m & (kj <= qi + (self.tk - self.tq))
         if self.q_doc is not None:
             m = m & (_gather(self.q_doc, qi) == _gather(self.k_doc, kj))

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from speedlm.ops.attention import attention_reference
 from speedlm.ops.dispatch import Dispatch
 from speedlm.ops.masks import AttentionMask
 
@@ -33,6 +32,8 @@ _MAX_SLAB_ELEMENTS = 1 << 22
 
 def sparse_attention_reference(q, k, v, mask: AttentionMask, scale=None):
     """Naive form: explicit softmax over the dense mask (run it in float64)."""
+    from speedlm.ops.attention import attention_reference  # the dense softmax, shared with full attention
+
     return attention_reference(q, k, v, mask.dense(q.device), scale)
 
 

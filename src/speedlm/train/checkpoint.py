@@ -44,7 +44,16 @@ from speedlm.checkpoint.files import (
 )
 from speedlm.errors import SpeedlmError
 
-__all__ = ["Checkpoint", "capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint", "list_checkpoints", "LATEST_FILE", "MODEL_FILE", "CONFIG_FILE", "STATE_FILE", "RNG_FILE", "OPTIMIZER_FILE", "TMP_PREFIX"]
+__all__ = [
+    "LATEST_FILE",
+    "Checkpoint",
+    "capture_rng",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_resumable",
+    "restore_rng",
+    "save_checkpoint",
+]
 
 def _optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state dict -> (tensors for safetensors, JSON-able rest)."""
@@ -267,3 +276,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(folder, config, state, tensors, tied, opt, rng)
 
 
+def load_resumable(run_dir: str | os.PathLike) -> Checkpoint:
+    """The checkpoint a `--resume` continues from: the latest one in `run_dir`, with a message
+    that says what to do when there is none."""
+    run_dir = Path(run_dir)
+    if not (run_dir / LATEST_FILE).exists() and not list_checkpoints(run_dir):
+        raise SpeedlmError(f"no checkpoint in {run_dir} to resume from; run without resume to start a new run")
+    return load_checkpoint(run_dir)

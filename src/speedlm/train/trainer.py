@@ -28,7 +28,7 @@ from speedlm.train.checkpoint import (
     Checkpoint,
     capture_rng,
     list_checkpoints,
-    load_checkpoint,
+    load_resumable,
     save_checkpoint,
 )
 from speedlm.train.config import TrainConfig
@@ -84,9 +84,7 @@ def _resume_from(out_dir: Path, model, optimizer, cfg: TrainConfig, tokenizer, c
     """Restore model, optimizer and RNG from `ckpt` (read here from `out_dir` when the caller has
     not read it already); returns (its trainer_state, its folder)."""
     if ckpt is None:
-        if not (out_dir / LATEST_FILE).exists() and not list_checkpoints(out_dir):
-            raise SpeedlmError(f"no checkpoint in {out_dir} to resume from; run without resume to start a new run")
-        ckpt = load_checkpoint(out_dir)
+        ckpt = load_resumable(out_dir)
     if ckpt.config is not None and ckpt.config.to_dict() != model.config.to_dict():
         saved, now = ckpt.config.to_dict(), model.config.to_dict()
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
