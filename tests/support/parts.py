@@ -6,7 +6,7 @@ and a mixer that does not mix tokens at all."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from speedlm.cache import CompositeCache, FullPolicy, KVPolicy, TokenBuffer
 from speedlm.layers.attention import Attention
 from speedlm.layers.mixer import Mixer, SeqMeta
 from speedlm.layers.short_conv import ShortConv
-from speedlm.registry import Entry
+from speedlm.registry import Entry, Range
 
 
 # ----- KV policies ---------------------------------------------------------------------
@@ -61,7 +61,7 @@ class GatedConv(Mixer):
     """The README's worked example: y = o_proj(silu(gate(x)) * conv(v_proj(x))), a causal short
     convolution whose decode state is the last kernel - 1 inputs."""
 
-    def __init__(self, dims, kernel: int = 4):
+    def __init__(self, dims, kernel: Annotated[int, Range(min=1)] = 4):
         super().__init__(dims)
         d = dims.d_model
         self.v_proj, self.gate, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(3))

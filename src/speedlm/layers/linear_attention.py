@@ -30,11 +30,13 @@ class LinearAttention(HeadsMixer):
         self.reset_parameters()
 
     def _features(self, q, k, v, dtype):
-        return elu_feature_map(q).to(dtype), elu_feature_map(k).to(dtype), v.to(dtype)
+        q, k = elu_feature_map(q), elu_feature_map(k)
+        if q.dtype != dtype:  # bf16 / fp16 activations: the recurrence runs in float32
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        return q, k, v
 
     def mix(self, x, meta: SeqMeta, cache: RecurrentState | None = None):
-        acc = RecurrentState.dtype_for(x.dtype)
-        q, k, v = self._features(*self.project(x), acc)
+        q, k, v = self._features(*self.project(x), RecurrentState.dtype_for(x.dtype))
         if not meta.causal:
             y = linear_attention_bidirectional(q, k, v, self.normalize)
         else:
@@ -42,7 +44,7 @@ class LinearAttention(HeadsMixer):
             y, state = linear_attention_chunked(q, k, v, init, self.normalize, chunk_size=self.chunk_size)
             if cache is not None:
                 cache.state = state
-        return self.output(y.to(x.dtype))
+        return self.output(y if y.dtype == x.dtype else y.to(x.dtype))
 
     def reference(self, x, meta: SeqMeta):
         q, k, v = self._features(*self.reference_project(x), x.dtype)
