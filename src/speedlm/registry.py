@@ -9,6 +9,8 @@ checks that relate options to the model's sizes (kv_heads divides n_heads) live 
 `check_options(dims, **options)` classmethod. All of it runs when a config is made, without
 building anything.
 
+Model classes are registered the same way, by objective (`MODELS`).
+
 The built-in parts are registered in `speedlm.models.registry`; lookups import it first, so
 `MIXERS["attention"]` works whatever was imported before.
 """
@@ -195,6 +197,9 @@ class Registry(Mapping):
 MIXERS = Registry("mixer")
 FFNS = Registry("ffn")
 BLOCKS = Registry("block", fixed=("dims", "mixer", "ffn"))
+# model classes by the config's `objective` ("ar": CausalLM; a diffusion LM or an encoder later):
+# the one list that config validation, `build_model` and checkpoint loading all read
+MODELS = Registry("model", fixed=("config",))
 
 _loading = False
 

@@ -51,3 +51,11 @@ def test_bad_sampling_options(kwargs, needle):
 def test_too_many_new_tokens():
     with pytest.raises(SpeedlmError, match="exceeds the model's max_seq_len"):
         generate(build_model("transformer", max_seq_len=20), torch.zeros(1, 15, dtype=torch.long), 10)
+
+
+def test_an_empty_prompt_or_no_new_tokens_is_a_user_error():
+    m = build_model("transformer")
+    with pytest.raises(SpeedlmError, match="at least one token"):
+        generate(m, torch.zeros(1, 0, dtype=torch.long), 5)
+    with pytest.raises(SpeedlmError, match="at least 1"):
+        generate(m, torch.zeros(1, 3, dtype=torch.long), 0)

@@ -153,3 +153,85 @@ def test_model_chunked_prefill_equals_full_forward(preset):
     assert cache.seen == 77
     err = (torch.cat(outs, 1) - full).norm() / full.norm()
     assert err < 1e-12
+
+
+def test_the_model_asks_blocks_for_caches_state_and_flops():
+    """A block kind with state of its own (a conv in front of the mixer): the model's cache,
+    state bytes and FLOPs include it, and cached decoding equals the full forward, so the model
+    never reaches past a block into its mixer."""
+    from speedlm.models.registry import BLOCKS
+    from support.parts import ConvPreNormBlock
+
+    BLOCKS.register("test_conv_prenorm", ConvPreNormBlock, family="test", description="test", paper="-")
+    try:
+        torch.manual_seed(0)
+        m = build_model(ModelConfig(n_layers=2, d_model=32, block={"name": "test_conv_prenorm", "kernel": 4})).double()
+    finally:
+        BLOCKS.unregister("test_conv_prenorm")
+    conv_state = 3 * 32 * 8  # kernel - 1 inputs of width 32, float64
+    assert m.state_bytes(50, bytes_per_elem=8) == sum(b.mixer.state_bytes(50, 1, 8) + conv_state for b in m.blocks)
+    conv_flops = 2.0 * 32 * 4
+    no_conv = build_model(ModelConfig(n_layers=2, d_model=32))
+    assert m.flops_per_token(50, training=False) == pytest.approx(no_conv.flops_per_token(50, training=False) + 2 * conv_flops)
+    ids = torch.randint(0, 256, (1, 30))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.init_cache()
+        steps = torch.cat([m(ids[:, :9], cache)] + [m(ids[:, i : i + 1], cache) for i in range(9, 30)], dim=1)
+    assert all(set(c.parts) == {"conv", "mixer"} for c in cache.layers)
+    assert cache.nbytes() == m.state_bytes(30, bytes_per_elem=8)
+    assert (steps - full).abs().max() < 1e-10
+
+
+def test_module_specific_initialisation_survives_the_model():
+    """A long-conv filter that decays with lag and a short conv's U(-1/sqrt(K), 1/sqrt(K)) weights
+    stay as their modules made them, through CausalLM's construction and its reset_parameters
+    (a model that overwrote every matrix by name with N(0, 0.02) would erase both)."""
+    from speedlm.models.registry import MIXERS
+    from support.parts import GatedConv, LongConv
+
+    MIXERS.register("test_long_conv", LongConv, family="test", description="test", paper="-")
+    MIXERS.register("test_gated_conv", GatedConv, family="test", description="test", paper="-")
+    try:
+        cfg = ModelConfig(n_layers=2, d_model=32, max_seq_len=64, pattern="LG",
+                          layers={"L": {"mixer": {"name": "test_long_conv"}}, "G": {"mixer": {"name": "test_gated_conv", "kernel": 4}}})
+        for m in (build_model(cfg), build_model(cfg)):
+            m.reset_parameters()
+            long_filter, conv = m.blocks[0].mixer.filter, m.blocks[1].mixer.conv.weight
+            assert long_filter[:, 0].std() > 0.5 and long_filter[:, 50:].abs().max() < 0.05  # exp(-0.1 lag) decay
+            assert conv.abs().max() <= 0.5 and conv.std() > 0.2  # U(-1/2, 1/2), std 0.29
+    finally:
+        MIXERS.unregister("test_long_conv")
+        MIXERS.unregister("test_gated_conv")
+
+
+def test_checkpoints_build_the_model_class_their_objective_names(tmp_path):
+    """Inference loading and resuming both go through build_model: a model class registered for
+    another objective comes back as that class, not as a hard-coded CausalLM."""
+    from speedlm.checkpoint import load_pretrained
+    from speedlm.models.registry import MODELS
+    from speedlm.train import TrainConfig, load_checkpoint, train
+
+    class TaggedLM(CausalLM):
+        pass
+
+    MODELS.register("test_tagged", TaggedLM, family="test", description="test", paper="-")
+    try:
+        model = build_model(ModelConfig(n_layers=1, d_model=32, max_seq_len=32, objective="test_tagged"))
+        assert type(model) is TaggedLM
+
+        class Stream:
+            def batch(self, step, batch_size, seq_len, seed=0):
+                x = torch.randint(0, 256, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(step))
+                return x[:, :-1], x[:, 1:]
+
+        cfg = TrainConfig(steps=1, batch_size=2, seq_len=16, warmup_steps=0, eval_every=0, save_every=0,
+                          device="cpu", out_dir=str(tmp_path / "run"))
+        train(model, cfg, Stream(), progress=False)
+        loaded = load_pretrained(tmp_path / "run", tokenizer=False).model
+        assert type(loaded) is TaggedLM
+        assert type(load_checkpoint(tmp_path / "run").build_model()) is TaggedLM
+        for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+            assert torch.equal(a, b)
+    finally:
+        MODELS.unregister("test_tagged")

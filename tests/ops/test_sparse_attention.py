@@ -5,6 +5,7 @@ non-contiguous cached keys); memory that follows the pattern; and the backend di
 import pytest
 import torch
 
+from speedlm.ops.dispatch import is_compile_failure
 from speedlm.ops.masks import AttentionMask, Full, SlidingWindow
 from speedlm.ops.metrics import rel_rms_error
 from speedlm.ops.sparse_attention import (
@@ -123,12 +124,37 @@ def _broken(exc):
     return run, calls
 
 
-def test_auto_falls_back_once_when_flex_cannot_compile(monkeypatch):
-    from torch._dynamo.exc import TorchDynamoException  # what a failed torch.compile raises
+def _compile_error(backend, a, b):
+    """The exception a real torch.compile raises for `a @ b` with this backend."""
+    try:
+        torch.compile(lambda x, y: x @ y, backend=backend, fullgraph=True)(a, b)
+    except Exception as e:  # noqa: BLE001
+        return e
+    raise AssertionError("expected torch.compile to fail")
 
+
+def _no_triton(gm, example_inputs):
+    raise ImportError("No module named 'triton'")
+
+
+def test_compile_failures_are_told_apart_from_bugs_seen_while_compiling():
+    torch._dynamo.reset()
+    ok = torch.ones(2, 3), torch.ones(3, 3)
+    assert is_compile_failure(_compile_error(_no_triton, *ok))  # the backend cannot build
+    assert is_compile_failure(_compile_error("no_such_backend", *ok))
+    # a shape bug found while tracing is the caller's bug: no fallback may hide it
+    bug = _compile_error("eager", torch.ones(2, 3), torch.ones(2, 3))
+    assert not is_compile_failure(bug)
+    assert not is_compile_failure(torch.OutOfMemoryError("CUDA out of memory"))
+    torch._dynamo.reset()
+
+
+def test_auto_falls_back_once_when_flex_cannot_compile(monkeypatch):
     import speedlm.ops.sparse_attention as sa
 
-    flex, calls = _broken(TorchDynamoException("triton not found"))
+    failure = _compile_error(_no_triton, torch.ones(2, 3), torch.ones(3, 3))  # what a failed torch.compile raises
+    torch._dynamo.reset()
+    flex, calls = _broken(failure)
     monkeypatch.setattr(sa, "flex_sparse_attention", flex)
     monkeypatch.setitem(SPARSE_ATTENTION._impls, "flex", (SPARSE_ATTENTION._impls["flex"][0], lambda *a, **k: True))
     monkeypatch.setattr(SPARSE_ATTENTION, "failed", {})
@@ -139,16 +165,24 @@ def test_auto_falls_back_once_when_flex_cannot_compile(monkeypatch):
     assert rel_rms_error(out, sparse_attention_reference(q, k, v, mask)) < 1e-12
     sparse_attention(q, k, v, mask)
     assert len(calls) == 1  # not retried on every call
-    with pytest.raises(TorchDynamoException):
+    with pytest.raises(type(failure)):
         sparse_attention(q, k, v, mask, backend="flex")  # explicit: no fallback
 
 
 @pytest.mark.parametrize(
-    "exc", [torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("shape mismatch")], ids=["oom", "bug"]
+    "make_exc",
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory"),
+        lambda: RuntimeError("shape mismatch"),
+        lambda: _compile_error("eager", torch.ones(2, 3), torch.ones(2, 3)),  # a bug met while compiling
+    ],
+    ids=["oom", "bug", "bug-while-compiling"],
 )
-def test_auto_does_not_hide_runtime_errors_behind_a_fallback(monkeypatch, exc):
+def test_auto_does_not_hide_runtime_errors_behind_a_fallback(monkeypatch, make_exc):
     import speedlm.ops.sparse_attention as sa
 
+    exc = make_exc()
+    torch._dynamo.reset()
     flex, calls = _broken(exc)
     monkeypatch.setattr(sa, "flex_sparse_attention", flex)
     monkeypatch.setitem(SPARSE_ATTENTION._impls, "flex", (SPARSE_ATTENTION._impls["flex"][0], lambda *a, **k: True))

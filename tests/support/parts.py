@@ -1,7 +1,7 @@
 """Test-only mixers and cache policies. Each one proves a general mechanism with the smallest
 module that needs it: a non-suffix KV policy, pre-RoPE policies, a composite cache of a short
 convolution and attention, a long convolution decoded from cached inputs, an auxiliary loss,
-and a mixer that does not mix tokens at all."""
+a mixer that does not mix tokens at all, and a block kind with state of its own."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from torch import nn
 
 from speedlm.cache import CompositeCache, FullPolicy, KVPolicy, TokenBuffer
 from speedlm.layers.attention import Attention
+from speedlm.layers.block import Block
 from speedlm.layers.mixer import Mixer, SeqMeta
+from speedlm.layers.norm import RMSNorm
 from speedlm.layers.short_conv import ShortConv
 from speedlm.registry import Entry, Range
 
@@ -259,3 +261,42 @@ TEST_MIXERS = {
     "test_aux_penalty": entry("test_aux_penalty", AuxPenalty),
     "test_no_mixing": entry("test_no_mixing", NoMixing),
 }
+
+
+# ----- blocks --------------------------------------------------------------------------
+class ConvPreNormBlock(Block):
+    """A pre-norm block with a short causal convolution of its own in front of the mixer, the
+    smallest block kind with state and FLOPs that its mixer does not know about (like
+    Conformer's convolution module): its cache is a CompositeCache of the conv state and the
+    mixer's cache, and the model must ask the block, not the mixer, for caches and costs."""
+
+    def __init__(self, dims, mixer: dict, ffn: dict, kernel: Annotated[int, Range(min=1)] = 3):
+        super().__init__(dims, mixer, ffn)
+        self.conv = ShortConv(dims.d_model, kernel)
+        self.mixer_norm = RMSNorm(dims.d_model, dims.norm_eps)
+        self.ffn_norm = RMSNorm(dims.d_model, dims.norm_eps) if self.ffn is not None else None
+
+    def forward(self, x, meta, cache=None):
+        h = self.mixer_norm(x)
+        h = h + self.conv(h, None if cache is None else cache["conv"])
+        x = x + self.mixer(h, meta, None if cache is None else cache["mixer"])
+        if self.ffn is not None:
+            x = x + self.ffn(self.ffn_norm(x), meta)
+        return x
+
+    def init_cache(self, kv_policy=None):
+        return CompositeCache(conv=self.conv.init_cache(), mixer=self.mixer.init_cache(kv_policy))
+
+    def state_bytes(self, context_len, batch_size=1, bytes_per_elem=2):
+        own = self.conv.state_bytes(context_len, batch_size, bytes_per_elem)
+        return own + super().state_bytes(context_len, batch_size, bytes_per_elem)
+
+    def flops_per_token(self, context_len):
+        return self.conv.flops_per_token() + super().flops_per_token(context_len)
+
+
+def block_entry(name, cls) -> Entry:
+    return Entry(name, cls, "block", "test", f"test-only {cls.__name__}", "-", {}, ("dims", "mixer", "ffn"))
+
+
+TEST_BLOCKS = {"test_conv_prenorm": block_entry("test_conv_prenorm", ConvPreNormBlock)}

@@ -259,6 +259,14 @@ def test_auxiliary_losses_are_trained_logged_by_name_and_left_out_of_evaluation(
     # validation is the LM cross-entropy alone, although the model's total has a penalty in it
     lm_only = evaluate(model, val_ids, batch_size=4, seq_len=32, max_batches=2)["loss"]
     assert records[-1]["val_loss"] == pytest.approx(lm_only, rel=1e-6)
+    # ... and that is the cross-entropy of the logits, computed here without model.loss
+    windows = torch.from_numpy(val_ids[: 8 * 32 + 1].astype("int64"))
+    xs = torch.stack([windows[i * 32 : i * 32 + 32] for i in range(8)])
+    ys = torch.stack([windows[i * 32 + 1 : i * 32 + 33] for i in range(8)])
+    model.eval()
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(model(xs).flatten(0, 1), ys.flatten())
+    assert lm_only == pytest.approx(float(ce), rel=1e-5)
     x, y = torch.from_numpy(val_ids[:32].astype("int64"))[None], torch.from_numpy(val_ids[1:33].astype("int64"))[None]
     total, parts = model.loss(x, y)
     assert float(total) > float(parts["lm"]) + 1e-6

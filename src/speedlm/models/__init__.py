@@ -4,7 +4,7 @@ from speedlm.models.build import build_model, resolve_config
 from speedlm.models.causal_lm import CausalLM, Loss
 from speedlm.models.config import ModelConfig
 from speedlm.models.presets import PRESETS, SIZES, preset_config
-from speedlm.models.registry import BLOCKS, FFNS, MIXERS, register_block, register_ffn, register_mixer
+from speedlm.models.registry import BLOCKS, FFNS, MIXERS, MODELS, register_block, register_ffn, register_mixer, register_model
 
 __all__ = [
     "BLOCKS",
@@ -12,6 +12,7 @@ __all__ = [
     "FFNS",
     "Loss",
     "MIXERS",
+    "MODELS",
     "ModelConfig",
     "PRESETS",
     "SIZES",
@@ -20,5 +21,6 @@ __all__ = [
     "register_block",
     "register_ffn",
     "register_mixer",
+    "register_model",
     "resolve_config",
 ]

@@ -6,6 +6,7 @@ import os
 
 from speedlm.errors import SpeedlmError
 from speedlm.models.causal_lm import CausalLM
+from speedlm.registry import MODELS
 from speedlm.models.config import ModelConfig
 from speedlm.models.presets import preset_config
 
@@ -31,11 +32,7 @@ def resolve_config(spec, **overrides) -> ModelConfig:
     return ModelConfig.from_dict({**fields, **overrides})
 
 
-# the model class of each objective (config validation keeps `objective` to these keys)
-MODEL_CLASSES = {"ar": CausalLM}
-
-
 def build_model(spec, **overrides) -> CausalLM:
     """A freshly initialised model of the class its config's objective calls for."""
     cfg = resolve_config(spec, **overrides)
-    return MODEL_CLASSES[cfg.objective](cfg)
+    return MODELS[cfg.objective].cls(cfg)

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 
 from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
-from speedlm.registry import BLOCKS, FFNS, MIXERS
+from speedlm.registry import BLOCKS, FFNS, MIXERS, MODELS
 from speedlm.schema import Schema, is_int, is_number
 
-OBJECTIVES = ("ar",)
 LAYER_KEYS = ("mixer", "ffn", "block")
 
 
@@ -131,7 +130,7 @@ class ModelConfig(Schema):
         need(isinstance(self.layers, dict), "layers must map pattern letters to layer specs")
         missing = sorted(set(self.pattern) - set(self.layers))
         need(not missing, f"pattern letters {missing} have no entry in layers (have {sorted(self.layers)})")
-        need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        need(self.objective in MODELS, f"objective must be one of {sorted(MODELS)}, got {self.objective!r}")
         need(
             self.ffn_hidden is None or (is_int(self.ffn_hidden) and self.ffn_hidden > 0),
             f"ffn_hidden must be a positive integer, got {self.ffn_hidden!r}",
@@ -142,14 +141,14 @@ class ModelConfig(Schema):
             need(is_number(v) and v > 0, f"{name} must be a positive number, got {v!r}")
         FFNS.check(self.ffn, "invalid model config: ffn")
         BLOCKS.check(self.block, "invalid model config: block")
-        first_use = {}
-        for i, letter in enumerate(self.pattern * (self.n_layers // len(self.pattern))):
-            first_use.setdefault(letter, i)
-        for letter, layer_idx in first_use.items():
-            self._check_layer(letter, layer_idx)
+        # every layer, not only each letter's first: a part may check its options against the depth
+        seen = set()
+        for layer_idx, letter in enumerate(self.pattern * (self.n_layers // len(self.pattern))):
+            self._check_layer(letter, layer_idx, "" if letter not in seen else f" at layer {layer_idx}")
+            seen.add(letter)
 
-    def _check_layer(self, letter: str, layer_idx: int) -> None:
-        where = f"invalid model config: layers[{letter!r}]"
+    def _check_layer(self, letter: str, layer_idx: int, at: str = "") -> None:
+        where = f"invalid model config: layers[{letter!r}]{at}"
         raw = self.layers[letter]
         if not isinstance(raw, dict) or "mixer" not in raw:
             raise SpeedlmError(f"{where}: a layer spec is an object with a 'mixer' (and optional 'ffn', 'block'), got {raw!r}")

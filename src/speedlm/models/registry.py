@@ -12,13 +12,24 @@ from speedlm.layers.ffn import NoFFN
 from speedlm.layers.linear_attention import LinearAttention
 from speedlm.layers.mlp import SwiGLU
 from speedlm.layers.sparse_attention import SlidingWindowAttention
-from speedlm.registry import BLOCKS, FFNS, MIXERS, Entry
+from speedlm.models.causal_lm import CausalLM
+from speedlm.registry import BLOCKS, FFNS, MIXERS, MODELS, Entry
 
-__all__ = ["BLOCKS", "FFNS", "MIXERS", "Entry", "register_block", "register_ffn", "register_mixer"]
+__all__ = ["BLOCKS", "FFNS", "MIXERS", "MODELS", "Entry", "register_block", "register_ffn", "register_mixer", "register_model"]
 
 register_mixer = MIXERS.register
 register_ffn = FFNS.register
 register_block = BLOCKS.register
+register_model = MODELS.register
+
+# ----- model classes, by objective -----
+register_model(
+    "ar",
+    CausalLM,
+    family="decoder-only language model",
+    description="autoregressive next-token prediction through causal mixers and their caches",
+    paper="Radford et al. 2019 (GPT-2)",
+)
 
 # ----- mixers -----
 register_mixer(

@@ -26,13 +26,26 @@ def _chain(exc: BaseException):
 
 
 def is_compile_failure(exc: BaseException) -> bool:
-    """True for errors that mean "this kernel cannot be built here", never for OOM."""
-    from torch._dynamo.exc import TorchDynamoException
+    """True for errors that mean "this kernel cannot be built here": the compiler backend failed
+    (no Triton, no C++ toolchain, an unsupported GPU), the backend is missing, or dynamo cannot
+    trace the function. False for out-of-memory anywhere in the chain, and for errors of the
+    computation itself that merely surface while compiling (`TorchRuntimeError`: a shape
+    mismatch found during tracing is a bug, not a missing compiler)."""
+    from torch._dynamo import exc as dynamo
     from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
 
     if any(isinstance(e, torch.OutOfMemoryError) for e in _chain(exc)):
         return False
-    return isinstance(exc, (TorchDynamoException, CppCompileError, InvalidCxxCompiler, ImportError))
+    cannot_build = (
+        dynamo.BackendCompilerFailed,
+        dynamo.InvalidBackend,
+        dynamo.Unsupported,
+        dynamo.InternalTorchDynamoError,
+        CppCompileError,
+        InvalidCxxCompiler,
+        ImportError,
+    )
+    return isinstance(exc, cannot_build)
 
 
 class Dispatch:
