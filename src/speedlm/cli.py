@@ -63,6 +63,57 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import shlex
+
+    from speedlm.bench.recall import RecallSetting
+    from speedlm.compare import DEFAULT_BUDGET, DEFAULT_MQAR, DEFAULT_PRESETS, CompareOptions, run_compare
+
+    mqar = None
+    if not args.no_mqar:
+        mqar = RecallSetting(
+            seq_len=args.mqar_len, num_kv_pairs=args.mqar_pairs, vocab_size=args.mqar_vocab, steps=args.mqar_steps,
+            batch_size=DEFAULT_MQAR.batch_size, lr=DEFAULT_MQAR.lr, test_examples=DEFAULT_MQAR.test_examples,
+        )
+    run_compare(
+        CompareOptions(
+            presets=args.presets or list(DEFAULT_PRESETS), budget=DEFAULT_BUDGET if args.budget is None else args.budget,
+            data=args.data, tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size, out_dir=args.out, seq_len=args.seq_len, batch_size=args.batch_size,
+            lr=args.lr, seed=args.seed, device=args.device, dtype=args.dtype, peak_flops=args.peak_flops,
+            match=args.match_params, mqar=mqar, contexts=args.contexts, decode_tokens=args.decode_tokens,
+            eval_points=args.eval_points, final_eval_batches=args.eval_batches,
+            command="speedlm " + " ".join(shlex.quote(a) for a in args.argv),
+        )
+    )
+    return 0
+
+
+def cmd_bench_recall(args) -> int:
+    from speedlm.bench.recall import run_recall_bench
+
+    run_recall_bench(
+        presets=args.presets, lengths=args.lengths, pairs=args.pairs, widths=args.widths, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, vocab_size=args.vocab_size, test_examples=args.test_examples,
+        device=args.device, dtype=args.dtype, seed=args.seed, out_dir=args.out,
+    )
+    return 0
+
+
+def cmd_bench_peak(args) -> int:
+    from speedlm.bench.common import resolve_dtype
+    from speedlm.device import resolve_device
+    from speedlm.train.flops import _cache_path, machine_key, peak_flops
+
+    dev = resolve_device(args.device)
+    dtypes = [resolve_dtype(d, dev) for d in args.dtypes]
+    for dt in dtypes:
+        peak, source = peak_flops(dev, dt, remeasure=args.remeasure)
+        print(f"{machine_key(dev, dt)}: {peak / 1e9:,.1f} GFLOP/s ({source})")
+    print(f"cache: {_cache_path()}")
+    return 0
+
+
 def cmd_bench_speed(args) -> int:
     from speedlm.bench.speed import run_speed_bench
 
@@ -112,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=500)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    t.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, float32 on CPU), bfloat16 or float32")
+    t.add_argument("--peak-flops", type=float, help="FLOP/s that MFU divides by (default: datasheet or measured once)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
@@ -135,6 +188,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
 
+    c = sub.add_parser("compare", help="train architectures at equal FLOPs; quality, recall, speed and memory in one report")
+    c.add_argument("--presets", type=_csv, default=None, help="comma-separated presets or config JSON paths "
+                   "(default: one per family, see README)")
+    c.add_argument("--budget", type=float, default=None, help="training FLOPs per model (default 2.5e12: ~8 min on 2 CPU cores)")
+    c.add_argument("--data", default="stdlib", help="'stdlib' (default), files/folders (comma-separated) or hf:NAME")
+    c.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
+    c.add_argument("--vocab-size", type=int, help="BPE vocabulary size")
+    c.add_argument("--out", default="runs/compare", help="report folder: report.md, report.json, plots, models/")
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--lr", type=float, default=3e-3)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--match-params", default="first", choices=["first", "none"],
+                   help="first: widths chosen so non-embedding parameters match the first model's; none: preset widths")
+    c.add_argument("--eval-points", type=int, default=8, help="validations along training (the loss-vs-FLOPs curve)")
+    c.add_argument("--eval-batches", type=int, default=40, help="batches of the final validation loss")
+    c.add_argument("--mqar-len", type=int, default=64)
+    c.add_argument("--mqar-pairs", type=int, default=4)
+    c.add_argument("--mqar-vocab", type=int, default=32)
+    c.add_argument("--mqar-steps", type=int, default=800)
+    c.add_argument("--no-mqar", action="store_true", help="skip the associative-recall column")
+    c.add_argument("--contexts", type=_ints, default=[1024, 4096, 16384], help="decode-latency context lengths")
+    c.add_argument("--decode-tokens", type=int, default=16)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--dtype", default="auto", help="auto, bfloat16 (autocast; CPUs with AMX/AVX-512-BF16) or float32")
+    c.add_argument("--peak-flops", type=float, help="FLOP/s that MFU divides by (default: datasheet or measured once)")
+    c.set_defaults(func=cmd_compare)
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     s = bsub.add_parser("speed", help="forward, forward+backward, decode latency and peak memory vs length")
@@ -149,11 +230,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16")
     s.add_argument("--out", default="runs/bench")
     s.set_defaults(func=cmd_bench_speed)
+
+    r = bsub.add_parser("recall", help="MQAR associative recall: accuracy vs length, pairs, width and state size")
+    r.add_argument("--presets", type=_csv, default=_csv("transformer-tiny,sliding-window-tiny,linear-attention-tiny"))
+    r.add_argument("--lengths", type=_ints, default=[64, 128, 256])
+    r.add_argument("--pairs", type=_ints, default=[4, 8, 16])
+    r.add_argument("--widths", type=_ints, default=[64, 128])
+    r.add_argument("--steps", type=int, default=1000, help="training steps per setting")
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--vocab-size", type=int, default=64)
+    r.add_argument("--test-examples", type=int, default=512)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--dtype", default="auto", help="auto, bfloat16 or float32 (training autocast)")
+    r.add_argument("--out", default="runs/recall")
+    r.set_defaults(func=cmd_bench_recall)
+
+    k = bsub.add_parser("peak", help="the matmul peak FLOP/s that MFU divides by (measured once per machine, cached)")
+    k.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"])
+    k.add_argument("--device", default="auto")
+    k.add_argument("--remeasure", action="store_true", help="measure again and replace the cached value")
+    k.set_defaults(func=cmd_bench_peak)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line as given, for reports
     try:
         return args.func(args)
     except SpeedlmError as e:

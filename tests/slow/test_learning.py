@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from speedlm.data import MQARStream, TokenStream, encode_corpus, make_tokenizer, mqar_accuracy, mqar_batch, stdlib_corpus
+from speedlm.bench.recall import recall_config, train_recall
+from speedlm.compare import DEFAULT_MQAR
+from speedlm.data import TokenStream, encode_corpus, make_tokenizer, stdlib_corpus
 from speedlm.models import PRESETS, ModelConfig, build_model
 from speedlm.models.registry import MIXERS
 from speedlm.train import TrainConfig, evaluate, train
@@ -15,32 +17,28 @@ from support.parts import NoMixing
 
 pytestmark = pytest.mark.slow
 
-# MQAR small enough for a CPU: 4 key-value pairs in 32 tokens, 16 keys and 16 values
-VOCAB, SEQ, PAIRS = 32, 32, 4
+def _recall(mixer: dict) -> float:
+    """Accuracy of a 2-layer, 64-wide model with this mixer on `speedlm compare`'s MQAR setting
+    (T=64, 4 pairs, vocabulary 32, 800 steps)."""
+    cfg = ModelConfig(vocab_size=32, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, layers={"A": {"mixer": mixer}})
+    setting = DEFAULT_MQAR
+    return train_recall(recall_config(cfg, setting), setting, device="cpu")["accuracy"]
 
 
-def _train_mqar(mixer: dict, tmp_path) -> float:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, max_seq_len=SEQ,
-                                    layers={"A": {"mixer": mixer}}))
-    cfg = TrainConfig(steps=1500, batch_size=32, seq_len=SEQ, lr=1e-3, warmup_steps=50, weight_decay=0.0,
-                      eval_every=0, save_every=0, device="cpu", out_dir=str(tmp_path / mixer["name"]))
-    train(model, cfg, MQARStream(VOCAB, PAIRS), progress=False)
-    x, y = mqar_batch(512, SEQ, PAIRS, VOCAB, torch.Generator().manual_seed(12345))
-    return mqar_accuracy(model.eval(), x, y)
-
-
-def test_recall_needs_token_mixing(tmp_path):
-    """Attention recalls the value of a queried key; a model with the same blocks but no token
-    mixing cannot do better than guessing among the values (chance 1/16)."""
+def test_recall_needs_token_mixing():
+    """On the setting `speedlm compare` reports, attention recalls the value of a queried key
+    while a model with the same blocks but no token mixing cannot do better than guessing among
+    the values (chance 1/16), and a fixed-size linear-attention state falls in between."""
     MIXERS.register("test_no_mixing", NoMixing, family="test", description="test", paper="-")
     try:
-        no_mixing = _train_mqar({"name": "test_no_mixing"}, tmp_path)
+        no_mixing = _recall({"name": "test_no_mixing"})
     finally:
         MIXERS.unregister("test_no_mixing")
-    attention = _train_mqar({"name": "attention"}, tmp_path)
-    assert attention > 0.9, attention
-    assert no_mixing < 0.15, no_mixing
+    attention = _recall({"name": "attention"})
+    linear = _recall({"name": "linear_attention"})
+    assert attention > 0.95, attention
+    assert no_mixing < 0.12, no_mixing
+    assert linear < attention - 0.3, (linear, attention)
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -4,6 +4,7 @@ import signal
 import pytest
 import torch
 
+from speedlm.device import cpu_supports_bf16
 from speedlm.errors import SpeedlmError
 from speedlm.train import TrainConfig, evaluate, load_checkpoint, load_model, read_metrics, train
 
@@ -137,6 +138,35 @@ def test_golden_losses(make_model, tmp_path, helpers):
     assert losses[-1] < losses[0] - 0.5  # it learns, not just reproduces
 
 
+# bf16 autocast keeps weights, optimizer state, norms, softmax and the loss in float32 and
+# rounds matmul inputs to 8 mantissa bits; on the golden run that moves each loss by < 1.2e-3
+# (measured); the tolerance leaves room for other CPUs' bf16 kernels
+BF16_TOLERANCE = 5e-3
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bfloat16 matrix units")
+@pytest.mark.parametrize("dtype", ["bf16", "bfloat16"])
+def test_bf16_autocast_on_cpu_stays_within_tolerance_of_the_float32_goldens(dtype, make_model, tmp_path, helpers):
+    cfg = TrainConfig(
+        steps=8, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, eval_every=4, eval_batches=2,
+        save_every=0, log_every=1, device="cpu", dtype=dtype, seed=0, out_dir=str(tmp_path / "bf16"),
+    )
+    summary = train(make_model(seed=1234), cfg, helpers.StandInStream(helpers.markov_ids(20_000)), helpers.markov_ids(2_000, seed=1), progress=False)
+    losses = [r["loss"] for r in summary["history"]]
+    assert summary["dtype"] == "bfloat16"
+    assert max(abs(a - b) for a, b in zip(losses, GOLDEN_LOSSES)) < BF16_TOLERANCE
+    assert losses != pytest.approx(GOLDEN_LOSSES, abs=1e-7)  # it did run in bf16
+
+
+def test_bf16_on_a_cpu_without_bf16_units_is_one_clear_error(monkeypatch):
+    import speedlm.device
+
+    monkeypatch.setattr(speedlm.device, "cpu_supports_bf16", lambda: False)
+    with pytest.raises(SpeedlmError, match="no native bfloat16"):
+        TrainConfig(dtype="bfloat16", device="cpu").autocast_dtype(torch.device("cpu"))
+    assert TrainConfig(dtype="float32").autocast_dtype(torch.device("cpu")) is None
+
+
 # ----- metrics, plot, tokenizer --------------------------------------------------------
 
 
@@ -156,7 +186,9 @@ def test_metrics_jsonl_and_plot(data, make_model, make_cfg):
         if "val_loss" in r:
             assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
     assert summary["val_loss"] == records[-1]["val_loss"]
-    assert summary["mfu"] > 0 and summary["peak_source"] == "measured"
+    assert summary["mfu"] > 0 and summary["peak_source"] == "given"  # SPEEDLM_PEAK_FLOPS, tests/conftest.py
+    assert summary["flops_per_s"] == pytest.approx(summary["mfu"] * summary["peak_flops"])
+    assert all(r["flops_per_s"] == pytest.approx(r["mfu"] * 1e12) for r in records)
     with open(summary["plot_path"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

@@ -20,93 +20,22 @@ import platform
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 import speedlm
 from speedlm.bench import report
+from speedlm.bench.common import check_int, check_ints, check_presets, one_line, resolve_dtype
 from speedlm.bench.memory import PeakMemory, is_oom, memory_method
 from speedlm.bench.plots import write_plots
 from speedlm.bench.timing import median, time_fn, timing_method
 from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
 from speedlm.models import build_model, resolve_config
+from speedlm.progress import progress_bar
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
 METRICS = ("fwd", "fwd_bwd", "decode")
 
 
-# ----- argument handling -----
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise SpeedlmError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise SpeedlmError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return DTYPES[key]
-
-
-def _as_list(value, what: str) -> list:
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    try:
-        value = list(value)
-    except TypeError:
-        raise SpeedlmError(f"{what} must be a list, got {value!r}") from None
-    if not value:
-        raise SpeedlmError(f"give at least one {what[:-1]}")
-    return value
-
-
-def _check_presets(presets) -> list[str]:
-    presets = _as_list(presets, "presets")
-    for p in presets:
-        if not isinstance(p, str) or not p:
-            raise SpeedlmError(f"presets are names (e.g. transformer-tiny), got {p!r}")
-    dup = sorted({p for p in presets if presets.count(p) > 1})
-    if dup:
-        raise SpeedlmError(f"preset(s) {dup} given more than once")
-    return presets
-
-
-def _check_lengths(lengths) -> list[int]:
-    out = []
-    for v in _as_list(lengths, "lengths"):
-        if isinstance(v, str) and v.isdigit():
-            v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise SpeedlmError(f"lengths must be positive integers, got {v!r}")
-        out.append(v)
-    return sorted(set(out))
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpeedlmError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 # ----- one measurement -----
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    msg = text[0] if text else ""
-    return f"{type(exc).__name__}: {msg}"[:200]
-
-
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -146,7 +75,7 @@ def measure(
     except Exception as e:  # noqa: BLE001 - only OOM is swallowed, see below
         if not is_oom(e):
             raise
-        reason = _one_line(e)
+        reason = one_line(e)
     _free(device)
     return {"status": "skipped", "oom": True, "reason": reason}
 
@@ -223,12 +152,12 @@ def run_speed_bench(
     Markdown tables, write bench_speed.{json,md} and two PNGs to `out_dir`, return the JSON dict
     (plus "files": paths written). Models whose max_seq_len is below max(lengths) +
     decode_tokens get it raised to fit. Raises SpeedlmError for bad arguments/unknown presets."""
-    presets = _check_presets(presets)
-    lengths = _check_lengths(lengths)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    decode_tokens = _check_int("decode_tokens", decode_tokens, 0)
-    repeats = _check_int("repeats", repeats, 1)
-    warmup = _check_int("warmup", warmup, 0)
+    presets = check_presets(presets)
+    lengths = check_ints("lengths", lengths)
+    batch_size = check_int("batch_size", batch_size, 1)
+    decode_tokens = check_int("decode_tokens", decode_tokens, 0)
+    repeats = check_int("repeats", repeats, 1)
+    warmup = check_int("warmup", warmup, 0)
     baseline = presets[0] if baseline is None else baseline
     if baseline not in presets:
         raise SpeedlmError(f"baseline {baseline!r} is not one of the benchmarked presets {presets}")
@@ -263,7 +192,7 @@ def run_speed_bench(
     }
     models: dict[str, dict] = {}
     rows: list[dict] = []
-    bar = tqdm(total=len(presets) * len(lengths), desc="bench speed", disable=not progress, unit="run")
+    bar = progress_bar(total=len(presets) * len(lengths), desc="bench speed", disable=not progress, unit="run")
     try:
         for p in presets:
             cfg = configs[p]
@@ -276,7 +205,7 @@ def run_speed_bench(
             except Exception as e:  # noqa: BLE001
                 if not is_oom(e):
                     raise
-                reason = "building the model: " + _one_line(e)
+                reason = "building the model: " + one_line(e)
                 _free(dev)
                 models[p] = {"config": cfg.to_dict(), "skipped": reason}
                 for n in lengths:

@@ -45,6 +45,8 @@ def run_train(args) -> dict:
         save_every=args.save_every,
         seed=args.seed,
         device=args.device,
+        dtype=args.dtype,
+        peak_flops=args.peak_flops,
         out_dir=args.out,
     )
     # everything that can be checked without data is checked before the corpus is read
@@ -75,7 +77,8 @@ def run_train(args) -> dict:
     print(
         f"done: step {summary['step']}, train loss {summary['loss']:.4f}, "
         f"val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f}), "
-        f"{summary['tok_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%} of {summary['peak_source']} peak"
+        f"{summary['tok_per_s']:,.0f} tokens/s, {summary['flops_per_s'] / 1e9:,.1f} GFLOP/s = MFU {summary['mfu']:.1%} "
+        f"of the {summary['peak_source']} {summary['dtype']} peak ({summary['peak_flops'] / 1e9:,.1f} GFLOP/s)"
     )
     print(f"checkpoint: {summary['checkpoint']}\nmetrics: {summary['metrics_path']}\nloss curve: {summary['plot_path']}")
     return {k: v for k, v in summary.items() if k != "history"}

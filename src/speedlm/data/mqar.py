@@ -18,6 +18,13 @@ Layout (follows the reference `multiquery_ar` generator):
   * filler (non-query) positions get uniform random tokens over the whole vocab when
     `random_non_queries` (the reference default), else 0. Random filler may equal a key by
     chance; such positions carry no target.
+
+Checked line by line against the reference (HazyResearch/zoology, `multiquery_ar`, one pass):
+the same layout, the same three distributions (keys, values, query slots sampled without
+replacement with the power-law weights) and the same labels; tests/data/test_data_mqar.py
+checks each against its definition, the slot distribution by a chi-square test. Two of the
+reference's asserts are not enforced because the definition does not need them: an even
+seq_len (an odd one leaves one filler token at the end) and vocab_size > seq_len.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import tokenizers as hf_tokenizers  # the Hugging Face library, not this module
-from tqdm import tqdm
+from speedlm.progress import progress_bar
 
 from speedlm.data.cachedir import atomic_write_text, default_cache_dir, resolve_cache_dir
 from speedlm.data.corpus import Corpus
@@ -231,7 +231,7 @@ class BPETokenizer(Tokenizer):
         out: list[np.ndarray] = []
         dtype = ids_dtype(self.vocab_size)
         group = 32  # pieces per encode_batch call: parallel inside, progress between calls
-        with tqdm(total=len(text), unit="char", unit_scale=True, desc="bpe encode", disable=not progress) as bar:
+        with progress_bar(total=len(text), unit="char", unit_scale=True, desc="bpe encode", disable=not progress) as bar:
             for i in range(0, len(pieces), group):
                 batch = pieces[i : i + group]
                 out.extend(np.asarray(enc.ids, dtype=dtype) for enc in self._encode_batch(batch, add_special_tokens=False))

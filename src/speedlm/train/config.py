@@ -6,11 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from speedlm.device import resolve_device
+from speedlm.device import check_dtype_supported, resolve_device
 from speedlm.errors import SpeedlmError
 from speedlm.schema import Schema, is_number
 
-DTYPES = ("auto", "bf16", "fp32")
+# the training dtype: "auto" (bf16 autocast on CUDA, fp32 on CPU), bf16 autocast, or plain fp32
+DTYPE_ALIASES = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
+DTYPES = tuple(DTYPE_ALIASES)
 
 
 @dataclass
@@ -32,7 +34,8 @@ class TrainConfig(Schema):
     keep: int = 3  # newest checkpoints kept on disk
     seed: int = 0  # data order and RNG seeds
     device: str = "auto"  # "auto" = cuda if available else cpu
-    dtype: str = "auto"  # "auto" = bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
+    dtype: str = "auto"  # "auto" = bf16 autocast on CUDA, fp32 on CPU; or "bf16"/"bfloat16", "fp32"/"float32"
+    peak_flops: float | None = None  # the MFU denominator; None: datasheet or measured (train/flops.py)
     log_every: int = 10  # steps between metric records / progress-bar updates
     out_dir: str = "runs/default"
 
@@ -53,6 +56,10 @@ class TrainConfig(Schema):
         need(is_number(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         need(is_number(self.grad_clip) and self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(
+            self.peak_flops is None or (is_number(self.peak_flops) and self.peak_flops > 0),
+            f"peak_flops must be a positive number of FLOP/s, got {self.peak_flops!r}",
+        )
         need(isinstance(self.out_dir, str) and self.out_dir.strip() != "", "out_dir must be a non-empty path")
         need(isinstance(self.device, str), f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.device != "auto":
@@ -74,7 +81,12 @@ class TrainConfig(Schema):
         return resolve_device(self.device)
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        """The autocast dtype, or None for plain fp32."""
-        if self.dtype == "auto":
+        """The autocast dtype, or None for plain fp32. bf16 on a CPU without native bf16 matrix
+        units is refused (it would be emulated, slower than fp32)."""
+        kind = DTYPE_ALIASES.get(self.dtype, self.dtype)
+        if kind == "auto":
             return torch.bfloat16 if device.type == "cuda" else None
-        return torch.bfloat16 if self.dtype == "bf16" else None
+        if kind != "bf16":
+            return None
+        check_dtype_supported(device, torch.bfloat16)
+        return torch.bfloat16

@@ -2,16 +2,28 @@
 
     MFU = model.flops_per_token(seq_len, training=True) * tokens_per_second / peak
 
-On CUDA the denominator is the datasheet dense bf16 peak of the GPU when its name is in
-`KNOWN_PEAKS`. Otherwise (unknown GPUs, and always on CPU) it is the *measured* rate of a
-large matmul (`measure_peak_flops`): bf16 on CUDA, float32 on CPU. A CPU has no meaningful
-datasheet number for PyTorch, so on CPU MFU reads as "fraction of what this machine's
-matmul achieves", not of a theoretical peak; it can therefore be close to (or, with noise,
-slightly above) what a GPU MFU of the same code would suggest.
+The peak, in order of preference:
+1. the user's number (`--peak-flops`, `TrainConfig.peak_flops`, or the `SPEEDLM_PEAK_FLOPS`
+   environment variable): "given";
+2. on CUDA, the datasheet dense bf16/fp16 peak when the GPU's name is in `KNOWN_PEAKS`:
+   "datasheet";
+3. otherwise the *measured* rate of large matmuls in the training dtype: "measured". It is
+   measured once per machine (a few seconds: several sizes, the best rate of each, the best
+   size) and cached in `$SPEEDLM_CACHE/peak_flops.json` under the machine's description
+   (processor, threads, torch version, dtype), so two runs on one machine divide by the same
+   number and MFU moves only with the throughput. `speedlm bench peak --remeasure` renews it.
+
+Interference from other processes can only slow a matmul down, so the best rate over a few
+seconds is the least-biased estimate of what the hardware does. MFU is capped at 1: a model
+that outruns the cached peak means the peak was measured on a busy machine, and the trainer
+says so once rather than printing 140 %.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
 
 import torch
@@ -30,8 +42,10 @@ KNOWN_PEAKS: list[tuple[str, float]] = [
     ("L40S", 362e12),
     ("L4", 121e12),
 ]
+CACHE_FILE = "peak_flops.json"
+MEASURE_SECONDS = 3.0
 
-_cache: dict[str, tuple[float, str]] = {}
+_memo: dict[str, tuple[float, str]] = {}
 
 
 def _sync(device: torch.device) -> None:
@@ -39,39 +53,59 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_peak_flops(device: str | torch.device = "cpu", budget_s: float = 0.25) -> float:
-    """Achieved FLOP/s of square matmuls on `device`, timed for about `budget_s` seconds.
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
-    bf16 on CUDA (what training autocasts to), float32 on CPU (CPU training runs in fp32).
-    The size is large enough to saturate the device but small enough that a single call
-    stays well inside the budget on a laptop CPU.
-    """
+
+def machine_key(device: str | torch.device, dtype: torch.dtype) -> str:
+    """What a measured peak is valid for: the processor, the threads torch uses, the torch
+    build and the dtype."""
     device = torch.device(device)
     if device.type == "cuda":
-        n, dtype = 4096, torch.bfloat16
+        where = torch.cuda.get_device_name(device)
     else:
-        n, dtype = 512, torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)  # warm-up: kernel selection, thread pool start
-    _sync(device)
-    flops_per_mm = 2.0 * n**3
-    iters, start = 0, time.perf_counter()
-    while True:
-        torch.mm(a, b)
-        iters += 1
-        if iters % 4 == 0 or device.type != "cuda":
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            if elapsed >= budget_s or iters >= 10_000:
-                break
-    return flops_per_mm * iters / elapsed
+        where = f"{_cpu_name()} ({os.cpu_count()} cpus, {torch.get_num_threads()} threads)"
+    return f"{where} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')}"
 
 
-def known_peak_flops(device: str | torch.device) -> float | None:
-    """Datasheet bf16 peak for a CUDA device whose name is in `KNOWN_PEAKS`, else None."""
+def measure_peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, budget_s: float = MEASURE_SECONDS) -> float:
+    """The best achieved FLOP/s of square matmuls on `device` in `dtype`, over about `budget_s`
+    seconds split across a few sizes (large enough to saturate the device, small enough for
+    several calls each). Runs with the RNG forked, so a seeded run's numbers never change."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
+    sizes = (4096, 8192) if device.type == "cuda" else (512, 1024, 2048)
+    best = 0.0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for n in sizes:
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            b = torch.randn(n, n, device=device, dtype=dtype)
+            torch.mm(a, b)  # warm-up: kernel selection, thread pool start
+            _sync(device)
+            deadline = time.perf_counter() + budget_s / len(sizes)
+            calls = 0
+            while calls < 3 or time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                torch.mm(a, b)
+                _sync(device)
+                best = max(best, 2.0 * n**3 / (time.perf_counter() - t0))
+                calls += 1
+                if calls >= 10_000:
+                    break
+            del a, b
+    return best
+
+
+def known_peak_flops(device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Datasheet bf16/fp16 peak for a CUDA device whose name is in `KNOWN_PEAKS`, else None."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available() or dtype not in (torch.bfloat16, torch.float16):
         return None
     name = torch.cuda.get_device_name(device)
     for key, peak in KNOWN_PEAKS:
@@ -80,25 +114,69 @@ def known_peak_flops(device: str | torch.device) -> float | None:
     return None
 
 
-def peak_flops(device: str | torch.device) -> tuple[float, str]:
-    """(peak FLOP/s, source) with source "datasheet" or "measured"; cached per device.
+def _cache_path():
+    from speedlm.data.cachedir import default_cache_dir
 
-    The measurement draws random numbers, so it runs with the RNG state forked: calling
-    this never changes the numbers a seeded training run sees.
-    """
+    return default_cache_dir() / CACHE_FILE
+
+
+def _read_cache() -> dict:
+    try:
+        with open(_cache_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):  # missing or damaged: measure again
+        return {}
+
+
+def _write_cache(key: str, flops: float) -> None:
+    from speedlm.data.cachedir import atomic_write_text
+
+    data = _read_cache()
+    data[key] = {"flops": flops, "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": MEASURE_SECONDS}
+    try:
+        atomic_write_text(_cache_path(), json.dumps(data, indent=2, sort_keys=True))
+    except OSError:
+        pass  # an unwritable cache only costs a re-measurement next time
+
+
+def peak_flops(
+    device: str | torch.device,
+    dtype: torch.dtype = torch.float32,
+    given: float | None = None,
+    remeasure: bool = False,
+) -> tuple[float, str]:
+    """(peak FLOP/s, source) with source "given", "datasheet" or "measured" (see module doc)."""
+    if given is None and os.environ.get("SPEEDLM_PEAK_FLOPS"):
+        text = os.environ["SPEEDLM_PEAK_FLOPS"]
+        try:
+            given = float(text)
+        except ValueError:
+            given = -1.0
+        if not given > 0:
+            from speedlm.errors import SpeedlmError
+
+            raise SpeedlmError(f"SPEEDLM_PEAK_FLOPS must be a positive number of FLOP/s (e.g. 2.5e11), got {text!r}")
+    if given is not None:
+        return float(given), "given"
     device = torch.device(device)
-    key = str(device)
-    if key not in _cache:
-        known = known_peak_flops(device)
-        if known is not None:
-            _cache[key] = (known, "datasheet")
-        else:
-            devices = [device] if device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                _cache[key] = (measure_peak_flops(device), "measured")
-    return _cache[key]
+    known = known_peak_flops(device, dtype)
+    if known is not None:
+        return known, "datasheet"
+    key = machine_key(device, dtype)
+    if not remeasure:
+        if key in _memo:
+            return _memo[key]
+        entry = _read_cache().get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0:
+            _memo[key] = (float(entry["flops"]), "measured")
+            return _memo[key]
+    flops = measure_peak_flops(device, dtype)
+    _write_cache(key, flops)
+    _memo[key] = (flops, "measured")
+    return _memo[key]
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the peak."""
-    return flops_per_token * tokens_per_s / peak if peak > 0 else 0.0
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak, at most 1 (see module doc)."""
+    return min(1.0, flops_per_token * tokens_per_s / peak) if peak > 0 else 0.0

@@ -11,6 +11,7 @@ run computed (on the same device and thread count).
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import sys
@@ -119,6 +120,8 @@ def train(
     progress: bool = True,
     stop_at_step: int | None = None,
     data_info: dict | None = None,
+    on_step=None,
+    persist: bool = True,
 ) -> dict:
     """Train `model` for `cfg.steps` optimizer steps; return a summary dict.
 
@@ -135,12 +138,17 @@ def train(
         checkpoint as trainer_state["data"], so `speedlm eval` can find the same corpus.
     stop_at_step: stop (with a checkpoint) once this many steps are done while the schedule
         still spans `cfg.steps`; for time-boxed runs and resume tests.
+    on_step: called with the number of completed steps after every optimizer step (e.g. to
+        drive an outer progress bar over several runs).
+    persist: False for throw-away runs (benchmarks that train hundreds of small models): no
+        checkpoints, metrics file or plot are written; the summary and history are returned.
 
     Writes to `cfg.out_dir`: step_*/ checkpoints + `latest`, `metrics.jsonl`, `loss.png`.
     On KeyboardInterrupt a checkpoint of the last completed step is saved, then it re-raises.
 
     Summary keys: out_dir, checkpoint, start_step, step, tokens, loss, val_loss, val_ppl,
-    best_val_loss, tok_per_s, mfu, peak_flops, peak_source, elapsed_s, metrics_path,
+    best_val_loss, tok_per_s, flops_per_s (achieved model FLOP/s), mfu, peak_flops, peak_source,
+    dtype, elapsed_s, metrics_path,
     plot_path, history (the metric records written by this call).
     """
     cfg.validate()
@@ -153,8 +161,11 @@ def train(
         raise SpeedlmError(f"stop_at_step must be >= 0, got {stop_at_step}")
     device = cfg.resolve_device()
     amp_dtype = cfg.autocast_dtype(device)
+    if resume and not persist:
+        raise SpeedlmError("a run that persists nothing cannot resume")
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if persist:
+        out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path, plot_path = out_dir / METRICS_FILE, out_dir / PLOT_FILE
 
     model.to(device)
@@ -170,8 +181,8 @@ def train(
         # steps after the checkpoint are trained again: drop their stale records
         truncate_metrics(metrics_path, start)
     else:
-        existing = list_checkpoints(out_dir)
-        if existing or (out_dir / LATEST_FILE).exists():
+        existing = list_checkpoints(out_dir) if persist else []
+        if existing or (persist and (out_dir / LATEST_FILE).exists()):
             raise SpeedlmError(
                 f"{out_dir} already holds checkpoints ({existing[-1].name if existing else LATEST_FILE}); "
                 "pass resume=True to continue that run, or choose another out_dir"
@@ -182,7 +193,8 @@ def train(
 
     end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
     flops_tok = model.flops_per_token(cfg.seq_len, training=True)
-    peak, peak_source = peak_flops(device)
+    peak, peak_source = peak_flops(device, amp_dtype or torch.float32, given=cfg.peak_flops)
+    warned_peak = False
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure, never scale
     extra_writer = (lambda folder: tokenizer.save(folder)) if tokenizer is not None else None
@@ -198,8 +210,11 @@ def train(
     window_t0, window_tokens = time.perf_counter(), 0
     in_update = False
 
-    def save(at_step: int) -> Path:
+    def save(at_step: int) -> Path | None:
         nonlocal last_saved, last_ckpt
+        if not persist:
+            last_saved = at_step
+            return None
         trainer_state = {
             "step": at_step,
             "data_step": at_step * cfg.grad_accum,  # next micro-batch index of train_stream
@@ -228,10 +243,10 @@ def train(
 
     bar = None
     try:
-        from tqdm.auto import tqdm
+        from speedlm.progress import progress_bar
 
-        bar = tqdm(total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True, desc="train")
-        with MetricsWriter(metrics_path, append=resume) as writer, _DeferredInterrupt() as interrupt:
+        bar = progress_bar(total=cfg.steps, initial=start, disable=not progress, unit="step", desc="train")
+        with MetricsWriter(metrics_path if persist else os.devnull, append=resume) as writer, _DeferredInterrupt() as interrupt:
             while step < end:
                 lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
                 for group in optimizer.param_groups:
@@ -261,6 +276,8 @@ def train(
                 call_tokens += cfg.tokens_per_step
                 window_tokens += cfg.tokens_per_step
                 bar.update(1)
+                if on_step is not None:
+                    on_step(step)
 
                 do_eval = val_ids is not None and ((cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == end)
                 if do_eval or step % cfg.log_every == 0 or step == end:
@@ -281,6 +298,7 @@ def train(
                         "grad_norm": grad_norm.item(),
                         "tokens": tokens,
                         "tok_per_s": tok_s,
+                        "flops_per_s": flops_tok * tok_s,
                         "mfu": mfu(flops_tok, tok_s, peak),
                         # the named parts of the loss: "lm" (cross-entropy) and any auxiliary losses
                         **{f"loss/{name}": float(v) / cfg.grad_accum for name, v in part_sums.items()},
@@ -289,10 +307,21 @@ def train(
                         ev = evaluate(model, val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device, amp_dtype)
                         record.update(val_loss=ev["loss"], val_ppl=ev["ppl"])
                         best_val = ev["loss"] if best_val is None else min(best_val, ev["loss"])
+                    if flops_tok * tok_s > 1.05 * peak and not warned_peak and peak_source != "given":
+                        warned_peak = True
+                        warnings.warn(
+                            f"the model runs at {flops_tok * tok_s / 1e9:.1f} GFLOP/s, above the {peak_source} peak of "
+                            f"{peak / 1e9:.1f}: that peak was measured on a busy machine; renew it with "
+                            "`speedlm bench peak --remeasure` (MFU is capped at 100% meanwhile)",
+                            stacklevel=2,
+                        )
                     writer.write(record)
                     history.append(record)
                     last_metrics = dict(record)
-                    bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{record['mfu']:.1%}", refresh=False)
+                    bar.set_postfix(
+                        loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", gflop_s=f"{flops_tok * tok_s / 1e9:.1f}",
+                        mfu=f"{record['mfu']:.1%}", refresh=False,
+                    )
                     window_t0, window_tokens = time.perf_counter(), 0  # eval time is not training time
 
                 if cfg.save_every > 0 and step % cfg.save_every == 0 and step < end:
@@ -309,7 +338,7 @@ def train(
         if in_update:
             # a second Ctrl-C landed inside optimizer.step(): the weights are half-updated
             print("interrupted during an optimizer update; keeping the last saved checkpoint", file=sys.stderr)
-        elif last_saved != step:
+        elif last_saved != step and persist:
             path = save(step)
             print(f"interrupted: saved checkpoint {path}", file=sys.stderr)
         raise
@@ -317,7 +346,8 @@ def train(
         if bar is not None:
             bar.close()
 
-    plot_losses(metrics_path, plot_path)
+    if persist:
+        plot_losses(metrics_path, plot_path)
     tok_per_s = call_tokens / train_time if train_time > 0 else 0.0
     return {
         "out_dir": str(out_dir),
@@ -330,11 +360,13 @@ def train(
         "val_ppl": last_metrics.get("val_ppl"),
         "best_val_loss": best_val,
         "tok_per_s": tok_per_s,
+        "flops_per_s": flops_tok * tok_per_s,
         "mfu": mfu(flops_tok, tok_per_s, peak),
         "peak_flops": peak,
         "peak_source": peak_source,
+        "dtype": str(amp_dtype or torch.float32).removeprefix("torch."),
         "elapsed_s": prior_elapsed + time.perf_counter() - t_start,
-        "metrics_path": str(metrics_path),
-        "plot_path": str(plot_path),
+        "metrics_path": str(metrics_path) if persist else None,
+        "plot_path": str(plot_path) if persist else None,
         "history": history,
     }

@@ -1,0 +1,90 @@
+"""Argument checks and small helpers shared by the benchmarks and `speedlm compare`: each
+user mistake is one SpeedlmError line, raised before any work starts."""
+
+from __future__ import annotations
+
+import torch
+
+from speedlm.errors import SpeedlmError
+
+# names a user may give for a dtype that models are cast to (benchmarks of inference speed)
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """auto (bf16 on CUDA where supported, else fp16; float32 on CPU) or a named dtype, checked
+    against what the device runs natively."""
+    from speedlm.device import check_dtype_supported
+
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise SpeedlmError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        resolved = dtype
+    else:
+        key = str(dtype).lower().removeprefix("torch.")
+        if key not in DTYPES:
+            raise SpeedlmError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+        resolved = DTYPES[key]
+    check_dtype_supported(device, resolved)
+    return resolved
+
+
+def as_list(value, what: str) -> list:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        value = list(value)
+    except TypeError:
+        raise SpeedlmError(f"{what} must be a list, got {value!r}") from None
+    if not value:
+        raise SpeedlmError(f"give at least one {what[:-1]}")
+    return value
+
+
+def check_presets(presets) -> list[str]:
+    presets = as_list(presets, "presets")
+    for p in presets:
+        if not isinstance(p, str) or not p:
+            raise SpeedlmError(f"presets are names (e.g. transformer-tiny), got {p!r}")
+    dup = sorted({p for p in presets if presets.count(p) > 1})
+    if dup:
+        raise SpeedlmError(f"preset(s) {dup} given more than once")
+    return presets
+
+
+def check_ints(what: str, values) -> list[int]:
+    """A sorted, de-duplicated list of positive integers (`lengths`, `pairs`, `widths`)."""
+    out = []
+    for v in as_list(values, what):
+        if isinstance(v, str) and v.isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SpeedlmError(f"{what} must be positive integers, got {v!r}")
+        out.append(v)
+    return sorted(set(out))
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpeedlmError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, for a report cell."""
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else ""
+    return f"{type(exc).__name__}: {msg}"[:200]

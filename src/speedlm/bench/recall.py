@@ -1,0 +1,284 @@
+"""Associative recall (MQAR, the Zoology benchmark): does an architecture remember what it read?
+
+For each preset x width x sequence length x number of key-value pairs, a fresh model of that
+architecture (its layer pattern at the given width, the MQAR vocabulary) is trained on fresh
+synthetic batches every step (`MQARStream`, a pure function of seed and step) with the shared
+trainer, then scored on a held-out test set drawn from a separate seed. Accuracy is the
+fraction of queries whose value the model predicts.
+
+Fixed-state models must compress every pair into their state, so their accuracy falls as the
+pairs grow relative to the state, while attention, whose KV cache grows with the context,
+recalls at every setting (Arora et al. 2023, arXiv:2312.04927, Figure 2). The state a model
+had when answering is reported beside its accuracy (`state_bytes` at the sequence length).
+
+Outputs in `out_dir`: bench_recall.json, bench_recall.md and bench_recall.png (accuracy vs
+state bytes).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+import speedlm
+from speedlm.bench.common import check_int, check_ints, check_presets, one_line
+from speedlm.data.mqar import IGNORE_INDEX, MQARStream, mqar_batch
+from speedlm.device import resolve_device
+from speedlm.errors import SpeedlmError
+from speedlm.models import ModelConfig, build_model, resolve_config
+from speedlm.progress import progress_bar, progress_write
+from speedlm.train.config import TrainConfig
+
+# the held-out test set's generator seed lies far outside the training stream's seeds
+# (seed * 1_000_003 + step), so no test example is a training example by construction
+TEST_SEED_OFFSET = 2**62
+
+
+@dataclass(frozen=True)
+class RecallSetting:
+    """One MQAR task and its training recipe."""
+
+    seq_len: int = 64
+    num_kv_pairs: int = 4
+    vocab_size: int = 32
+    steps: int = 800
+    batch_size: int = 32
+    lr: float = 1e-3
+    test_examples: int = 512
+
+    def check(self) -> None:
+        for name in ("seq_len", "num_kv_pairs", "vocab_size", "steps", "batch_size", "test_examples"):
+            check_int(f"MQAR {name}", getattr(self, name), 1)
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise SpeedlmError(f"MQAR lr must be positive, got {self.lr!r}")
+        # the generator's own checks (room for the pairs, enough distinct keys)
+        mqar_batch(1, self.seq_len, self.num_kv_pairs, self.vocab_size, torch.Generator().manual_seed(0))
+
+    def describe(self) -> str:
+        return f"T={self.seq_len}, {self.num_kv_pairs} pairs, vocab {self.vocab_size}"
+
+
+def recall_config(spec, setting: RecallSetting, width: int | None = None) -> ModelConfig:
+    """The architecture of `spec` (preset name or config) on the MQAR task: its layer pattern
+    and mixers, the MQAR vocabulary, room for the sequence, and optionally another width.
+
+    Embeddings are untied for MQAR whatever the preset says: with a tied head the value a
+    query must produce is scored against the same vectors the keys are read with, and a
+    2-layer attention model then needs several times more steps to find the recall circuit
+    (measured: 0.45 vs 1.00 accuracy after 800 steps at T=64, 4 pairs, vocabulary 32). The token
+    mixers, which are what MQAR compares, are unchanged."""
+    cfg = resolve_config(spec)
+    fields = cfg.to_dict()
+    fields.update(vocab_size=setting.vocab_size, max_seq_len=max(cfg.max_seq_len, setting.seq_len), tie_embeddings=False)
+    if width is not None:
+        if width % cfg.n_heads or (width // cfg.n_heads) % 2:
+            raise SpeedlmError(
+                f"width {width} does not split into {cfg.n_heads} heads of even size (the preset's n_heads); "
+                f"use a multiple of {2 * cfg.n_heads}"
+            )
+        fields["d_model"] = width
+        fields["ffn_hidden"] = None  # the FFN follows the width
+    return ModelConfig.from_dict(fields)
+
+
+@torch.no_grad()
+def recall_accuracy(model, setting: RecallSetting, seed: int = 0, device=None, chunk: int = 128) -> float:
+    """Accuracy on `setting.test_examples` held-out MQAR examples (see TEST_SEED_OFFSET)."""
+    g = torch.Generator().manual_seed(TEST_SEED_OFFSET + seed)
+    x, y = mqar_batch(setting.test_examples, setting.seq_len, setting.num_kv_pairs, setting.vocab_size, g)
+    device = device if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for i in range(0, len(x), chunk):
+            xs, ys = x[i : i + chunk], y[i : i + chunk]
+            pred = model(xs.to(device)).argmax(-1).cpu()
+            scored = ys != IGNORE_INDEX
+            correct += int((pred[scored] == ys[scored]).sum())
+            total += int(scored.sum())
+    finally:
+        model.train(was_training)
+    return correct / total
+
+
+def train_recall(cfg: ModelConfig, setting: RecallSetting, *, seed: int = 0, device="auto", dtype: str = "auto",
+                 peak_flops: float | None = None, on_step=None) -> dict:
+    """Train a fresh model of `cfg` on MQAR (nothing is written to disk) and score it."""
+    from speedlm.train import train
+
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    tcfg = TrainConfig(
+        steps=setting.steps, batch_size=setting.batch_size, seq_len=setting.seq_len, lr=setting.lr,
+        warmup_steps=max(1, setting.steps // 10), weight_decay=0.0, eval_every=0, save_every=0,
+        seed=seed, device=str(device), dtype=dtype, peak_flops=peak_flops, out_dir=tempfile.gettempdir(),
+    )
+    summary = train(model, tcfg, MQARStream(setting.vocab_size, setting.num_kv_pairs), progress=False,
+                    on_step=on_step, persist=False)
+    accuracy = recall_accuracy(model, setting, seed)
+    return {
+        "accuracy": accuracy,
+        "state_bytes": int(model.state_bytes(setting.seq_len, 1, 4)),
+        "params": model.num_params(),
+        "steps": summary["step"],
+        "final_loss": summary["loss"],
+        "train_tok_per_s": summary["tok_per_s"],
+    }
+
+
+def run_recall_bench(
+    presets,
+    lengths=(64, 128, 256),
+    pairs=(4, 8, 16),
+    widths=(64, 128),
+    steps: int = 1000,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    vocab_size: int = 64,
+    test_examples: int = 512,
+    device="auto",
+    dtype="auto",
+    seed: int = 0,
+    out_dir: str = "runs/recall",
+    progress: bool = True,
+) -> dict:
+    """Every preset x width x length x pairs (skipping lengths < 4 x pairs, where the pairs and
+    their queries do not fit); prints the table and writes JSON, Markdown and a plot."""
+    presets = check_presets(presets)
+    lengths, pairs, widths = check_ints("lengths", lengths), check_ints("pairs", pairs), check_ints("widths", widths)
+    dev = resolve_device(device)
+    TrainConfig(dtype=dtype).autocast_dtype(dev)  # an unknown or unsupported dtype fails before any work
+    settings = [
+        RecallSetting(n, p, vocab_size, steps, batch_size, lr, test_examples) for n in lengths for p in pairs if n >= 4 * p
+    ]
+    if not settings:
+        raise SpeedlmError(f"no length in {lengths} holds any pair count in {pairs} (MQAR needs length >= 4 x pairs)")
+    for s in settings:
+        s.check()
+    configs = {(p, w, s): recall_config(p, s, w) for p in presets for w in widths for s in settings}  # errors before work
+    os.makedirs(out_dir, exist_ok=True)
+
+    rows = []
+    total_steps = len(configs) * steps
+    bar = progress_bar(total=total_steps, desc="bench recall", disable=not progress, unit="step")
+    try:
+        for (p, w, s), cfg in configs.items():
+            bar.set_postfix_str(f"{p} d={w} {s.describe()}", refresh=False)
+            done_before = bar.n
+            row = {"preset": p, "width": w, "seq_len": s.seq_len, "pairs": s.num_kv_pairs}
+            try:
+                row.update(train_recall(cfg, s, seed=seed, device=dev, dtype=dtype,
+                                        on_step=lambda k, base=done_before: bar.update(base + k - bar.n)))
+                row["status"] = "ok"
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - one failed setting must not lose the others
+                row.update(status="failed", reason=one_line(e))
+            bar.update(done_before + steps - bar.n)
+            rows.append(row)
+            acc = f"{row['accuracy']:.3f}" if row["status"] == "ok" else row["reason"]
+            progress_write(bar, f"{p:<28} d={w:<4} T={s.seq_len:<4} pairs={s.num_kv_pairs:<3} accuracy {acc}")
+    finally:
+        bar.close()
+
+    result = {
+        "meta": {
+            "command": "speedlm bench recall",
+            "presets": presets, "lengths": lengths, "pairs": pairs, "widths": widths,
+            "steps": steps, "batch_size": batch_size, "lr": lr, "vocab_size": vocab_size,
+            "test_examples": test_examples, "device": str(dev), "dtype": dtype, "seed": seed,
+            "torch_version": torch.__version__, "speedlm_version": speedlm.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "results": rows,
+    }
+    md = recall_markdown(result)
+    files = {"json": os.path.join(out_dir, "bench_recall.json"), "md": os.path.join(out_dir, "bench_recall.md")}
+    files["plot"] = plot_recall(rows, os.path.join(out_dir, "bench_recall.png"))
+    result["files"] = files
+    with open(files["json"], "w") as f:
+        json.dump(result, f, indent=2)
+    with open(files["md"], "w") as f:
+        f.write(md)
+    print(md)
+    print("wrote " + ", ".join(files.values()))
+    return result
+
+
+def _kib(n) -> str:
+    return "-" if n is None else f"{n / 1024:,.1f}"
+
+
+def recall_markdown(result: dict) -> str:
+    m = result["meta"]
+    lines = [
+        "# MQAR associative recall",
+        "",
+        f"Trained {m['steps']} steps x {m['batch_size']} sequences, lr {m['lr']}, vocab {m['vocab_size']}; "
+        f"accuracy on {m['test_examples']} held-out examples; {m['device']} {m['dtype']}, seed {m['seed']}.",
+        "State KiB: the inference state after the sequence, in float32.",
+        "",
+        "| preset | width | length | pairs | accuracy | state KiB | params |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        if r["status"] == "ok":
+            acc, state, params = f"{r['accuracy']:.3f}", _kib(r["state_bytes"]), f"{r['params']:,}"
+        else:
+            acc, state, params = f"failed: {r['reason']}", "-", "-"
+        lines.append(f"| {r['preset']} | {r['width']} | {r['seq_len']} | {r['pairs']} | {acc} | {state} | {params} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_recall(rows: list[dict], path: str) -> str:
+    """Accuracy vs state bytes (log x), one panel per number of pairs, one colour per preset."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    pair_counts = sorted({r["pairs"] for r in rows}) or [0]
+    fig = Figure(figsize=(4.4 * len(pair_counts), 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(pair_counts), squeeze=False)[0]
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    colours = {p: f"C{i % 10}" for i, p in enumerate(presets)}
+    for ax, n in zip(axes, pair_counts):
+        for p in presets:
+            pts = sorted((r["state_bytes"], r["accuracy"]) for r in ok if r["pairs"] == n and r["preset"] == p)
+            if pts:
+                ax.plot([a for a, _ in pts], [b for _, b in pts], "o", color=colours[p], label=p, alpha=0.8)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{n} key-value pairs")
+        ax.set_xlabel("inference state (bytes, float32)")
+        ax.set_ylabel("MQAR accuracy")
+        ax.grid(True, which="both", alpha=0.3)
+    if ok:
+        axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def chance_accuracy(setting: RecallSetting) -> float:
+    """Guessing among the values: the accuracy of a model that does not recall."""
+    return 1.0 / (setting.vocab_size - setting.vocab_size // 2)
+
+
+__all__ = [
+    "RecallSetting",
+    "chance_accuracy",
+    "plot_recall",
+    "recall_accuracy",
+    "recall_config",
+    "recall_markdown",
+    "run_recall_bench",
+    "train_recall",
+]

@@ -1,0 +1,121 @@
+"""Fair compute: comparable parameter counts, then the same training FLOPs for every model.
+
+Widths. The first model keeps its preset's width; every other model gets the width (d_model,
+in steps that keep its heads even-sized, within 1/2x..2x of its preset's width, the FFN
+following the width) whose non-embedding parameter count is closest to the first model's. With
+`match="none"` every preset keeps its width. Non-embedding parameters, because the embedding
+table is a lookup that costs no FLOPs per token and would let a wider model hide parameters.
+
+Steps. Each model trains for `floor(budget / (flops_per_token * tokens_per_step))` steps, with
+`flops_per_token` its own analytic training cost at the training length (so a cheaper model
+takes more steps), on the same batch shape, data order, seed and schedule shape (warmup as a
+fraction of its steps, then cosine).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from speedlm.errors import SpeedlmError
+from speedlm.models import ModelConfig, build_model
+
+MATCH_MODES = ("first", "none")
+
+
+class BudgetTooSmall(SpeedlmError):
+    """The budget does not pay for one step of some model: a bad argument, not a model failure."""
+
+
+@dataclass
+class ModelPlan:
+    name: str  # the preset (or config path) as the user gave it
+    config: ModelConfig  # width-matched, vocabulary set
+    preset_width: int
+    params: int
+    params_non_embedding: int
+    flops_per_token: float  # training FLOPs per token at the training length
+    steps: int
+    tokens: int
+    train_flops: float  # what the steps actually cost (<= the budget, within one step)
+
+    @property
+    def width(self) -> int:
+        return self.config.d_model
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "config": self.config.to_dict(),
+            "d_model": self.width,
+            "preset_d_model": self.preset_width,
+            "params": self.params,
+            "params_non_embedding": self.params_non_embedding,
+            "train_flops_per_token": self.flops_per_token,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "train_flops": self.train_flops,
+        }
+
+
+def count_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, non-embedding) parameters of `cfg`, built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return model.num_params(), model.num_params(non_embedding=True)
+
+
+def _with_width(cfg: ModelConfig, width: int) -> ModelConfig | None:
+    fields = cfg.to_dict()
+    fields["d_model"] = width
+    try:
+        return ModelConfig.from_dict(fields)
+    except SpeedlmError:  # a width some part's options do not allow (kv_heads, head sizes, ...)
+        return None
+
+
+def match_width(cfg: ModelConfig, target_non_embedding: int) -> ModelConfig:
+    """The width of `cfg`'s architecture whose non-embedding parameters are closest to the target
+    (log distance), searched in steps of 2 x n_heads within [d/2, 2d]."""
+    step = 2 * cfg.n_heads
+    d0 = cfg.d_model
+    best, best_gap = cfg, abs(math.log(count_params(cfg)[1] / target_non_embedding))
+    for width in range(max(step, (d0 // 2) // step * step), 2 * d0 + 1, step):
+        candidate = _with_width(cfg, width) if width != d0 else None
+        if candidate is None:
+            continue
+        gap = abs(math.log(count_params(candidate)[1] / target_non_embedding))
+        if gap < best_gap - 1e-12:
+            best, best_gap = candidate, gap
+    return best
+
+
+def steps_for_budget(budget: float, flops_per_token: float, tokens_per_step: int) -> int:
+    """Whole optimizer steps that fit in `budget` training FLOPs."""
+    return int(budget // (flops_per_token * tokens_per_step))
+
+
+def plan_model(name: str, cfg: ModelConfig, budget: float, batch_size: int, seq_len: int, target: int | None) -> ModelPlan:
+    preset_width = cfg.d_model
+    if target is not None:
+        cfg = match_width(cfg, target)
+    params, non_emb = count_params(cfg)
+    with torch.device("meta"):
+        fpt = build_model(cfg).flops_per_token(seq_len, training=True)
+    tokens_per_step = batch_size * seq_len
+    steps = steps_for_budget(budget, fpt, tokens_per_step)
+    if steps < 1:
+        raise BudgetTooSmall(
+            f"budget {budget:.3g} FLOPs is too small for one training step of {name} "
+            f"({fpt * tokens_per_step:.3g} FLOPs per step of {batch_size} x {seq_len} tokens); raise --budget"
+        )
+    return ModelPlan(name, cfg, preset_width, params, non_emb, fpt, steps, steps * tokens_per_step,
+                     steps * tokens_per_step * fpt)
+
+
+def check_match(match: str) -> str:
+    if match not in MATCH_MODES:
+        raise SpeedlmError(f"--match-params must be one of {MATCH_MODES}, got {match!r}")
+    return match

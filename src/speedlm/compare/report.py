@@ -1,0 +1,175 @@
+"""The compare report: report.json (every number) and report.md (the leaderboard, the plan that
+made the compute fair, the environment and the plots)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+TABLE_STATE_CONTEXTS = (4096, 65536)
+
+
+def human_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}" if n / size < 100 else f"{n / size:,.0f} {unit}"
+    return f"{n} B"
+
+
+def _ctx(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _get(d: dict | None, n: int):
+    """Dict keyed by context length, whether keys are ints (in memory) or strings (from JSON)."""
+    if not d:
+        return None
+    return d.get(n, d.get(str(n)))
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def ranked(models: list[dict]) -> list[dict]:
+    """Finished models by validation loss (best first), then the others in their given order."""
+    ok = sorted((m for m in models if m["status"] == "ok"), key=lambda m: m["val_loss"])
+    return ok + [m for m in models if m["status"] != "ok"]
+
+
+def leaderboard_markdown(report: dict) -> str:
+    opts = report["meta"]["options"]
+    contexts = opts["contexts"]
+    short, long = contexts[0], contexts[-1]
+    head = (
+        "| # | model | params | train MFLOP/token | steps | val loss | ppl | MQAR acc | train tok/s | "
+        f"prefill tok/s @{_ctx(long)} | decode ms @{_ctx(short)} | decode ms @{_ctx(long)} | "
+        + " | ".join(f"state @{_ctx(n)}" for n in TABLE_STATE_CONTEXTS)
+        + " |"
+    )
+    lines = [head, "|" + "---|" * (12 + len(TABLE_STATE_CONTEXTS))]
+    for i, m in enumerate(ranked(report["models"]), 1):
+        if m["status"] != "ok":
+            params = format(m["params"], ",") if m.get("params") else "-"
+            lines.append(f"| - | {m['name']} | {params} | {m['status']}: {m.get('reason', '')} |"
+                         + " |" * (8 + len(TABLE_STATE_CONTEXTS)))
+            continue
+        lines.append(
+            f"| {i} | {m['name']} | {m['params']:,} | {m['train_flops_per_token'] / 1e6:.3f} | {m['steps']:,} | "
+            f"{m['val_loss']:.4f} | {m['val_ppl']:.3f} | {_num(m.get('mqar_accuracy'), '.3f')} | "
+            f"{_num(m['train_tok_per_s'], ',.0f')} | {_num(_get(m['prefill_tok_s'], long), ',.0f')} | "
+            f"{_num(_get(m['decode_ms'], short), '.2f')} | {_num(_get(m['decode_ms'], long), '.2f')} | "
+            + " | ".join(human_bytes(_get(m["state_bytes"], n)) for n in TABLE_STATE_CONTEXTS)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _plan_markdown(report: dict) -> str:
+    models = [m for m in report["models"] if "d_model" in m]
+    first = models[0]["params_non_embedding"] if models else None
+    match = report["meta"]["options"]["match"]
+    lines = [
+        "| model | d_model (preset) | params | non-embedding | vs first | train MFLOP/token | steps | tokens | train FLOPs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in models:
+        ratio = f"{m['params_non_embedding'] / first:.3f}" if first and match == "first" else "-"
+        lines.append(
+            f"| {m['name']} | {m['d_model']} ({m['preset_d_model']}) | {m['params']:,} | {m['params_non_embedding']:,} | "
+            f"{ratio} | {m['train_flops_per_token'] / 1e6:.3f} | {m['steps']:,} | {m['tokens']:,} | {m['train_flops']:.3g} |"
+        )
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
+    meta, opts = report["meta"], report["meta"]["options"]
+    data = meta["data"]
+    mqar = opts.get("mqar")
+    lines = [
+        "# speedlm compare",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Machine: {meta['machine']}; device {meta['device']}, training dtype {meta['train_dtype']}; Python {meta['python']}, torch {meta['torch']}, speedlm {meta['speedlm']}; {meta['date']}.",
+        "",
+        f"Data: {data['name']} ({data['files']} files, fingerprint `{data['fingerprint']}`), "
+        f"{opts['tokenizer']} tokenizer. Every model: {opts['budget']:.3g} training FLOPs, batches of "
+        f"{opts['batch_size']} x {opts['seq_len']} tokens in the same order, seed {opts['seed']}, peak lr {opts['lr']} "
+        f"with {opts['warmup_fraction']:.0%} warmup then cosine to {opts['min_lr_ratio']} x.",
+        "",
+        "Timing columns (train, prefill and decode) were measured in one process, one model after another, on this "
+        "machine: compare them with each other, not with other machines. Every other number repeats exactly when "
+        "the command is run again with the same seed.",
+        "",
+        "## Leaderboard (by validation loss)",
+        "",
+        leaderboard_markdown(report),
+        "",
+        f"Validation loss: nats per token over {opts['final_eval_batches']} x {opts['batch_size']} x {opts['seq_len']} "
+        "held-out tokens. Decode: median ms per token after a prefill of that many tokens, batch 1. State: the "
+        f"analytic inference cache after that many tokens, batch 1, in {_state_dtype(report)}.",
+        "",
+        "## Fair compute",
+        "",
+        "The first model keeps its preset's width; each other model takes the width (in steps that keep its "
+        "heads even) whose non-embedding parameters are closest to the first model's"
+        + (" (`--match-params none`: every preset kept its width)." if opts["match"] == "none" else ".")
+        + " Each then trains for as many steps as the budget pays for at its own analytic cost per token "
+        "(`flops_per_token`), so a cheaper model sees more tokens.",
+        "",
+        _plan_markdown(report),
+        "",
+    ]
+    if mqar:
+        lines += [
+            "## Associative recall (MQAR)",
+            "",
+            f"Each architecture at its compare width, trained {mqar['steps']} steps x {mqar['batch_size']} fresh sequences "
+            f"(T={mqar['seq_len']}, {mqar['num_kv_pairs']} key-value pairs, vocabulary {mqar['vocab_size']}, lr {mqar['lr']}), "
+            f"scored on {mqar['test_examples']} held-out sequences; chance is "
+            f"{1 / (mqar['vocab_size'] - mqar['vocab_size'] // 2):.3f}. `speedlm bench recall` sweeps lengths, pairs and widths.",
+            "",
+        ]
+    failed = [m for m in report["models"] if m["status"] != "ok"]
+    if failed:
+        lines += ["## Models that did not finish", ""]
+        lines += [f"- {m['name']}: {m['status']}: {m.get('reason', '')}" for m in failed]
+        lines += ["", "Tracebacks, where there were any, are in `errors.log`.", ""]
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{key}]({os.path.basename(path)})" for key, path in plots.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _state_dtype(report: dict) -> str:
+    for m in report["models"]:
+        if m.get("state_dtype"):
+            return m["state_dtype"]
+    return "the inference dtype"
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_report(report: dict, out_dir: str, plots: dict[str, str] | None = None) -> dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    files = {"json": os.path.join(out_dir, REPORT_JSON), "md": os.path.join(out_dir, REPORT_MD)}
+    with open(files["json"], "w") as f:
+        json.dump(_jsonable(report), f, indent=2)
+    with open(files["md"], "w") as f:
+        f.write(report_markdown(report, plots))
+    return files

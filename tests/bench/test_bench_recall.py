@@ -1,0 +1,67 @@
+"""`speedlm bench recall`: MQAR over presets x widths x lengths x pairs."""
+
+import json
+
+import pytest
+
+from speedlm.bench.recall import RecallSetting, chance_accuracy, recall_accuracy, recall_config, run_recall_bench
+from speedlm.cli import main
+from speedlm.errors import SpeedlmError
+from speedlm.models import build_model
+
+
+def test_the_sweep_writes_a_row_per_setting_and_skips_what_cannot_hold_the_pairs(tmp_path):
+    result = run_recall_bench(["transformer-tiny", "linear-attention-tiny"], lengths=[16, 32], pairs=[2, 8], widths=[32],
+                              steps=3, batch_size=4, vocab_size=32, test_examples=16, device="cpu",
+                              out_dir=str(tmp_path), progress=False)
+    rows = result["results"]
+    # (16, 8) does not fit (needs length >= 32): 3 settings per preset
+    assert sorted((r["preset"], r["seq_len"], r["pairs"]) for r in rows) == sorted(
+        (p, n, k) for p in ("transformer-tiny", "linear-attention-tiny") for n, k in ((16, 2), (32, 2), (32, 8))
+    )
+    for r in rows:
+        assert r["status"] == "ok" and 0.0 <= r["accuracy"] <= 1.0 and r["width"] == 32 and r["steps"] == 3
+    attn = {r["seq_len"]: r["state_bytes"] for r in rows if r["preset"] == "transformer-tiny" and r["pairs"] == 2}
+    lin = {r["seq_len"]: r["state_bytes"] for r in rows if r["preset"] == "linear-attention-tiny" and r["pairs"] == 2}
+    assert attn[32] == 2 * attn[16] and lin[32] == lin[16]  # a KV cache grows, a recurrent state does not
+    saved = json.loads((tmp_path / "bench_recall.json").read_text())
+    assert len(saved["results"]) == 6 and "| transformer-tiny | 32 | 16 | 2 |" in (tmp_path / "bench_recall.md").read_text()
+    assert (tmp_path / "bench_recall.png").stat().st_size > 1000
+    assert not list(tmp_path.glob("**/step_*"))  # throw-away runs: no checkpoints
+
+
+def test_accuracy_is_scored_on_held_out_examples():
+    s = RecallSetting(seq_len=16, num_kv_pairs=2, vocab_size=16, test_examples=64)
+    model = build_model(recall_config("transformer-tiny", s, 32))
+    a, b = recall_accuracy(model, s, seed=0), recall_accuracy(model, s, seed=0)
+    assert a == b and 0.0 <= a <= 1.0
+    assert chance_accuracy(s) == 1 / 8
+
+
+def test_widths_must_split_into_the_presets_heads():
+    with pytest.raises(SpeedlmError, match="does not split into 4 heads"):
+        recall_config("transformer-tiny", RecallSetting(), 36)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lengths", "8", "--pairs", "4"], "no length"),
+        (["--presets", "nope"], "unknown preset"),
+        (["--widths", "30"], "does not split"),
+        (["--vocab-size", "8", "--pairs", "8"], "too few distinct keys"),
+    ],
+)
+def test_bad_input_is_one_line(args, message, tmp_path, capsys):
+    assert main(["bench", "recall", "--out", str(tmp_path), "--steps", "1", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_bench_peak_reports_the_peak_it_divides_by(capsys, monkeypatch):
+    monkeypatch.setenv("SPEEDLM_PEAK_FLOPS", "3e11")
+    assert main(["bench", "peak", "--dtypes", "float32", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "300.0 GFLOP/s (given)" in out and "float32" in out
+
+

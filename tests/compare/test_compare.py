@@ -1,0 +1,169 @@
+"""`speedlm compare`: fair compute, a complete report, repeatable numbers, failures contained."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from speedlm.bench.recall import RecallSetting
+from speedlm.cli import main
+from speedlm.compare import TIMING_FIELDS, CompareOptions, plan_model, run_compare, steps_for_budget
+from speedlm.compare.plan import BudgetTooSmall, count_params, match_width
+from speedlm.models import resolve_config
+
+TINY_MQAR = RecallSetting(seq_len=16, num_kv_pairs=2, vocab_size=16, steps=3, batch_size=4, lr=1e-3, test_examples=16)
+
+
+def tiny_options(tmp_path, name="run", **kw) -> CompareOptions:
+    base = dict(
+        presets=["transformer-tiny", "sliding-window-tiny"], budget=3e9, seq_len=64, batch_size=4,
+        eval_points=2, eval_batches=1, final_eval_batches=2, mqar=TINY_MQAR, contexts=(32, 64), decode_tokens=2,
+        device="cpu", peak_flops=1e11, out_dir=str(tmp_path / name), command="speedlm compare (test)",
+    )
+    base.update(kw)
+    return CompareOptions(**base)
+
+
+# ----- fair compute --------------------------------------------------------------------
+def test_the_budget_scheduler_gives_each_model_the_steps_its_cost_implies():
+    budget, batch, seq = 1e12, 8, 512
+    plans = [plan_model(p, resolve_config(p), budget, batch, seq, None) for p in ("transformer-tiny", "sliding-window-tiny")]
+    for p in plans:
+        per_step = p.flops_per_token * batch * seq
+        assert p.steps == math.floor(budget / per_step) == steps_for_budget(budget, p.flops_per_token, batch * seq)
+        assert budget - per_step < p.train_flops <= budget  # the whole budget, to within one step
+        assert p.tokens == p.steps * batch * seq
+    full, window = plans
+    assert window.flops_per_token < full.flops_per_token and window.steps > full.steps  # cheaper: more steps
+
+
+def test_widths_are_chosen_so_non_embedding_parameters_match_the_first_model():
+    target = count_params(resolve_config("transformer-tiny"))[1]
+    gqa = resolve_config("gqa-tiny")  # fewer K/V parameters at the same width
+    matched = match_width(gqa, target)
+    gap = lambda cfg: abs(math.log(count_params(cfg)[1] / target))  # noqa: E731
+    assert matched.d_model != gqa.d_model and matched.d_model % (2 * gqa.n_heads) == 0
+    assert gap(matched) < gap(gqa) and gap(matched) < 0.05
+    assert count_params(match_width(resolve_config("linear-attention-tiny"), target))[1] == target  # same shape: kept
+
+
+def test_a_budget_below_one_step_is_refused():
+    with pytest.raises(BudgetTooSmall, match="too small for one training step of transformer-tiny"):
+        plan_model("transformer-tiny", resolve_config("transformer-tiny"), 1e6, 16, 256, None)
+
+
+# ----- the job -------------------------------------------------------------------------
+def _strip_timings(obj):
+    if isinstance(obj, dict):
+        return {k: _strip_timings(v) for k, v in obj.items() if k not in TIMING_FIELDS and k not in ("date", "checkpoint")}
+    if isinstance(obj, list):
+        return [_strip_timings(v) for v in obj]
+    return obj
+
+
+def test_a_tiny_compare_completes_with_every_model_and_column_and_repeats_exactly(tmp_path):
+    first = run_compare(tiny_options(tmp_path, "a"), progress=False)
+    models = {m["name"]: m for m in first["models"]}
+    assert list(models) == ["transformer-tiny", "sliding-window-tiny"]
+    for m in models.values():
+        assert m["status"] == "ok"
+        for key in ("params", "train_flops_per_token", "steps", "val_loss", "val_ppl", "mqar_accuracy",
+                    "train_tok_per_s", "prefill_tok_s", "decode_ms", "state_bytes", "curve"):
+            assert key in m, key
+        assert m["val_ppl"] == pytest.approx(math.exp(m["val_loss"]))
+        assert set(m["decode_ms"]) == {32, 64} and all(v > 0 for v in m["decode_ms"].values())
+        assert m["state_bytes"][4096] > 0 and m["state_bytes"][65536] >= m["state_bytes"][4096]
+        assert m["cache_bytes"][64] == m["state_bytes"][64]  # the measured cache is what was promised
+        assert len(m["curve"]) >= 2 and m["curve"][-1]["train_flops"] == pytest.approx(m["train_flops"])
+    full, window = models["transformer-tiny"], models["sliding-window-tiny"]
+    assert window["steps"] > full["steps"]
+    assert full["state_bytes"][65536] == 16 * full["state_bytes"][4096]  # full KV cache: linear in context
+    assert window["state_bytes"][65536] == window["state_bytes"][4096]  # window: bounded
+    out = tmp_path / "a"
+    md = (out / "report.md").read_text()
+    assert "speedlm compare (test)" in md and "b8f0cded9b94" not in "" and first["meta"]["data"]["fingerprint"] in md
+    assert "measured in one process" in md and "| 1 |" in md and "| 2 |" in md
+    for name in ("compare_loss_vs_flops.png", "compare_decode_latency.png", "compare_cache_bytes.png", "compare_mqar_vs_state.png"):
+        assert (out / name).stat().st_size > 1000
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["models"][0]["val_loss"] == full["val_loss"]
+    assert os.path.isdir(out / "models" / "transformer-tiny")  # each model's checkpoint, for eval / generate
+
+    second = run_compare(tiny_options(tmp_path, "b"), progress=False)
+    a, b = _strip_timings(first), _strip_timings(second)
+    a["meta"]["options"].pop("out_dir"), b["meta"]["options"].pop("out_dir")
+    a.pop("files"), b.pop("files")
+    assert a == b  # same seed: identical numbers, timings aside
+
+
+def test_a_failing_model_is_reported_and_the_others_finish(tmp_path):
+    from speedlm.models.registry import MIXERS
+    from support.parts import NoMixing
+
+    class NaNMixer(NoMixing):  # a model whose loss is NaN: training diverges
+        def mix(self, x, meta, cache=None):
+            return super().mix(x, meta, cache) * float("nan")
+
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"vocab_size": 256, "d_model": 32, "n_layers": 3, "pattern": "AA"}))  # does not tile
+    diverging = tmp_path / "diverging.json"
+    diverging.write_text(json.dumps({"vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 512,
+                                     "layers": {"A": {"mixer": {"name": "test_nan"}}}}))
+    MIXERS.register("test_nan", NaNMixer, family="test", description="test", paper="-")
+    try:
+        report = run_compare(tiny_options(tmp_path, presets=["transformer-tiny", str(diverging), str(broken)]), progress=False)
+    finally:
+        MIXERS.unregister("test_nan")
+    rows = {os.path.basename(m["name"]): m for m in report["models"]}
+    assert rows["transformer-tiny"]["status"] == "ok"
+    assert rows["diverging.json"]["status"] == "failed" and "diverged" in rows["diverging.json"]["reason"]
+    assert rows["broken.json"]["status"] == "failed" and "does not tile" in rows["broken.json"]["reason"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "diverged" in md and "does not tile" in md and "| 1 | transformer-tiny |" in md
+    assert "diverged" in (tmp_path / "run" / "errors.log").read_text()
+
+
+def test_ctrl_c_writes_the_report_of_the_models_finished_so_far(tmp_path, monkeypatch):
+    import speedlm.compare.run as run
+
+    real = run._run_model
+
+    def interrupt_second(o, plan, *args):
+        if plan.name == "sliding-window-tiny":
+            raise KeyboardInterrupt
+        return real(o, plan, *args)
+
+    monkeypatch.setattr(run, "_run_model", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(tiny_options(tmp_path, presets=["transformer-tiny", "sliding-window-tiny", "linear-attention-tiny"]),
+                    progress=False)
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [m["status"] for m in saved["models"]] == ["ok", "interrupted", "not run"]
+
+
+# ----- bad input -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--presets", "transformer-tiny,warp-drive"], "unknown preset 'warp-drive'"),
+        (["--budget", "0"], "--budget must be a positive"),
+        (["--budget=-5e12"], "--budget must be a positive"),
+        (["--budget", "1e6"], "too small for one training step"),
+        (["--seq-len", "4096"], "longer than transformer-tiny can hold"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
+    argv = ["compare", "--presets", "transformer-tiny", "--out", str(tmp_path / "x"), *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_an_unwritable_output_folder_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["compare", "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not writable" in err and len(err.splitlines()) == 1
