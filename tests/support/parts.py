@@ -59,37 +59,6 @@ class PreRopeSinkWindow(SinkWindowPolicy):
 
 
 # ----- mixers --------------------------------------------------------------------------
-class GatedConv(Mixer):
-    """The README's worked example: y = o_proj(silu(gate(x)) * conv(v_proj(x))), a causal short
-    convolution whose decode state is the last kernel - 1 inputs."""
-
-    def __init__(self, dims, kernel: Annotated[int, Range(min=1)] = 4):
-        super().__init__(dims)
-        d = dims.d_model
-        self.v_proj, self.gate, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
-        self.conv = ShortConv(d, kernel)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        super().reset_parameters()  # N(0, init_std) for every nn.Linear
-        self.conv.reset_parameters()
-
-    def mix(self, x, meta, cache=None):
-        return self.o_proj(torch.nn.functional.silu(self.gate(x)) * self.conv(self.v_proj(x), cache))
-
-    def reference(self, x, meta):
-        return self.o_proj(torch.nn.functional.silu(self.gate(x)) * self.conv.reference(self.v_proj(x)))
-
-    def init_cache(self, kv_policy=None):
-        return self.conv.init_cache()
-
-    def state_bytes(self, context_len, batch_size=1, bytes_per_elem=2):
-        return self.conv.state_bytes(context_len, batch_size, bytes_per_elem)
-
-    def flops_per_token(self, context_len):
-        return 3 * 2.0 * self.dims.d_model**2 + self.conv.flops_per_token()
-
-
 class ConvAttention(Mixer):
     """A short causal convolution, then attention: a layer with two kinds of state, held in one
     CompositeCache (conv inputs in a TokenBuffer, keys and values in a KVCache)."""
@@ -255,7 +224,6 @@ def entry(name, cls, contract_spec=None) -> Entry:
 
 # contract-suite entries for the test-only mixers (next to every registered one)
 TEST_MIXERS = {
-    "test_gated_conv": entry("test_gated_conv", GatedConv, {"kernel": 3}),
     "test_conv_attention": entry("test_conv_attention", ConvAttention, {"kernel": 4, "kv_heads": 2}),
     "test_long_conv": entry("test_long_conv", LongConv),
     "test_aux_penalty": entry("test_aux_penalty", AuxPenalty),

@@ -17,25 +17,36 @@ from speedlm.registry import Range
 
 class HeadsMixer(Mixer):
     """q/k/v/o projections over `n_heads` query heads and `kv_heads` key/value heads (GQA when
-    fewer), each `head_dim` wide. Fast forms use `project` / `output`; references use
-    `reference_project` / `reference_output`, which compute the same maps from the weights with
-    einsums, independently of the view/transpose plumbing of the fast path."""
+    fewer). Queries and keys are `key_dim` wide per head, values (and what the output projection
+    reads) `value_dim`; both default to the model's head_dim (softmax attention), and linear
+    recurrences choose their own (GLA: half-width keys, RetNet: double-width values). Fast forms
+    use `project` / `output`; references use `reference_project` / `reference_output`, which
+    compute the same maps from the weights with einsums, independently of the view/transpose
+    plumbing of the fast path."""
 
     @classmethod
     def check_options(cls, dims: ModelDims, kv_heads: int | None = None, **options) -> None:
         if kv_heads is not None and dims.n_heads % kv_heads:
             raise SpeedlmError(f"kv_heads={kv_heads} must be a positive divisor of n_heads={dims.n_heads}")
 
-    def __init__(self, dims: ModelDims, kv_heads: Annotated[int | None, Range(min=1)] = None):
+    def __init__(
+        self,
+        dims: ModelDims,
+        kv_heads: Annotated[int | None, Range(min=1)] = None,
+        key_dim: int | None = None,
+        value_dim: int | None = None,
+    ):
         super().__init__(dims)
         self.n_heads = dims.n_heads
         self.kv_heads = dims.n_heads if kv_heads is None else kv_heads
         self.head_dim = dims.head_dim
-        d, dh = dims.d_model, self.head_dim
-        self.q_proj = nn.Linear(d, self.n_heads * dh, bias=False)
-        self.k_proj = nn.Linear(d, self.kv_heads * dh, bias=False)
-        self.v_proj = nn.Linear(d, self.kv_heads * dh, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * dh, d, bias=False)
+        self.key_dim = dims.head_dim if key_dim is None else key_dim
+        self.value_dim = dims.head_dim if value_dim is None else value_dim
+        d, dk, dv = dims.d_model, self.key_dim, self.value_dim
+        self.q_proj = nn.Linear(d, self.n_heads * dk, bias=False)
+        self.k_proj = nn.Linear(d, self.kv_heads * dk, bias=False)
+        self.v_proj = nn.Linear(d, self.kv_heads * dv, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * dv, d, bias=False)
 
     # ----- fast path -----
     def split_heads(self, y: torch.Tensor, heads: int) -> torch.Tensor:
@@ -75,5 +86,5 @@ class HeadsMixer(Mixer):
         )
 
     def reference_output(self, y_bhtd):
-        w = self.o_proj.weight.view(-1, self.n_heads, self.head_dim)
+        w = self.o_proj.weight.view(-1, self.n_heads, self.value_dim)
         return torch.einsum("bhte,dhe->btd", y_bhtd, w)

@@ -79,6 +79,58 @@ PRESETS: dict[str, Preset] = {
                 },
             ),
         ),
+        Preset(
+            "performer",
+            "Performer: FAVOR+ positive orthogonal random features (m = Dh ln Dh), causal prefix sums",
+            "Choromanski et al. 2020, Rethinking Attention with Performers (arXiv:2009.14794)",
+            lambda s: dict(pattern="P", layers={"P": {"mixer": {"name": "performer"}}}),
+        ),
+        Preset(
+            "based",
+            "Based: gated short convolutions, Taylor-feature linear attention and 64-token sliding-window attention, "
+            "interleaved (tiny: 3 layers, window 32)",
+            "Arora et al. 2024, Simple linear attention language models balance the recall-throughput tradeoff "
+            "(arXiv:2402.18668)",
+            lambda s: dict(
+                n_layers=3 if s["n_layers"] == 2 else s["n_layers"],
+                pattern="CLS",
+                layers={
+                    "C": {"mixer": {"name": "base_conv", "kernel": 3}},
+                    "L": {"mixer": {"name": "based", "feature_dim": 16}},
+                    "S": {"mixer": {"name": "sliding_window", "window": min(64, s["window"])}},
+                },
+            ),
+        ),
+        Preset(
+            "retnet",
+            "RetNet: multi-scale retention with fixed per-head decays, group norm and swish gate",
+            "Sun et al. 2023, Retentive Network (arXiv:2307.08621)",
+            lambda s: dict(pattern="R", layers={"R": {"mixer": {"name": "retnet"}}}),
+        ),
+        Preset(
+            "gla",
+            "GLA: gated linear attention, data-dependent per-channel decay and output gate",
+            "Yang et al. 2023, Gated Linear Attention Transformers with Hardware-Efficient Training (arXiv:2312.06635)",
+            lambda s: dict(pattern="G", layers={"G": {"mixer": {"name": "gla"}}}),
+        ),
+        Preset(
+            "deltanet",
+            "DeltaNet: delta-rule linear attention with L2-normalised q/k, beta gate and short convolutions",
+            "Yang et al. 2024, Parallelizing Linear Transformers with the Delta Rule over Sequence Length (arXiv:2406.06484)",
+            lambda s: dict(pattern="D", layers={"D": {"mixer": {"name": "deltanet"}}}),
+        ),
+        Preset(
+            "gated-deltanet",
+            "Gated DeltaNet: the delta rule with a Mamba-2-style data-dependent decay and an output gate",
+            "Yang et al. 2024, Gated Delta Networks: Improving Mamba2 with Delta Rule (arXiv:2412.06464)",
+            lambda s: dict(pattern="D", layers={"D": {"mixer": {"name": "gated_deltanet"}}}),
+        ),
+        Preset(
+            "hgrn",
+            "HGRN: element-wise gated linear recurrence with forget-gate lower bounds rising with depth",
+            "Qin et al. 2023, Hierarchically Gated Recurrent Neural Network for Sequence Modeling (arXiv:2311.04823)",
+            lambda s: dict(pattern="H", layers={"H": {"mixer": {"name": "hgrn"}}}),
+        ),
     ]
 }
 

@@ -7,10 +7,17 @@ Registering a part is all it takes for the contract suite, configs, `speedlm lis
 from __future__ import annotations
 
 from speedlm.layers.attention import Attention
+from speedlm.layers.base_conv import BaseConv
+from speedlm.layers.based import BasedLinearAttention
 from speedlm.layers.block import PreNormBlock
+from speedlm.layers.deltanet import DeltaNet, GatedDeltaNet
 from speedlm.layers.ffn import NoFFN
+from speedlm.layers.gla import GatedLinearAttention
+from speedlm.layers.hgrn import HGRN
 from speedlm.layers.linear_attention import LinearAttention
 from speedlm.layers.mlp import SwiGLU
+from speedlm.layers.performer import Performer
+from speedlm.layers.retnet import MultiScaleRetention
 from speedlm.layers.sparse_attention import SlidingWindowAttention
 from speedlm.models.causal_lm import CausalLM
 from speedlm.registry import BLOCKS, FFNS, MIXERS, MODELS, Entry
@@ -55,6 +62,70 @@ register_mixer(
     family="linear attention",
     description="linear attention with elu+1 features, chunked parallel form, float32 matrix-state cache",
     paper="Katharopoulos et al. 2020, Transformers are RNNs (arXiv:2006.16236)",
+    contract_spec={"chunk_size": 16},
+)
+register_mixer(
+    "performer",
+    Performer,
+    family="linear attention",
+    description="FAVOR+ positive orthogonal random features, causal prefix sums with a causal stabiliser; optional redraw",
+    paper="Choromanski et al. 2020, Rethinking Attention with Performers (arXiv:2009.14794)",
+    contract_spec={"chunk_size": 16, "features": 24},
+)
+register_mixer(
+    "based",
+    BasedLinearAttention,
+    family="linear attention",
+    description="linear attention with a 2nd-order Taylor feature map on a 16-dim projection (pairs with SWA and BaseConv)",
+    paper="Arora et al. 2024, Simple linear attention language models balance the recall-throughput tradeoff (arXiv:2402.18668)",
+    contract_spec={"chunk_size": 16, "feature_dim": 4},
+)
+register_mixer(
+    "base_conv",
+    BaseConv,
+    family="long convolution",
+    description="gated short convolution (W_p x) * conv_k(W_c x); decode state: the last k - 1 inputs",
+    paper="Arora et al. 2023, Zoology (arXiv:2312.04927); Based (arXiv:2402.18668)",
+    contract_spec={"kernel": 3},
+)
+register_mixer(
+    "retnet",
+    MultiScaleRetention,
+    family="linear attention",
+    description="multi-scale retention: fixed per-head decays, xPos/RoPE, group norm, swish gate; parallel, chunkwise, recurrent",
+    paper="Sun et al. 2023, Retentive Network (arXiv:2307.08621)",
+    contract_spec={"chunk_size": 16},
+)
+register_mixer(
+    "gla",
+    GatedLinearAttention,
+    family="linear attention",
+    description="gated linear attention: data-dependent per-channel decay (low-rank gate, tau 16), output gate",
+    paper="Yang et al. 2023, Gated Linear Attention Transformers with Hardware-Efficient Training (arXiv:2312.06635)",
+    contract_spec={"chunk_size": 16},
+)
+register_mixer(
+    "deltanet",
+    DeltaNet,
+    family="linear attention",
+    description="delta rule: L2-normalised q/k, beta gate, short conv; chunked through the WY/UT triangular solve",
+    paper="Yang et al. 2024, Parallelizing Linear Transformers with the Delta Rule over Sequence Length (arXiv:2406.06484)",
+    contract_spec={"chunk_size": 16},
+)
+register_mixer(
+    "gated_deltanet",
+    GatedDeltaNet,
+    family="linear attention",
+    description="delta rule with a Mamba-2-style data-dependent decay and an output gate",
+    paper="Yang et al. 2024, Gated Delta Networks: Improving Mamba2 with Delta Rule (arXiv:2412.06464)",
+    contract_spec={"chunk_size": 16},
+)
+register_mixer(
+    "hgrn",
+    HGRN,
+    family="linear RNN",
+    description="element-wise gated linear recurrence; forget-gate lower bound rising with depth",
+    paper="Qin et al. 2023, Hierarchically Gated Recurrent Neural Network for Sequence Modeling (arXiv:2311.04823)",
     contract_spec={"chunk_size": 16},
 )
 

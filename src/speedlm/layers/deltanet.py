@@ -1,0 +1,140 @@
+"""DeltaNet (Yang et al. 2024, arXiv:2406.06484) and Gated DeltaNet (Yang et al. 2024,
+arXiv:2412.06464): linear attention with the delta rule (ops/delta_rule.py).
+
+    q, k, v = silu(short_conv(W_q x)), silu(short_conv(W_k x)), silu(short_conv(W_v x))
+    q, k    = q / |q|, k / |k|                         (L2 per head)
+    beta_t  = sigmoid(W_beta x_t)                       (per head: how much of v_t is written)
+    a_t     = exp(-exp(A_log) * softplus(W_a x_t + dt_bias))     (Gated DeltaNet only)
+    S_t     = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t / sqrt(Dk)
+    y       = W_o( RMSNorm_heads(o) [* swish(W_g x)] )
+
+The short causal convolution (kernel 4) carries its own decode state, so a layer's cache is a
+CompositeCache of the conv inputs and the matrix state. Gated DeltaNet's decay follows Mamba-2:
+A ~ U[1, 16] stored as A_log, dt_bias the inverse softplus of dt ~ logU[1e-3, 1e-1]; it adds an
+output gate and, as in its paper, values twice as wide as keys.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speedlm.cache.composite import CompositeCache
+from speedlm.cache.recurrent import RecurrentState
+from speedlm.layers.dims import ModelDims
+from speedlm.layers.mixer import SeqMeta, linear_flops
+from speedlm.layers.recurrent_heads import GatedHeadsMixer
+from speedlm.layers.short_conv import ShortConv
+from speedlm.ops.delta_rule import DELTA_RULE, delta_rule_recurrent
+from speedlm.registry import Range
+
+
+def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    return y + torch.log(-torch.expm1(-y))
+
+
+class DeltaNet(GatedHeadsMixer):
+    gated_decay = False
+
+    def __init__(
+        self,
+        dims: ModelDims,
+        conv_kernel: Annotated[int, Range(min=1)] = 4,
+        chunk_size: Annotated[int, Range(min=1)] = 64,
+        gate: bool = False,
+        value_factor: Annotated[int, Range(min=1)] = 1,
+    ):
+        super().__init__(dims, key_dim=dims.head_dim, value_dim=value_factor * dims.head_dim, norm="rms",
+                         gate=gate, chunk_size=chunk_size)
+        h, d = self.n_heads, dims.d_model
+        self.conv = ShortConv(h * (2 * self.key_dim + self.value_dim), conv_kernel, bias=False)
+        self.beta_proj = nn.Linear(d, h, bias=False)
+        if self.gated_decay:
+            self.a_proj = nn.Linear(d, h, bias=False)
+            self.A_log = nn.Parameter(torch.empty(h))
+            self.dt_bias = nn.Parameter(torch.empty(h))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # N(0, init_std) projections
+        self.conv.reset_parameters()
+        if self.gated_decay:
+            with torch.no_grad():
+                self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(1.0, 16.0)))
+                lo, hi = math.log(1e-3), math.log(1e-1)
+                dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(lo, hi)).clamp_min(1e-4)
+                self.dt_bias.copy_(inverse_softplus(dt))
+
+    # ----- inputs of the recurrence -----
+    def _qkv(self, x, conv_out):
+        h, dk, dv = self.n_heads, self.key_dim, self.value_dim
+        q, k, v = F.silu(conv_out).split([h * dk, h * dk, h * dv], dim=-1)
+        q, k, v = self.split_heads(q, h), self.split_heads(k, h), self.split_heads(v, h)
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
+
+    def _beta_and_decay(self, x):
+        beta = torch.sigmoid(self.beta_proj(x)).transpose(1, 2)  # (B, H, T)
+        if not self.gated_decay:
+            return beta, None
+        g = -torch.exp(self.A_log) * F.softplus(self.a_proj(x) + self.dt_bias)
+        return beta, g.transpose(1, 2)
+
+    def mix(self, x, meta: SeqMeta, cache: CompositeCache | None = None):
+        projected = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        q, k, v = self._qkv(x, self.conv(projected, None if cache is None else cache["conv"]))
+        beta, g = self._beta_and_decay(x)
+        dt = self.recurrence_dtype(x)
+        state = None if cache is None else cache["state"]
+        init = None if state is None or state.state is None else state.state[0]
+        o, final = DELTA_RULE(q.to(dt), k.to(dt), v.to(dt), beta.to(dt), None if g is None else g.to(dt),
+                                      initial_state=init, chunk_size=self.chunk_size)
+        if state is not None:
+            state.state = (final,)
+        return self.gated_output(o, x)
+
+    def reference(self, x, meta: SeqMeta):
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], dim=0)
+        projected = torch.einsum("btd,ed->bte", x, w)
+        q, k, v = self._qkv(x, self.conv.reference(projected))
+        beta = torch.sigmoid(torch.einsum("btd,hd->bht", x, self.beta_proj.weight))
+        g = None
+        if self.gated_decay:
+            z = torch.einsum("btd,hd->bht", x, self.a_proj.weight) + self.dt_bias[:, None]
+            g = -torch.exp(self.A_log)[:, None] * torch.log1p(torch.exp(z))
+        o, _ = delta_rule_recurrent(q, k, v, beta, g)
+        return self.reference_gated_output(o, x)
+
+    # ----- cache and costs -----
+    def init_cache(self, kv_policy=None):
+        return CompositeCache(conv=self.conv.init_cache(), state=RecurrentState())
+
+    def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
+        return self.conv.state_bytes(context_len, batch_size, bytes_per_elem) + super().state_bytes(
+            context_len, batch_size, bytes_per_elem
+        )
+
+    def flops_per_token(self, context_len: int) -> float:
+        extra = linear_flops(self.beta_proj) + (linear_flops(self.a_proj) if self.gated_decay else 0.0)
+        c, dk, dv = min(self.chunk_size, context_len), self.key_dim, self.value_dim
+        # chunked delta rule as run: K K^T and the triangular solve (C x C x (Dk + Dv)), the
+        # pseudo-values' state read (Dk x Dv), output (C keys, state read) and state update
+        per_head = 2 * c * dk + c * (dk + dv) + 2 * dk * dv + 2 * c * dk + 2 * c * dv + 2 * dk * dv + 2 * dk * dv
+        return self.projection_flops() + extra + self.conv.flops_per_token() + self.n_heads * per_head
+
+
+class GatedDeltaNet(DeltaNet):
+    gated_decay = True
+
+    def __init__(
+        self,
+        dims: ModelDims,
+        conv_kernel: Annotated[int, Range(min=1)] = 4,
+        chunk_size: Annotated[int, Range(min=1)] = 64,
+        gate: bool = True,
+        value_factor: Annotated[int, Range(min=1)] = 2,
+    ):
+        super().__init__(dims, conv_kernel, chunk_size, gate, value_factor)

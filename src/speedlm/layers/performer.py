@@ -1,0 +1,105 @@
+"""Performer (Choromanski et al. 2020, arXiv:2009.14794): softmax attention approximated with
+FAVOR+ positive orthogonal random features, linear in length (ops/performer.py).
+
+The random projection (m x Dh, shared by the heads as in the paper's code) is a persistent
+buffer: drawn by `reset_parameters`, saved with the weights, so a loaded checkpoint computes
+the same function. With `redraw_interval` set, training draws new features every that many
+forward calls (the paper's feature redrawing); evaluation and decoding never redraw, since a
+cached state is only meaningful under the features that built it. Default m = Dh ln Dh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import torch
+
+from speedlm.cache.recurrent import RecurrentState
+from speedlm.layers.dims import ModelDims
+from speedlm.layers.heads import HeadsMixer
+from speedlm.layers.mixer import SeqMeta
+from speedlm.ops.performer import (
+    favor_bidirectional,
+    favor_chunked,
+    favor_dense,
+    favor_features,
+    favor_recurrent,
+    orthogonal_gaussian,
+)
+from speedlm.registry import Range
+
+
+def default_features(head_dim: int) -> int:
+    return max(1, round(head_dim * math.log(head_dim)))
+
+
+class Performer(HeadsMixer):
+    supports_bidirectional = True
+
+    def __init__(
+        self,
+        dims: ModelDims,
+        features: Annotated[int | None, Range(min=1)] = None,
+        redraw_interval: Annotated[int | None, Range(min=1)] = None,
+        chunk_size: Annotated[int, Range(min=1)] = 64,
+    ):
+        super().__init__(dims)
+        self.features = default_features(self.head_dim) if features is None else features
+        self.redraw_interval, self.chunk_size = redraw_interval, chunk_size
+        self.register_buffer("projection", torch.empty(self.features, self.head_dim))
+        self._calls = 0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.redraw()
+
+    def redraw(self) -> None:
+        """New random features (from torch's global generator, so seeded runs repeat)."""
+        with torch.no_grad():
+            w = orthogonal_gaussian(self.features, self.head_dim, dtype=torch.float64)
+            self.projection.copy_(w.to(self.projection.dtype))
+
+    def _maybe_redraw(self) -> None:
+        if self.training and self.redraw_interval is not None and torch.is_grad_enabled():
+            self._calls += 1
+            if self._calls % self.redraw_interval == 0:
+                self.redraw()
+
+    def mix(self, x, meta: SeqMeta, cache: RecurrentState | None = None):
+        self._maybe_redraw()
+        q, k, v = self.project(x)
+        dt = RecurrentState.dtype_for(x.dtype)
+        w = self.projection.to(dt)
+        qf, _ = favor_features(q.to(dt), w)
+        kf, ka = favor_features(k.to(dt), w)
+        v = v.to(dt)
+        if not meta.causal:
+            y = favor_bidirectional(qf, kf, ka, v)
+        else:
+            init = None if cache is None else cache.state
+            y, state = favor_chunked(qf, kf, ka, v, init, chunk_size=self.chunk_size)
+            if cache is not None:
+                cache.state = state
+        return self.output(y.to(x.dtype))
+
+    def reference(self, x, meta: SeqMeta):
+        q, k, v = self.reference_project(x)
+        w = self.projection.to(x.dtype)
+        qf, _ = favor_features(q, w)
+        kf, ka = favor_features(k, w)
+        y = favor_recurrent(qf, kf, ka, v)[0] if meta.causal else favor_dense(qf, kf, ka, v, causal=False)
+        return self.reference_output(y)
+
+    def init_cache(self, kv_policy=None):
+        return RecurrentState()
+
+    def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
+        elems = batch_size * self.n_heads * (self.features * self.head_dim + self.features + 1)
+        return elems * RecurrentState.bytes_per_elem(bytes_per_elem)
+
+    def flops_per_token(self, context_len: int) -> float:
+        m, dh, c = self.features, self.head_dim, min(self.chunk_size, context_len)
+        per_head = 2 * 2 * m * dh + 2 * c * m + 2 * c * dh + 2 * m * dh + 2 * m * dh  # features, intra, state
+        return self.projection_flops() + self.n_heads * per_head

@@ -1,0 +1,121 @@
+"""The delta rule (DeltaNet; Gated DeltaNet with a decay): a matrix state that is corrected
+towards each new value instead of only accumulating it.
+
+    S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T      state (B, H, Dk, Dv)
+    o_t = scale * S_t^T q_t
+
+i.e. S_t = a_t S_{t-1} + beta_t k_t (v_t - a_t S_{t-1}^T k_t)^T: the value the state would
+have returned for k_t is replaced by v_t at rate beta_t. a_t = exp(g_t) is one decay per head
+(Gated DeltaNet, Yang et al. 2024, arXiv:2412.06464); without g it is 1 (DeltaNet, Yang et al.
+2024, arXiv:2406.06484). Keys are expected L2-normalised (the mixers do it), so the transition
+is a contraction for beta in [0, 1] (up to 2).
+
+q, k (B, H, T, Dk); v (B, H, T, Dv); beta (B, H, T); g (B, H, T) log decays <= 0 or None;
+initial_state (B, H, Dk, Dv) or None; every form returns (o, final_state).
+
+Chunked form (the WY/UT representation). Inside a chunk, with S_0 the state entering it and
+gamma_t = exp(b_t) the cumulative decay, the state after t tokens is
+S_t = gamma_t S_0 + sum_{s<=t} (gamma_t / gamma_s) k_s u_s^T, where the pseudo-values u solve the
+unit lower-triangular system
+
+    (I + diag(beta) (strict_tril(K K^T) * Gamma)) U~ = diag(beta) V - diag(beta gamma) K S_0,
+    Gamma[t, s] = gamma_t / gamma_s,
+
+so U~ = U - W S_0 with U = T diag(beta) V and W = T diag(beta gamma) K, T the inverse of that
+matrix, all computed for every chunk at once by one batched triangular solve. Only
+U~ = U - W S_0, the output and the next state need the carried state: three matrix products per
+chunk, in order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from speedlm.ops import fla
+from speedlm.ops.dispatch import Dispatch
+
+State = torch.Tensor
+
+
+def _scale(q, scale):
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _zero_state(q, v) -> State:
+    b, h, _, dk = q.shape
+    return q.new_zeros(b, h, dk, v.shape[-1])
+
+
+def delta_rule_recurrent(q, k, v, beta, g=None, scale=None, initial_state: State | None = None):
+    """Naive reference: the recurrence, one token at a time (run it in float64)."""
+    scale = _scale(q, scale)
+    s = _zero_state(q, v) if initial_state is None else initial_state
+    outs = []
+    for t in range(q.shape[2]):
+        if g is not None:
+            s = torch.exp(g[:, :, t])[..., None, None] * s
+        kt, vt, bt = k[:, :, t], v[:, :, t], beta[:, :, t]
+        predicted = torch.einsum("bhkv,bhk->bhv", s, kt)  # what the state returns for k_t
+        s = s + bt[..., None, None] * kt[..., :, None] * (vt - predicted)[..., None, :]
+        outs.append(scale * torch.einsum("bhkv,bhk->bhv", s, q[:, :, t]))
+    return torch.stack(outs, dim=2), s
+
+
+def delta_rule_step(q, k, v, beta, g=None, scale=None, initial_state: State | None = None):
+    """One token (T == 1), for decoding."""
+    scale = _scale(q, scale)
+    s = _zero_state(q, v) if initial_state is None else initial_state
+    if g is not None:
+        s = torch.exp(g[:, :, 0])[..., None, None] * s
+    kt, vt, bt = k[:, :, 0], v[:, :, 0], beta[:, :, 0]
+    s = s + bt[..., None, None] * kt[..., :, None] * (vt - torch.einsum("bhkv,bhk->bhv", s, kt))[..., None, :]
+    return scale * torch.einsum("bhkv,bhk->bhv", s, q[:, :, 0])[:, :, None], s
+
+
+def delta_rule_chunked(q, k, v, beta, g=None, scale=None, initial_state: State | None = None, chunk_size: int = 64):
+    """Chunked form (see module doc): exact for any length and chunk size."""
+    if q.shape[2] == 1:
+        return delta_rule_step(q, k, v, beta, g, scale, initial_state)
+    scale = _scale(q, scale)
+    bsz, h, t, dk = q.shape
+    dv = v.shape[-1]
+    c = max(1, min(chunk_size, t))
+    n = -(-t // c)
+    pad = n * c - t
+    # padded tokens: zero key, value and beta change nothing; zero log decay keeps the state
+    qc, kc, vc = (F.pad(x, (0, 0, 0, pad)).view(bsz, h, n, c, x.shape[-1]) for x in (q, k, v))
+    betac = F.pad(beta, (0, pad)).view(bsz, h, n, c)
+    if g is None:
+        b = torch.zeros(bsz, h, n, c, dtype=q.dtype, device=q.device)
+    else:
+        b = torch.cumsum(F.pad(g, (0, pad)).view(bsz, h, n, c), dim=-1)
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device)
+    strict, incl = causal.tril(-1), causal.tril()
+    decay = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~incl, float("-inf")))  # Gamma, 0 above
+
+    kk = (kc @ kc.transpose(-1, -2)) * decay * strict  # (B, H, N, C, C)
+    system = torch.eye(c, dtype=q.dtype, device=q.device) + betac[..., :, None] * kk
+    gamma = torch.exp(b)
+    rhs = torch.cat([betac[..., None] * vc, (betac * gamma)[..., None] * kc], dim=-1)  # [diag(beta) V | diag(beta gamma) K]
+    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    u, w = solved[..., :dv], solved[..., dv:]  # (B, H, N, C, Dv), (B, H, N, C, Dk)
+
+    qk = (qc @ kc.transpose(-1, -2)) * decay  # (B, H, N, C, C), causal incl. diagonal
+    q_decayed = qc * gamma[..., None]
+    k_to_end = kc * torch.exp(b[..., -1:] - b)[..., None]
+    chunk_decay = gamma[..., -1][..., None, None]  # (B, H, N, 1, 1)
+
+    s = _zero_state(q, v) if initial_state is None else initial_state
+    outs = []
+    for i in range(n):  # per chunk: pseudo-values, output, next state
+        u_i = u[:, :, i] - w[:, :, i] @ s
+        outs.append(q_decayed[:, :, i] @ s + qk[:, :, i] @ u_i)
+        s = chunk_decay[:, :, i] * s + k_to_end[:, :, i].transpose(-1, -2) @ u_i
+    out = (scale * torch.stack(outs, dim=2)).reshape(bsz, h, n * c, dv)[:, :, :t]
+    return out, s
+
+
+# one dispatch: the torch form everywhere; fla's Triton kernels on CUDA when `fla-core` is installed
+DELTA_RULE = Dispatch("delta rule", "torch", delta_rule_chunked)
+DELTA_RULE.register("fla", fla.delta_rule, usable=fla.fla_usable)
