@@ -100,6 +100,13 @@ def cmd_bench_recall(args) -> int:
     return 0
 
 
+def cmd_bench_ops(args) -> int:
+    from speedlm.bench.ops import run_ops_bench
+
+    run_ops_bench(lengths=args.lengths, repeats=args.repeats, device=args.device, out_dir=args.out)
+    return 0
+
+
 def cmd_bench_peak(args) -> int:
     from speedlm.bench.common import resolve_dtype
     from speedlm.device import resolve_device
@@ -246,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="auto", help="auto, bfloat16 or float32 (training autocast)")
     r.add_argument("--out", default="runs/recall")
     r.set_defaults(func=cmd_bench_recall)
+
+    o = bsub.add_parser("ops", help="each sequence op's chunked form vs its naive recurrent loop, in one process")
+    o.add_argument("--lengths", type=_ints, default=[4096])
+    o.add_argument("--repeats", type=int, default=3)
+    o.add_argument("--device", default="auto")
+    o.add_argument("--out", default="runs/bench")
+    o.set_defaults(func=cmd_bench_ops)
 
     k = bsub.add_parser("peak", help="the matmul peak FLOP/s that MFU divides by (measured once per machine, cached)")
     k.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"])

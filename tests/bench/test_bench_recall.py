@@ -65,3 +65,10 @@ def test_bench_peak_reports_the_peak_it_divides_by(capsys, monkeypatch):
     assert "300.0 GFLOP/s (given)" in out and "float32" in out
 
 
+
+
+def test_bench_ops_times_every_op_against_its_reference(tmp_path, capsys):
+    assert main(["bench", "ops", "--lengths", "40", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_ops.json").read_text())["results"]
+    assert {r["op"] for r in rows} >= {"linear_attention", "gla (per-channel decay)", "delta rule", "hgrn", "performer (FAVOR+)"}
+    assert all(r["naive_ms"] > 0 and r["fast_ms"] > 0 and r["speedup"] == r["naive_ms"] / r["fast_ms"] for r in rows)

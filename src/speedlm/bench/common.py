@@ -83,6 +83,24 @@ def check_int(name: str, value, minimum: int) -> int:
     return value
 
 
+def write_results(result: dict, md: str, files: dict[str, str]) -> dict:
+    """Write `result` as JSON to files["json"] and `md` to files["md"] (the other entries of
+    `files` were written by the caller: plots), print the tables and what was written, and
+    return `result` with "files"."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(files["json"]) or ".", exist_ok=True)
+    result["files"] = files
+    with open(files["json"], "w") as f:
+        json.dump(result, f, indent=2)
+    with open(files["md"], "w") as f:
+        f.write(md)
+    print(md)
+    print("wrote " + ", ".join(files.values()))
+    return result
+
+
 def one_line(exc: BaseException) -> str:
     """`Type: first line of the message`, for a report cell."""
     text = str(exc).strip().splitlines()

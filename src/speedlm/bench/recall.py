@@ -18,7 +18,6 @@ state bytes).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import tempfile
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 import speedlm
-from speedlm.bench.common import check_int, check_ints, check_presets, one_line
+from speedlm.bench.common import check_int, check_ints, check_presets, one_line, write_results
 from speedlm.data.mqar import IGNORE_INDEX, MQARStream, mqar_batch
 from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
@@ -154,7 +153,7 @@ def run_recall_bench(
     presets = check_presets(presets)
     lengths, pairs, widths = check_ints("lengths", lengths), check_ints("pairs", pairs), check_ints("widths", widths)
     dev = resolve_device(device)
-    TrainConfig(dtype=dtype).autocast_dtype(dev)  # an unknown or unsupported dtype fails before any work
+    amp = TrainConfig(dtype=dtype).autocast_dtype(dev)  # an unknown or unsupported dtype fails before any work
     settings = [
         RecallSetting(n, p, vocab_size, steps, batch_size, lr, test_examples) for n in lengths for p in pairs if n >= 4 * p
     ]
@@ -193,7 +192,8 @@ def run_recall_bench(
             "command": "speedlm bench recall",
             "presets": presets, "lengths": lengths, "pairs": pairs, "widths": widths,
             "steps": steps, "batch_size": batch_size, "lr": lr, "vocab_size": vocab_size,
-            "test_examples": test_examples, "device": str(dev), "dtype": dtype, "seed": seed,
+            "test_examples": test_examples, "device": str(dev), "dtype": str(amp or torch.float32).removeprefix("torch."),
+            "seed": seed,
             "torch_version": torch.__version__, "speedlm_version": speedlm.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -203,14 +203,7 @@ def run_recall_bench(
     md = recall_markdown(result)
     files = {"json": os.path.join(out_dir, "bench_recall.json"), "md": os.path.join(out_dir, "bench_recall.md")}
     files["plot"] = plot_recall(rows, os.path.join(out_dir, "bench_recall.png"))
-    result["files"] = files
-    with open(files["json"], "w") as f:
-        json.dump(result, f, indent=2)
-    with open(files["md"], "w") as f:
-        f.write(md)
-    print(md)
-    print("wrote " + ", ".join(files.values()))
-    return result
+    return write_results(result, md, files)
 
 
 def _kib(n) -> str:

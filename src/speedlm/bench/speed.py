@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import json
 import os
 import platform
 from typing import Callable
@@ -23,7 +22,7 @@ import torch
 
 import speedlm
 from speedlm.bench import report
-from speedlm.bench.common import check_int, check_ints, check_presets, one_line, resolve_dtype
+from speedlm.bench.common import check_int, check_ints, check_presets, one_line, resolve_dtype, write_results
 from speedlm.bench.memory import PeakMemory, is_oom, memory_method
 from speedlm.bench.plots import write_plots
 from speedlm.bench.timing import median, time_fn, timing_method
@@ -263,14 +262,7 @@ def run_speed_bench(
     }
     subtitle = f"{meta['device']} {meta['dtype']} batch {batch_size}"
     files.update(write_plots(rows, presets, out_dir, subtitle))
-    result["files"] = files
-    with open(files["json"], "w") as f:
-        json.dump(result, f, indent=2)
-    with open(files["md"], "w") as f:
-        f.write(md)
-    print(md)
-    print("wrote " + ", ".join(files.values()))
-    return result
+    return write_results(result, md, files)
 
 
 def _row_without_model(preset: str, length: int, reason: str) -> dict:

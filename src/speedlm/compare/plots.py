@@ -39,6 +39,22 @@ def _finish(fig, ax, path: str, title: str, plotted: bool) -> str:
     return path
 
 
+def _per_context(models, key: str, colours, path: str, xlabel: str, ylabel: str, title: str) -> str:
+    """Log-log lines of a {context length: value} field, one per model."""
+    fig, ax = _figure()
+    plotted = False
+    for m in models:
+        xs, ys = _series(m.get(key))
+        if xs:
+            ax.plot(xs, ys, "o-", color=colours[m["name"]], label=m["name"])
+            plotted = True
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return _finish(fig, ax, path, title, plotted)
+
+
 def write_plots(report: dict, out_dir: str) -> dict[str, str]:
     ok = [m for m in report["models"] if m["status"] == "ok"]
     colours = {m["name"]: f"C{i % 10}" for i, m in enumerate(report["models"])}
@@ -55,31 +71,10 @@ def write_plots(report: dict, out_dir: str) -> dict[str, str]:
     ax.set_ylabel("validation loss (nats/token)")
     _finish(fig, ax, paths["loss_vs_flops"], f"validation loss at equal compute ({budget:.2g} FLOPs each)", bool(ok))
 
-    fig, ax = _figure()
-    plotted = False
-    for m in ok:
-        xs, ys = _series(m.get("decode_ms"))
-        if xs:
-            ax.plot(xs, ys, "o-", color=colours[m["name"]], label=m["name"])
-            plotted = True
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context length (tokens in the cache)")
-    ax.set_ylabel("decode latency (ms per token, batch 1)")
-    _finish(fig, ax, paths["decode_latency"], "per-token decode latency vs context", plotted)
-
-    fig, ax = _figure()
-    plotted = False
-    for m in report["models"]:
-        xs, ys = _series(m.get("state_bytes"))
-        if xs:
-            ax.plot(xs, ys, "o-", color=colours[m["name"]], label=m["name"])
-            plotted = True
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("inference cache / state (bytes, batch 1)")
-    _finish(fig, ax, paths["cache_bytes"], "cache size vs context (analytic)", plotted)
+    _per_context(ok, "decode_ms", colours, paths["decode_latency"], "context length (tokens in the cache)",
+                 "decode latency (ms per token, batch 1)", "per-token decode latency vs context")
+    _per_context(report["models"], "state_bytes", colours, paths["cache_bytes"], "context length (tokens)",
+                 "inference cache / state (bytes, batch 1)", "cache size vs context (analytic)")
 
     fig, ax = _figure()
     plotted = False

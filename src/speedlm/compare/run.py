@@ -28,7 +28,7 @@ import speedlm
 from speedlm.bench.common import check_int, check_ints, check_presets, one_line
 from speedlm.bench.recall import RecallSetting, recall_config, train_recall
 from speedlm.compare.inference import STATE_CONTEXTS, inference_flops, measure_inference, state_curve
-from speedlm.compare.plan import BudgetTooSmall, ModelPlan, check_match, count_params, plan_model
+from speedlm.compare.plan import BudgetTooSmall, ModelPlan, check_match, plan_model
 from speedlm.compare.plots import write_plots
 from speedlm.compare.report import REPORT_JSON, REPORT_MD, leaderboard_markdown, write_report
 from speedlm.data.cachedir import is_writable_dir

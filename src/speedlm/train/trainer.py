@@ -207,6 +207,9 @@ def train(
     history: list[dict] = []
     t_start = time.perf_counter()
     train_time, call_tokens = 0.0, 0
+    # the first logged window pays for warm-up (allocator, thread pool, kernel selection): the
+    # summary's tokens/s leaves it out when later windows exist (it is still logged)
+    warmup_window = {"s": 0.0, "tokens": 0, "open": True}
     window_t0, window_tokens = time.perf_counter(), 0
     in_update = False
 
@@ -273,7 +276,6 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 rng_at_step = capture_rng()
                 tokens += cfg.tokens_per_step
-                call_tokens += cfg.tokens_per_step
                 window_tokens += cfg.tokens_per_step
                 bar.update(1)
                 if on_step is not None:
@@ -283,7 +285,11 @@ def train(
                 if do_eval or step % cfg.log_every == 0 or step == end:
                     now = time.perf_counter()
                     window_s = now - window_t0
-                    train_time += window_s
+                    if warmup_window["open"]:
+                        warmup_window.update(s=window_s, tokens=window_tokens, open=False)
+                    else:
+                        train_time += window_s
+                        call_tokens += window_tokens
                     tok_s = window_tokens / window_s if window_s > 0 else 0.0
                     step_loss = loss_sum.item() / cfg.grad_accum
                     if not math.isfinite(step_loss):
@@ -348,6 +354,8 @@ def train(
 
     if persist:
         plot_losses(metrics_path, plot_path)
+    if train_time == 0.0:  # a single window: it is all there is
+        train_time, call_tokens = warmup_window["s"], warmup_window["tokens"]
     tok_per_s = call_tokens / train_time if train_time > 0 else 0.0
     return {
         "out_dir": str(out_dir),
