@@ -71,4 +71,5 @@ def test_bench_ops_times_every_op_against_its_reference(tmp_path, capsys):
     assert main(["bench", "ops", "--lengths", "40", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench_ops.json").read_text())["results"]
     assert {r["op"] for r in rows} >= {"linear_attention", "gla (per-channel decay)", "delta rule", "hgrn", "performer (FAVOR+)"}
-    assert all(r["naive_ms"] > 0 and r["fast_ms"] > 0 and r["speedup"] == r["naive_ms"] / r["fast_ms"] for r in rows)
+    assert all(r["naive_ms"] > 0 and r["fast_ms"] > 0 and r["speedup"] > 0 for r in rows)
+    assert all(len(r["naive_samples_ms"]) == len(r["fast_samples_ms"]) == 1 for r in rows)

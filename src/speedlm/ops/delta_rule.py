@@ -30,7 +30,8 @@ chunk, in order.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from speedlm.ops.chunking import num_chunks, to_chunks
 
 from speedlm.ops import fla
 from speedlm.ops.dispatch import Dispatch
@@ -74,46 +75,57 @@ def delta_rule_step(q, k, v, beta, g=None, scale=None, initial_state: State | No
 
 
 def delta_rule_chunked(q, k, v, beta, g=None, scale=None, initial_state: State | None = None, chunk_size: int = 64):
-    """Chunked form (see module doc): exact for any length and chunk size."""
+    """Chunked form (see module doc): exact for any length and chunk size.
+
+    Everything that does not need the carried state is computed for all chunks at once; the
+    state then follows S' = M S + R per chunk, with M = gamma_C I - K_end^T W and R = K_end^T U
+    (one product and one addition), and the outputs O = (diag(gamma) Q - A W) S + A U read the
+    state of their chunk (A = the masked, decayed Q K^T)."""
+
     if q.shape[2] == 1:
         return delta_rule_step(q, k, v, beta, g, scale, initial_state)
     scale = _scale(q, scale)
     bsz, h, t, dk = q.shape
     dv = v.shape[-1]
-    c = max(1, min(chunk_size, t))
-    n = -(-t // c)
-    pad = n * c - t
+    c, n = num_chunks(t, chunk_size)
     # padded tokens: zero key, value and beta change nothing; zero log decay keeps the state
-    qc, kc, vc = (F.pad(x, (0, 0, 0, pad)).view(bsz, h, n, c, x.shape[-1]) for x in (q, k, v))
-    betac = F.pad(beta, (0, pad)).view(bsz, h, n, c)
+    qc, kc, vc = to_chunks(q, n, c), to_chunks(k, n, c), to_chunks(v, n, c)
+    betac = to_chunks(beta[..., None], n, c)[..., 0]
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    # the unit lower-triangular solve reads only the strict lower triangle of `system`: K K^T
+    # needs no mask, its diagonal and upper part are never read
+    kk = kc @ kc.transpose(-1, -2)
     if g is None:
-        b = torch.zeros(bsz, h, n, c, dtype=q.dtype, device=q.device)
+        a_qk = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0.0)
+        q_decayed, k_end, chunk_decay = qc, kc, None
+        beta_gamma = betac
     else:
-        b = torch.cumsum(F.pad(g, (0, pad)).view(bsz, h, n, c), dim=-1)
-    causal = torch.ones(c, c, dtype=torch.bool, device=q.device)
-    strict, incl = causal.tril(-1), causal.tril()
-    decay = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~incl, float("-inf")))  # Gamma, 0 above
-
-    kk = (kc @ kc.transpose(-1, -2)) * decay * strict  # (B, H, N, C, C)
-    system = torch.eye(c, dtype=q.dtype, device=q.device) + betac[..., :, None] * kk
-    gamma = torch.exp(b)
-    rhs = torch.cat([betac[..., None] * vc, (betac * gamma)[..., None] * kc], dim=-1)  # [diag(beta) V | diag(beta gamma) K]
+        b = torch.cumsum(to_chunks(g[..., None], n, c)[..., 0], dim=-1)  # (B, H, N, C)
+        gamma = torch.exp(b)
+        decay = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")))  # 0 above
+        a_qk = (qc @ kc.transpose(-1, -2)) * decay
+        kk = kk * decay
+        q_decayed, k_end = qc * gamma[..., None], kc * torch.exp(b[..., -1:] - b)[..., None]
+        chunk_decay = gamma[..., -1][..., None, None]  # (B, H, N, 1, 1)
+        beta_gamma = betac * gamma
+    system = betac[..., :, None] * kk
+    rhs = torch.cat([betac[..., None] * vc, beta_gamma[..., None] * kc], dim=-1)  # [diag(beta) V | diag(beta gamma) K]
     solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     u, w = solved[..., :dv], solved[..., dv:]  # (B, H, N, C, Dv), (B, H, N, C, Dk)
 
-    qk = (qc @ kc.transpose(-1, -2)) * decay  # (B, H, N, C, C), causal incl. diagonal
-    q_decayed = qc * gamma[..., None]
-    k_to_end = kc * torch.exp(b[..., -1:] - b)[..., None]
-    chunk_decay = gamma[..., -1][..., None, None]  # (B, H, N, 1, 1)
-
+    k_end_t = k_end.transpose(-1, -2)
+    eye = torch.eye(dk, dtype=q.dtype, device=q.device)
+    transition = (eye if chunk_decay is None else chunk_decay * eye) - k_end_t @ w  # (B, H, N, Dk, Dk)
+    inject = k_end_t @ u  # (B, H, N, Dk, Dv)
+    reads = q_decayed - a_qk @ w  # how each output reads the state entering its chunk
+    out = a_qk @ u
     s = _zero_state(q, v) if initial_state is None else initial_state
-    outs = []
-    for i in range(n):  # per chunk: pseudo-values, output, next state
-        u_i = u[:, :, i] - w[:, :, i] @ s
-        outs.append(q_decayed[:, :, i] @ s + qk[:, :, i] @ u_i)
-        s = chunk_decay[:, :, i] * s + k_to_end[:, :, i].transpose(-1, -2) @ u_i
-    out = (scale * torch.stack(outs, dim=2)).reshape(bsz, h, n * c, dv)[:, :, :t]
-    return out, s
+    inter = []
+    for i in range(n):  # the carried state: S' = M S + R, and what the chunk's outputs read of S
+        inter.append(reads[:, :, i] @ s)
+        s = transition[:, :, i] @ s + inject[:, :, i]
+    out = out + torch.stack(inter, dim=2)
+    return (scale * out).reshape(bsz, h, n * c, dv)[:, :, :t], s
 
 
 # one dispatch: the torch form everywhere; fla's Triton kernels on CUDA when `fla-core` is installed

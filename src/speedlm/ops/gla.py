@@ -28,9 +28,9 @@ keeps to that floor.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from speedlm.ops import fla
+from speedlm.ops.chunking import to_chunks
 from speedlm.ops.dispatch import Dispatch
 
 LOG_DECAY_FLOOR = 5.0  # per-channel chunked form: exact while g >= -5 per step (see module doc)
@@ -127,10 +127,8 @@ def gla_chunked(q, k, v, g, scale=None, initial_state: State | None = None, chun
         c = -(-c // SUB_BLOCK) * SUB_BLOCK  # whole sub-blocks
     sub = min(SUB_BLOCK, c)
     n = -(-t // c)
-    pad = n * c - t
     # zero keys add nothing and zero log decays keep the state: padding is invisible
-    qc, kc, vc = (F.pad(x, (0, 0, 0, pad)).view(bsz, h, n, c, x.shape[-1]) for x in (q, k, v))
-    gc = F.pad(g, (0, 0, 0, pad)).view(bsz, h, n, c, g.shape[-1])
+    qc, kc, vc, gc = (to_chunks(x, n, c) for x in (q, k, v, g))
     b = torch.cumsum(gc, dim=3)  # (B, H, N, C, Dk|1)
     b_last = b[:, :, :, -1:, :]  # (B, H, N, 1, Dk|1)
 
@@ -146,13 +144,13 @@ def gla_chunked(q, k, v, g, scale=None, initial_state: State | None = None, chun
     k_to_end = kc * torch.exp(b_last - b)  # (B, H, N, C, Dk), factors <= 1
     chunk_kv = k_to_end.transpose(-1, -2) @ vc  # (B, H, N, Dk, Dv)
     chunk_decay = torch.exp(b_last[:, :, :, 0, :])[..., None]  # (B, H, N, Dk|1, 1)
+    q_decayed = qc * torch.exp(b)
     s = _zero_state(q, v) if initial_state is None else initial_state
-    states = []
-    for i in range(n):  # the only loop: one elementwise update per chunk
-        states.append(s)
+    inter = []
+    for i in range(n):  # the carried state: one product and one update per chunk
+        inter.append(q_decayed[:, :, i] @ s)
         s = chunk_decay[:, :, i] * s + chunk_kv[:, :, i]
-    before = torch.stack(states, dim=2)  # (B, H, N, Dk, Dv): state entering each chunk
-    o = o + (qc * torch.exp(b)) @ before
+    o = o + torch.stack(inter, dim=2)
     out = (scale * o).reshape(bsz, h, n * c, dv)[:, :, :t]
     return out, s
 

@@ -5,11 +5,13 @@
 x (B, T, D) the gated input, g (B, T, D) log forget gates <= 0, initial_state (B, D) or None;
 every form returns (h for every t, final state).
 
-The chunked form needs no matrix products (the state is a vector): inside a chunk of C tokens a
-Hillis-Steele scan composes the pairs (a, b) -> (a' a, a' b + b') in log2(C) doubling steps, all
-factors products of decays (<= 1, so nothing overflows); the same scan over the chunks' end
-points gives the state entering every chunk, which enters as h_t = A_t h_entry + B_t. No loop
-over time or chunks: log2(C) + log2(T / C) elementwise steps.
+The chunk-parallel form needs no matrix products (the state is a vector). Time is cut into N
+chunks of C tokens that all advance together: C steps, each one multiply-add over every chunk
+at once, give each chunk's end state from a zero start; a Hillis-Steele scan over the N chunks
+composes the pairs (a, b) -> (a' a, a' b + b') in log2(N) doubling steps (all factors products
+of decays <= 1: nothing overflows) and gives the state entering every chunk; C more steps from
+those states give every output. The loops run 2C + log2(N) elementwise steps whatever T is, on
+tensors of N x D, against T steps on tensors of D for the token-by-token recurrence.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _pad_spec(x: torch.Tensor, dim: int, front: int) -> tuple[int, ...]:
 
 
 def hgrn_chunked(x, g, initial_state: torch.Tensor | None = None, chunk_size: int = 64):
-    """Chunked parallel form (see module doc): exact for any length and chunk size."""
+    """Chunk-parallel form (see module doc): exact for any length and chunk size."""
     bsz, t, d = x.shape
     h0 = x.new_zeros(bsz, d) if initial_state is None else initial_state
     if t == 1:
@@ -62,15 +64,23 @@ def hgrn_chunked(x, g, initial_state: torch.Tensor | None = None, chunk_size: in
     n = -(-t // c)
     pad = n * c - t
     # padding: zero input and zero log gate keep the state
-    xc = F.pad(x, (0, 0, 0, pad)).view(bsz, n, c, d)
-    ac = torch.exp(F.pad(g, (0, 0, 0, pad))).view(bsz, n, c, d)
-    a_cum, b_cum = _scan(ac, xc, dim=2)  # within each chunk, from a zero state
-    # across chunks: the same scan over the chunks' end points gives every chunk's entry state
-    p, q = _scan(a_cum[:, :, -1], b_cum[:, :, -1], dim=1)  # state after chunk i = p_i h0 + q_i
+    xc = (F.pad(x, (0, 0, 0, pad)) if pad else x).reshape(bsz, n, c, d)
+    gc = (F.pad(g, (0, 0, 0, pad)) if pad else g).reshape(bsz, n, c, d)
+    ac = torch.exp(gc)
+    # pass 1: every chunk's end state from a zero start, all chunks at once
+    h = x.new_zeros(bsz, n, d)
+    for j in range(c):
+        h = torch.addcmul(xc[:, :, j], ac[:, :, j], h)
+    # the state entering each chunk: a scan over the chunks' (total decay, end state) pairs
+    p, q = _scan(torch.exp(gc.sum(dim=2)), h, dim=1)  # state after chunk i = p_i h0 + q_i
     after = p * h0[:, None] + q  # (B, N, D)
     entry = torch.cat([h0[:, None], after[:, :-1]], dim=1)
-    out = a_cum * entry[:, :, None] + b_cum
-    return out.reshape(bsz, n * c, d)[:, :t], after[:, -1]
+    # pass 2: the recurrence again from the right entry states, keeping every step
+    h, outs = entry, []
+    for j in range(c):
+        h = torch.addcmul(xc[:, :, j], ac[:, :, j], h)
+        outs.append(h)
+    return torch.stack(outs, dim=2).reshape(bsz, n * c, d)[:, :t], after[:, -1]
 
 
 # one dispatch: the torch form everywhere; fla's Triton kernels on CUDA when `fla-core` is installed

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from speedlm.ops.chunking import num_chunks, to_chunks
+
 State = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -46,34 +48,33 @@ def linear_attention_chunked(
 ):
     """Chunked parallel form: exact, no loop over time.
 
-    Inside a chunk of C tokens the causal part is a masked (C x C) product; across chunks the
-    state enters through an exclusive prefix sum of per-chunk k^T v. Cost O(T (C + Dv) Dk),
-    memory O(T / C * Dk * Dv).
+    Inside a chunk of C tokens the causal part is a masked (C x C) product; the state before the
+    chunk enters through one (C x Dk) @ (Dk x Dv) product, carried from chunk to chunk with one
+    addition each. The normaliser z rides along as one more value channel (v augmented with a
+    column of ones, S with z), so numerator and denominator come out of the same products.
+    Cost O(T (C + Dv) Dk); memory O(T C) for the intra-chunk scores.
     """
     b, h, t, dk = q.shape
     dv = v.shape[-1]
-    c = max(1, min(chunk_size, t))
-    n = -(-t // c)
-    pad = n * c - t
-    # zero-padding after the feature map adds nothing to any state or output
-    qc, kc, vc = (F.pad(x, (0, 0, 0, pad)).view(b, h, n, c, x.shape[-1]) for x in (q, k, v))
+    c, n = num_chunks(t, chunk_size)
     s0, z0 = zero_state(q, v) if initial_state is None else initial_state
-
-    kv_chunk = kc.transpose(-1, -2) @ vc  # (B, H, N, Dk, Dv)
-    k_chunk = kc.sum(dim=3)  # (B, H, N, Dk)
-    s_incl = torch.cumsum(kv_chunk, dim=2)
-    z_incl = torch.cumsum(k_chunk, dim=2)
-    s_before = s0[:, :, None] + s_incl - kv_chunk
-    z_before = z0[:, :, None] + z_incl - k_chunk
-
+    if normalize:
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        s0 = torch.cat([s0, z0[..., None]], dim=-1)
+    # zero-padding after the feature map adds nothing to any state or output
+    qc, kc, vc = to_chunks(q, n, c), to_chunks(k, n, c), to_chunks(v, n, c)
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
     scores = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0.0)  # (B, H, N, C, C)
-    num = qc @ s_before + scores @ vc
-    if normalize:
-        den = (qc * z_before[:, :, :, None, :]).sum(-1) + scores.sum(-1)
-        num = num / (den[..., None] + eps)
-    out = num.reshape(b, h, n * c, dv)[:, :, :t]
-    return out, (s0 + s_incl[:, :, -1], z0 + z_incl[:, :, -1])
+    intra = scores @ vc
+    chunk_kv = kc.transpose(-1, -2) @ vc  # (B, H, N, Dk, Dv (+1))
+    s, inter = s0, []
+    for i in range(n):  # the carried state: one product and one addition per chunk
+        inter.append(qc[:, :, i] @ s)
+        s = s + chunk_kv[:, :, i]
+    out = (intra + torch.stack(inter, dim=2)).reshape(b, h, n * c, -1)[:, :, :t]
+    if not normalize:
+        return out, (s, z0 + kc.sum(dim=(2, 3)))
+    return out[..., :dv] / (out[..., dv:] + eps), (s[..., :dv], s[..., dv])
 
 
 def linear_attention_bidirectional(q, k, v, normalize: bool = True, eps: float = 1e-6):

@@ -24,7 +24,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from speedlm.ops.chunking import num_chunks, to_chunks
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 _TINY = 1e-30  # denominators are sums of positive terms; this only guards an all-underflow row
@@ -78,49 +79,41 @@ def favor_recurrent(qf, kf, ka, v, initial_state: State | None = None):
 
 
 def favor_chunked(qf, kf, ka, v, initial_state: State | None = None, chunk_size: int = 64):
-    """Chunked, stabilised prefix-sum form (see module doc): exact, causal, no loop over time."""
+    """Chunked, stabilised prefix-sum form (see module doc): exact, causal, no loop over time.
+    As in linear attention the normaliser rides along as one more value channel."""
+
     b, h, t, m = kf.shape
     dv = v.shape[-1]
-    c = max(1, min(chunk_size, t))
-    n = -(-t // c)
-    pad = n * c - t
+    c, n = num_chunks(t, chunk_size)
     if initial_state is None:
-        s0, z0 = kf.new_zeros(b, h, m, dv), kf.new_zeros(b, h, m)
+        s0 = kf.new_zeros(b, h, m, dv + 1)
         m0 = torch.full((b, h), float("-inf"), dtype=kf.dtype, device=kf.device)
     else:
-        s0, z0, m0 = initial_state
+        s_in, z_in, m0 = initial_state
+        s0 = torch.cat([s_in, z_in[..., None]], dim=-1)
+    v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     # padded keys: zero features, log scale -inf: they weigh nothing and never raise the maximum
-    qc, kc, vc = (F.pad(x, (0, 0, 0, pad)).view(b, h, n, c, x.shape[-1]) for x in (qf, kf, v))
-    ac = F.pad(ka, (0, pad), value=float("-inf")).view(b, h, n, c)
+    qc, kc, vc = to_chunks(qf, n, c), to_chunks(kf, n, c), to_chunks(v, n, c)
+    ac = to_chunks(ka[..., None], n, c, value=float("-inf"))[..., 0]  # (B, H, N, C)
     # running maximum over every key so far (the state's included): causal by construction
-    run = torch.cummax(ac.reshape(b, h, n * c), dim=-1).values.view(b, h, n, c)
-    run = torch.maximum(run, m0[..., None, None])
-    entry = torch.cat([m0[..., None], run[..., :-1, -1]], dim=-1)  # (B, H, N): max entering each chunk
+    run = torch.maximum(torch.cummax(ac.reshape(b, h, n * c), dim=-1).values.view(b, h, n, c), m0[..., None, None])
+    end = run[..., -1]  # (B, H, N): the maximum at each chunk's end
+    entry = torch.cat([m0[..., None], end[..., :-1]], dim=-1)  # the maximum entering each chunk
 
     causal = torch.ones(c, c, dtype=torch.bool, device=kf.device).tril()
-    weight = torch.exp((ac[..., None, :] - run[..., :, None]).masked_fill(~causal, float("-inf")))  # (.., C, C) <= 1
-    scores = (qc @ kc.transpose(-1, -2)) * weight
-    num, den = scores @ vc, scores.sum(-1)
-
-    # chunk sums scaled to the maximum at the chunk's end, then carried with one rescale per chunk
-    end = run[..., -1]  # (B, H, N)
-    k_end = kc * torch.exp(ac - end[..., None])[..., None]
-    chunk_s, chunk_z = k_end.transpose(-1, -2) @ vc, k_end.sum(dim=3)
-    s, z, mx = s0, z0, m0
-    states_s, states_z = [], []
-    for i in range(n):  # one rescale-and-add per chunk
-        states_s.append(s)
-        states_z.append(z)
-        shrink = torch.exp(mx - end[..., i]).nan_to_num(0.0)  # exp(-inf - finite) = 0; both -inf: empty
-        s = shrink[..., None, None] * s + chunk_s[:, :, i]
-        z = shrink[..., None] * z + chunk_z[:, :, i]
-        mx = end[..., i]
-    s_in, z_in = torch.stack(states_s, dim=2), torch.stack(states_z, dim=2)
-    carry = torch.exp(entry[..., None] - run).nan_to_num(0.0)  # (B, H, N, C): state scale -> row scale
-    num = num + carry[..., None] * (qc @ s_in)
-    den = den + carry * (qc * z_in[:, :, :, None, :]).sum(-1)
-    out = (num / den.clamp_min(_TINY)[..., None]).reshape(b, h, n * c, dv)[:, :, :t]
-    return out, (s, z, mx)
+    weight = torch.exp((ac[..., None, :] - run[..., :, None]).masked_fill(~causal, float("-inf")))  # <= 1
+    intra = ((qc @ kc.transpose(-1, -2)) * weight) @ vc
+    # each chunk's sums scaled to the maximum at its end; the carried sums rescaled once per chunk
+    chunk_s = (kc * torch.exp(ac - end[..., None])[..., None]).transpose(-1, -2) @ vc  # (B, H, N, m, Dv + 1)
+    carry = torch.exp(entry[..., None] - run).nan_to_num(0.0)[..., None]  # state scale -> row scale, <= 1
+    shrink = torch.exp(entry - end).nan_to_num(0.0)[..., None, None]  # exp(-inf - finite) = 0: empty state
+    s, inter = s0, []
+    for i in range(n):
+        inter.append(carry[:, :, i] * (qc[:, :, i] @ s))
+        s = shrink[:, :, i] * s + chunk_s[:, :, i]
+    out = (intra + torch.stack(inter, dim=2)).reshape(b, h, n * c, dv + 1)[:, :, :t]
+    out = out[..., :dv] / out[..., dv:].clamp_min(_TINY)
+    return out, (s[..., :dv], s[..., dv], end[..., -1])
 
 
 def favor_bidirectional(qf, kf, ka, v):

@@ -1,0 +1,21 @@
+"""Cutting the time axis into chunks, shared by every chunked op."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def num_chunks(t: int, chunk_size: int) -> tuple[int, int]:
+    """(chunk length C, number of chunks N) for T tokens: C = min(chunk_size, T), N = ceil(T / C)."""
+    c = max(1, min(chunk_size, t))
+    return c, -(-t // c)
+
+
+def to_chunks(x: torch.Tensor, n: int, c: int, value: float = 0.0) -> torch.Tensor:
+    """(B, H, T, D) -> (B, H, N, C, D), padding the time axis to N * C with `value` (no copy when
+    T already is N * C)."""
+    b, h, t, d = x.shape
+    if n * c != t:
+        x = F.pad(x, (0, 0, 0, n * c - t), value=value)
+    return x.reshape(b, h, n, c, d)
