@@ -4,6 +4,7 @@ import torch
 from speedlm.errors import SpeedlmError
 from speedlm.models import PRESETS, ModelConfig, build_model
 from speedlm.models.causal_lm import CausalLM
+from speedlm.ops.metrics import rel_rms_error
 
 
 def test_tied_head_shares_the_embedding_and_counts_once():
@@ -127,7 +128,10 @@ def test_loss_returns_total_and_named_parts():
 @pytest.mark.parametrize("preset", ["transformer", "gqa", "linear-hybrid"])
 def test_foundation_checkpoints_load_and_give_the_same_logits(preset):
     """Checkpoints written by the foundation (commit f9ec2e3: `mixers` configs, the old Block)
-    load through the checkpoint loader and give bit-for-bit the float64 logits it computed."""
+    load through the checkpoint loader and give the float64 logits it computed: bit for bit
+    for attention; for the linear hybrid to float64 rounding, since the chunked linear-attention
+    form now carries its state chunk by chunk with the normaliser as a value channel (issue 7),
+    the same sums in another order."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -138,7 +142,11 @@ def test_foundation_checkpoints_load_and_give_the_same_logits(preset):
     expected = load_file(here / "expected.safetensors")
     model = load_pretrained(here / preset, tokenizer=False).model.double()
     with torch.no_grad():
-        assert torch.equal(model(expected["input_ids"]), expected[f"logits.{preset}"])
+        logits = model(expected["input_ids"])
+    if preset == "linear-hybrid":
+        assert rel_rms_error(logits, expected[f"logits.{preset}"]) < 1e-15
+    else:
+        assert torch.equal(logits, expected[f"logits.{preset}"])
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
