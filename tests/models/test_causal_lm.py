@@ -128,10 +128,10 @@ def test_loss_returns_total_and_named_parts():
 @pytest.mark.parametrize("preset", ["transformer", "gqa", "linear-hybrid"])
 def test_foundation_checkpoints_load_and_give_the_same_logits(preset):
     """Checkpoints written by the foundation (commit f9ec2e3: `mixers` configs, the old Block)
-    load through the checkpoint loader and give the float64 logits it computed: bit for bit
-    for attention; for the linear hybrid to float64 rounding, since the chunked linear-attention
-    form now carries its state chunk by chunk with the normaliser as a value channel (issue 7),
-    the same sums in another order."""
+    load through the checkpoint loader and give the float64 logits it computed, to float64
+    rounding: the fixture was written on an Intel CPU and BLAS sums in another order on others
+    (an AMD EPYC gives 1.4e-16 relative error for attention), and the chunked linear-attention
+    form now carries its state chunk by chunk with the normaliser as a value channel (issue 7)."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -143,10 +143,7 @@ def test_foundation_checkpoints_load_and_give_the_same_logits(preset):
     model = load_pretrained(here / preset, tokenizer=False).model.double()
     with torch.no_grad():
         logits = model(expected["input_ids"])
-    if preset == "linear-hybrid":
-        assert rel_rms_error(logits, expected[f"logits.{preset}"]) < 1e-15
-    else:
-        assert torch.equal(logits, expected[f"logits.{preset}"])
+    assert rel_rms_error(logits, expected[f"logits.{preset}"]) < 1e-15
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

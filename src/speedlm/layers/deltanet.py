@@ -33,6 +33,12 @@ from speedlm.ops.delta_rule import DELTA_RULE, delta_rule_recurrent
 from speedlm.registry import Range
 
 
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / |x| over the last dim (head channels). Written out rather than F.normalize, whose norm
+    kernel is several times slower on the strided head views it gets here."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps * eps)
+
+
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
     return y + torch.log(-torch.expm1(-y))
 
@@ -74,7 +80,7 @@ class DeltaNet(GatedHeadsMixer):
         h, dk, dv = self.n_heads, self.key_dim, self.value_dim
         q, k, v = F.silu(conv_out).split([h * dk, h * dk, h * dv], dim=-1)
         q, k, v = self.split_heads(q, h), self.split_heads(k, h), self.split_heads(v, h)
-        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
+        return l2_normalize(q), l2_normalize(k), v
 
     def _beta_and_decay(self, x):
         beta = torch.sigmoid(self.beta_proj(x)).transpose(1, 2)  # (B, H, T)

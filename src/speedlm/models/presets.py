@@ -28,6 +28,13 @@ class Preset:
     make: Callable[[dict], dict]  # size dict -> ModelConfig fields (pattern, layers, ...)
 
 
+def _delta_chunk(size: dict) -> int:
+    """The delta rule's chunk: 64 tokens (fla's) for heads of 32 or more channels; 32 for the
+    16-channel heads of `tiny`, where the C x C intra-chunk work outweighs the per-chunk state
+    products (measured on CPU: a gated-deltanet-tiny training step 250 vs 307 ms at 16 x 256)."""
+    return 32 if size["d_model"] // size["n_heads"] <= 16 else 64
+
+
 def _cfg(size: dict, **fields) -> ModelConfig:
     base = {k: size[k] for k in ("d_model", "n_layers", "n_heads", "max_seq_len")}
     base.update(fields)
@@ -117,13 +124,13 @@ PRESETS: dict[str, Preset] = {
             "deltanet",
             "DeltaNet: delta-rule linear attention with L2-normalised q/k, beta gate and short convolutions",
             "Yang et al. 2024, Parallelizing Linear Transformers with the Delta Rule over Sequence Length (arXiv:2406.06484)",
-            lambda s: dict(pattern="D", layers={"D": {"mixer": {"name": "deltanet"}}}),
+            lambda s: dict(pattern="D", layers={"D": {"mixer": {"name": "deltanet", "chunk_size": _delta_chunk(s)}}}),
         ),
         Preset(
             "gated-deltanet",
             "Gated DeltaNet: the delta rule with a Mamba-2-style data-dependent decay and an output gate",
             "Yang et al. 2024, Gated Delta Networks: Improving Mamba2 with Delta Rule (arXiv:2412.06464)",
-            lambda s: dict(pattern="D", layers={"D": {"mixer": {"name": "gated_deltanet"}}}),
+            lambda s: dict(pattern="D", layers={"D": {"mixer": {"name": "gated_deltanet", "chunk_size": _delta_chunk(s)}}}),
         ),
         Preset(
             "hgrn",

@@ -1,4 +1,10 @@
-"""Cutting the time axis into chunks, shared by every chunked op."""
+"""Cutting the time axis into chunks, shared by every chunked op.
+
+The loops that carry a state from chunk to chunk take their per-chunk tensors with `unbind`,
+never by indexing (`x[:, :, i]`): autograd turns each indexed slice's gradient into a zero
+tensor the size of the whole `x`, so N chunks cost O(N^2) memory traffic in the backward
+(forward + backward of the delta rule at T = 4096, C = 16: 2.1 s instead of 0.25 s); unbind's backward stacks the
+N slice gradients once."""
 
 from __future__ import annotations
 

@@ -121,9 +121,11 @@ def delta_rule_chunked(q, k, v, beta, g=None, scale=None, initial_state: State |
     out = a_qk @ u
     s = _zero_state(q, v) if initial_state is None else initial_state
     inter = []
-    for i in range(n):  # the carried state: S' = M S + R, and what the chunk's outputs read of S
-        inter.append(reads[:, :, i] @ s)
-        s = transition[:, :, i] @ s + inject[:, :, i]
+    # the carried state: S' = M S + R, and what the chunk's outputs read of S (unbind, not
+    # indexing: each indexed slice's backward would write a zero tensor the size of the whole)
+    for read, m, r in zip(reads.unbind(2), transition.unbind(2), inject.unbind(2)):
+        inter.append(read @ s)
+        s = m @ s + r
     out = out + torch.stack(inter, dim=2)
     return (scale * out).reshape(bsz, h, n * c, dv)[:, :, :t], s
 

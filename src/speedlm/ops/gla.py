@@ -147,9 +147,10 @@ def gla_chunked(q, k, v, g, scale=None, initial_state: State | None = None, chun
     q_decayed = qc * torch.exp(b)
     s = _zero_state(q, v) if initial_state is None else initial_state
     inter = []
-    for i in range(n):  # the carried state: one product and one update per chunk
-        inter.append(q_decayed[:, :, i] @ s)
-        s = chunk_decay[:, :, i] * s + chunk_kv[:, :, i]
+    # the carried state: one product and one update per chunk (unbind: see ops/chunking.py)
+    for qd, decay_i, kv in zip(q_decayed.unbind(2), chunk_decay.unbind(2), chunk_kv.unbind(2)):
+        inter.append(qd @ s)
+        s = decay_i * s + kv
     o = o + torch.stack(inter, dim=2)
     out = (scale * o).reshape(bsz, h, n * c, dv)[:, :, :t]
     return out, s

@@ -69,16 +69,17 @@ def hgrn_chunked(x, g, initial_state: torch.Tensor | None = None, chunk_size: in
     ac = torch.exp(gc)
     # pass 1: every chunk's end state from a zero start, all chunks at once
     h = x.new_zeros(bsz, n, d)
-    for j in range(c):
-        h = torch.addcmul(xc[:, :, j], ac[:, :, j], h)
+    xs, as_ = xc.unbind(2), ac.unbind(2)  # unbind, not indexing: see ops/chunking.py
+    for x_j, a_j in zip(xs, as_):
+        h = torch.addcmul(x_j, a_j, h)
     # the state entering each chunk: a scan over the chunks' (total decay, end state) pairs
     p, q = _scan(torch.exp(gc.sum(dim=2)), h, dim=1)  # state after chunk i = p_i h0 + q_i
     after = p * h0[:, None] + q  # (B, N, D)
     entry = torch.cat([h0[:, None], after[:, :-1]], dim=1)
     # pass 2: the recurrence again from the right entry states, keeping every step
     h, outs = entry, []
-    for j in range(c):
-        h = torch.addcmul(xc[:, :, j], ac[:, :, j], h)
+    for x_j, a_j in zip(xs, as_):
+        h = torch.addcmul(x_j, a_j, h)
         outs.append(h)
     return torch.stack(outs, dim=2).reshape(bsz, n * c, d)[:, :t], after[:, -1]
 

@@ -68,9 +68,10 @@ def linear_attention_chunked(
     intra = scores @ vc
     chunk_kv = kc.transpose(-1, -2) @ vc  # (B, H, N, Dk, Dv (+1))
     s, inter = s0, []
-    for i in range(n):  # the carried state: one product and one addition per chunk
-        inter.append(qc[:, :, i] @ s)
-        s = s + chunk_kv[:, :, i]
+    # the carried state: one product and one addition per chunk (unbind: see ops/chunking.py)
+    for q_i, kv in zip(qc.unbind(2), chunk_kv.unbind(2)):
+        inter.append(q_i @ s)
+        s = s + kv
     out = (intra + torch.stack(inter, dim=2)).reshape(b, h, n * c, -1)[:, :, :t]
     if not normalize:
         return out, (s, z0 + kc.sum(dim=(2, 3)))

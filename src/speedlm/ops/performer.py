@@ -108,9 +108,9 @@ def favor_chunked(qf, kf, ka, v, initial_state: State | None = None, chunk_size:
     carry = torch.exp(entry[..., None] - run).nan_to_num(0.0)[..., None]  # state scale -> row scale, <= 1
     shrink = torch.exp(entry - end).nan_to_num(0.0)[..., None, None]  # exp(-inf - finite) = 0: empty state
     s, inter = s0, []
-    for i in range(n):
-        inter.append(carry[:, :, i] * (qc[:, :, i] @ s))
-        s = shrink[:, :, i] * s + chunk_s[:, :, i]
+    for carry_i, q_i, shrink_i, s_i in zip(carry.unbind(2), qc.unbind(2), shrink.unbind(2), chunk_s.unbind(2)):
+        inter.append(carry_i * (q_i @ s))  # unbind, not indexing: see ops/chunking.py
+        s = shrink_i * s + s_i
     out = (intra + torch.stack(inter, dim=2)).reshape(b, h, n * c, dv + 1)[:, :, :t]
     out = out[..., :dv] / out[..., dv:].clamp_min(_TINY)
     return out, (s[..., :dv], s[..., dv], end[..., -1])
