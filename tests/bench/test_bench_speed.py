@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -48,6 +49,17 @@ def test_json_has_every_preset_and_length(pair_run):
     assert "profiler" in meta["memory_method"]
     assert data["baseline"] == PAIR[0]
     assert [e["length"] for e in data["ratios"][PAIR[1]]] == [32, 64]
+
+
+def test_decode_latency_is_the_median_timed_step(tmp_path):
+    """Per-token decode latency is the median of the single-token steps of the timed runs only
+    (not the warm-up run, not the profiled memory run), so one preempted step cannot move it."""
+    result = run_speed_bench(["transformer-tiny"], [16], repeats=3, warmup=1, decode_tokens=5, progress=False,
+                             out_dir=str(tmp_path))
+    m = result["results"][0]["metrics"]["decode"]
+    assert len(m["step_ms"]) == 3 * 5
+    assert m["ms"] == statistics.median(m["step_ms"])
+    assert len(m["samples_ms"]) == 3
 
 
 def test_exponents_present_and_finite(pair_run):

@@ -185,7 +185,7 @@ def markdown(result: dict) -> str:
         f"batch size {meta['batch_size']}, {meta['threads']} CPU threads",
         f"- timing: median of {meta['repeats']} runs after {meta['warmup']} warmup; {meta['timing_method']}",
         f"- decode: prefill `length` tokens through the cache, then {meta['decode_tokens']} single-token steps; "
-        "ms per token; decode peak = memory held during those steps (includes the cache)",
+        "ms per token = the median single-token step of the timed runs; decode peak = memory held during those steps (includes the cache)",
         f"- memory: {meta['memory_method']}",
         "- state MiB: analytic inference cache after `length` tokens (`state_bytes`); "
         "GFLOP/token: analytic forward `flops_per_token(length, training=False)`",

@@ -2,7 +2,7 @@
 
 For each (preset, length): forward latency (no grad), forward+backward latency
 (`model.loss(x, y).backward()`), per-token decode latency (prefill `length` tokens through the
-cache, then `decode_tokens` single-token steps) and the peak memory of each; plus the analytic
+cache, then `decode_tokens` single-token steps: the median step) and the peak memory of each; plus the analytic
 parameter count, FLOPs per token and inference-state bytes. Then log-log scaling exponents per
 preset and time ratios against a baseline preset.
 
@@ -16,6 +16,7 @@ import datetime
 import gc
 import os
 import platform
+import time
 from typing import Callable
 
 import torch
@@ -25,7 +26,7 @@ from speedlm.bench import report
 from speedlm.bench.common import check_int, check_ints, check_presets, one_line, resolve_dtype, write_results
 from speedlm.bench.memory import PeakMemory, is_oom, memory_method
 from speedlm.bench.plots import write_plots
-from speedlm.bench.timing import median, time_fn, timing_method
+from speedlm.bench.timing import median, synchronize, time_fn, timing_method
 from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
 from speedlm.models import build_model, resolve_config
@@ -120,14 +121,28 @@ def bench_one(model, x, y, decode_ids, device, *, repeats: int, warmup: int) -> 
             del logits
             return cache
 
+        calls: list[list[float]] = []  # seconds of each single-token step, one list per call
+
         def decode(cache):
+            steps = []
             with torch.no_grad():
                 for i in range(n_dec):
+                    synchronize(device)
+                    t0 = time.perf_counter()
                     model(decode_ids[:, i : i + 1], cache)
+                    synchronize(device)
+                    steps.append(time.perf_counter() - t0)
+            calls.append(steps)
 
         metrics["decode"] = measure(
             decode, device, repeats=repeats, warmup=warmup, setup=prefill, setup_in_memory_region=True, per=n_dec
         )
+        if metrics["decode"]["status"] == "ok":
+            # per-token latency: the median single step of the timed calls (time_fn's warm-up
+            # calls come first, measure's profiled memory run last); one preempted step moves a
+            # mean of 16 steps by several percent, the median not at all
+            timed = [1000.0 * dt for steps in calls[warmup : warmup + repeats] for dt in steps]
+            metrics["decode"].update(ms=median(timed), step_ms=timed)
     _free(device)
     return metrics
 
