@@ -100,6 +100,14 @@ def cmd_bench_recall(args) -> int:
     return 0
 
 
+def cmd_bench_decode(args) -> int:
+    from speedlm.bench.decode import run_decode_bench
+
+    run_decode_bench(presets=args.presets, contexts=args.contexts, steps=args.steps, device=args.device,
+                     dtype=args.dtype, seed=args.seed, out_dir=args.out)
+    return 0
+
+
 def cmd_bench_ops(args) -> int:
     from speedlm.bench.ops import run_ops_bench
 
@@ -253,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="auto", help="auto, bfloat16 or float32 (training autocast)")
     r.add_argument("--out", default="runs/recall")
     r.set_defaults(func=cmd_bench_recall)
+
+    d = bsub.add_parser("decode", help="per-token decode latency at several contexts, steps interleaved in one process")
+    d.add_argument("--presets", type=_csv, default=_csv("transformer-tiny,linear-attention-tiny,hgrn-tiny"))
+    d.add_argument("--contexts", type=_ints, default=[1024, 16384])
+    d.add_argument("--steps", type=int, default=64, help="timed single-token steps per context")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto")
+    d.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    d.add_argument("--out", default="runs/bench")
+    d.set_defaults(func=cmd_bench_decode)
 
     o = bsub.add_parser("ops", help="each sequence op's chunked form vs its naive recurrent loop, in one process")
     o.add_argument("--lengths", type=_ints, default=[4096])

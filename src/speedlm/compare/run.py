@@ -102,7 +102,7 @@ def _check_options(o: CompareOptions) -> None:
         if not (name.endswith(".json") and os.path.isfile(name)):
             split_preset_name(name)  # unknown preset: one line, before any work
     if not (is_number(o.budget) and o.budget > 0 and o.budget != float("inf")):
-        raise SpeedlmError(f"--budget must be a positive number of training FLOPs per model (e.g. 2.5e12), got {o.budget!r}")
+        raise SpeedlmError(f"--budget must be a positive number of training FLOPs per model (e.g. 1e12), got {o.budget!r}")
     for name in ("seq_len", "batch_size", "eval_points", "eval_batches", "final_eval_batches", "decode_tokens"):
         check_int(name, getattr(o, name), 1)
     check_int("seed", o.seed, 0)

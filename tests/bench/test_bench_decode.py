@@ -1,0 +1,33 @@
+"""bench decode end to end on tiny presets. No test asserts a timing value or a speed ratio."""
+
+import json
+import statistics
+
+import pytest
+
+from speedlm.bench.decode import run_decode_bench
+from speedlm.cli import main
+from speedlm.errors import SpeedlmError
+
+
+def test_every_preset_and_context_gets_the_median_of_its_own_steps(tmp_path):
+    result = run_decode_bench(["transformer-tiny", "hgrn-tiny"], contexts=[48, 16], steps=5, out_dir=str(tmp_path),
+                              progress=False)
+    assert result["meta"]["contexts"] == [16, 48]  # sorted: ratios are to the shortest
+    data = json.loads((tmp_path / "bench_decode.json").read_text())
+    for preset in ("transformer-tiny", "hgrn-tiny"):
+        r = data["presets"][preset]
+        for n in ("16", "48"):
+            assert len(r["step_ms"][n]) == 5  # the warm-up step is not counted
+            assert r["ms"][n] == statistics.median(r["step_ms"][n])
+        assert r["ratio"]["16"] == 1.0 and r["ratio"]["48"] == r["ms"]["48"] / r["ms"]["16"]
+    # the transformer's KV cache grows with the context, HGRN's state does not
+    assert data["presets"]["transformer-tiny"]["state_bytes"] > data["presets"]["hgrn-tiny"]["state_bytes"]
+    assert "| hgrn-tiny |" in (tmp_path / "bench_decode.md").read_text()
+
+
+def test_bad_arguments_are_one_line(tmp_path, capsys):
+    with pytest.raises(SpeedlmError, match="unknown preset"):
+        run_decode_bench(["nope-tiny"], out_dir=str(tmp_path), progress=False)
+    assert main(["bench", "decode", "--contexts", "0", "--out", str(tmp_path)]) == 2
+    assert "contexts" in capsys.readouterr().err
