@@ -251,3 +251,24 @@ def test_orthogonal_features_are_orthogonal_within_a_block_and_gaussian_in_norm(
     block = w[:16] / w[:16].norm(dim=1, keepdim=True)
     assert (block @ block.t() - torch.eye(16, dtype=torch.float64)).abs().max() < 1e-12
     assert w.norm(dim=1).pow(2).mean() == pytest.approx(16, rel=0.05)  # E|g|^2 = d
+
+
+def _backward_bytes(op: Op, t: int, chunk: int) -> int:
+    """Bytes the backward of the chunked form allocates (profiler timeline, positive entries)."""
+    from torch.profiler import profile
+
+    x = {k: v.requires_grad_() for k, v in op.inputs(t, torch.Generator().manual_seed(0)).items()}
+    out, s = op.fast(x, None, chunk)
+    loss = out.sum() + sum(z.sum() for z in _states(s))
+    with profile(profile_memory=True) as prof:
+        loss.backward()
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_backward_memory_is_linear_in_the_number_of_chunks(name):
+    """4x the chunks, about 4x the backward allocations (measured 3.9-4.05; HGRN's scan over
+    chunk ends 5.2). Taking the per-chunk slices by indexing made each slice's gradient a zero
+    tensor the size of the whole, O(N^2): the delta rule written that way gave 11x here."""
+    small, large = _backward_bytes(OPS[name], 8 * 4, 4), _backward_bytes(OPS[name], 32 * 4, 4)
+    assert large / small < 7.0, (small, large)
