@@ -31,3 +31,24 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
         run_decode_bench(["nope-tiny"], out_dir=str(tmp_path), progress=False)
     assert main(["bench", "decode", "--contexts", "0", "--out", str(tmp_path)]) == 2
     assert "contexts" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_decode_is_a_row_and_the_others_are_kept(tmp_path):
+    from speedlm.models.registry import MIXERS
+    from support.parts import NoMixing
+
+    class NoCache(NoMixing):
+        supports_decoding = False
+
+    cfg = tmp_path / "nocache.json"
+    cfg.write_text(json.dumps({"vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 512,
+                               "layers": {"A": {"mixer": {"name": "test_nocache"}}}}))
+    MIXERS.register("test_nocache", NoCache, family="test", description="test", paper="-")
+    try:
+        result = run_decode_bench(["hgrn-tiny", str(cfg)], contexts=[16, 32], steps=2, out_dir=str(tmp_path),
+                                  progress=False)
+    finally:
+        MIXERS.unregister("test_nocache")
+    assert "does not support cached decoding" in result["presets"][str(cfg)]["skipped"]
+    assert len(result["presets"]["hgrn-tiny"]["step_ms"]["32"]) == 2
+    assert "skipped: a mixer" in (tmp_path / "bench_decode.md").read_text()

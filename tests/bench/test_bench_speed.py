@@ -167,14 +167,14 @@ def test_loglog_slope():
 def test_oom_while_building_a_model_skips_its_rows(tmp_path, monkeypatch, no_plots):
     import speedlm.bench.speed as speed
 
-    real = speed.build_model
+    real = speed.build_seeded
 
-    def build(name, **kw):
+    def build(name, *args, **kw):
         if name == "gqa-tiny":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
-        return real(name, **kw)
+        return real(name, *args, **kw)
 
-    monkeypatch.setattr(speed, "build_model", build)
+    monkeypatch.setattr(speed, "build_seeded", build)
     result = run_speed_bench(["mqa-tiny", "gqa-tiny"], [16, 24], out_dir=str(tmp_path), **FAST)
     rows = {(r["preset"], r["length"]): r for r in result["results"]}
     assert all(m["status"] == "skipped" for n in (16, 24) for m in rows["gqa-tiny", n]["metrics"].values())

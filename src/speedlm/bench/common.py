@@ -106,3 +106,15 @@ def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     msg = text[0] if text else ""
     return f"{type(exc).__name__}: {msg}"[:200]
+
+
+def build_seeded(spec, seed: int, device, dtype, min_seq_len: int = 0):
+    """The model of `spec` (preset name or config) with its weights drawn from `seed`, whatever
+    ran before (the caller's random state is left as it was), its max_seq_len raised to
+    `min_seq_len` where shorter, on `device` in `dtype`."""
+    from speedlm.models import build_model, resolve_config
+
+    longer = {"max_seq_len": min_seq_len} if min_seq_len > resolve_config(spec).max_seq_len else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(spec, **longer).to(device=device, dtype=dtype)

@@ -20,11 +20,10 @@ import time
 import torch
 
 import speedlm
-from speedlm.bench.common import check_int, check_ints, check_presets, resolve_dtype, write_results
+from speedlm.bench.common import build_seeded, check_int, check_ints, check_presets, resolve_dtype, write_results
 from speedlm.bench.timing import median, synchronize, timing_method
 from speedlm.device import resolve_device
-from speedlm.errors import SpeedlmError
-from speedlm.models import build_model, resolve_config
+from speedlm.models import resolve_config
 from speedlm.progress import progress_bar
 
 
@@ -69,6 +68,9 @@ def decode_markdown(result: dict) -> str:
         "|" + "---|" * (1 + 2 * len(ctx)),
     ]
     for p, r in result["presets"].items():
+        if "skipped" in r:
+            lines.append(f"| {p} | skipped: {r['skipped']} |")
+            continue
         ms = [r["ms"][str(n)] for n in ctx]
         ratios = [r["ratio"][str(n)] for n in ctx[1:]]
         lines.append(f"| {p} | " + " | ".join(f"{m:.3g}" for m in ms) + " | "
@@ -85,7 +87,8 @@ def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="a
     steps = check_int("steps", steps, 1)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    configs = {p: resolve_config(p) for p in presets}  # unknown presets fail before any work
+    for p in presets:
+        resolve_config(p)  # unknown presets fail before any work
     need = max(contexts) + steps + 1
     meta = {
         "device": str(dev), "torch_version": torch.__version__, "speedlm_version": speedlm.__version__,
@@ -99,12 +102,12 @@ def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="a
     try:
         for p in presets:
             bar.set_postfix_str(p)
-            overrides = {"max_seq_len": need} if need > configs[p].max_seq_len else {}
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = build_model(p, **overrides).to(device=dev, dtype=dt).eval()
+            model = build_seeded(p, seed, dev, dt, min_seq_len=need).eval()
             if not all(b.supports_decoding for b in model.blocks):
-                raise SpeedlmError(f"{p}: a mixer of this model does not support cached decoding")
+                # a row, not an error: the presets measured before it are kept
+                out[p] = {"skipped": "a mixer of this model does not support cached decoding"}
+                bar.update()
+                continue
             times = _decode_rows(model, contexts, steps, torch.Generator().manual_seed(seed), dev)
             ms = {n: median(times[n]) for n in contexts}
             out[p] = {

@@ -23,13 +23,13 @@ import torch
 
 import speedlm
 from speedlm.bench import report
-from speedlm.bench.common import check_int, check_ints, check_presets, one_line, resolve_dtype, write_results
+from speedlm.bench.common import build_seeded, check_int, check_ints, check_presets, one_line, resolve_dtype, write_results
 from speedlm.bench.memory import PeakMemory, is_oom, memory_method
 from speedlm.bench.plots import write_plots
 from speedlm.bench.timing import median, synchronize, time_fn, timing_method
 from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
-from speedlm.models import build_model, resolve_config
+from speedlm.models import resolve_config
 from speedlm.progress import progress_bar
 
 METRICS = ("fwd", "fwd_bwd", "decode")
@@ -210,12 +210,9 @@ def run_speed_bench(
     try:
         for p in presets:
             cfg = configs[p]
-            overrides = {"max_seq_len": need_len} if need_len > cfg.max_seq_len else {}
             bar.set_postfix_str(f"{p} (building)")
             try:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    model = build_model(p, **overrides).to(device=dev, dtype=dt)
+                model = build_seeded(p, seed, dev, dt, min_seq_len=need_len)
             except Exception as e:  # noqa: BLE001
                 if not is_oom(e):
                     raise
@@ -231,7 +228,7 @@ def run_speed_bench(
                 "config": model.config.to_dict(),
                 "params": model.num_params(),
                 "params_non_embedding": model.num_params(non_embedding=True),
-                "max_seq_len_raised_to": overrides.get("max_seq_len"),
+                "max_seq_len_raised_to": need_len if need_len > cfg.max_seq_len else None,
             }
             if p == presets[0] and warmup > 0:
                 # one untimed pass of everything (incl. a profiler session) so that one-off

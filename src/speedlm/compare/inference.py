@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from speedlm.bench.common import one_line
+from speedlm.bench.common import build_seeded, one_line
 from speedlm.bench.memory import is_oom
 from speedlm.bench.timing import synchronize
 from speedlm.models import ModelConfig, build_model
@@ -35,9 +35,7 @@ def measure_inference(cfg: ModelConfig, contexts, decode_tokens: int, device: to
     "errors": {n: reason}} for each context length n (tokens in the cache before decoding).
     Decode latency is the median over `decode_tokens` single-token steps after two untimed ones."""
     longest = max(contexts) + decode_tokens + 2
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(inference_config(cfg, longest)).to(device=device, dtype=dtype).eval()
+    model = build_seeded(inference_config(cfg, longest), seed, device, dtype).eval()
     gen = torch.Generator().manual_seed(seed)
     vocab = cfg.vocab_size
     out = {"prefill_tok_s": {}, "decode_ms": {}, "cache_bytes": {}, "errors": {}}
