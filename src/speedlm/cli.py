@@ -111,7 +111,7 @@ def cmd_bench_decode(args) -> int:
 def cmd_bench_ops(args) -> int:
     from speedlm.bench.ops import run_ops_bench
 
-    run_ops_bench(lengths=args.lengths, repeats=args.repeats, device=args.device, out_dir=args.out)
+    run_ops_bench(lengths=args.lengths, repeats=args.repeats, device=args.device, out_dir=args.out, only=args.ops)
     return 0
 
 
@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = bsub.add_parser("ops", help="each sequence op's chunked form vs its naive recurrent loop, in one process")
     o.add_argument("--lengths", type=_ints, default=[4096])
+    o.add_argument("--ops", type=lambda v: [x.strip() for x in v.split(",") if x.strip()], default=None,
+                   help="comma-separated substrings of op names to run (default: all), e.g. mamba,hyena")
     o.add_argument("--repeats", type=int, default=3)
     o.add_argument("--device", default="auto")
     o.add_argument("--out", default="runs/bench")

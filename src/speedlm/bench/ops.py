@@ -2,7 +2,9 @@
 one process on the same inputs: the speed-up the chunked / parallel forms buy.
 
 Shapes are a `small` model's head: batch 1, 4 heads of 64 (HGRN: 256 channels; Based: a 16-dim
-Taylor projection, 273 features), float32, forward only. Writes bench_ops.json and bench_ops.md.
+Taylor projection, 273 features; Mamba: the 512 inner channels of mamba-small with 16 states
+each; Mamba-2: mamba2-small's 8 heads of 64 with 64 states; Hyena: 256 channels, a filter as long as the
+sequence), float32, forward only. Writes bench_ops.json and bench_ops.md.
 """
 
 from __future__ import annotations
@@ -17,14 +19,21 @@ import torch.nn.functional as F
 from speedlm.bench.common import check_int, check_ints, write_results
 from speedlm.bench.timing import median, time_fn
 from speedlm.device import resolve_device
+from speedlm.errors import SpeedlmError
 from speedlm.layers.based import taylor_features
 from speedlm.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent
 from speedlm.ops.gla import gla_chunked, gla_recurrent
 from speedlm.ops.hgrn import hgrn_chunked, hgrn_recurrent
+from speedlm.ops.long_conv import direct_causal_conv_reference, fft_causal_conv
 from speedlm.ops.linear_attention import linear_attention_chunked, linear_attention_recurrent
 from speedlm.ops.performer import favor_chunked, favor_features, favor_recurrent, orthogonal_gaussian
+from speedlm.ops.selective_scan import selective_scan_chunked, selective_scan_recurrent
+from speedlm.ops.ssd import ssd_chunked, ssd_recurrent
 
 H, D = 4, 64
+MAMBA_CHANNELS, MAMBA_STATES = 512, 16
+SSD_HEADS, SSD_HEAD_DIM, SSD_STATES = 8, 64, 64
+HYENA_CHANNELS = 256
 
 
 def _cases(t: int, device, gen: torch.Generator) -> dict:
@@ -44,6 +53,14 @@ def _cases(t: int, device, gen: torch.Generator) -> dict:
     qf, _ = favor_features(q, w)
     kf, ka = favor_features(k, w)
     tq, tk = taylor_features(r(1, H, t, 16) * 0.5), taylor_features(r(1, H, t, 16) * 0.5)
+    # Mamba: steps of softplus(N(0,1) - 3) ~ 0.05 and A = -[1..16], as at initialisation
+    su, sdt = r(1, t, MAMBA_CHANNELS), F.softplus(r(1, t, MAMBA_CHANNELS) - 3.0)
+    sa = -torch.arange(1, MAMBA_STATES + 1.0, device=device).expand(MAMBA_CHANNELS, MAMBA_STATES)
+    sb, sc = r(1, t, MAMBA_STATES), r(1, t, MAMBA_STATES)
+    xx, xdt = r(1, t, SSD_HEADS, SSD_HEAD_DIM), F.softplus(r(1, t, SSD_HEADS) - 3.0)
+    xa = -torch.linspace(1.0, 16.0, SSD_HEADS, device=device)
+    xb, xc = r(1, t, 1, SSD_STATES), r(1, t, 1, SSD_STATES)
+    lu, lh = r(1, t, HYENA_CHANNELS), r(HYENA_CHANNELS, t) * torch.exp(-torch.arange(t, device=device) / 64.0)
     return {
         "linear_attention": (lambda: linear_attention_recurrent(phi_q, phi_k, v), lambda: linear_attention_chunked(phi_q, phi_k, v)),
         "retention (per-head decay)": (lambda: gla_recurrent(q, k, v, g_head), lambda: gla_chunked(q, k, v, g_head)),
@@ -53,10 +70,31 @@ def _cases(t: int, device, gen: torch.Generator) -> dict:
         "hgrn": (lambda: hgrn_recurrent(x, gx), lambda: hgrn_chunked(x, gx)),
         "performer (FAVOR+)": (lambda: favor_recurrent(qf, kf, ka, v), lambda: favor_chunked(qf, kf, ka, v)),
         "based (Taylor features)": (lambda: linear_attention_recurrent(tq, tk, v), lambda: linear_attention_chunked(tq, tk, v)),
+        "mamba selective scan": (lambda: selective_scan_recurrent(su, sdt, sa, sb, sc),
+                                 lambda: selective_scan_chunked(su, sdt, sa, sb, sc)),
+        "mamba-2 SSD": (lambda: ssd_recurrent(xx, xdt, xa, xb, xc), lambda: ssd_chunked(xx, xdt, xa, xb, xc)),
+        "hyena long conv (FFT vs direct)": (lambda: direct_causal_conv_reference(lu, lh), lambda: fft_causal_conv(lu, lh)),
     }
 
 
-def run_ops_bench(lengths=(4096,), repeats: int = 3, device="auto", out_dir: str = "runs/bench", seed: int = 0) -> dict:
+def op_names() -> list[str]:
+    return list(_cases(2, "cpu", torch.Generator().manual_seed(0)))
+
+
+def select_ops(only: list[str] | None) -> list[str]:
+    """The op names containing any of the substrings in `only` (all when None)."""
+    names = op_names()
+    if not only:
+        return names
+    chosen = [n for n in names if any(o.lower() in n.lower() for o in only)]
+    if not chosen:
+        raise SpeedlmError(f"--ops {','.join(only)} matches no op; the ops are: {', '.join(names)}")
+    return chosen
+
+
+def run_ops_bench(lengths=(4096,), repeats: int = 3, device="auto", out_dir: str = "runs/bench", seed: int = 0,
+                  only: list[str] | None = None) -> dict:
+    chosen = select_ops(only)
     lengths = check_ints("lengths", lengths)
     repeats = check_int("repeats", repeats, 1)
     dev = resolve_device(device)
@@ -64,6 +102,8 @@ def run_ops_bench(lengths=(4096,), repeats: int = 3, device="auto", out_dir: str
     with torch.no_grad():
         for t in lengths:
             for name, (naive, fast) in _cases(t, dev, torch.Generator().manual_seed(seed)).items():
+                if name not in chosen:
+                    continue
                 # interleaved pairs, so that a slow spell of a shared machine hits both forms alike,
                 # each form warmed right before its timed run (the other form's allocations would
                 # otherwise cost it fresh pages); the speed-up is the median of the pairs' ratios

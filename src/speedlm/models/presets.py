@@ -35,6 +35,18 @@ def _delta_chunk(size: dict) -> int:
     return 32 if size["d_model"] // size["n_heads"] <= 16 else 64
 
 
+def _mamba2_head_dim(size: dict) -> int:
+    """Mamba-2's 64-channel heads, narrower where d_inner = 2 d_model has fewer channels than
+    n_heads x 64 (tiny: 128 channels, 4 heads of 32)."""
+    return min(64, 2 * size["d_model"] // size["n_heads"])
+
+
+def _jamba_layers(size: dict) -> int:
+    """Jamba's block is 8 layers (attention in the fifth): the smallest multiple of 8 that is at
+    least the size's depth."""
+    return max(8, -(-size["n_layers"] // 8) * 8)
+
+
 def _cfg(size: dict, **fields) -> ModelConfig:
     base = {k: size[k] for k in ("d_model", "n_layers", "n_heads", "max_seq_len")}
     base.update(fields)
@@ -137,6 +149,68 @@ PRESETS: dict[str, Preset] = {
             "HGRN: element-wise gated linear recurrence with forget-gate lower bounds rising with depth",
             "Qin et al. 2023, Hierarchically Gated Recurrent Neural Network for Sequence Modeling (arXiv:2311.04823)",
             lambda s: dict(pattern="H", layers={"H": {"mixer": {"name": "hgrn"}}}),
+        ),
+        Preset(
+            "mamba",
+            "Mamba: selective state-space layers (no FFN, twice the depth), chunk-parallel scan, O(1) conv + SSM state",
+            "Gu & Dao 2023, Mamba: Linear-Time Sequence Modeling with Selective State Spaces (arXiv:2312.00752)",
+            lambda s: dict(n_layers=2 * s["n_layers"], pattern="M", layers={"M": {"mixer": {"name": "mamba"}, "ffn": "none"}}),
+        ),
+        Preset(
+            "mamba2",
+            "Mamba-2: SSD layers with one decay per head and 64-dim states (no FFN, twice the depth), chunked in matmuls",
+            "Dao & Gu 2024, Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State "
+            "Space Duality (arXiv:2405.21060)",
+            lambda s: dict(
+                n_layers=2 * s["n_layers"],
+                pattern="M",
+                layers={"M": {"mixer": {"name": "mamba2", "head_dim": _mamba2_head_dim(s)}, "ffn": "none"}},
+            ),
+        ),
+        Preset(
+            "jamba",
+            "Jamba: one attention layer per eight, Mamba elsewhere, every layer with a dense SwiGLU FFN "
+            "(MoE every other layer in the paper: dense until MoE lands); 8 layers at tiny and small",
+            "Lieber et al. 2024, Jamba: A Hybrid Transformer-Mamba Language Model (arXiv:2403.19887)",
+            lambda s: dict(
+                n_layers=_jamba_layers(s),
+                pattern="MMMMAMMM",
+                layers={"M": {"mixer": {"name": "mamba"}}, "A": {"mixer": {"name": "attention", "kv_heads": max(1, s["n_heads"] // 4)}}},
+            ),
+        ),
+        Preset(
+            "samba",
+            "Samba: Mamba, MLP, sliding-window attention, MLP, repeated (every mixer followed by a SwiGLU FFN)",
+            "Ren et al. 2024, Samba: Simple Hybrid State Space Models for Efficient Unlimited Context Language Modeling "
+            "(arXiv:2406.07522)",
+            lambda s: dict(
+                pattern="MS",
+                layers={"M": {"mixer": {"name": "mamba"}}, "S": {"mixer": {"name": "sliding_window", "window": s["window"]}}},
+            ),
+        ),
+        Preset(
+            "hymba",
+            "Hymba: attention and Mamba heads in parallel in every layer, sliding-window attention except the first, "
+            "middle and last layers",
+            "Dong et al. 2024, Hymba: A Hybrid-head Architecture for Small Language Models (arXiv:2411.13676)",
+            lambda s: dict(pattern="H", layers={"H": {"mixer": {"name": "hymba", "window": s["window"]}}}),
+        ),
+        Preset(
+            "hyena",
+            "Hyena: order-2 implicit long convolutions (positional-MLP filters, decay window) and gates, FFT "
+            "convolution, SwiGLU FFN; exact decoding from cached inputs (O(context) state)",
+            "Poli et al. 2023, Hyena Hierarchy: Towards Larger Convolutional Language Models (arXiv:2302.10866)",
+            lambda s: dict(pattern="Y", layers={"Y": {"mixer": {"name": "hyena"}}}),
+        ),
+        Preset(
+            "striped-hyena",
+            "StripedHyena: Hyena and grouped-query attention layers alternating, each with a SwiGLU FFN",
+            "Poli et al. 2023, StripedHyena (Together AI); Ku et al. 2024, Mechanistic Design and Scaling of Hybrid "
+            "Architectures (arXiv:2403.17844)",
+            lambda s: dict(
+                pattern="YA",
+                layers={"Y": {"mixer": {"name": "hyena"}}, "A": {"mixer": {"name": "attention", "kv_heads": max(1, s["n_heads"] // 4)}}},
+            ),
         ),
     ]
 }

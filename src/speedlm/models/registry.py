@@ -14,7 +14,11 @@ from speedlm.layers.deltanet import DeltaNet, GatedDeltaNet
 from speedlm.layers.ffn import NoFFN
 from speedlm.layers.gla import GatedLinearAttention
 from speedlm.layers.hgrn import HGRN
+from speedlm.layers.hyena import Hyena
+from speedlm.layers.hymba import Hymba
 from speedlm.layers.linear_attention import LinearAttention
+from speedlm.layers.mamba import Mamba
+from speedlm.layers.mamba2 import Mamba2
 from speedlm.layers.mlp import SwiGLU
 from speedlm.layers.performer import Performer
 from speedlm.layers.retnet import MultiScaleRetention
@@ -127,6 +131,43 @@ register_mixer(
     description="element-wise gated linear recurrence; forget-gate lower bound rising with depth",
     paper="Qin et al. 2023, Hierarchically Gated Recurrent Neural Network for Sequence Modeling (arXiv:2311.04823)",
     contract_spec={"chunk_size": 16},
+)
+register_mixer(
+    "hyena",
+    Hyena,
+    family="long convolution",
+    description="implicit long filters (positional MLP with sine activations, decay window) interleaved with gates; "
+    "FFT convolution, exact decoding from all cached inputs (O(context) state)",
+    paper="Poli et al. 2023, Hyena Hierarchy: Towards Larger Convolutional Language Models (arXiv:2302.10866)",
+    contract_spec={"filter_order": 16, "emb_dim": 5},
+)
+
+register_mixer(
+    "mamba",
+    Mamba,
+    family="state space",
+    description="selective SSM: input-dependent delta, B, C, S4D-real A, short conv, SiLU gate; chunk-parallel scan",
+    paper="Gu & Dao 2023, Mamba: Linear-Time Sequence Modeling with Selective State Spaces (arXiv:2312.00752)",
+    contract_spec={"d_state": 4, "chunk_size": 16},
+)
+register_mixer(
+    "mamba2",
+    Mamba2,
+    family="state space",
+    description="Mamba-2 SSD: scalar decay per head, grouped B/C, gated RMSNorm; chunked SSD in matrix products",
+    paper="Dao & Gu 2024, Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured "
+    "State Space Duality (arXiv:2405.21060)",
+    contract_spec={"d_state": 6, "head_dim": 16, "n_groups": 2, "chunk_size": 16},
+)
+
+register_mixer(
+    "hymba",
+    Hymba,
+    family="hybrid heads",
+    description="attention heads and Mamba heads in parallel on the same input, each normalised and scaled, averaged; "
+    "sliding-window attention except in the first, middle and last layers",
+    paper="Dong et al. 2024, Hymba: A Hybrid-head Architecture for Small Language Models (arXiv:2411.13676)",
+    contract_spec={"window": 7, "kv_heads": 2, "full_attention": False, "d_state": 4, "chunk_size": 16},
 )
 
 # ----- FFNs -----

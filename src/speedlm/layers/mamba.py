@@ -1,0 +1,135 @@
+"""Mamba (Gu & Dao 2023, arXiv:2312.00752): a selective state-space mixer.
+
+    x, z  = W_in h                                   (two streams of d_inner = expand * d)
+    x     = silu(causal_conv(x))                     (depthwise, kernel 4, with bias)
+    dt_r, B, C = W_x x                               (dt_rank, N, N per token)
+    delta = softplus(W_dt dt_r + dt_bias)            (per channel)
+    y     = selective_scan(x, delta, A = -exp(A_log), B, C) + D * x     (ops/selective_scan.py)
+    out   = W_out( y * silu(z) )
+
+Initialisation as the paper's code: A = -[1, ..., N] for every channel (S4D-real), stored as
+A_log; D = 1; W_dt ~ U(-dt_rank^-0.5, dt_rank^-0.5); dt_bias = softplus^-1(dt) with
+dt ~ logU[1e-3, 1e-1] floored at 1e-4, so that initial steps span three decades; the other
+projections are N(0, init_std) like every mixer here. A layer's cache is a CompositeCache of the
+convolution's last 3 inputs and the (B, d_inner, N) float32 SSM state; decoding is O(1) in the
+context. Mamba blocks carry no FFN (the preset uses ffn "none" and twice the layers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from speedlm.cache.composite import CompositeCache
+from speedlm.cache.recurrent import RecurrentState
+from speedlm.layers.deltanet import inverse_softplus
+from speedlm.layers.dims import ModelDims
+from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
+from speedlm.layers.short_conv import ShortConv
+from speedlm.ops.selective_scan import SELECTIVE_SCAN, selective_scan_recurrent
+from speedlm.registry import Range
+
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
+
+
+def init_dt_bias(bias: torch.Tensor) -> None:
+    """softplus^-1 of dt ~ logU[DT_MIN, DT_MAX] floored at DT_FLOOR (Mamba and Mamba-2)."""
+    with torch.no_grad():
+        u = torch.rand(bias.shape, dtype=torch.float64) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
+        bias.copy_(inverse_softplus(torch.exp(u).clamp_min(DT_FLOOR)))
+
+
+class Mamba(Mixer):
+    residual_out = ("out_proj",)
+
+    def __init__(
+        self,
+        dims: ModelDims,
+        d_state: Annotated[int, Range(min=1)] = 16,
+        expand: Annotated[int, Range(min=1)] = 2,
+        conv_kernel: Annotated[int, Range(min=1)] = 4,
+        dt_rank: Annotated[int | None, Range(min=1)] = None,
+        chunk_size: Annotated[int, Range(min=1)] = 32,
+    ):
+        super().__init__(dims)
+        d = dims.d_model
+        self.inner, self.d_state, self.chunk_size = expand * d, d_state, chunk_size
+        self.dt_rank = math.ceil(d / 16) if dt_rank is None else dt_rank
+        self.in_proj = nn.Linear(d, 2 * self.inner, bias=False)
+        self.conv = ShortConv(self.inner, conv_kernel, bias=True)
+        self.x_proj = nn.Linear(self.inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.inner, d_state))
+        self.D = nn.Parameter(torch.empty(self.inner))
+        self.out_proj = nn.Linear(self.inner, d, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # N(0, init_std) projections, zero biases
+        self.conv.reset_parameters()
+        bound = self.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        init_dt_bias(self.dt_proj.bias)
+        with torch.no_grad():
+            self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float64)).expand_as(self.A_log))
+            self.D.fill_(1.0)
+
+    # ----- the scan's inputs -----
+    def _scan_inputs(self, x_conv):
+        dt_r, B, C = self.x_proj(x_conv).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt_r))
+        return delta, B, C
+
+    def _scan(self, u, delta, A, B, C, init):
+        return SELECTIVE_SCAN(u, delta, A, B, C, initial_state=init, chunk_size=self.chunk_size)
+
+    def mix(self, x, meta: SeqMeta, cache: CompositeCache | None = None):
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        xs = F.silu(self.conv(xs, None if cache is None else cache["conv"]))
+        delta, B, C = self._scan_inputs(xs)
+        dt = RecurrentState.dtype_for(x.dtype)
+        state = None if cache is None else cache["state"]
+        init = None if state is None or state.state is None else state.state[0]
+        args = (xs.to(dt), delta.to(dt), -torch.exp(self.A_log.to(dt)), B.to(dt), C.to(dt), init)
+        if torch.is_grad_enabled() and x.shape[1] > 1:
+            # the scan's autograd graph holds ~6 (T, d_inner, N) tensors per layer (38 GB for
+            # mamba-small at 16k tokens): keep only its inputs and recompute it in the backward,
+            # as mamba-ssm's kernel does
+            y, final = checkpoint(self._scan, *args, use_reentrant=False)
+        else:
+            y, final = self._scan(*args)
+        if state is not None:
+            state.state = (final,)
+        y = y.to(x.dtype) + self.D * xs
+        return self.out_proj(y * F.silu(z))
+
+    def reference(self, x, meta: SeqMeta):
+        xz = torch.einsum("btd,ed->bte", x, self.in_proj.weight)
+        xs, z = xz[..., : self.inner], xz[..., self.inner :]
+        xs = self.conv.reference(xs)
+        xs = xs * torch.sigmoid(xs)
+        dbc = torch.einsum("bte,fe->btf", xs, self.x_proj.weight)
+        dt_r, B, C = dbc[..., : self.dt_rank], dbc[..., self.dt_rank : -self.d_state], dbc[..., -self.d_state :]
+        delta = torch.log1p(torch.exp(torch.einsum("btr,er->bte", dt_r, self.dt_proj.weight) + self.dt_proj.bias))
+        y, _ = selective_scan_recurrent(xs, delta, -torch.exp(self.A_log), B, C)
+        y = (y + self.D * xs) * z * torch.sigmoid(z)
+        return torch.einsum("bte,de->btd", y, self.out_proj.weight)
+
+    # ----- cache and costs -----
+    def init_cache(self, kv_policy=None):
+        return CompositeCache(conv=self.conv.init_cache(), state=RecurrentState())
+
+    def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
+        ssm = batch_size * self.inner * self.d_state * RecurrentState.bytes_per_elem(bytes_per_elem)
+        return self.conv.state_bytes(context_len, batch_size, bytes_per_elem) + ssm
+
+    def flops_per_token(self, context_len: int) -> float:
+        # the chunked scan as run: per channel and state element, the decay (2), the input (1) and
+        # the update (2) in each of its two passes, and the read-out (2); softplus, D skip and gate
+        scan = 12.0 * self.inner * self.d_state + 10.0 * self.inner
+        return linear_flops(self.in_proj, self.x_proj, self.dt_proj, self.out_proj) + self.conv.flops_per_token() + scan
