@@ -3,7 +3,7 @@ one process on the same inputs: the speed-up the chunked / parallel forms buy.
 
 Shapes are a `small` model's head: batch 1, 4 heads of 64 (HGRN: 256 channels; Based: a 16-dim
 Taylor projection, 273 features; Mamba: the 512 inner channels of mamba-small with 16 states
-each; Mamba-2: mamba2-small's 8 heads of 64 with 64 states; Hyena: 256 channels, a filter as long as the
+each, and mamba-tiny's 128; Mamba-2: mamba2-small's 8 heads of 64 with 64 states; Hyena: 256 channels, a filter as long as the
 sequence), float32, forward only. Writes bench_ops.json and bench_ops.md.
 """
 
@@ -31,7 +31,7 @@ from speedlm.ops.selective_scan import selective_scan_chunked, selective_scan_re
 from speedlm.ops.ssd import ssd_chunked, ssd_recurrent
 
 H, D = 4, 64
-MAMBA_CHANNELS, MAMBA_STATES = 512, 16
+MAMBA_CHANNELS, MAMBA_STATES, MAMBA_TINY_CHANNELS = 512, 16, 128
 SSD_HEADS, SSD_HEAD_DIM, SSD_STATES = 8, 64, 64
 HYENA_CHANNELS = 256
 
@@ -57,6 +57,7 @@ def _cases(t: int, device, gen: torch.Generator) -> dict:
     su, sdt = r(1, t, MAMBA_CHANNELS), F.softplus(r(1, t, MAMBA_CHANNELS) - 3.0)
     sa = -torch.arange(1, MAMBA_STATES + 1.0, device=device).expand(MAMBA_CHANNELS, MAMBA_STATES)
     sb, sc = r(1, t, MAMBA_STATES), r(1, t, MAMBA_STATES)
+    tu, tdt = su[..., :MAMBA_TINY_CHANNELS], sdt[..., :MAMBA_TINY_CHANNELS]  # mamba-tiny's 128 channels
     xx, xdt = r(1, t, SSD_HEADS, SSD_HEAD_DIM), F.softplus(r(1, t, SSD_HEADS) - 3.0)
     xa = -torch.linspace(1.0, 16.0, SSD_HEADS, device=device)
     xb, xc = r(1, t, 1, SSD_STATES), r(1, t, 1, SSD_STATES)
@@ -72,6 +73,9 @@ def _cases(t: int, device, gen: torch.Generator) -> dict:
         "based (Taylor features)": (lambda: linear_attention_recurrent(tq, tk, v), lambda: linear_attention_chunked(tq, tk, v)),
         "mamba selective scan": (lambda: selective_scan_recurrent(su, sdt, sa, sb, sc),
                                  lambda: selective_scan_chunked(su, sdt, sa, sb, sc)),
+        "mamba selective scan (tiny: 128 channels)": (
+            lambda: selective_scan_recurrent(tu, tdt, sa[:MAMBA_TINY_CHANNELS], sb, sc),
+            lambda: selective_scan_chunked(tu, tdt, sa[:MAMBA_TINY_CHANNELS], sb, sc)),
         "mamba-2 SSD": (lambda: ssd_recurrent(xx, xdt, xa, xb, xc), lambda: ssd_chunked(xx, xdt, xa, xb, xc)),
         "hyena long conv (FFT vs direct)": (lambda: direct_causal_conv_reference(lu, lh), lambda: fft_causal_conv(lu, lh)),
     }

@@ -23,7 +23,6 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from speedlm.cache.composite import CompositeCache
 from speedlm.cache.recurrent import RecurrentState
@@ -85,9 +84,6 @@ class Mamba(Mixer):
         delta = F.softplus(self.dt_proj(dt_r))
         return delta, B, C
 
-    def _scan(self, u, delta, A, B, C, init):
-        return SELECTIVE_SCAN(u, delta, A, B, C, initial_state=init, chunk_size=self.chunk_size)
-
     def mix(self, x, meta: SeqMeta, cache: CompositeCache | None = None):
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         xs = F.silu(self.conv(xs, None if cache is None else cache["conv"]))
@@ -95,14 +91,8 @@ class Mamba(Mixer):
         dt = RecurrentState.dtype_for(x.dtype)
         state = None if cache is None else cache["state"]
         init = None if state is None or state.state is None else state.state[0]
-        args = (xs.to(dt), delta.to(dt), -torch.exp(self.A_log.to(dt)), B.to(dt), C.to(dt), init)
-        if torch.is_grad_enabled() and x.shape[1] > 1:
-            # the scan's autograd graph holds ~6 (T, d_inner, N) tensors per layer (38 GB for
-            # mamba-small at 16k tokens): keep only its inputs and recompute it in the backward,
-            # as mamba-ssm's kernel does
-            y, final = checkpoint(self._scan, *args, use_reentrant=False)
-        else:
-            y, final = self._scan(*args)
+        y, final = SELECTIVE_SCAN(xs.to(dt), delta.to(dt), -torch.exp(self.A_log.to(dt)), B.to(dt), C.to(dt),
+                                  initial_state=init, chunk_size=self.chunk_size)
         if state is not None:
             state.state = (final,)
         y = y.to(x.dtype) + self.D * xs
