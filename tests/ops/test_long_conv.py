@@ -4,7 +4,7 @@ lengths, no circular wrap-around, chaining through an explicit history, and grad
 import pytest
 import torch
 
-from speedlm.ops.long_conv import direct_causal_conv, direct_causal_conv_reference, fft_causal_conv, fft_size
+from speedlm.ops.long_conv import direct_causal_conv, direct_causal_conv_reference, fft_causal_conv, fft_size, long_conv_step
 from speedlm.ops.metrics import rel_rms_error
 
 B, D = 2, 3
@@ -76,6 +76,11 @@ def test_history_chains(t, cut):
     assert rel_rms_error(torch.cat([first, second], dim=1), whole) < 1e-12
     step = direct_causal_conv(u[:, cut:], h, bias, history=u[:, :cut])
     assert rel_rms_error(step, whole[:, cut:]) < 1e-12
+    # a decoding step reads the filter reversed, as a slice (no copy of the history)
+    rev = h.flip(-1)
+    m = rev.shape[-1]
+    one = long_conv_step(u[:, cut : cut + 1], h[:, 0], rev[:, m - 1 - cut : m - 1], bias, history=u[:, :cut])
+    assert rel_rms_error(one, whole[:, cut : cut + 1]) < 1e-12
 
 
 @pytest.mark.parametrize("t", [1, 37, 200])

@@ -53,7 +53,7 @@ from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
 from speedlm.layers.short_conv import ShortConv
-from speedlm.ops.long_conv import direct_causal_conv, direct_causal_conv_reference, fft_causal_conv, fft_size
+from speedlm.ops.long_conv import direct_causal_conv_reference, fft_causal_conv, fft_size, long_conv_step
 from speedlm.registry import Range
 
 # FLOPs of one real FFT of size n, ~ half a complex one's 5 n log2 n
@@ -88,6 +88,7 @@ class HyenaFilter(nn.Module):
         # decay rates of the window, fixed: fastest reaches `target` at fast_decay_pct of the length
         self.decay_range = (math.log(target) / slow_decay_pct, math.log(target) / fast_decay_pct)
         self._memo: tuple[tuple, torch.Tensor] | None = None
+        self._rev_memo: tuple[torch.Tensor, torch.Tensor] | None = None  # (the memo it reverses, reversed)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -130,6 +131,18 @@ class HyenaFilter(nn.Module):
             have = 0 if self._memo is None or self._memo[0] != key else self._memo[1].shape[-1]
             self._memo = (key, self.compute(min(self.max_len, max(n, 2 * have))))
         return self._memo[1][:, :n]
+
+    def reversed(self, n: int) -> torch.Tensor:
+        """(channels, m >= n): the filters with time reversed, rev[:, m - 1 - j] = h[:, j], so that a
+        decoding step after S inputs reads h[:, S - s] for s < S as the slice rev[:, m - 1 - S : m - 1]
+        (no copy). Memoised with the filter while gradients are off."""
+        h = self.forward(n)
+        if self._memo is None or h.requires_grad:
+            return h.flip(-1)
+        key, full = self._memo
+        if self._rev_memo is None or self._rev_memo[0] is not full:
+            self._rev_memo = (full, full.flip(-1))
+        return self._rev_memo[1]
 
     def flops_per_position(self) -> float:
         sines = sum(lin.out_features for lin in self.linears[:-1])
@@ -184,15 +197,20 @@ class Hyena(Mixer):
                 f"Hyena's filters are max_seq_len={self.dims.max_seq_len} long; {past + t} tokens do not fit"
             )
         taps, bias = self._filters(self.filter(past + t))
+        rev = self._filters(self.filter.reversed(past + 1))[0] if t == 1 and past else None
         for i in range(n):
             if cache is None:
                 y = fft_causal_conv(v, taps[i], bias[i])
             else:
                 buf = cache[f"inputs_{i + 1}"]
                 history = buf.entries()[0] if buf.length else None
+                if rev is not None:
+                    # a decoding step: one dot product per channel with the reversed filter, O(past)
+                    m = rev.shape[-1]
+                    y = long_conv_step(v, taps[i][:, 0], rev[i][:, m - 1 - past : m - 1], bias[i], history)
+                else:
+                    y = fft_causal_conv(v, taps[i], bias[i], history)
                 buf.extend(v)
-                conv = direct_causal_conv if t == 1 else fft_causal_conv  # a decoding step: O(past)
-                y = conv(v, taps[i], bias[i], history)
             v = gates[n - 1 - i] * y
         return self.o_proj(v)
 

@@ -25,3 +25,16 @@ def to_chunks(x: torch.Tensor, n: int, c: int, value: float = 0.0) -> torch.Tens
     if n * c != t:
         x = F.pad(x, (0, 0, 0, n * c - t), value=value)
     return x.reshape(b, h, n, c, d)
+
+
+def in_segments(fn, tensors: list[torch.Tensor], segment: int, state, dim: int = 1):
+    """Run a state-carrying op over consecutive time segments of at most `segment` steps:
+    `fn(*pieces, state) -> (out, state)` on each segment's pieces of `tensors` (split along `dim`),
+    the outputs concatenated. A chunked op whose per-step working set grows with T (all chunks
+    advance together) keeps it at one segment's size this way, so its time stays linear in T
+    once a segment outgrows the CPU caches; the result is the same (state chaining)."""
+    outs = []
+    for pieces in zip(*(torch.split(x, segment, dim=dim) for x in tensors)):  # split, not indexing
+        out, state = fn(*pieces, state)
+        outs.append(out)
+    return torch.cat(outs, dim=dim), state

@@ -88,6 +88,27 @@ def direct_causal_conv(
     return y.to(u.dtype)
 
 
+def long_conv_step(
+    u: torch.Tensor,
+    h0: torch.Tensor,
+    h_back: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One new position after S cached inputs (a decoding step), O(S) per channel with no copy of
+    the history: y = h[0] u + sum_s h[S - s] history[s] (+ bias u). u (B, 1, D); h0 (D,) the
+    filter's tap 0; h_back (D, S) the taps h[S], ..., h[1] (the filter reversed, a slice of it);
+    history (B, S, D) -> (B, 1, D)."""
+    dt = _compute_dtype(u, h0)
+    y = h0.to(dt) * u.to(dt)
+    if history is not None and history.shape[1]:
+        # multiply and sum over s (einsum here turns into D tiny matmuls with a copy each)
+        y = y + (history.to(dt) * h_back.to(dt).t()).sum(1, keepdim=True)
+    if bias is not None:
+        y = y + bias.to(dt) * u.to(dt)
+    return y.to(u.dtype)
+
+
 def direct_causal_conv_reference(u: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Naive form: the sum over past inputs written out, one output position at a time (no
     history; run it in float64). u (B, T, D), h (D, L >= T) -> (B, T, D)."""

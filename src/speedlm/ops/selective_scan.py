@@ -29,8 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from speedlm.ops import mamba_kernels
-from speedlm.ops.chunking import num_chunks
+from speedlm.ops.chunking import in_segments, num_chunks
 from speedlm.ops.dispatch import Dispatch
+
+
+# the chunks advance together, so a step's tensors are (T / C) x D x N: past ~2k tokens they leave
+# the CPU caches and time grows faster than T (mamba-small forward 8k -> 16k: x2.25); longer
+# sequences run in segments of this many tokens with the state carried
+SEGMENT = 2048
 
 
 def _zero_state(u, a):
@@ -166,11 +172,18 @@ class _ChunkedScan(torch.autograd.Function):
                 g_h0 if ctx.needs_input_grad[5] else None, None)
 
 
-def selective_scan_chunked(u, delta, A, B, C, initial_state: torch.Tensor | None = None, chunk_size: int = 32):
+def selective_scan_chunked(u, delta, A, B, C, initial_state: torch.Tensor | None = None, chunk_size: int = 32,
+                           segment: int = SEGMENT):
     """Chunk-parallel form (see module doc and `_ChunkedScan`): exact for any length, chunk size
-    and delta, with a hand-written chunk-parallel backward."""
+    and delta, with a hand-written chunk-parallel backward. Sequences longer than `segment` run
+    segment by segment with the state carried (ops/chunking.py `in_segments`)."""
     if u.shape[1] == 1:
         return selective_scan_step(u, delta, A, B, C, initial_state)
+    if u.shape[1] > segment:
+        def part(u_, d_, b_, c_, s):
+            return selective_scan_chunked(u_, d_, A, b_, c_, s, chunk_size, segment)
+
+        return in_segments(part, [u, delta, B, C], segment, initial_state)
     h0 = _zero_state(u, A) if initial_state is None else initial_state
     return _ChunkedScan.apply(u, delta, A, B, C, h0, chunk_size)
 

@@ -25,8 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from speedlm.ops import mamba_kernels
-from speedlm.ops.chunking import num_chunks
+from speedlm.ops.chunking import in_segments, num_chunks
 from speedlm.ops.dispatch import Dispatch
+
+
+# every chunk's tensors are built at once, so the working set grows with T: longer sequences run
+# in segments of this many tokens with the state carried (time linear in T past the CPU caches)
+SEGMENT = 2048
 
 
 def _zero_state(x, B):
@@ -61,11 +66,18 @@ def ssd_step(x, dt, A, B, C, initial_state: torch.Tensor | None = None):
     return (h @ Ch[..., None])[..., 0][:, None], h
 
 
-def ssd_chunked(x, dt, A, B, C, initial_state: torch.Tensor | None = None, chunk_size: int = 64):
-    """The SSD chunked algorithm (see module doc)."""
+def ssd_chunked(x, dt, A, B, C, initial_state: torch.Tensor | None = None, chunk_size: int = 64,
+                segment: int = SEGMENT):
+    """The SSD chunked algorithm (see module doc); sequences longer than `segment` run segment by
+    segment with the state carried (ops/chunking.py `in_segments`)."""
     bsz, t, nh, p = x.shape
     if t == 1:
         return ssd_step(x, dt, A, B, C, initial_state)
+    if t > segment:
+        def part(x_, dt_, b_, c_, s):
+            return ssd_chunked(x_, dt_, A, b_, c_, s, chunk_size, segment)
+
+        return in_segments(part, [x, dt, B, C], segment, initial_state)
     ng, n = B.shape[2], B.shape[3]
     r = nh // ng
     c, nc = num_chunks(t, chunk_size)
