@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from speedlm.ops.metrics import rel_rms_error
 from speedlm.ops.selective_scan import selective_scan_chunked, selective_scan_recurrent
-from speedlm.ops.ssd import ssd_chunked, ssd_recurrent
+from speedlm.ops.ssd import ssd_as_gla, ssd_chunked, ssd_recurrent
 
 BATCH, D, N = 2, 6, 5  # selective scan: channels, state size
 H, G, P = 4, 2, 3  # SSD: heads, groups, head dim
@@ -176,3 +176,13 @@ def test_long_sequences_run_in_segments_with_the_same_result(name):
     g_ref = torch.autograd.grad((y_ref * w).sum(), list(x.values()))
     g_seg = torch.autograd.grad((y * w).sum(), list(x.values()))
     assert all(rel_rms_error(a, b) < 1e-10 for a, b in zip(g_seg, g_ref))
+
+
+def test_ssd_is_gated_linear_attention_with_one_decay_per_head():
+    """The layout the fla backend relies on (queries C, keys B, values dt x, state transposed),
+    checked here with the torch GLA so that only fla's kernel itself needs a GPU."""
+    g = torch.Generator().manual_seed(14)
+    x, s0 = ssd_inputs(77, g), _randn(g, BATCH, H, P, N)
+    y_ref, s_ref = _run(ssd_recurrent, x, s0)
+    y, s = _run(ssd_as_gla, x, s0, chunk_size=16)
+    assert rel_rms_error(y, y_ref) < 1e-12 and rel_rms_error(s, s_ref) < 1e-12

@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from speedlm.ops import mamba_kernels
+from speedlm.ops import fla, mamba_kernels
 from speedlm.ops.chunking import in_segments, num_chunks
 from speedlm.ops.dispatch import Dispatch
+from speedlm.ops.gla import gla_chunked
 
 
 # every chunk's tensors are built at once, so the working set grows with T: longer sequences run
@@ -115,6 +116,26 @@ def ssd_chunked(x, dt, A, B, C, initial_state: torch.Tensor | None = None, chunk
     return y, s.reshape(bsz, nh, p, n)
 
 
-# one dispatch: the torch form everywhere; mamba-ssm's Triton kernels on CUDA when installed
+def ssd_as_gla(x, dt, A, B, C, initial_state: torch.Tensor | None = None, chunk_size: int = 64, gla=gla_chunked):
+    """SSD is gated linear attention with one decay per head: queries C, keys B, values dt x,
+    log decay dt A, scale 1, state transposed ((Dk, Dv) = (N, P)). Runs `gla` (the torch form, or
+    fla's `chunk_simple_gla` behind the "fla" backend) in that layout; the mapping itself is
+    tested on CPU against the sequential reference."""
+    q = _group_of_heads(x, C).transpose(1, 2)  # (B, H, T, N)
+    k = _group_of_heads(x, B).transpose(1, 2)
+    v = (x * dt[..., None]).transpose(1, 2)  # (B, H, T, P)
+    g = (dt * A).transpose(1, 2)[..., None]  # (B, H, T, 1)
+    s0 = None if initial_state is None else initial_state.transpose(-1, -2)
+    o, s = gla(q, k, v, g, scale=1.0, initial_state=s0, chunk_size=chunk_size)
+    return o.transpose(1, 2), s.transpose(-1, -2)
+
+
+def _ssd_via_fla(x, dt, A, B, C, initial_state=None, chunk_size: int = 64):
+    return ssd_as_gla(x, dt, A, B, C, initial_state, chunk_size, gla=fla.gla)
+
+
+# one dispatch: the torch form everywhere; on CUDA mamba-ssm's Triton kernels when installed,
+# else fla-core's simple-GLA kernel (the same recurrence, see ssd_as_gla)
 SSD = Dispatch("state-space duality", "torch", ssd_chunked)
 SSD.register("mamba-ssm", mamba_kernels.ssd, usable=mamba_kernels.ssd_usable)
+SSD.register("fla", _ssd_via_fla, usable=fla.fla_usable)
