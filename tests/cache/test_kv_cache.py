@@ -2,6 +2,7 @@
 growth for full attention, correct in inference (buffered) and under autograd (concatenated),
 slot positions, non-suffix selections, and keys stored before RoPE."""
 
+import pytest
 import torch
 
 from speedlm.cache import CompositeCache, FullPolicy, KVCache, RecurrentState, TokenBuffer, WindowPolicy
@@ -139,12 +140,14 @@ def test_conv_state_and_long_conv_inputs_use_the_same_buffer():
     assert cache.nbytes() == conv.state_bytes(50, 2, 8) and cache.allocated_bytes() <= 2 * 64 * 8 * 8
 
 
-def test_causal_conv1d_matches_the_naive_sum_with_history():
+@pytest.mark.parametrize("taps", [1, 2, 5, 12])  # shifted multiply-adds up to 8 taps, F.conv1d beyond
+def test_causal_conv1d_matches_the_naive_sum_with_history(taps):
     torch.manual_seed(0)
     x = torch.randn(2, 37, 6, dtype=torch.float64)
-    w, b = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    w, b = torch.randn(6, taps, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     assert rel_rms_error(causal_conv1d(x, w, b), causal_conv1d_reference(x, w, b)) < 1e-12
-    for h in (1, 2, 4, 9):  # shorter and longer than kernel - 1
+    assert rel_rms_error(causal_conv1d(x, w), causal_conv1d_reference(x, w)) < 1e-12
+    for h in (1, 2, 4, 9, 15):  # shorter and longer than kernel - 1
         hist = torch.randn(2, h, 6, dtype=torch.float64)
         full = causal_conv1d_reference(torch.cat([hist, x], 1), w, b)[:, h:]
         assert rel_rms_error(causal_conv1d(x, w, b, hist), full) < 1e-12
