@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train architectures at equal FLOPs; quality, recall, speed and memory in one report")
     c.add_argument("--presets", type=_csv, default=None, help="comma-separated presets or config JSON paths "
                    "(default: one per family, see README)")
-    c.add_argument("--budget", type=float, default=None, help="training FLOPs per model (default 1e12: the whole default job in under 10 min on 2 CPU cores)")
+    c.add_argument("--budget", type=float, default=None, help="training FLOPs per model (default 5e11: the whole default job in under 10 min on 2 CPU cores)")
     c.add_argument("--data", default="stdlib", help="'stdlib' (default), files/folders (comma-separated) or hf:NAME")
     c.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
     c.add_argument("--vocab-size", type=int, help="BPE vocabulary size")
