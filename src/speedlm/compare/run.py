@@ -59,9 +59,9 @@ DEFAULT_PRESETS = (
     "mamba2-tiny",
     "samba-tiny",
 )
-# Training FLOPs per model; with the defaults above the whole report takes about 9.5 minutes
-# on 2 CPU cores of the slower machine we measured (BENCHMARKS.md has the runs). Every model
-# also pays a fixed ~40 s of MQAR, so each family that joins lowers this.
+# Training FLOPs per model; with the defaults above the whole report takes about 7 minutes
+# on 2 CPU cores of the AMD EPYC we measured (BENCHMARKS.md has the runs). Every model
+# also pays a fixed 23-56 s of MQAR, so each family that joins lowers this.
 DEFAULT_BUDGET = 0.5e12
 # One MQAR setting per model: long enough that a 32-token window cannot see every pair, small
 # enough (vocabulary 32) that attention learns it in the steps given (tests/slow).
