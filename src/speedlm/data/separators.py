@@ -1,0 +1,48 @@
+"""Separator tokens for SepLLM (Chen et al. 2024, arXiv:2412.12094): the tokens whose text is
+only punctuation from `. , ? ! ; :`, newlines, tabs or spaces. SepLLM keeps them (with the first
+tokens and a local window) because they come to summarise the segment before them.
+
+Derived from any tokenizer by decoding each id on its own: for the byte tokenizer that is the
+nine single-byte characters; for byte-level BPE it also takes merged tokens made only of them
+(".\\n", "    ", ", ", "\\n\\n"). A token that is a fragment of a multi-byte character decodes
+to the replacement character and is never a separator. Users may pass their own characters or
+their own ids instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from speedlm.data.tokenizers import Tokenizer
+from speedlm.errors import SpeedlmError
+
+SEPARATOR_CHARS = ".,?!;:\n\t "
+
+
+def separator_ids(tokenizer: Tokenizer, chars: str = SEPARATOR_CHARS) -> list[int]:
+    """Sorted ids whose decoded text is non-empty and made only of `chars`."""
+    allowed = set(chars)
+    if not allowed:
+        raise SpeedlmError("separator characters must not be empty")
+    found = []
+    for i in range(tokenizer.vocab_size):
+        text = tokenizer.decode([i])
+        if text and set(text) <= allowed:
+            found.append(i)
+    return found
+
+
+def resolve_separators(tokenizer: Tokenizer, spec: str | Iterable[int] | None = None) -> list[int]:
+    """The separator ids for `spec`: None -> derived from SEPARATOR_CHARS; a string -> derived
+    from those characters; ids -> checked against the vocabulary (sorted, deduplicated)."""
+    if spec is None:
+        return separator_ids(tokenizer)
+    if isinstance(spec, str):
+        return separator_ids(tokenizer, spec)
+    ids = sorted({int(i) for i in spec})
+    bad = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
+    if bad:
+        raise SpeedlmError(f"separator ids {bad[:5]} are outside the vocabulary [0, {tokenizer.vocab_size})")
+    if not ids:
+        raise SpeedlmError("the separator list is empty; SepLLM needs at least one separator id")
+    return ids
