@@ -200,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (reference)")
+    g.add_argument("--attention", default="full", choices=["full", "window", "sink"],
+                   help="KV-cache policy for every attention layer, no retraining: window (original positions) or "
+                   "sink (StreamingLLM: --sinks initial tokens + the window, shifted positions); bounded ones "
+                   "generate past max_seq_len")
+    g.add_argument("--window", type=int, default=1024, help="keys kept by --attention window/sink (default 1024)")
+    g.add_argument("--sinks", type=int, default=4, help="initial tokens kept by --attention sink (default 4)")
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
 

@@ -180,3 +180,13 @@ def test_generate_does_not_read_training_state(trained, monkeypatch, capsys):
     monkeypatch.setattr(files, "read_safetensors", lambda path: reads.append(path.name) or real(path))
     assert main(["generate", "--checkpoint", str(trained), "--prompt", "def", "--max-new-tokens", "3"]) == 0
     assert reads == ["model.safetensors"]  # no optimizer, no RNG state
+
+
+def test_generate_streams_past_max_seq_len_under_attention_sinks(trained, capsys):
+    """`--attention sink` on a full-attention checkpoint (trained at 32 tokens, max_seq_len from
+    the preset): a bounded cache, so the length limit is lifted; the full cache keeps it."""
+    args = ["generate", "--checkpoint", str(trained), "--prompt", "def", "--max-new-tokens", "600"]
+    assert main(args) == 2
+    one_error_line(capsys, "max_seq_len")
+    assert main(args + ["--attention", "sink", "--window", "16", "--sinks", "2"]) == 0
+    assert "cache" in capsys.readouterr().out

@@ -59,3 +59,30 @@ def test_an_empty_prompt_or_no_new_tokens_is_a_user_error():
         generate(m, torch.zeros(1, 0, dtype=torch.long), 5)
     with pytest.raises(SpeedlmError, match="at least 1"):
         generate(m, torch.zeros(1, 3, dtype=torch.long), 0)
+
+
+@torch.no_grad()
+def test_a_bounded_kv_policy_lets_full_attention_generate_past_max_seq_len():
+    """Training-free streaming caches on a full-attention model: attention sinks (shifted
+    positions) and a window (original positions) keep the cache bounded and lift the length
+    limit; the model's own full cache keeps it."""
+    from speedlm.cache.kv import SinkPolicy, make_policy
+
+    torch.manual_seed(0)
+    m = build_model("transformer-tiny", max_seq_len=64)
+    prompt = torch.randint(0, 256, (1, 20))
+    with pytest.raises(SpeedlmError, match="max_seq_len=64"):
+        generate(m, prompt, 80)
+    for name in ("sink", "window"):
+        policy = make_policy(name, window=16, sinks=4)
+        out = generate(m, prompt, 80, kv_policy=policy)
+        assert out.ids.shape == (1, 100)
+        kept = policy.retained(100)
+        assert kept == (19 if name == "sink" else 15)
+        # every layer's K and V for the kept slots, float32: bounded, whatever the length
+        assert out.cache_bytes == 2 * m.config.n_layers * kept * m.config.d_model * 4
+    assert isinstance(make_policy("sink"), SinkPolicy) and make_policy("full") is None
+    with pytest.raises(SpeedlmError, match="unknown attention policy"):
+        make_policy("sparse")
+    with pytest.raises(SpeedlmError, match="needs the cache"):
+        generate(m, prompt, 5, use_cache=False, kv_policy=make_policy("sink", window=16))

@@ -67,6 +67,48 @@ class WindowPolicy(KVPolicy):
         return q_pos - k_pos < self.window
 
 
+@dataclass(frozen=True)
+class SinkPolicy(KVPolicy):
+    """Attention sinks (StreamingLLM, Xiao et al. 2023, arXiv:2309.17453): the first `sinks`
+    tokens and the last window - 1, keys stored before RoPE and rotated by their slot in the
+    cache, so positions stay below sinks + window however long the stream."""
+
+    sinks: int = 4
+    window: int = 1020
+    pre_rope: ClassVar[bool] = True
+    bounded: ClassVar[bool] = True
+
+    def keep(self, length, positions):
+        if length <= self.retained(length):
+            return slice(0, length)
+        recent = torch.arange(length - (self.window - 1), length)
+        return torch.cat([torch.arange(self.sinks), recent])
+
+    def retained(self, context_len):
+        return min(context_len, self.sinks + self.window - 1)
+
+    def visible(self, q_pos, k_pos):
+        return (k_pos < self.sinks) | (q_pos - k_pos < self.window)
+
+
+POLICIES = ("full", "window", "sink")
+
+
+def make_policy(name: str, window: int = 1024, sinks: int = 4) -> KVPolicy | None:
+    """A KV policy by name for inference on any attention model: "full" (None: each mixer's
+    own), "window" (the last `window` - 1 keys, original positions), "sink" (`sinks` initial
+    tokens + the window, shifted positions)."""
+    from speedlm.errors import SpeedlmError
+
+    if name not in POLICIES:
+        raise SpeedlmError(f"unknown attention policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if window < 2 or sinks < 0:
+        raise SpeedlmError(f"the window must be >= 2 and sinks >= 0, got window={window}, sinks={sinks}")
+    if name == "full":
+        return None
+    return WindowPolicy(window) if name == "window" else SinkPolicy(sinks, window)
+
+
 class KVCache(TokenBuffer):
     """Retained keys/values (B, Hkv, L, Dh) are `self.k`, `self.v`, with their positions."""
 

@@ -34,16 +34,21 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     use_cache: bool = True,
+    kv_policy=None,
 ) -> GenerationResult:
     """prompt_ids (B, T0) -> GenerationResult. use_cache=False recomputes the whole sequence
-    at every step (the reference the cached path must reproduce exactly under greedy decoding)."""
+    at every step (the reference the cached path must reproduce exactly under greedy decoding).
+    kv_policy overrides the retention of every KV cache (cache/kv.py `make_policy`): a bounded
+    one lifts the length limit of full-attention models."""
     check_sampling(temperature, top_k, top_p)
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise SpeedlmError("the prompt must contain at least one token; give a non-empty prompt")
     if max_new_tokens < 1:
         raise SpeedlmError(f"the number of new tokens must be at least 1, got {max_new_tokens}")
     total = prompt_ids.shape[1] + max_new_tokens
-    limit = model.max_context()  # None: every cache is bounded, generation may go on as long as asked
+    if kv_policy is not None and not use_cache:
+        raise SpeedlmError("a KV-cache policy needs the cache; drop --no-cache or the policy")
+    limit = model.max_context(kv_policy)  # None: every cache is bounded, generation may go on as long as asked
     if limit is not None and total > limit:
         raise SpeedlmError(
             f"prompt ({prompt_ids.shape[1]}) + new tokens ({max_new_tokens}) = {total} exceeds the model's "
@@ -57,7 +62,7 @@ def generate(
 
     sync = torch.cuda.synchronize if prompt_ids.is_cuda else (lambda: None)
     t0 = time.perf_counter()
-    cache = model.init_cache() if use_cache else None
+    cache = model.init_cache(kv_policy) if use_cache else None
     logits = model(ids, cache)[:, -1]
     sync()
     t1 = time.perf_counter()
