@@ -11,7 +11,7 @@ from typing import Annotated, ClassVar
 import torch
 from torch import nn
 
-from speedlm.cache import CompositeCache, FullPolicy, KVPolicy, TokenBuffer
+from speedlm.cache import CompositeCache, FullPolicy, TokenBuffer
 from speedlm.cache.kv import SinkPolicy
 from speedlm.layers.attention import Attention
 from speedlm.layers.block import Block
@@ -23,25 +23,12 @@ from speedlm.registry import Entry, Range
 
 # ----- KV policies ---------------------------------------------------------------------
 @dataclass(frozen=True)
-class SinkWindowPolicy(KVPolicy):
-    """Keeps the first `sinks` slots and the last window - 1: a non-suffix selection that keeps
-    original positions (post-RoPE), emulating the mask (k < sinks) | (q - k < window)."""
+class SinkWindowPolicy(SinkPolicy):
+    """The sinks' selection (first `sinks` slots and the last window - 1, a non-suffix selection)
+    with original positions (post-RoPE), so that decoding equals the masked full forward with
+    the mask (k < sinks) | (q - k < window)."""
 
-    sinks: int
-    window: int
-    bounded: ClassVar[bool] = True
-
-    def keep(self, length, positions):
-        if length <= self.retained(length):
-            return slice(0, length)
-        recent = torch.arange(length - (self.window - 1), length)
-        return torch.cat([torch.arange(self.sinks), recent])
-
-    def retained(self, context_len):
-        return min(context_len, self.sinks + self.window - 1)
-
-    def visible(self, q_pos, k_pos):
-        return (k_pos < self.sinks) | (q_pos - k_pos < self.window)
+    pre_rope: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
