@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 
 from speedlm.cache.buffer import TokenBuffer
+from speedlm.errors import SpeedlmError
 
 
 class KVPolicy:
@@ -98,8 +99,6 @@ def make_policy(name: str, window: int = 1024, sinks: int = 4) -> KVPolicy | Non
     """A KV policy by name for inference on any attention model: "full" (None: each mixer's
     own), "window" (the last `window` - 1 keys, original positions), "sink" (`sinks` initial
     tokens + the window, shifted positions)."""
-    from speedlm.errors import SpeedlmError
-
     if name not in POLICIES:
         raise SpeedlmError(f"unknown attention policy {name!r}; choose one of {', '.join(POLICIES)}")
     if window < 2 or sinks < 0:

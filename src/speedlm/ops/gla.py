@@ -79,7 +79,7 @@ def gla_step(q, k, v, g, scale=None, initial_state: State | None = None):
     return scale * torch.einsum("bhk,bhkv->bhv", q[:, :, 0], s)[:, :, None], s
 
 
-def _intra_scalar(qc, kc, b):
+def scalar_decay_scores(qc, kc, b):
     """(..., C, C) scores q_t . k_s exp(b_t - b_s), s <= t, for one decay per head; b (..., C)."""
     c = qc.shape[-2]
     causal = torch.ones(c, c, dtype=torch.bool, device=qc.device).tril()
@@ -137,7 +137,7 @@ def gla_chunked(q, k, v, g, scale=None, initial_state: State | None = None, chun
             sub = c  # a chunk shorter than one sub-block is one sub-block
         scores = _intra_channel(qc, kc, b, sub)
     else:
-        scores = _intra_scalar(qc, kc, b[..., 0])
+        scores = scalar_decay_scores(qc, kc, b[..., 0])
     o = scores @ vc  # (B, H, N, C, Dv)
 
     # what each chunk adds to the state, and the decay the state suffers across the chunk

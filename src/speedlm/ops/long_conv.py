@@ -66,28 +66,6 @@ def fft_causal_conv(
     return y.to(u.dtype)
 
 
-def direct_causal_conv(
-    u: torch.Tensor,
-    h: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    history: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The last T outputs as one product with the (T, S + T) Toeplitz band of h: O(T (S + T)) per
-    channel, cheaper than the FFT for a few new tokens (a decoding step costs O(S), not
-    O(S log S)). Same arguments and result as `fft_causal_conv`."""
-    t = u.shape[1]
-    full = u if history is None or history.shape[1] == 0 else torch.cat([history.to(u.dtype), u], dim=1)
-    n_in = full.shape[1]
-    assert h.shape[-1] >= n_in, f"filter of {h.shape[-1]} taps is shorter than the {n_in} inputs it must reach"
-    dt = _compute_dtype(u, h)
-    lag = torch.arange(n_in - t, n_in, device=u.device)[:, None] - torch.arange(n_in, device=u.device)[None]  # (T, S+T)
-    band = h[:, lag.clamp(min=0)].to(dt) * (lag >= 0)  # (D, T, S + T)
-    y = torch.einsum("dts,bsd->btd", band, full.to(dt))
-    if bias is not None:
-        y = y + bias.to(dt) * u.to(dt)
-    return y.to(u.dtype)
-
-
 def long_conv_step(
     u: torch.Tensor,
     h0: torch.Tensor,

@@ -143,18 +143,19 @@ class _ChunkedScan(torch.autograd.Function):
         gys = [g[:, :, None] for g in ch.split(gy)]  # (B N_c, D, 1)
         us = [x[:, :, None] for x in ch.split(u)]
         steps = range(ch.c - 1, -1, -1)
-        # the states after every step of every chunk, recomputed into one buffer
-        states = entering.new_empty(ch.c, *entering.shape)
+        # the decays and the states after every step of every chunk, recomputed into two buffers
+        # (one segment's worth: selective_scan_chunked cuts long sequences first)
+        decays, states = entering.new_empty(ch.c, *entering.shape), entering.new_empty(ch.c, *entering.shape)
         h = entering
         for j, (dl, x, b) in enumerate(zip(ch.deltas, ch.inputs, ch.bs)):
-            h = torch.addcmul(x * b, torch.exp(dl * A), h, out=states[j])
+            torch.mul(dl, A, out=decays[j]).exp_()
+            h = torch.addcmul(x * b, decays[j], h, out=states[j])
         # what each chunk's start sends back: C reverse steps from zero, all chunks at once
-        lam, a_next = None, None
+        lam = None
         for j in steps:
             g = gys[j] * ch.cs[j].transpose(1, 2)
-            lam = g if lam is None else torch.addcmul(g, a_next, lam)
-            a_next = torch.exp(ch.deltas[j] * A)
-        sent = (a_next * lam).view(ch.bsz, ch.nc, ch.d, -1)
+            lam = g if lam is None else torch.addcmul(g, decays[j + 1], lam)
+        sent = (decays[0] * lam).view(ch.bsz, ch.nc, ch.d, -1)
         # the seed of each chunk's last step: one update per chunk, from the last chunk back
         k, seeds = g_final, []
         for decay_i, sent_i in zip(reversed(torch.exp(ch.delta_sums * A).unbind(1)), reversed(sent.unbind(1))):
@@ -165,12 +166,10 @@ class _ChunkedScan(torch.autograd.Function):
         # every lam_t, and the gradients read off it step by step
         g_a_log_delta = torch.zeros_like(entering)
         du, ddelta, dB, dC = [None] * ch.c, [None] * ch.c, [None] * ch.c, [None] * ch.c
-        a_next = None
         for j in steps:
-            dl, b = ch.deltas[j], ch.bs[j]
+            dl, b, a = ch.deltas[j], ch.bs[j], decays[j]
             g = gys[j] * ch.cs[j].transpose(1, 2)
-            lam = g + lam if a_next is None else torch.addcmul(g, a_next, lam)
-            a = torch.exp(dl * A)
+            lam = g + lam if j == ch.c - 1 else torch.addcmul(g, decays[j + 1], lam)
             h_prev = states[j - 1] if j else entering
             s = torch.bmm(lam, b.transpose(1, 2))  # sum_n lam B: (B N_c, D, 1)
             g_log_a = lam * h_prev * a  # dL / d(delta A)
@@ -179,7 +178,6 @@ class _ChunkedScan(torch.autograd.Function):
             dB[j] = torch.bmm(ch.inputs[j].transpose(1, 2), lam)[:, 0]
             dC[j] = torch.bmm(gys[j].transpose(1, 2), states[j])[:, 0]
             g_a_log_delta.addcmul_(g_log_a, dl)
-            a_next = a
         return (ch.unsplit(du), ch.unsplit(ddelta), g_a_log_delta.sum(0), ch.unsplit(dB), ch.unsplit(dC),
                 g_h0 if ctx.needs_input_grad[5] else None, None)
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from speedlm.ops import fla, mamba_kernels
 from speedlm.ops.chunking import in_segments, num_chunks
 from speedlm.ops.dispatch import Dispatch
-from speedlm.ops.gla import gla_chunked
+from speedlm.ops.gla import gla_chunked, scalar_decay_scores
 
 
 # every chunk's tensors are built at once, so the working set grows with T: longer sequences run
@@ -96,10 +96,8 @@ def ssd_chunked(x, dt, A, B, C, initial_state: torch.Tensor | None = None, chunk
     b = torch.cumsum(a, dim=-1)
     b_last = b[..., -1:]
 
-    # 1. diagonal blocks
-    causal = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
-    decay = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")))
-    y = ((Cc @ Bc.transpose(-1, -2)) * decay) @ xs  # (B, G, R, N_c, C, P)
+    # 1. diagonal blocks: (C B^T) * L, the scores of GLA with one decay per head
+    y = scalar_decay_scores(Cc, Bc, b) @ xs  # (B, G, R, N_c, C, P)
     # 2. chunk states
     states = (xs * torch.exp(b_last - b)[..., None]).transpose(-1, -2) @ Bc  # (B, G, R, N_c, P, N)
     # 3. inter-chunk recurrence (unbind, not indexing: see ops/chunking.py)
