@@ -25,14 +25,14 @@ def _kv(t):
 def test_window_cache_stays_bounded_after_long_prefill_and_decoding():
     cache = KVCache(WindowPolicy(32))
     k, v = _kv(1000)
-    k_all, _, pos = cache.extend(k, v, 0)
+    k_all, _, pos, _ = cache.extend(k, v, 0)
     assert torch.equal(k_all, k) and pos == 0  # the prefill sees all of its own keys
     assert torch.equal(cache.k, k[:, :, -31:]) and cache.positions() == 1000 - 31
     history = [k]
     for i in range(500):
         k1, v1 = _kv(1)
         history.append(k1)
-        k_all, _, pos = cache.extend(k1, v1, 1000 + i)
+        k_all, _, pos, _ = cache.extend(k1, v1, 1000 + i)
         assert k_all.shape[2] == 32 and pos == 1000 + i - 31  # slot positions stay contiguous ints
         assert cache.allocated_bytes() <= 2 * 2 * 2 * 64 * 4 * 4  # k and v, 2 heads, <= 2 x 64 rows
     assert torch.equal(cache.k, torch.cat(history, 2)[:, :, -31:])
@@ -56,7 +56,7 @@ def test_views_handed_out_earlier_stay_valid():
     for policy in (WindowPolicy(4), SinkWindowPolicy(2, 4)):
         cache = KVCache(policy)
         k, v = _kv(3)
-        first, _, _ = cache.extend(k, v)
+        first, _, _, _ = cache.extend(k, v)
         snapshot = first.clone()
         for _ in range(200):
             cache.extend(*_kv(1))
@@ -81,7 +81,7 @@ def test_explicit_per_row_positions_are_stored_per_row():
     cache = KVCache(FullPolicy())
     k, v = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
     cache.extend(k, v, torch.tensor([[0, 1, 2], [10, 11, 12]]))
-    _, _, pos = cache.extend(k[:, :, :1], v[:, :, :1], torch.tensor([[3], [13]]))
+    _, _, pos, _ = cache.extend(k[:, :, :1], v[:, :, :1], torch.tensor([[3], [13]]))
     assert torch.equal(pos, torch.tensor([[0, 1, 2, 3], [10, 11, 12, 13]]))
 
 

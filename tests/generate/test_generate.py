@@ -66,7 +66,8 @@ def test_a_bounded_kv_policy_lets_full_attention_generate_past_max_seq_len():
     """Training-free streaming caches on a full-attention model: attention sinks (shifted
     positions) and a window (original positions) keep the cache bounded and lift the length
     limit; the model's own full cache keeps it."""
-    from speedlm.cache.kv import SinkPolicy, make_policy
+    from speedlm.cache.kv import SinkPolicy
+    from speedlm.cache.policies import make_policy
 
     torch.manual_seed(0)
     m = build_model("transformer-tiny", max_seq_len=64)

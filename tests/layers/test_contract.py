@@ -16,6 +16,7 @@ from speedlm.layers.dims import ModelDims
 from speedlm.layers.mixer import SeqMeta
 from speedlm.models.registry import MIXERS
 from speedlm.ops.metrics import rel_rms_error
+from speedlm.cache.sepllm import SepLLMPolicy
 from support.parts import TEST_MIXERS, PreRopeFull, SinkWindowPolicy
 
 DIMS = ModelDims(d_model=32, n_heads=4, max_seq_len=128)
@@ -244,10 +245,29 @@ def test_kv_policies_decode_as_the_masked_forward_they_emulate(name, policy):
     mixer, x, ids = make(name), x_of(41), ids_of(41)
     pol = POLICIES[policy]
     tokenwise, cache = run_in_pieces(mixer, x, ids, range(1, 41), mixer.init_cache(pol))
-    expected = mixer.reference(x, meta(ids), visible=pol.visible)
+    expected = mixer.reference(x, meta(ids), policy=pol)
     assert rel_rms_error(tokenwise, expected) < 1e-12
     (kv,) = [c for c in layer_caches(cache) if isinstance(c, KVCache)]  # the KV part of a composite cache
     assert kv.length == pol.retained(41)
+
+
+SEPLLM = SepLLMPolicy(tuple(range(64)), initial=2, window=5)  # a quarter of the ids are separators
+
+
+@pytest.mark.parametrize("name", [n for n in KV_MIXERS if not n.startswith("test_")])
+@torch.no_grad()
+def test_sepllm_policy_decodes_as_the_sepllm_masked_forward(name):
+    """Training-free SepLLM on any KV mixer: token by token and in chunks it equals the mixer's
+    reference under the SepLLM mask (initial tokens, separators, window) with original
+    positions; the cache holds exactly those keys (the union over rows)."""
+    mixer, x, ids = make(name), x_of(41), ids_of(41)
+    expected = mixer.reference(x, meta(ids), policy=SEPLLM)
+    for cuts in (range(1, 41), [9, 30]):
+        out, cache = run_in_pieces(mixer, x, ids, cuts, mixer.init_cache(SEPLLM))
+        assert rel_rms_error(out, expected) < 1e-12
+    (kv,) = [c for c in layer_caches(cache) if isinstance(c, KVCache)]
+    kept = (ids < 64).any(0) | (torch.arange(41) < 2) | (torch.arange(41) >= 37)
+    assert kv.positions()[0].tolist() == kept.nonzero()[:, 0].tolist()
 
 
 # ----- precision of recurrent state ----------------------------------------------------

@@ -99,8 +99,12 @@ class TokenBuffer(LayerCache):
         else:
             self._append(items)
         out, pos = self.entries(), self.positions()
-        self._retain(self.policy.keep(self.length, pos))
+        self._retain(self._keep(pos))
         return out, pos
+
+    def _keep(self, positions):
+        """The policy's selection (KV caches also hand it the slots' marks)."""
+        return self.policy.keep(self.length, positions)
 
     def _materialise_positions(self, b: int, device) -> None:
         n = self.length

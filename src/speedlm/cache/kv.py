@@ -1,9 +1,10 @@
 """Key/value caches and their retention policies.
 
 A policy decides which slots stay after each update (`keep`), how many that is after n tokens
-(`retained`, what `state_bytes` promises), which keys a query of the full forward would see if
-it were run with this cache (`visible`, the mask a lossy policy emulates), and whether keys are
-stored before RoPE:
+(`retained`, what `state_bytes` promises), what a call's queries may see (`attend_window`: a
+local window, plus the keys it `mark`s, e.g. attention sinks and SepLLM's initial tokens and
+separators, which the window never drops; `visible` is that rule as a mask on positions, for
+references), and whether keys are stored before RoPE:
 
 - `pre_rope = False` (full, window; SepLLM in its training-free setting): keys are rotated at
   their original positions before they are cached, so attention is exactly the masked full
@@ -16,7 +17,7 @@ stored before RoPE:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -24,27 +25,55 @@ from speedlm.cache.buffer import TokenBuffer
 from speedlm.errors import SpeedlmError
 
 
+def _positions(positions: int | torch.Tensor, t: int, device) -> torch.Tensor:
+    """(B|1, T) positions of T tokens from an int start or a tensor."""
+    if isinstance(positions, int):
+        return torch.arange(positions, positions + t, device=device)[None]
+    return positions
+
+
 class KVPolicy:
     pre_rope: ClassVar[bool] = False
     bounded: ClassVar[bool] = False  # the cache stops growing: generation has no length limit
+    marks_keys: ClassVar[bool] = False  # `mark` returns per-key flags, which the cache stores
 
-    def keep(self, length: int, positions: int | torch.Tensor) -> slice | torch.Tensor:
-        """Slots to retain out of `length`: a suffix slice, or slot indices (L',) / (B, L')."""
+    def keep(self, length: int, positions: int | torch.Tensor, marks: torch.Tensor | None = None):
+        """Slots to retain out of `length` (positions, and the stored marks (B, L) when the
+        policy marks keys): a suffix slice, or slot indices (L',) / (B, L')."""
         raise NotImplementedError
 
     def retained(self, context_len: int) -> int:
         """Slots held after `context_len` tokens."""
         raise NotImplementedError
 
-    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
-        """Which keys a decoding query sees under this policy (None: all), as the mask of the
-        full forward this cache emulates; for the lossy-policy contract tests."""
+    def attend_window(self) -> int | None:
+        """The local window a call's queries attend within (None: every causal key); marked
+        keys are seen beyond it."""
         return None
+
+    def mark(self, token_ids: torch.Tensor | None, positions: int | torch.Tensor, t: int, device) -> torch.Tensor | None:
+        """(B|1, T) bool for T new tokens: keys the window never drops (None: no marks)."""
+        return None
+
+    def visible_marks(self, marks: torch.Tensor | None, n_cached: int) -> torch.Tensor | None:
+        """The marks a call uses over (cached + new) keys; a policy that lets queries see
+        everything it has cached marks those too."""
+        return marks
+
+    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor, k_mark: torch.Tensor | None = None):
+        """Which keys a decoding query sees under this policy (None: all), as the mask of the
+        full forward this cache emulates (positions (B|1, Tq, 1) and (B|1, 1, Tk), marks
+        (B|1, 1, Tk)); for references."""
+        w = self.attend_window()
+        if w is None:
+            return None
+        near = q_pos - k_pos < w
+        return near if k_mark is None else near | k_mark
 
 
 @dataclass(frozen=True)
 class FullPolicy(KVPolicy):
-    def keep(self, length, positions):
+    def keep(self, length, positions, marks=None):
         return slice(0, length)
 
     def retained(self, context_len):
@@ -58,14 +87,14 @@ class WindowPolicy(KVPolicy):
     window: int
     bounded: ClassVar[bool] = True
 
-    def keep(self, length, positions):
+    def keep(self, length, positions, marks=None):
         return slice(length - self.retained(length), length)
 
     def retained(self, context_len):
         return min(context_len, self.window - 1)
 
-    def visible(self, q_pos, k_pos):
-        return q_pos - k_pos < self.window
+    def attend_window(self):
+        return self.window
 
 
 @dataclass(frozen=True)
@@ -78,8 +107,9 @@ class SinkPolicy(KVPolicy):
     window: int = 1020
     pre_rope: ClassVar[bool] = True
     bounded: ClassVar[bool] = True
+    marks_keys: ClassVar[bool] = True
 
-    def keep(self, length, positions):
+    def keep(self, length, positions, marks=None):
         if length <= self.retained(length):
             return slice(0, length)
         recent = torch.arange(length - (self.window - 1), length)
@@ -88,31 +118,29 @@ class SinkPolicy(KVPolicy):
     def retained(self, context_len):
         return min(context_len, self.sinks + self.window - 1)
 
-    def visible(self, q_pos, k_pos):
-        return (k_pos < self.sinks) | (q_pos - k_pos < self.window)
+    def attend_window(self):
+        return self.window
+
+    def mark(self, token_ids, positions, t, device):
+        return _positions(positions, t, device) < self.sinks
 
 
-POLICIES = ("full", "window", "sink")
+class Keys(NamedTuple):
+    """What a call's queries may read: cached + new keys and values, their positions, and
+    their marks (None unless the policy marks keys)."""
 
-
-def make_policy(name: str, window: int = 1024, sinks: int = 4) -> KVPolicy | None:
-    """A KV policy by name for inference on any attention model: "full" (None: each mixer's
-    own), "window" (the last `window` - 1 keys, original positions), "sink" (`sinks` initial
-    tokens + the window, shifted positions)."""
-    if name not in POLICIES:
-        raise SpeedlmError(f"unknown attention policy {name!r}; choose one of {', '.join(POLICIES)}")
-    if window < 2 or sinks < 0:
-        raise SpeedlmError(f"the window must be >= 2 and sinks >= 0, got window={window}, sinks={sinks}")
-    if name == "full":
-        return None
-    return WindowPolicy(window) if name == "window" else SinkPolicy(sinks, window)
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: int | torch.Tensor
+    marks: torch.Tensor | None
 
 
 class KVCache(TokenBuffer):
-    """Retained keys/values (B, Hkv, L, Dh) are `self.k`, `self.v`, with their positions."""
+    """Retained keys/values (B, Hkv, L, Dh) are `self.k`, `self.v`, with their positions (and
+    per-slot marks (B, L) when the policy marks keys, stored beside them as a third entry)."""
 
     def __init__(self, policy: KVPolicy = FullPolicy()):
-        super().__init__(policy, n_entries=2)
+        super().__init__(policy, n_entries=3 if policy.marks_keys else 2)
 
     @property
     def k(self) -> torch.Tensor | None:
@@ -124,9 +152,25 @@ class KVCache(TokenBuffer):
         e = self.entries()
         return e[1] if e else None
 
-    def extend(self, k: torch.Tensor, v: torch.Tensor, positions: int | torch.Tensor = None):
+    def marks(self) -> torch.Tensor | None:
+        e = self.entries()
+        return e[2][..., 0] if len(e) == 3 else None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.entries()[:2]  # marks are index metadata, like positions
+
+    def extend(self, k, v, positions: int | torch.Tensor = None, marks: torch.Tensor | None = None) -> Keys:
         """Append keys/values of the new tokens at `positions` (default: right after the
-        retained ones); return (k_all, v_all, key positions): everything the new queries may
-        need (cache + new). Then retain only what the policy keeps for later calls."""
+        retained ones), with their marks (B|1, T) when the policy marks keys; return what the
+        new queries may read (cache + new). Then retain only what the policy keeps."""
+        if self.n_entries == 3:
+            if marks is None:  # marks that follow from positions (sinks); SepLLM's need token ids
+                start = self.next_position() if positions is None else positions
+                marks = self.policy.mark(None, start, k.shape[-2], k.device)
+            out, pos = super().extend(k, v, marks.expand(k.shape[0], -1)[..., None], positions=positions)
+            return Keys(out[0], out[1], pos, out[2][..., 0])
         (k_all, v_all), pos = super().extend(k, v, positions=positions)
-        return k_all, v_all, pos
+        return Keys(k_all, v_all, pos, None)
+
+    def _keep(self, positions):
+        return self.policy.keep(self.length, positions, self.marks())

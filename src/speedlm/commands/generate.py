@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from speedlm.cache.kv import make_policy
+from speedlm.cache.policies import make_policy
 from speedlm.commands.common import load_trained
 from speedlm.device import resolve_device
 

@@ -38,7 +38,7 @@ def generate(
 ) -> GenerationResult:
     """prompt_ids (B, T0) -> GenerationResult. use_cache=False recomputes the whole sequence
     at every step (the reference the cached path must reproduce exactly under greedy decoding).
-    kv_policy overrides the retention of every KV cache (cache/kv.py `make_policy`): a bounded
+    kv_policy overrides the retention of every KV cache (cache/policies.py `make_policy`): a bounded
     one lifts the length limit of full-attention models."""
     check_sampling(temperature, top_k, top_p)
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:

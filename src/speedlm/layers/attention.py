@@ -42,24 +42,39 @@ class AttentionBase(HeadsMixer):
         q, k, v = self.project(x)
         t = x.shape[1]
         pos = meta.query_positions()
-        if cache is not None and cache.policy.pre_rope:
+        # the policy's window and marks restrict the pattern: the cache's policy when decoding
+        # (sinks, SepLLM on any checkpoint), the mixer's own otherwise (a SepLLM layer)
+        policy = cache.policy if cache is not None else self.default_policy()
+        marks = policy.mark(meta.token_ids, pos, t, x.device)
+        if marks is not None:
+            marks = marks.expand(x.shape[0], t)
+        window = policy.attend_window()
+        if cache is not None and policy.pre_rope:
             # keys are cached unrotated and rotated by their slot: positions stay within the cache
-            k_all, v_all, _ = cache.extend(k, v, pos)
-            n = k_all.shape[-2]
+            keys = cache.extend(k, v, pos, marks)
+            n = keys.k.shape[-2]
             cos, sin = self._rope_table(0, n, q)
-            q, k_all = apply_rope(q, cos[n - t :], sin[n - t :]), apply_rope(k_all, cos, sin)
-            mask = AttentionMask(self.pattern(), t, n, n - t, 0, causal=True)
+            q, k_all = apply_rope(q, cos[n - t :], sin[n - t :]), apply_rope(keys.k, cos, sin)
+            k_mark = policy.visible_marks(keys.marks, n - t)
+            mask = AttentionMask(self.pattern(), t, n, n - t, 0, True, window=window, k_mark=k_mark)
+            return self.output(attention(q, k_all, keys.v, mask, backend=self.backend))
+        cos, sin = self._rope_table(pos, t, q)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            k_all, v_all, k_pos, k_mark = k, v, pos, marks
         else:
-            cos, sin = self._rope_table(pos, t, q)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            k_all, v_all, k_pos = (k, v, pos) if cache is None else cache.extend(k, v, pos)
-            mask = AttentionMask(self.pattern(), t, k_all.shape[-2], pos, k_pos, meta.causal, meta.doc_ids, meta.doc_ids)
+            k_all, v_all, k_pos, k_mark = cache.extend(k, v, pos, marks)
+            k_mark = policy.visible_marks(k_mark, k_all.shape[-2] - t)
+        mask = AttentionMask(
+            self.pattern(), t, k_all.shape[-2], pos, k_pos, meta.causal, meta.doc_ids, meta.doc_ids,
+            window=window, k_mark=k_mark,
+        )
         return self.output(attention(q, k_all, v_all, mask, backend=self.backend))
 
-    def reference(self, x, meta: SeqMeta, visible=None):
+    def reference(self, x, meta: SeqMeta, policy: KVPolicy | None = None):
         """Explicit float64-able softmax over a dense mask built from positions, with the
-        projections and RoPE computed independently of the fast path. `visible(q_pos, k_pos)`
-        further restricts the keys (the mask a lossy cache policy emulates)."""
+        projections and RoPE computed independently of the fast path. `policy` (default: the
+        mixer's own) restricts the keys further: the mask a lossy cache policy emulates."""
         b, t, _ = x.shape
         q, k, v = self.reference_project(x)
         pos = meta.positions if meta.positions is not None else torch.arange(meta.start, meta.start + t, device=x.device)[None]
@@ -71,7 +86,9 @@ class AttentionBase(HeadsMixer):
             allowed = allowed & (idx[None, :] <= idx[:, None])
         if meta.doc_ids is not None:
             allowed = allowed & (meta.doc_ids[:, :, None] == meta.doc_ids[:, None, :])
-        extra = None if visible is None else visible(qp, kp)
+        policy = policy or self.default_policy()
+        marks = policy.mark(meta.token_ids, pos, t, x.device)
+        extra = policy.visible(qp, kp, None if marks is None else marks[:, None, :])
         if extra is not None:
             allowed = allowed & extra
         return self.reference_output(attention_reference(q, k, v, allowed.expand(b, t, t)))

@@ -78,8 +78,8 @@ class Hymba(Mixer):
         eps = self.dims.norm_eps
         return self._combine(a, s, lambda v: F.rms_norm(v, (v.shape[-1],), eps=eps))
 
-    def reference(self, x, meta: SeqMeta, visible=None):
-        a, s = self.attn.reference(x, meta, visible=visible), self.ssm.reference(x, meta)
+    def reference(self, x, meta: SeqMeta, policy=None):
+        a, s = self.attn.reference(x, meta, policy), self.ssm.reference(x, meta)
         eps = self.dims.norm_eps
         return self._combine(a, s, lambda v: v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps))
 

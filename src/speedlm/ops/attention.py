@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from speedlm.ops.marked_attention import marked_window_attention
 from speedlm.ops.masks import AttentionMask, Full
 from speedlm.ops.sparse_attention import sparse_attention
 
@@ -69,9 +70,12 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float 
 
 def attention(q, k, v, mask: AttentionMask, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
     """Attention under `mask`, on the cheapest exact path: SDPA's causal kernels for plain causal
-    attention, SDPA without a mask for unmasked (bidirectional) attention, else the sparse
-    dispatch (compiled FlexAttention on CUDA, gathered key blocks elsewhere)."""
-    if isinstance(mask.pattern, Full) and mask.contiguous:
+    attention, SDPA without a mask for unmasked (bidirectional) attention, the window + marked
+    keys form for a KV policy's window (SepLLM, sinks), else the sparse dispatch (compiled
+    FlexAttention on CUDA, gathered key blocks elsewhere)."""
+    if isinstance(mask.pattern, Full) and mask.window is not None and mask.causal:
+        return marked_window_attention(q, k, v, mask, scale)
+    if isinstance(mask.pattern, Full) and mask.window is None and mask.contiguous:
         if mask.causal and mask.k_pos + mask.tk == mask.q_pos + mask.tq:
             return causal_sdpa(q, k, v, scale)
         if not mask.causal:

@@ -13,6 +13,12 @@ mask_mod:
     allowed(i, j) = pattern(q_pos[i], k_pos[j])
                     & (not causal or j <= i + Tk - Tq)      queries are the last Tq keys
                     & (q_doc[i] == k_doc[j])                 when documents are packed
+                    & (q_pos[i] - k_pos[j] < window or k_mark[j])  under a lossy KV policy
+
+The last term is a KV policy's restriction on top of the mixer's pattern (cache/kv.py): a local
+`window`, and per-key `k_mark`s (initial tokens, separators) that the window never drops.
+Marks are data, not positions, so marked masks are never cached; with a Full pattern they run
+on ops/marked_attention.py, whose cost follows the keys actually kept.
 
 Positions are an int start (contiguous and shared by every row: the common case, which lets
 kernels use `is_causal` and cached plans) or explicit (B or 1, T) long tensors: per-row
@@ -71,22 +77,27 @@ class AttentionMask:
     causal: bool = True
     q_doc: torch.Tensor | None = None
     k_doc: torch.Tensor | None = None
+    window: int | None = None  # a KV policy's local window (None: the pattern alone)
+    k_mark: torch.Tensor | None = None  # (B|1, Tk) bool: keys the window never drops
 
     @property
     def contiguous(self) -> bool:
-        """Positions are int starts and there are no documents: the mask is a pure function of
-        (pattern, shapes, offsets), cacheable and the same for every row."""
-        return isinstance(self.q_pos, int) and isinstance(self.k_pos, int) and self.q_doc is None
+        """Positions are int starts and there are no documents or marks: the mask is a pure
+        function of (pattern, shapes, offsets), cacheable and the same for every row."""
+        return (
+            isinstance(self.q_pos, int) and isinstance(self.k_pos, int) and self.q_doc is None and self.k_mark is None
+        )
 
     @property
     def plan_key(self):
-        return (self.pattern, self.tq, self.tk, self.q_pos, self.k_pos, self.causal) if self.contiguous else None
+        key = (self.pattern, self.tq, self.tk, self.q_pos, self.k_pos, self.causal, self.window)
+        return key if self.contiguous else None
 
     @property
     def batch(self) -> int:
         """Leading dimension of the mask: 1 if every row shares it, else B."""
-        sizes = [t.shape[0] for t in (self.q_pos, self.k_pos, self.q_doc, self.k_doc) if isinstance(t, torch.Tensor)]
-        return max(sizes, default=1)
+        parts = (self.q_pos, self.k_pos, self.q_doc, self.k_doc, self.k_mark)
+        return max((t.shape[0] for t in parts if isinstance(t, torch.Tensor)), default=1)
 
     def __call__(self, qi: torch.Tensor, kj: torch.Tensor) -> torch.Tensor:
         """qi, kj: broadcastable index tensors with a leading batch dim (1 or B)."""
@@ -97,6 +108,9 @@ class AttentionMask:
             m = m & (kj <= qi + (self.tk - self.tq))
         if self.q_doc is not None:
             m = m & (_gather(self.q_doc, qi) == _gather(self.k_doc, kj))
+        if self.window is not None:
+            near = qp - kp < self.window
+            m = m & (near if self.k_mark is None else near | _gather(self.k_mark, kj))
         return m
 
     def dense(self, device=None) -> torch.Tensor:
@@ -120,6 +134,9 @@ class AttentionMask:
                 m = m & (kv_idx <= q_idx + shift)
             if self.q_doc is not None:
                 m = m & (_pick(self.q_doc, b, q_idx) == _pick(self.k_doc, b, kv_idx))
+            if self.window is not None:
+                near = qp - kp < self.window
+                m = m & (near if self.k_mark is None else near | _pick(self.k_mark, b, kv_idx))
             return m
 
         return mod

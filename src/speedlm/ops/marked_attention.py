@@ -1,0 +1,93 @@
+"""Causal attention over a local window plus marked keys (SepLLM's initial tokens and
+separators, attention sinks), at a cost that follows the keys each query actually sees.
+
+A gathered-block plan degenerates to dense here: separators occur in every key block, so every
+block would be touched. Instead each block of queries attends to two sets of keys in one
+softmax:
+
+- the window span: the contiguous key indices from the first one inside the window of the
+  block's first query to the block's causal end (about window + block keys), masked exactly;
+- the marked keys before that span, compacted (gathered in index order), which every query of
+  the block sees; only their prefix before the span is used, so the total cost is
+  O(T * (window + block + marked keys before each block)).
+
+Both parts go through the one mask function (ops/masks.py), so the result is the dense
+reference's by construction, also with per-row positions (non-contiguous cached keys),
+documents and per-row marks. Positions must be non-decreasing along the keys (a cache keeps
+its slots in order).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from speedlm.ops.masks import AttentionMask
+
+QUERY_BLOCK = 128
+
+
+def _window_start(mask: AttentionMask, first_query: int) -> int:
+    """The first key index that the window of query `first_query` reaches in any row."""
+    w = mask.window
+    if isinstance(mask.q_pos, int) and isinstance(mask.k_pos, int):
+        return max(0, mask.q_pos + first_query - w + 1 - mask.k_pos)
+    qp = mask.q_pos + first_query if isinstance(mask.q_pos, int) else mask.q_pos[:, first_query]
+    kp = mask.k_pos if isinstance(mask.k_pos, torch.Tensor) else None
+    if kp is None:
+        return max(0, int(torch.as_tensor(qp).min()) - w + 1 - mask.k_pos)
+    qp = torch.as_tensor(qp, device=kp.device).reshape(-1, 1)
+    b = max(qp.shape[0], kp.shape[0])
+    starts = torch.searchsorted(kp.expand(b, -1).contiguous(), (qp - w + 1).expand(b, 1).contiguous())
+    return int(starts.min())
+
+
+def _gather_keys(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) at key indices idx (1 or B, M), shared or per row -> (B, H, M, D)."""
+    if idx.shape[0] == 1:
+        return x.index_select(-2, idx[0])
+    b, h, _, d = x.shape
+    return x.gather(-2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
+
+
+def marked_window_attention(q, k, v, mask: AttentionMask, scale=None, block: int = QUERY_BLOCK):
+    """q (B, H, Tq, Dh), k/v (B, Hkv, Tk, Dh) under a causal mask with a `window` (and
+    optional `k_mark`); queries are the last Tq keys. Rows that see no key output 0."""
+    assert mask.causal and mask.window is not None, "marked-window attention is causal with a window"
+    tq, tk = q.shape[-2], k.shape[-2]
+    shift = tk - tq
+    gqa = q.shape[1] != k.shape[1]
+    dev = q.device
+    marked = None
+    if mask.k_mark is not None:
+        marks = mask.k_mark
+        before = F.pad(marks.long().cumsum(-1), (1, 0))  # (Bm, Tk + 1): marked keys with index < j
+        m_max = int(before[:, -1].max())
+        if m_max:
+            order = torch.argsort((~marks).to(torch.int8), dim=-1, stable=True)[:, :m_max]  # marked first, in order
+            marked = (before, order, _gather_keys(k, order), _gather_keys(v, order))
+    outs = []
+    for s in range(0, tq, block):
+        e = min(tq, s + block)
+        lo = min(_window_start(mask, s), s + shift)
+        hi = e + shift  # causal: query i sees keys up to index i + shift
+        qi = torch.arange(s, e, device=dev).view(1, -1, 1)
+        allowed = mask(qi, torch.arange(lo, hi, device=dev).view(1, 1, -1))
+        keys, values = k[..., lo:hi, :], v[..., lo:hi, :]
+        if marked is not None and lo > 0:
+            before, order, k_m, v_m = marked
+            count = before[:, lo]  # (Bm,) marked keys left of the span
+            p = int(count.max())
+            if p:
+                idx = order[:, :p]
+                seen_p = mask(qi, idx[:, None, :]) & (torch.arange(p, device=dev) < count[:, None])[:, None, :]
+                b = max(seen_p.shape[0], allowed.shape[0])
+                allowed = torch.cat([seen_p.expand(b, -1, -1), allowed.expand(b, -1, -1)], dim=-1)
+                keys = torch.cat([k_m[..., :p, :], keys], dim=-2)
+                values = torch.cat([v_m[..., :p, :], values], dim=-2)
+        seen = allowed.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(
+            q[..., s:e, :], keys, values, attn_mask=(allowed | ~seen)[:, None], scale=scale, enable_gqa=gqa
+        )
+        outs.append(out * seen[:, None].to(out.dtype))
+    return torch.cat(outs, dim=-2)
