@@ -63,6 +63,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_stream(args) -> int:
+    from speedlm.commands.stream import run_stream
+
+    run_stream(args)
+    return 0
+
+
 def cmd_compare(args) -> int:
     import shlex
 
@@ -150,6 +157,22 @@ def cmd_bench_speed(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+def _policy_options(p: argparse.ArgumentParser, window: int, flag: str = "--attention", default: str = "full") -> None:
+    """--attention and its sizes: the KV-cache policy every attention layer of a checkpoint
+    runs under, without retraining (generate, eval, stream)."""
+    p.add_argument(flag, dest="attention", default=default, choices=["full", "window", "sink", "sepllm"],
+                   help="window (original positions), sink (StreamingLLM: --sinks initial tokens + the window, "
+                   "shifted positions) or sepllm (initial tokens + separators + the window; with --cap the "
+                   "streaming cache with shifted positions); bounded caches run past max_seq_len")
+    p.add_argument("--window", type=int, default=window, help=f"local window, the query included (default {window})")
+    p.add_argument("--sinks", "--initial", dest="sinks", type=int, default=4,
+                   help="initial tokens kept by sink and sepllm (default 4)")
+    p.add_argument("--separator-cache", type=int, help="sepllm streaming: separators kept past the window (default 64)")
+    p.add_argument("--cap", type=int, help="sepllm streaming: cache slots before compression (bounded cache)")
+    p.add_argument("--separators", help="separator ids (comma-separated) or characters (default: the model's, "
+                   "recorded from its tokenizer)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="speedlm", description="Efficient LLM architectures behind one contract.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -180,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
     t.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, float32 on CPU), bfloat16 or float32")
     t.add_argument("--peak-flops", type=float, help="FLOP/s that MFU divides by (default: datasheet or measured once)")
+    t.add_argument("--separators", help="SepLLM separator ids (comma-separated) or characters, recorded in the "
+                   "model config (default: tokens made of . , ? ! ; : newline tab space)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
@@ -188,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--seq-len", type=int, help="default: the training sequence length")
     e.add_argument("--batches", type=int, default=50, help="at most this many batches (0 = whole split)")
+    _policy_options(e, window=256)
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_eval)
 
@@ -200,14 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (reference)")
-    g.add_argument("--attention", default="full", choices=["full", "window", "sink"],
-                   help="KV-cache policy for every attention layer, no retraining: window (original positions) or "
-                   "sink (StreamingLLM: --sinks initial tokens + the window, shifted positions); bounded ones "
-                   "generate past max_seq_len")
-    g.add_argument("--window", type=int, default=1024, help="keys kept by --attention window/sink (default 1024)")
-    g.add_argument("--sinks", type=int, default=4, help="initial tokens kept by --attention sink (default 4)")
+    _policy_options(g, window=1024)
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
+
+    st = sub.add_parser("stream", help="stream a long token sequence through a checkpoint under a bounded KV cache")
+    st.add_argument("--checkpoint", required=True)
+    _policy_options(st, window=256, flag="--policy", default="sepllm")
+    st.add_argument("--tokens", type=int, default=100_000, help="tokens to stream (default 100k)")
+    st.add_argument("--data", help="corpus (default: the one the model was trained on), cycled if shorter")
+    st.add_argument("--split", default="val", choices=["val", "train", "all"])
+    st.add_argument("--chunk", type=int, default=64, help="tokens per call (1: token by token)")
+    st.add_argument("--segment", type=int, default=10_000, help="tokens per reported segment")
+    st.add_argument("--out", default="runs/stream", help="folder for stream-POLICY.jsonl/.json/.png")
+    st.add_argument("--device", default="auto")
+    st.set_defaults(func=cmd_stream)
 
     c = sub.add_parser("compare", help="train architectures at equal FLOPs; quality, recall, speed and memory in one report")
     c.add_argument("--presets", type=_csv, default=None, help="comma-separated presets or config JSON paths "

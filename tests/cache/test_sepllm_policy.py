@@ -120,3 +120,18 @@ def test_bad_settings_and_missing_token_ids_are_one_line_errors():
         attn(torch.randn(1, 3, 32), SeqMeta(), attn.init_cache(make_policy("sepllm", 8, separators=[1])))
     streaming = make_policy("sepllm", window=16, sinks=4, separators=[1, 2], cap=100)
     assert streaming.bounded and streaming.pre_rope and streaming.separator_cache == 64
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [SepLLMPolicy(SEPARATORS, initial=3, window=6), make_policy("sink", window=6, sinks=3), make_policy("window", 6)],
+    ids=["sepllm", "sink", "window"],
+)
+def test_keys_seen_counts_what_the_mask_lets_each_query_see(policy):
+    ids = _stream(policy, 70, seed=9).expand(2, -1).clone()
+    ids[1] = _stream(policy, 70, seed=10)
+    pos = torch.arange(70)
+    marks = policy.mark(ids, 0, 70, "cpu")
+    visible = policy.visible(pos[None, :, None], pos[None, None, :], None if marks is None else marks[:, None, :])
+    causal = pos[None, :] <= pos[:, None]
+    assert torch.equal(policy.keys_seen(ids), (visible & causal).sum(-1).expand(2, -1))

@@ -190,3 +190,71 @@ def test_generate_streams_past_max_seq_len_under_attention_sinks(trained, capsys
     one_error_line(capsys, "max_seq_len")
     assert main(args + ["--attention", "sink", "--window", "16", "--sinks", "2"]) == 0
     assert "cache" in capsys.readouterr().out
+
+
+def test_train_records_the_tokenizer_separators_in_the_checkpoint(trained, corpus_dir, tmp_path):
+    cfg = json.loads((trained / "step_0000006" / "config.json").read_text())
+    assert cfg["separators"] == sorted(ord(c) for c in ".,?!;:\n\t ")  # the byte tokenizer's
+    for spec, expected in (("., ", [32, 44, 46]), ("1,2", [1, 2])):
+        out = tmp_path / spec.replace(" ", "_")
+        args = ["train", "--data", str(corpus_dir), "--out", str(out), *TRAIN_FAST, "--separators", spec]
+        args[args.index("--steps") + 1] = "1"
+        assert main(args) == 0
+        assert json.loads((out / "step_0000001" / "config.json").read_text())["separators"] == expected
+
+
+def test_eval_under_sepllm_sink_and_window_reports_the_kv_ratio(trained, capsys):
+    base = ["eval", "--checkpoint", str(trained), "--batches", "2", "--seq-len", "32"]
+    assert main(base) == 0
+    full = capsys.readouterr().out
+    # a window as long as the sequence hides nothing: SepLLM's mask is then the causal one
+    assert main(base + ["--attention", "sepllm", "--window", "32"]) == 0
+    wide = capsys.readouterr().out
+    assert full.split("perplexity")[1].split()[0] == wide.split("perplexity")[1].split()[0]
+    assert "100.0% of the full cache on average" in wide
+    for policy in ("sepllm", "sink", "window"):
+        assert main(base + ["--attention", policy, "--window", "4"]) == 0
+        out = capsys.readouterr().out
+        ratio = float(out.split("KV cache ")[1].split("%")[0])
+        assert 0 < ratio < 100 and "at peak" in out
+
+
+def test_generate_under_sepllm_training_free_and_streaming(trained, capsys):
+    args = ["generate", "--checkpoint", str(trained), "--prompt", "def f(x):", "--max-new-tokens", "20"]
+    assert main(args + ["--attention", "sepllm", "--window", "8"]) == 0
+    assert capsys.readouterr().out.startswith("def f(x):")
+    args[args.index("--max-new-tokens") + 1] = "600"  # past max_seq_len: only the bounded streaming cache goes on
+    assert main(args + ["--attention", "sepllm", "--window", "8"]) == 2
+    one_error_line(capsys, "max_seq_len")
+    assert main(args + ["--attention", "sepllm", "--window", "8", "--separator-cache", "8", "--cap", "40"]) == 0
+
+
+def test_stream_writes_segments_summary_and_plot(trained, tmp_path, capsys):
+    out = tmp_path / "stream"
+    args = ["stream", "--checkpoint", str(trained), "--tokens", "900", "--segment", "300", "--chunk", "8",
+            "--window", "16", "--separator-cache", "8", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "tokens/s" in printed
+    records = [json.loads(line) for line in (out / "stream-sepllm.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in records] == [304, 608, 900]  # segments close on chunk ends
+    assert all(r["kv_peak"] <= 4 + 8 + 16 + 256 for r in records)  # within the cap
+    summary = json.loads((out / "stream-sepllm.json").read_text())
+    assert summary["tokens"] == 900 and summary["kv_mean"] < 300
+    assert (out / "stream-sepllm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(args + ["--policy", "sink"]) == 0
+    assert json.loads((out / "stream-sink.json").read_text())["kv_peak"] <= 4 + 15
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["stream", "--policy", "full"], "bounded policy"),
+        (["stream", "--tokens", "0"], "--tokens must be positive"),
+        (["eval", "--attention", "sepllm", "--separators", "999"], "outside the vocabulary"),
+        (["eval", "--attention", "sepllm", "--cap", "10"], "cap must be at least"),
+    ],
+)
+def test_bad_policy_options_are_one_line_errors(trained, capsys, extra, needle):
+    assert main([extra[0], "--checkpoint", str(trained), *extra[1:]]) == 2
+    one_error_line(capsys, needle)

@@ -117,8 +117,14 @@ def test_state_chaining_and_declared_state_size(name):
     whole = mixer(x, meta(ids))
     halves, cache = run_in_pieces(mixer, x, ids, [40])
     assert rel_rms_error(halves, whole) < 1e-12
-    # the cache holds exactly what the mixer promises (O(T), O(window) or O(1))
-    assert cache.nbytes() == mixer.state_bytes(75, batch_size=2, bytes_per_elem=8)
+    # the cache holds exactly what the mixer promises (O(T), O(window) or O(1)); where that
+    # depends on the tokens (SepLLM's separators) the promise is an estimate within its bounds
+    declared = mixer.state_bytes(75, batch_size=2, bytes_per_elem=8)
+    if mixer.data_dependent_state:
+        full = 2 * 2 * mixer.kv_heads * mixer.head_dim * 75 * 8
+        assert declared < full and cache.nbytes() < full
+    else:
+        assert cache.nbytes() == declared
 
 
 @pytest.mark.parametrize("name", DECODING)

@@ -75,6 +75,7 @@ def recall_config(spec, setting: RecallSetting, width: int | None = None) -> Mod
     cfg = resolve_config(spec)
     fields = cfg.to_dict()
     fields.update(vocab_size=setting.vocab_size, max_seq_len=max(cfg.max_seq_len, setting.seq_len), tie_embeddings=False)
+    fields["separators"] = None  # a text tokenizer's separator ids mean nothing in MQAR's vocabulary
     if width is not None:
         if width % cfg.n_heads or (width // cfg.n_heads) % 2:
             raise SpeedlmError(

@@ -55,10 +55,22 @@ class KVPolicy:
         """(B|1, T) bool for T new tokens: keys the window never drops (None: no marks)."""
         return None
 
-    def visible_marks(self, marks: torch.Tensor | None, n_cached: int) -> torch.Tensor | None:
-        """The marks a call uses over (cached + new) keys; a policy that lets queries see
-        everything it has cached marks those too."""
-        return marks
+    def keys_seen(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) how many keys each query of one call over these tokens (positions 0..T-1)
+        attends to: the KV entries this policy needs at that point, against t + 1 for the full
+        cache (what `speedlm eval --attention` reports as the KV ratio)."""
+        b, t = token_ids.shape
+        idx = torch.arange(t, device=token_ids.device).expand(b, t)
+        w = self.attend_window()
+        if w is None:
+            return idx + 1
+        marks = self.mark(token_ids, 0, t, token_ids.device)
+        near = torch.clamp(idx + 1, max=w)
+        if marks is None:
+            return near
+        # marked keys outside the window: those at index <= t - w
+        before = torch.nn.functional.pad(marks.expand(b, t).long().cumsum(-1), (1, 0))
+        return near + before.gather(1, torch.clamp(idx - w + 1, min=0))
 
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor, k_mark: torch.Tensor | None = None):
         """Which keys a decoding query sees under this policy (None: all), as the mask of the
@@ -174,3 +186,15 @@ class KVCache(TokenBuffer):
 
     def _keep(self, positions):
         return self.policy.keep(self.length, positions, self.marks())
+
+
+def kv_slots(cache) -> list[int]:
+    """Retained KV slots of every KV cache in a model cache (composite layers included), one
+    entry per attention layer."""
+    found = []
+    for layer in cache.layers:
+        parts = getattr(layer, "parts", None)
+        for c in parts.values() if parts is not None else [layer]:
+            if isinstance(c, KVCache):
+                found.append(c.length)
+    return found

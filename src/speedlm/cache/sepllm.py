@@ -7,7 +7,8 @@ Two settings:
   positions, and decoding equals the full forward under the SepLLM mask: a query sees the
   initial tokens, every separator before it and the last `window` tokens (itself included).
 - streaming (`cap`, `separator_cache`, `shift_positions=True`): the cache grows up to `cap`
-  slots, every cached key visible; past the cap it compresses: of the slots outside the
+  slots, every cached key visible (a call's own tokens causally: feed chunks no longer than
+  the window); past the cap it compresses: of the slots outside the
   initial tokens and the last window - 1, only separators stay, and only the newest
   `separator_cache` of them (FIFO). Keys are stored before RoPE and rotated by their slot, so
   positions stay below the cap for streams of any length. After a compression the cache holds
@@ -67,19 +68,15 @@ class SepLLMPolicy(KVPolicy):
         return self.cap is not None
 
     def attend_window(self):
-        return self.window
+        # streaming: a call sees every cached key and its own tokens causally (the cap bounds
+        # them); chunks no longer than the window are then exactly SepLLM's streaming rule
+        return self.window if self.cap is None else None
 
     def mark(self, token_ids, positions, t, device):
         if token_ids is None:
             raise SpeedlmError("SepLLM attention needs the token ids (SeqMeta.token_ids) to find the separators")
         ids = torch.tensor(self.separators, device=token_ids.device, dtype=token_ids.dtype)
         return torch.isin(token_ids, ids) | (_positions(positions, t, token_ids.device) < self.initial)
-
-    def visible_marks(self, marks, n_cached):
-        if self.cap is None:
-            return marks
-        # streaming: everything the cache holds is attended to; the cap bounds it
-        return marks | (torch.arange(marks.shape[-1], device=marks.device) < n_cached)
 
     def keep(self, length, positions, marks=None):
         slot = torch.arange(length, device=marks.device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from speedlm.commands.common import load_trained
+from speedlm.commands.common import describe_policy, load_trained, policy_from_args
 from speedlm.device import resolve_device
 
 
@@ -17,9 +17,16 @@ def run_eval(args) -> dict:
     print(f"data: {corpus.name} (fingerprint {corpus.fingerprint}), tokenizer: {tokenizer.spec()['kind']}")
     val_ids = encode_split(corpus, tokenizer, "val")
     seq_len = args.seq_len or state.get("train_config", {}).get("seq_len", 256)
-    result = evaluate(model, val_ids, args.batch_size, seq_len, max_batches=args.batches or None, device=device)
+    policy = policy_from_args(args, model, tokenizer)
+    result = evaluate(
+        model, val_ids, args.batch_size, seq_len, max_batches=args.batches or None, device=device, kv_policy=policy
+    )
+    kv = ""
+    if policy is not None:
+        kv = (f"; {describe_policy(policy)}: KV cache {result['kv_ratio']:.1%} of the full cache on average, "
+              f"{result['kv_peak_ratio']:.1%} at peak")
     print(
         f"step {state.get('step', '?')}: val loss {result['loss']:.4f} nats/token, "
-        f"perplexity {result['ppl']:.3f} over {result['tokens']:,} tokens"
+        f"perplexity {result['ppl']:.3f} over {result['tokens']:,} tokens (seq_len {seq_len}){kv}"
     )
     return result

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from speedlm.cache.policies import make_policy
-from speedlm.commands.common import load_trained
+from speedlm.commands.common import load_trained, policy_from_args
 from speedlm.device import resolve_device
 
 
@@ -24,7 +23,7 @@ def run_generate(args):
         top_p=args.top_p,
         seed=args.seed,
         use_cache=not args.no_cache,
-        kv_policy=make_policy(args.attention, window=args.window, sinks=args.sinks),
+        kv_policy=policy_from_args(args, model, tokenizer),
     )
     print(tokenizer.decode(result.ids[0].tolist()))
     cache = "no cache" if args.no_cache else f"cache {result.cache_bytes / 1024:.1f} KiB"

@@ -62,6 +62,10 @@ def run_train(args) -> dict:
 
     if not (args.config or args.resume):
         model_cfg = resolve_config(model_cfg, vocab_size=tokenizer.vocab_size)
+    if not args.resume:
+        from speedlm.data.separators import parse_separators, record_separators
+
+        model_cfg = record_separators(model_cfg, tokenizer, parse_separators(args.separators))
     torch.manual_seed(args.seed)  # model init is part of the run's reproducibility
     model = build_model(model_cfg)
     c = model.config

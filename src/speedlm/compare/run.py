@@ -32,6 +32,7 @@ from speedlm.compare.plan import BudgetTooSmall, ModelPlan, check_match, plan_mo
 from speedlm.compare.plots import write_plots
 from speedlm.compare.report import REPORT_JSON, REPORT_MD, leaderboard_markdown, write_report
 from speedlm.data.cachedir import is_writable_dir
+from speedlm.data.separators import record_separators
 from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
 from speedlm.models import build_model, resolve_config
@@ -296,6 +297,7 @@ def run_compare(o: CompareOptions, progress: bool = True) -> dict:
         try:
             cfg = resolve_config(name) if name.endswith(".json") else resolve_config(name, vocab_size=tokenizer.vocab_size)
             cfg.check_vocab(tokenizer.vocab_size, "compare tokenizer")
+            cfg = record_separators(cfg, tokenizer)
         except SpeedlmError as e:  # a broken config is this model's failure, not the job's
             rows[name] = {"name": name, "status": "failed", "reason": f"config: {e}"}
             continue

@@ -46,3 +46,30 @@ def resolve_separators(tokenizer: Tokenizer, spec: str | Iterable[int] | None = 
     if not ids:
         raise SpeedlmError("the separator list is empty; SepLLM needs at least one separator id")
     return ids
+
+
+def parse_separators(text: str | None) -> str | list[int] | None:
+    """A command-line separator spec: comma-separated integers are ids; anything else is a
+    string of characters, backslash escapes understood ("\\n", "\\t")."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) > 0 and all(p.isdigit() for p in parts):
+        return [int(p) for p in parts]
+    import codecs
+
+    try:
+        return codecs.decode(text, "unicode_escape")
+    except UnicodeDecodeError as e:
+        raise SpeedlmError(f"cannot read separator characters {text!r}: {e.reason}") from None
+
+
+def record_separators(config, tokenizer: Tokenizer, spec: str | Iterable[int] | None = None):
+    """The model config with the tokenizer's separator ids recorded (`spec` overrides; a config
+    that already has its own keeps them unless `spec` is given), so SepLLM layers and
+    `--attention sepllm` later find the ids the model was trained with."""
+    from speedlm.models import resolve_config
+
+    if config.separators is not None and spec is None:
+        return config
+    return resolve_config(config, separators=resolve_separators(tokenizer, spec))

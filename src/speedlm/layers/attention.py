@@ -48,23 +48,23 @@ class AttentionBase(HeadsMixer):
         marks = policy.mark(meta.token_ids, pos, t, x.device)
         if marks is not None:
             marks = marks.expand(x.shape[0], t)
-        window = policy.attend_window()
+        window = policy.attend_window()  # marks only matter beyond a window (the cache keeps them anyway)
         if cache is not None and policy.pre_rope:
             # keys are cached unrotated and rotated by their slot: positions stay within the cache
             keys = cache.extend(k, v, pos, marks)
             n = keys.k.shape[-2]
             cos, sin = self._rope_table(0, n, q)
             q, k_all = apply_rope(q, cos[n - t :], sin[n - t :]), apply_rope(keys.k, cos, sin)
-            k_mark = policy.visible_marks(keys.marks, n - t)
+            k_mark = None if window is None else keys.marks
             mask = AttentionMask(self.pattern(), t, n, n - t, 0, True, window=window, k_mark=k_mark)
             return self.output(attention(q, k_all, keys.v, mask, backend=self.backend))
         cos, sin = self._rope_table(pos, t, q)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            k_all, v_all, k_pos, k_mark = k, v, pos, marks
+            k_all, v_all, k_pos, k_mark = k, v, pos, None if window is None else marks
         else:
             k_all, v_all, k_pos, k_mark = cache.extend(k, v, pos, marks)
-            k_mark = policy.visible_marks(k_mark, k_all.shape[-2] - t)
+            k_mark = None if window is None else k_mark
         mask = AttentionMask(
             self.pattern(), t, k_all.shape[-2], pos, k_pos, meta.causal, meta.doc_ids, meta.doc_ids,
             window=window, k_mark=k_mark,

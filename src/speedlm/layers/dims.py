@@ -12,6 +12,8 @@ class ModelDims:
     in the first/middle/last layer). max_seq_len: the training length (implicit filters, position
     tables, the context limit of full attention). init_std: the std of the default N(0, std)
     initialisation; the model scales residual output projections by 1/sqrt(2 n_layers) on top.
+    separators: the tokenizer's separator ids (data/separators.py), for mixers that look at
+    tokens (SepLLM); None: the byte tokenizer's.
     """
 
     d_model: int
@@ -23,6 +25,7 @@ class ModelDims:
     ffn_hidden: int | None = None  # default: 8/3 * d_model rounded up to a multiple of 64
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    separators: tuple[int, ...] | None = None
 
     @property
     def head_dim(self) -> int:

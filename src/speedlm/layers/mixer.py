@@ -59,6 +59,9 @@ class Mixer(nn.Module):
     supports_bidirectional: ClassVar[bool] = False
     supports_decoding: ClassVar[bool] = True
     supports_doc_ids: ClassVar[bool] = False
+    # the state after T tokens depends on which tokens they are (SepLLM keeps separators);
+    # `state_bytes` is then an estimate at a typical rate, between a window and the full cache
+    data_dependent_state: ClassVar[bool] = False
     # submodules whose output enters the residual stream: the model scales their weights by
     # 1/sqrt(2 n_layers) after init (GPT-2)
     residual_out: ClassVar[tuple[str, ...]] = ("o_proj",)

@@ -51,6 +51,8 @@ class ModelConfig(Schema):
     norm_eps: float = 1e-6
     init_std: float = 0.02
     objective: str = "ar"
+    # the tokenizer's separator ids (SepLLM; `speedlm train` records them from the tokenizer)
+    separators: list[int] | None = None
 
     def __post_init__(self):
         self.ffn, self.block = _named(self.ffn), _named(self.block)
@@ -88,6 +90,7 @@ class ModelConfig(Schema):
             ffn_hidden=self.ffn_hidden,
             norm_eps=float(self.norm_eps),
             init_std=float(self.init_std),
+            separators=None if self.separators is None else tuple(self.separators),
         )
 
     @property
@@ -139,6 +142,9 @@ class ModelConfig(Schema):
         for name in ("rope_theta", "norm_eps", "init_std"):
             v = getattr(self, name)
             need(is_number(v) and v > 0, f"{name} must be a positive number, got {v!r}")
+        if self.separators is not None:
+            ok = isinstance(self.separators, list) and all(is_int(i) and 0 <= i < self.vocab_size for i in self.separators)
+            need(ok and self.separators, f"separators must be a non-empty list of token ids below vocab_size={self.vocab_size}")
         FFNS.check(self.ffn, "invalid model config: ffn")
         BLOCKS.check(self.block, "invalid model config: block")
         # every layer, not only each letter's first: a part may check its options against the depth

@@ -47,6 +47,13 @@ def _jamba_layers(size: dict) -> int:
     return max(8, -(-size["n_layers"] // 8) * 8)
 
 
+def _widening_windows(size: dict) -> list[int]:
+    """Per-layer windows from half the size's window in the first layer to twice it in the last
+    (lower layers are the more local ones)."""
+    n, w = size["n_layers"], size["window"]
+    return [round(w / 2 * 4 ** (i / max(1, n - 1))) for i in range(n)]
+
+
 def _cfg(size: dict, **fields) -> ModelConfig:
     base = {k: size[k] for k in ("d_model", "n_layers", "n_heads", "max_seq_len")}
     base.update(fields)
@@ -194,6 +201,22 @@ PRESETS: dict[str, Preset] = {
             "middle and last layers",
             "Dong et al. 2024, Hymba: A Hybrid-head Architecture for Small Language Models (arXiv:2411.13676)",
             lambda s: dict(pattern="H", layers={"H": {"mixer": {"name": "hymba", "window": s["window"]}}}),
+        ),
+        Preset(
+            "sepllm",
+            "SepLLM: attention to the initial tokens, the separators (punctuation, newline, space) and a local "
+            "window, trained from scratch; KV cache and cost follow the kept keys",
+            "Chen et al. 2024, SepLLM: Accelerate LLMs by Compressing One Segment into One Separator (arXiv:2412.12094)",
+            lambda s: dict(pattern="P", layers={"P": {"mixer": {"name": "sepllm", "window": s["window"]}}}),
+        ),
+        Preset(
+            "sepllm-hybrid",
+            "SepLLM with full attention in the first and last layers and the window widening with depth",
+            "Chen et al. 2024, SepLLM (arXiv:2412.12094), the hybrid-layer variant",
+            lambda s: dict(
+                pattern="P",
+                layers={"P": {"mixer": {"name": "sepllm", "window": _widening_windows(s), "full_layers": "first_last"}}},
+            ),
         ),
         Preset(
             "hyena",

@@ -22,6 +22,7 @@ from speedlm.layers.mamba2 import Mamba2
 from speedlm.layers.mlp import SwiGLU
 from speedlm.layers.performer import Performer
 from speedlm.layers.retnet import MultiScaleRetention
+from speedlm.layers.sepllm import SepLLMAttention
 from speedlm.layers.sparse_attention import SlidingWindowAttention
 from speedlm.models.causal_lm import CausalLM
 from speedlm.registry import BLOCKS, FFNS, MIXERS, MODELS, Entry
@@ -59,6 +60,15 @@ register_mixer(
     description="sliding-window attention on FlexAttention block masks, O(window) KV cache",
     paper="Beltagy et al. 2020, Longformer (arXiv:2004.05150); Jiang et al. 2023, Mistral 7B (arXiv:2310.06825)",
     contract_spec={"window": 7, "kv_heads": 2},
+)
+register_mixer(
+    "sepllm",
+    SepLLMAttention,
+    family="static sparse attention",
+    description="SepLLM: each query sees the initial tokens, every separator before it and a local window; "
+    "cost and KV cache follow those keys; optional full attention in the first/last layers, per-layer windows",
+    paper="Chen et al. 2024, SepLLM: Accelerate LLMs by Compressing One Segment into One Separator (arXiv:2412.12094)",
+    contract_spec={"window": 5, "initial": 2, "kv_heads": 2, "separators": list(range(0, 256, 4))},
 )
 register_mixer(
     "linear_attention",

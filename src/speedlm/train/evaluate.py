@@ -41,6 +41,7 @@ def evaluate(
     max_batches: int | None = None,
     device: str | torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
+    kv_policy=None,
 ) -> dict:
     """Token-weighted mean cross-entropy over up to `max_batches` batches of `val_ids`.
 
@@ -48,20 +49,36 @@ def evaluate(
     cross-entropy alone, without auxiliary losses. The model runs
     in eval mode under no_grad and is put back in the mode it was in. `device` defaults to
     the model's.
+
+    `kv_policy` runs every attention layer under that KV policy without retraining (each
+    sequence one call through fresh caches: the policy's window and marks mask the attention,
+    original positions); the result then also has "kv_ratio" (KV entries attended, averaged
+    over the queries, against the full cache's) and "kv_peak_ratio" (the most entries any
+    query needs, against the full cache at the end of the sequence).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: one sync at the end
     tokens = 0
+    seen = full = peak = 0
     try:
         for x, y in eval_batches(val_ids, batch_size, seq_len, max_batches):
             n = int((y != -100).sum())  # model.loss averages over non-ignored targets; counted on CPU, no sync
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast_context(device, autocast_dtype):
-                lm = model.loss(x, y).parts["lm"]
+                if kv_policy is None:
+                    lm = model.loss(x, y).parts["lm"]
+                else:
+                    logits = model(x, model.init_cache(kv_policy))
+                    lm = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
             total += lm.double() * n
             tokens += n
+            if kv_policy is not None:
+                keys = kv_policy.keys_seen(x)
+                seen += int(keys.sum())
+                full += x.shape[0] * x.shape[1] * (x.shape[1] + 1) // 2
+                peak = max(peak, float(keys.max()) / x.shape[1])
     finally:
         model.train(was_training)
     if tokens == 0:
@@ -71,4 +88,7 @@ def evaluate(
         ppl = math.exp(loss)
     except OverflowError:
         ppl = float("inf")
-    return {"loss": loss, "ppl": ppl, "tokens": tokens}
+    result = {"loss": loss, "ppl": ppl, "tokens": tokens}
+    if kv_policy is not None:
+        result.update(kv_ratio=seen / full, kv_peak_ratio=peak)
+    return result
