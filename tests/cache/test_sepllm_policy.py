@@ -56,15 +56,24 @@ def test_streaming_eviction_keeps_initial_tokens_a_fifo_separator_cache_and_the_
 
 
 @torch.no_grad()
-def test_training_free_cache_keeps_exactly_initial_separators_and_window():
+def test_training_free_cache_keeps_initial_separators_and_window_evicting_in_batches():
     policy = SepLLMPolicy(SEPARATORS, initial=2, window=5)
     cache = KVCache(policy)
-    ids = _stream(policy, 50, seed=3)
-    k = torch.arange(50.0).view(1, 1, 50, 1)
-    cache.extend(k, k, 0, policy.mark(ids, 0, 50, "cpu"))
+    ids = _stream(policy, 400, seed=3)
     is_sep = torch.isin(ids[0], torch.tensor(SEPARATORS))
-    expected = [p for p in range(50) if p < 2 or is_sep[p] or p >= 46]
-    assert cache.positions()[0].tolist() == expected
+    k = torch.arange(200.0).view(1, 1, 200, 1)
+    cache.extend(k, k, 0, policy.mark(ids[:, :200], 0, 200, "cpu"))  # a prefill: compacted at once
+    assert cache.positions()[0].tolist() == [p for p in range(200) if p < 2 or is_sep[p] or p >= 196]
+    compactions = 0
+    for i in range(200, 400):  # decoding: stale slots wait for a batched eviction
+        before = cache.length
+        cache.extend(torch.full((1, 1, 1, 1), float(i)), torch.zeros(1, 1, 1, 1), i, policy.mark(ids[:, i : i + 1], i, 1, "cpu"))
+        compactions += cache.length < before
+        held = cache.positions()
+        held = list(range(held, held + cache.length)) if isinstance(held, int) else held[0].tolist()
+        needed = [p for p in range(i + 1) if p < 2 or is_sep[p] or p > i - 4]
+        assert set(needed) <= set(held) and len(held) - len(needed) <= policy.stale_slots()
+    assert compactions >= 2
     assert not policy.bounded and not policy.pre_rope
 
 

@@ -122,7 +122,7 @@ def test_state_chaining_and_declared_state_size(name):
     declared = mixer.state_bytes(75, batch_size=2, bytes_per_elem=8)
     if mixer.data_dependent_state:
         full = 2 * 2 * mixer.kv_heads * mixer.head_dim * 75 * 8
-        assert declared < full and cache.nbytes() < full
+        assert declared < full and cache.nbytes() <= full
     else:
         assert cache.nbytes() == declared
 
@@ -272,8 +272,12 @@ def test_sepllm_policy_decodes_as_the_sepllm_masked_forward(name):
         out, cache = run_in_pieces(mixer, x, ids, cuts, mixer.init_cache(SEPLLM))
         assert rel_rms_error(out, expected) < 1e-12
     (kv,) = [c for c in layer_caches(cache) if isinstance(c, KVCache)]
-    kept = (ids < 64).any(0) | (torch.arange(41) < 2) | (torch.arange(41) >= 37)
-    assert kv.positions()[0].tolist() == kept.nonzero()[:, 0].tolist()
+    needed = (ids < 64).any(0) | (torch.arange(41) < 2) | (torch.arange(41) >= 37)
+    held = torch.zeros(41, dtype=torch.bool)
+    pos = kv.positions()
+    held[torch.arange(pos, pos + kv.length) if isinstance(pos, int) else pos[0]] = True
+    # everything the next query needs, and at most `stale_slots` more awaiting a batched eviction
+    assert bool(held[needed].all()) and int((held & ~needed).sum()) <= SEPLLM.stale_slots()
 
 
 # ----- precision of recurrent state ----------------------------------------------------

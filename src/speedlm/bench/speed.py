@@ -23,7 +23,9 @@ import torch
 
 import speedlm
 from speedlm.bench import report
-from speedlm.bench.common import build_seeded, check_int, check_ints, check_presets, one_line, resolve_dtype, write_results
+from speedlm.bench.common import (
+    build_seeded, check_int, check_ints, check_presets, one_line, resolve_dtype, text_token_ids, write_results,
+)
 from speedlm.bench.memory import PeakMemory, is_oom, memory_method
 from speedlm.bench.plots import write_plots
 from speedlm.bench.timing import median, synchronize, time_fn, timing_method
@@ -180,10 +182,10 @@ def run_speed_bench(
     configs = {p: resolve_config(p) for p in presets}  # unknown presets fail here, before any work
     need_len = max(lengths) + decode_tokens
 
-    # the same token ids for every preset: one batch per length (+1 token for the targets)
-    gen = torch.Generator().manual_seed(seed)
-    ids = {n: torch.randint(0, 2**30, (batch_size, n + 1), generator=gen) for n in lengths}
-    dec = torch.randint(0, 2**30, (batch_size, decode_tokens), generator=gen)
+    # the same token ids for every preset, real text: one batch per length (+1 token for the
+    # targets), then the decoding tokens
+    ids = {n: text_token_ids((batch_size, n + 1), seed + i) for i, n in enumerate(lengths)}
+    dec = text_token_ids((batch_size, max(1, decode_tokens)), seed + len(lengths))[:, :decode_tokens]
 
     meta = {
         "device": str(dev),

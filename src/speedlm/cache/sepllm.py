@@ -6,6 +6,7 @@ Two settings:
 - training-free / from scratch (`cap=None`): every separator is kept, keys keep their original
   positions, and decoding equals the full forward under the SepLLM mask: a query sees the
   initial tokens, every separator before it and the last `window` tokens (itself included).
+  Tokens leaving the window are evicted in batches (`stale_slots`), not one copy per token.
 - streaming (`cap`, `separator_cache`, `shift_positions=True`): the cache grows up to `cap`
   slots, every cached key visible (a call's own tokens causally: feed chunks no longer than
   the window); past the cap it compresses: of the slots outside the
@@ -83,6 +84,10 @@ class SepLLMPolicy(KVPolicy):
         recent = slot >= length - (self.window - 1)
         if self.cap is None:
             kept = marks.any(0) | recent
+            if length - int(kept.sum()) <= self.stale_slots():
+                # evicting one token per step would copy the whole cache per token; stale slots
+                # are invisible anyway (unmarked and out of the window), so compact in batches
+                return slice(0, length)
         else:
             if length <= self.cap:
                 return slice(0, length)
@@ -94,6 +99,11 @@ class SepLLMPolicy(KVPolicy):
         if bool(kept.all()):
             return slice(0, length)
         return kept.nonzero()[:, 0]
+
+    def stale_slots(self) -> int:
+        """Slots the training-free cache may hold past what its queries see before it compacts:
+        amortised O(1) copies per token, at most this many extra entries."""
+        return max(64, self.window)
 
     def retained(self, context_len):
         if self.cap is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from speedlm.commands.common import load_trained, policy_from_args
+from speedlm.commands.common import describe_policy, load_trained, policy_from_args
 from speedlm.device import resolve_device
 
 
@@ -13,6 +13,7 @@ def run_generate(args):
 
     device = resolve_device(args.device)
     model, tokenizer, _ = load_trained(args.checkpoint, device)
+    policy = policy_from_args(args, model, tokenizer)
     ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=device).view(1, -1)
     result = generate(
         model,
@@ -23,10 +24,13 @@ def run_generate(args):
         top_p=args.top_p,
         seed=args.seed,
         use_cache=not args.no_cache,
-        kv_policy=policy_from_args(args, model, tokenizer),
+        kv_policy=policy,
     )
     print(tokenizer.decode(result.ids[0].tolist()))
     cache = "no cache" if args.no_cache else f"cache {result.cache_bytes / 1024:.1f} KiB"
+    if result.kv_ratio is not None and policy is not None:
+        cache += (f", {describe_policy(policy)}: KV {result.kv_ratio:.1%} of the full cache on average, "
+                  f"{result.kv_peak_ratio:.1%} at peak")
     print(
         f"\n[{result.new_tokens} tokens: prefill {result.prefill_s * 1e3:.1f} ms, "
         f"decode {result.decode_tokens_per_s:.1f} tokens/s, {cache}]"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from speedlm.cache.kv import kv_slots
 from speedlm.errors import SpeedlmError
 from speedlm.generate.sampling import check_sampling, sample_next
 
@@ -18,6 +19,10 @@ class GenerationResult:
     prefill_s: float
     decode_s: float
     cache_bytes: int
+    # KV slots per attention layer against the full cache's (one per token seen), summed over
+    # the decoding steps (average) and at their largest (peak); None without KV caches
+    kv_ratio: float | None = None
+    kv_peak_ratio: float | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -66,7 +71,10 @@ def generate(
     logits = model(ids, cache)[:, -1]
     sync()
     t1 = time.perf_counter()
+    usage = []  # (KV slots per layer, tokens seen) after each model call
     for i in range(max_new_tokens):
+        if cache is not None and (slots := kv_slots(cache)):
+            usage.append((sum(slots) / len(slots), cache.seen))
         nxt = sample_next(logits, temperature, top_k, top_p, gen)[:, None]
         ids = torch.cat([ids, nxt], dim=1)
         if i == max_new_tokens - 1:
@@ -74,4 +82,8 @@ def generate(
         logits = model(nxt, cache)[:, -1] if use_cache else model(ids)[:, -1]
     sync()
     t2 = time.perf_counter()
-    return GenerationResult(ids, max_new_tokens, t1 - t0, t2 - t1, cache.nbytes() if cache else 0)
+    ratio = peak = None
+    if usage:
+        ratio = sum(s for s, _ in usage) / sum(n for _, n in usage)
+        peak = max(s for s, _ in usage) / max(n for _, n in usage)
+    return GenerationResult(ids, max_new_tokens, t1 - t0, t2 - t1, cache.nbytes() if cache else 0, ratio, peak)

@@ -74,6 +74,9 @@ def attention(q, k, v, mask: AttentionMask, scale: float | None = None, backend:
     keys form for a KV policy's window (SepLLM, sinks), else the sparse dispatch (compiled
     FlexAttention on CUDA, gathered key blocks elsewhere)."""
     if isinstance(mask.pattern, Full) and mask.window is not None and mask.causal:
+        if q.shape[-2] == 1:  # one decoding query: its (1, Tk) mask row is as cheap as it gets
+            row = mask.dense(q.device)[:, None]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=row, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         return marked_window_attention(q, k, v, mask, scale)
     if isinstance(mask.pattern, Full) and mask.window is None and mask.contiguous:
         if mask.causal and mask.k_pos + mask.tk == mask.q_pos + mask.tq:
