@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
     t.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, float32 on CPU), bfloat16 or float32")
     t.add_argument("--peak-flops", type=float, help="FLOP/s that MFU divides by (default: datasheet or measured once)")
+    t.add_argument("--parallel", default="none",
+                   help="none or ddp: data parallelism under torchrun, ddp (torchrun --nproc-per-node N -m speedlm train ... "
+                   "--parallel ddp); --batch-size is the global batch")
     t.add_argument("--separators", help="SepLLM separator ids (comma-separated) or characters, recorded in the "
                    "model config (default: tokens made of . , ? ! ; : newline tab space)")
     t.set_defaults(func=cmd_train)

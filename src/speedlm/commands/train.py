@@ -29,6 +29,10 @@ def run_train(args) -> dict:
     from speedlm.models import build_model, resolve_config
     from speedlm.train import TrainConfig, train
     from speedlm.train.checkpoint import load_resumable
+    from speedlm.train.distributed import init_parallel
+
+    parallel, device = init_parallel(getattr(args, "parallel", "none"), args.device)
+    say = print if parallel.main else (lambda *a, **k: None)  # one report, from rank 0
 
     cfg = TrainConfig(
         steps=args.steps,
@@ -44,7 +48,7 @@ def run_train(args) -> dict:
         eval_batches=args.eval_batches,
         save_every=args.save_every,
         seed=args.seed,
-        device=args.device,
+        device=device,
         dtype=args.dtype,
         peak_flops=args.peak_flops,
         out_dir=args.out,
@@ -54,10 +58,10 @@ def run_train(args) -> dict:
     model_cfg = _model_config(args, resumed)
     cfg.check_model(model_cfg)
     corpus = load_corpus(args.data)
-    print(f"data: {corpus.name}: {corpus.files} files, fingerprint {corpus.fingerprint}")
+    say(f"data: {corpus.name}: {corpus.files} files, fingerprint {corpus.fingerprint}")
     tokenizer = _tokenizer_for_run(args, corpus, resumed)
     train_ids, val_ids = encode_corpus(corpus, tokenizer)
-    print(f"tokenizer: {tokenizer.spec()['kind']} ({tokenizer.vocab_size} tokens): "
+    say(f"tokenizer: {tokenizer.spec()['kind']} ({tokenizer.vocab_size} tokens): "
           f"{len(train_ids):,} train / {len(val_ids):,} validation tokens")
 
     if not (args.config or args.resume):
@@ -69,7 +73,7 @@ def run_train(args) -> dict:
     torch.manual_seed(args.seed)  # model init is part of the run's reproducibility
     model = build_model(model_cfg)
     c = model.config
-    print(
+    say(
         f"model: {args.config or args.preset}: {model.num_params():,} parameters, "
         f"{c.n_layers} layers x d={c.d_model}, pattern {c.pattern!r}, "
         f"{model.flops_per_token(cfg.seq_len) / 1e6:.1f} MFLOP/token (training)"
@@ -77,12 +81,13 @@ def run_train(args) -> dict:
     summary = train(
         model, cfg, TokenStream(train_ids), val_ids, tokenizer=tokenizer, resume=resumed or False,
         data_info={"spec": args.data, "name": corpus.name, "fingerprint": corpus.fingerprint},
+        parallel=parallel,
     )
-    print(
+    say(
         f"done: step {summary['step']}, train loss {summary['loss']:.4f}, "
         f"val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f}), "
         f"{summary['tok_per_s']:,.0f} tokens/s, {summary['flops_per_s'] / 1e9:,.1f} GFLOP/s = MFU {summary['mfu']:.1%} "
         f"of the {summary['peak_source']} {summary['dtype']} peak ({summary['peak_flops'] / 1e9:,.1f} GFLOP/s)"
     )
-    print(f"checkpoint: {summary['checkpoint']}\nmetrics: {summary['metrics_path']}\nloss curve: {summary['plot_path']}")
+    say(f"checkpoint: {summary['checkpoint']}\nmetrics: {summary['metrics_path']}\nloss curve: {summary['plot_path']}")
     return {k: v for k, v in summary.items() if k != "history"}

@@ -122,6 +122,7 @@ def train(
     data_info: dict | None = None,
     on_step=None,
     persist: bool = True,
+    parallel=None,
 ) -> dict:
     """Train `model` for `cfg.steps` optimizer steps; return a summary dict.
 
@@ -142,6 +143,9 @@ def train(
         drive an outer progress bar over several runs).
     persist: False for throw-away runs (benchmarks that train hundreds of small models): no
         checkpoints, metrics file or plot are written; the summary and history are returned.
+    parallel: a `speedlm.train.distributed.Parallel` (data parallelism under torchrun): each
+        rank trains on its rows of the same global batch (`cfg.batch_size`), gradients are
+        averaged, losses are reported as the mean over ranks, and only rank 0 writes.
 
     Writes to `cfg.out_dir`: step_*/ checkpoints + `latest`, `metrics.jsonl`, `loss.png`.
     On KeyboardInterrupt a checkpoint of the last completed step is saved, then it re-raises.
@@ -151,8 +155,12 @@ def train(
     dtype, elapsed_s, metrics_path,
     plot_path, history (the metric records written by this call).
     """
+    from speedlm.train.distributed import Parallel
+
+    parallel = parallel or Parallel()
     cfg.validate()
     cfg.check_model(model)
+    parallel.check_batch(cfg.batch_size)
     if tokenizer is not None:
         model.config.check_vocab(tokenizer.vocab_size)
     if val_ids is not None:
@@ -164,12 +172,14 @@ def train(
     if resume and not persist:
         raise SpeedlmError("a run that persists nothing cannot resume")
     out_dir = Path(cfg.out_dir)
-    if persist:
+    writes = persist and parallel.main  # what ranks other than 0 never do
+    if writes:
         out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path, plot_path = out_dir / METRICS_FILE, out_dir / PLOT_FILE
 
     model.to(device)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    step_loss_of = parallel.wrap(model)  # (x, y) -> Loss; under DDP the gradients are averaged
 
     if resume:
         given = resume if isinstance(resume, Checkpoint) else None
@@ -179,7 +189,8 @@ def train(
         prior_elapsed = float(state.get("elapsed_s", 0.0))
         last_metrics = dict(state.get("metrics", {}))
         # steps after the checkpoint are trained again: drop their stale records
-        truncate_metrics(metrics_path, start)
+        if writes:
+            truncate_metrics(metrics_path, start)
     else:
         existing = list_checkpoints(out_dir) if persist else []
         if existing or (persist and (out_dir / LATEST_FILE).exists()):
@@ -215,8 +226,9 @@ def train(
 
     def save(at_step: int) -> Path | None:
         nonlocal last_saved, last_ckpt
-        if not persist:
+        if not writes:
             last_saved = at_step
+            parallel.barrier()  # rank 0 is writing the checkpoint
             return None
         trainer_state = {
             "step": at_step,
@@ -242,14 +254,15 @@ def train(
             extra_files_writer=extra_writer, rng_state=rng_at_step,
         )
         last_saved = at_step
+        parallel.barrier()
         return last_ckpt
 
     bar = None
     try:
         from speedlm.progress import progress_bar
 
-        bar = progress_bar(total=cfg.steps, initial=start, disable=not progress, unit="step", desc="train")
-        with MetricsWriter(metrics_path if persist else os.devnull, append=resume) as writer, _DeferredInterrupt() as interrupt:
+        bar = progress_bar(total=cfg.steps, initial=start, disable=not (progress and parallel.main), unit="step", desc="train")
+        with MetricsWriter(metrics_path if writes else os.devnull, append=resume) as writer, _DeferredInterrupt() as interrupt:
             while step < end:
                 lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
                 for group in optimizer.param_groups:
@@ -260,9 +273,10 @@ def train(
                 part_sums: dict[str, torch.Tensor] = {}
                 for micro in range(cfg.grad_accum):
                     x, y = train_stream.batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
+                    x, y = parallel.shard(x, y)  # this rank's rows of the global batch
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with autocast_context(device, amp_dtype):
-                        loss, parts = model.loss(x, y)
+                        loss, parts = step_loss_of(x, y)
                     # mean over micro-batches, so grad_accum changes the batch, not the lr
                     (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach()
@@ -291,6 +305,8 @@ def train(
                         train_time += window_s
                         call_tokens += window_tokens
                     tok_s = window_tokens / window_s if window_s > 0 else 0.0
+                    loss_sum = parallel.mean(loss_sum)
+                    part_sums = {name: parallel.mean(v) for name, v in part_sums.items()}
                     step_loss = loss_sum.item() / cfg.grad_accum
                     if not math.isfinite(step_loss):
                         raise SpeedlmError(
@@ -352,7 +368,7 @@ def train(
         if bar is not None:
             bar.close()
 
-    if persist:
+    if writes:
         plot_losses(metrics_path, plot_path)
     if train_time == 0.0:  # a single window: it is all there is
         train_time, call_tokens = warmup_window["s"], warmup_window["tokens"]

@@ -1,0 +1,113 @@
+"""Data parallelism applied from outside the model, under `torchrun`.
+
+`speedlm train --parallel ddp` launched by `torchrun --nproc-per-node N` runs one process per
+rank. Each optimizer step draws the same global batch as a single-process run (the data
+stream is a pure function of the step) and each rank takes its contiguous share of the rows,
+so no two ranks see the same sequence and the averaged gradients are the single-process ones.
+The model never asks for the world size: the trainer wraps it (`DistributedDataParallel`
+around a module whose forward is the model's loss) and only rank 0 writes checkpoints,
+metrics, plots and progress.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from speedlm.errors import SpeedlmError
+
+PARALLEL = ("none", "ddp")
+
+
+@dataclass(frozen=True)
+class Parallel:
+    kind: str = "none"
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size % self.world_size:
+            raise SpeedlmError(
+                f"--batch-size {batch_size} (the global batch) does not split over {self.world_size} processes; "
+                f"give a multiple of {self.world_size}"
+            )
+
+    def shard(self, x: torch.Tensor, y: torch.Tensor):
+        """This rank's rows of the global batch."""
+        if self.world_size == 1:
+            return x, y
+        n = x.shape[0] // self.world_size
+        rows = slice(self.rank * n, (self.rank + 1) * n)
+        return x[rows], y[rows]
+
+    def wrap(self, model: nn.Module):
+        """The function a training step calls: (x, y) -> Loss, gradients averaged over ranks."""
+        if self.kind == "none":
+            return model.loss
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
+        return DistributedDataParallel(_LossOf(model), device_ids=device_ids)
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks (every rank must call it at the same point)."""
+        if self.world_size == 1:
+            return t
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t / self.world_size
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+class _LossOf(nn.Module):
+    """DDP synchronises the gradients of what its module's forward returns: the loss."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        return self.model.loss(x, y)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def init_parallel(kind: str, device: str = "auto") -> tuple[Parallel, str]:
+    """Join the process group torchrun set up; returns (Parallel, the device this rank uses)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if kind == "fsdp":
+        raise SpeedlmError("--parallel fsdp (FSDP2) is not available yet; use --parallel ddp")
+    if kind not in PARALLEL:
+        raise SpeedlmError(f"unknown --parallel {kind!r}; choose one of {', '.join(PARALLEL)}")
+    if kind == "none":
+        if world > 1:
+            raise SpeedlmError(f"launched with {world} processes but --parallel none; pass --parallel ddp")
+        return Parallel(), device
+    if "RANK" not in os.environ:
+        raise SpeedlmError(
+            f"--parallel {kind} runs under torchrun: torchrun --nproc-per-node N -m speedlm train ... --parallel {kind}"
+        )
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    elif device == "auto":
+        device = "cpu"
+    if not torch.distributed.is_available():
+        raise SpeedlmError("this torch build has no torch.distributed; --parallel needs it")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    return Parallel(kind, rank, world), device

@@ -1,0 +1,77 @@
+"""Data parallelism under torchrun (gloo, CPU, 2 processes): the same losses as one process
+with the same global batch, checkpoints from rank 0 only, resume from 2 processes onto 1, and
+one-line errors for a launch that does not fit."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from speedlm.cli import main
+from speedlm.errors import SpeedlmError
+from speedlm.train.distributed import Parallel
+
+ARGS = ["--preset", "transformer-tiny", "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
+        "--eval-batches", "2", "--warmup-steps", "1", "--save-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp_corpus")
+    for i in range(8):
+        (d / f"doc{i}.txt").write_text(("def f(x):\n    return x * %d\n\n" % i) * 40)
+    return d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(run):
+    return [(r["step"], r["loss"], r.get("val_loss")) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def _train(args, procs=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPEEDLM_PROGRESS": "off"}
+    launch = [sys.executable, "-m", "speedlm", "train"]
+    if procs > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
+                  "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "speedlm", "train"]
+    done = subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_ddp_matches_one_process_and_resumes_on_one(corpus, tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    _train([*ARGS, "--data", str(corpus), "--out", str(single)])
+    out = _train([*ARGS, "--data", str(corpus), "--out", str(ddp), "--parallel", "ddp"], procs=2)
+    assert out.stdout.count("done: step 6") == 1  # one report, from rank 0
+    for (s1, l1, v1), (s2, l2, v2) in zip(_losses(single), _losses(ddp), strict=True):
+        assert s1 == s2 and abs(l1 - l2) < 1e-5 and abs(v1 - v2) < 1e-5
+    # the 2-process checkpoint at step 4 continues in one process to the same step-6 loss
+    shutil.rmtree(ddp / "step_0000006")
+    (ddp / "latest").write_text("step_0000004\n")
+    _train([*ARGS, "--data", str(corpus), "--out", str(ddp), "--resume"])
+    assert abs(_losses(ddp)[-1][1] - _losses(single)[-1][1]) < 1e-5
+
+
+def test_launches_that_do_not_fit_are_one_line_errors(corpus, tmp_path, capsys, monkeypatch):
+    base = ["train", *ARGS, "--data", str(corpus), "--out", str(tmp_path / "x")]
+    assert main(base + ["--parallel", "ddp"]) == 2
+    assert "runs under torchrun" in capsys.readouterr().err
+    for kind, needle in (("fsdp", "not available yet"), ("zero", "unknown --parallel")):
+        assert main(base + ["--parallel", kind]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(base) == 2
+    assert "pass --parallel ddp" in capsys.readouterr().err
+    with pytest.raises(SpeedlmError, match="does not split over 3 processes"):
+        Parallel("ddp", 0, 3).check_batch(4)
