@@ -205,6 +205,8 @@ def train(
     end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
     flops_tok = model.flops_per_token(cfg.seq_len, training=True)
     peak, peak_source = peak_flops(device, amp_dtype or torch.float32, given=cfg.peak_flops)
+    if cfg.peak_flops is None:
+        peak *= parallel.world_size  # tokens/s counts every rank's tokens: so does the peak
     warned_peak = False
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure, never scale
