@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
     t.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, float32 on CPU), bfloat16 or float32")
     t.add_argument("--peak-flops", type=float, help="FLOP/s that MFU divides by (default: datasheet or measured once)")
+    t.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass (less memory, more time)")
     t.add_argument("--parallel", default="none",
                    help="none or ddp: data parallelism under torchrun, ddp (torchrun --nproc-per-node N -m speedlm train ... "
                    "--parallel ddp); --batch-size is the global batch")

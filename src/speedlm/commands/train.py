@@ -51,6 +51,7 @@ def run_train(args) -> dict:
         device=device,
         dtype=args.dtype,
         peak_flops=args.peak_flops,
+        activation_checkpointing=args.activation_checkpointing,
         out_dir=args.out,
     )
     # everything that can be checked without data is checked before the corpus is read

@@ -37,6 +37,7 @@ class TrainConfig(Schema):
     dtype: str = "auto"  # "auto" = bf16 autocast on CUDA, fp32 on CPU; or "bf16"/"bfloat16", "fp32"/"float32"
     peak_flops: float | None = None  # the MFU denominator; None: datasheet or measured (train/flops.py)
     log_every: int = 10  # steps between metric records / progress-bar updates
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     out_dir: str = "runs/default"
 
     @property
@@ -55,6 +56,7 @@ class TrainConfig(Schema):
         )
         need(is_number(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         need(is_number(self.grad_clip) and self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip!r}")
+        need(isinstance(self.activation_checkpointing, bool), "activation_checkpointing must be true or false")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(
             self.peak_flops is None or (is_number(self.peak_flops) and self.peak_flops > 0),

@@ -178,6 +178,10 @@ def train(
     metrics_path, plot_path = out_dir / METRICS_FILE, out_dir / PLOT_FILE
 
     model.to(device)
+    if cfg.activation_checkpointing:
+        from speedlm.train.activation_checkpointing import checkpoint_blocks
+
+        checkpoint_blocks(model)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     step_loss_of = parallel.wrap(model)  # (x, y) -> Loss; under DDP the gradients are averaged
 
