@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass (less memory, more time)")
     t.add_argument("--parallel", default="none",
-                   help="none or ddp: data parallelism under torchrun, ddp (torchrun --nproc-per-node N -m speedlm train ... "
-                   "--parallel ddp); --batch-size is the global batch")
+                   help="none, ddp or fsdp (FSDP2): data parallelism under torchrun (torchrun --nproc-per-node N -m speedlm train ... "
+                   "--parallel ddp|fsdp); --batch-size is the global batch")
     t.add_argument("--separators", help="SepLLM separator ids (comma-separated) or characters, recorded in the "
                    "model config (default: tokens made of . , ? ! ; : newline tab space)")
     t.set_defaults(func=cmd_train)

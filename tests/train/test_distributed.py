@@ -1,6 +1,7 @@
-"""Data parallelism under torchrun (gloo, CPU, 2 processes): the same losses as one process
-with the same global batch, checkpoints from rank 0 only, resume from 2 processes onto 1, and
-one-line errors for a launch that does not fit."""
+"""Data parallelism under torchrun (gloo, CPU, 2 processes), DDP and FSDP2: the same losses as
+one process with the same global batch, checkpoints from rank 0 only in the single-process
+format, resume from 2 processes onto 1 and from 1 onto 2 (sharded), and one-line errors for a
+launch that does not fit."""
 
 import json
 import os
@@ -48,28 +49,51 @@ def _train(args, procs=1):
     return done
 
 
-def test_ddp_matches_one_process_and_resumes_on_one(corpus, tmp_path):
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    _train([*ARGS, "--data", str(corpus), "--out", str(single)])
-    out = _train([*ARGS, "--data", str(corpus), "--out", str(ddp), "--parallel", "ddp"], procs=2)
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("single") / "run"
+    _train([*ARGS, "--data", str(corpus), "--out", str(run)])
+    return run
+
+
+def _rewind(run, tmp_path, name):
+    """A copy of the run whose latest checkpoint is step 4."""
+    copy = tmp_path / name
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "step_0000006")
+    (copy / "latest").write_text("step_0000004\n")
+    return copy
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_processes_match_one_and_resume_on_one(corpus, single, tmp_path, kind):
+    run = tmp_path / kind
+    out = _train([*ARGS, "--data", str(corpus), "--out", str(run), "--parallel", kind], procs=2)
     assert out.stdout.count("done: step 6") == 1  # one report, from rank 0
-    for (s1, l1, v1), (s2, l2, v2) in zip(_losses(single), _losses(ddp), strict=True):
+    for (s1, l1, v1), (s2, l2, v2) in zip(_losses(single), _losses(run), strict=True):
         assert s1 == s2 and abs(l1 - l2) < 1e-5 and abs(v1 - v2) < 1e-5
-    # the 2-process checkpoint at step 4 continues in one process to the same step-6 loss
-    shutil.rmtree(ddp / "step_0000006")
-    (ddp / "latest").write_text("step_0000004\n")
-    _train([*ARGS, "--data", str(corpus), "--out", str(ddp), "--resume"])
-    assert abs(_losses(ddp)[-1][1] - _losses(single)[-1][1]) < 1e-5
+    # the 2-process checkpoint at step 4 (FSDP: gathered into the single-process format)
+    # continues in one process to the same step-6 loss
+    resumed = _rewind(run, tmp_path, "resumed")
+    _train([*ARGS, "--data", str(corpus), "--out", str(resumed), "--resume"])
+    assert abs(_losses(resumed)[-1][1] - _losses(single)[-1][1]) < 1e-5
+
+
+def test_a_one_process_checkpoint_resumes_sharded_on_two(corpus, single, tmp_path):
+    resumed = _rewind(single, tmp_path, "to_fsdp")
+    _train([*ARGS, "--data", str(corpus), "--out", str(resumed), "--resume", "--parallel", "fsdp"], procs=2)
+    assert abs(_losses(resumed)[-1][1] - _losses(single)[-1][1]) < 1e-5
 
 
 def test_launches_that_do_not_fit_are_one_line_errors(corpus, tmp_path, capsys, monkeypatch):
     base = ["train", *ARGS, "--data", str(corpus), "--out", str(tmp_path / "x")]
     assert main(base + ["--parallel", "ddp"]) == 2
     assert "runs under torchrun" in capsys.readouterr().err
-    for kind, needle in (("fsdp", "not available yet"), ("zero", "unknown --parallel")):
-        assert main(base + ["--parallel", kind]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and needle in err[0]
+    assert main(base + ["--parallel", "fsdp"]) == 2
+    assert "runs under torchrun" in capsys.readouterr().err
+    assert main(base + ["--parallel", "zero"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown --parallel" in err[0]
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(base) == 2
     assert "pass --parallel ddp" in capsys.readouterr().err

@@ -1,12 +1,14 @@
 """Data parallelism applied from outside the model, under `torchrun`.
 
-`speedlm train --parallel ddp` launched by `torchrun --nproc-per-node N` runs one process per
-rank. Each optimizer step draws the same global batch as a single-process run (the data
+`speedlm train --parallel ddp|fsdp` launched by `torchrun --nproc-per-node N` runs one process
+per rank. Each optimizer step draws the same global batch as a single-process run (the data
 stream is a pure function of the step) and each rank takes its contiguous share of the rows,
 so no two ranks see the same sequence and the averaged gradients are the single-process ones.
 The model never asks for the world size: the trainer wraps it (`DistributedDataParallel`
-around a module whose forward is the model's loss) and only rank 0 writes checkpoints,
-metrics, plots and progress.
+around a module whose forward is the model's loss, or FSDP2's `fully_shard` on every block and
+the root) and only rank 0 writes checkpoints, metrics, plots and progress. FSDP checkpoints
+are gathered into the single-process format and re-sharded on resume, so a run continues on
+any world size.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 
 from speedlm.errors import SpeedlmError
 
-PARALLEL = ("none", "ddp")
+PARALLEL = ("none", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,16 @@ class Parallel:
         return x[rows], y[rows]
 
     def wrap(self, model: nn.Module):
-        """The function a training step calls: (x, y) -> Loss, gradients averaged over ranks."""
+        """The function a training step calls: (x, y) -> Loss, gradients averaged over ranks.
+        FSDP2 shards every block and the root in place (call it before building the optimizer)."""
         if self.kind == "none":
+            return model.loss
+        if self.kind == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
             return model.loss
         from torch.nn.parallel import DistributedDataParallel
 
@@ -87,8 +97,6 @@ def model_device(model: nn.Module) -> torch.device:
 def init_parallel(kind: str, device: str = "auto") -> tuple[Parallel, str]:
     """Join the process group torchrun set up; returns (Parallel, the device this rank uses)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if kind == "fsdp":
-        raise SpeedlmError("--parallel fsdp (FSDP2) is not available yet; use --parallel ddp")
     if kind not in PARALLEL:
         raise SpeedlmError(f"unknown --parallel {kind!r}; choose one of {', '.join(PARALLEL)}")
     if kind == "none":
@@ -111,3 +119,58 @@ def init_parallel(kind: str, device: str = "auto") -> tuple[Parallel, str]:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
     return Parallel(kind, rank, world), device
+
+
+# ----- checkpoints under FSDP2: the single-process format, gathered and re-sharded -----
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class FullView:
+    """What `save_checkpoint` reads from a sharded model and optimizer: full tensors (every
+    rank takes part in gathering them; rank 0 writes), tied weights still one tensor, the
+    optimizer state under the same parameter indices as a single process's."""
+
+    def __init__(self, model: nn.Module, optimizer):
+        self.config = model.config
+        gathered: dict[int, torch.Tensor] = {}  # tied parameters are one DTensor: gather once
+        self._model = {}
+        for name, t in model.state_dict().items():
+            if id(t) not in gathered:
+                gathered[id(t)] = _full(t).detach()
+            self._model[name] = gathered[id(t)]
+        sd = optimizer.state_dict()
+        self._optimizer = {
+            "state": {i: {k: _full(v) for k, v in st.items()} for i, st in sd["state"].items()},
+            "param_groups": sd["param_groups"],
+        }
+
+    def state_dict(self):
+        return self._model
+
+    def optimizer(self):
+        view = self
+
+        class _Optimizer:
+            def state_dict(self):
+                return view._optimizer
+
+        return _Optimizer()
+
+
+def shard_like_params(optimizer, sd: dict) -> dict:
+    """A single-process optimizer state dict with each state tensor distributed like its
+    (sharded) parameter, ready for `optimizer.load_state_dict`."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, st in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {
+            k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+            if hasattr(p, "device_mesh") and isinstance(v, torch.Tensor) and v.shape == p.shape
+            else v
+            for k, v in st.items()
+        }
+    return {"state": state, "param_groups": sd["param_groups"]}

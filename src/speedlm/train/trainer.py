@@ -81,9 +81,10 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _resume_from(out_dir: Path, model, optimizer, cfg: TrainConfig, tokenizer, ckpt: Checkpoint | None):
+def _resume_from(out_dir: Path, model, optimizer, cfg: TrainConfig, tokenizer, ckpt: Checkpoint | None, parallel=None):
     """Restore model, optimizer and RNG from `ckpt` (read here from `out_dir` when the caller has
-    not read it already); returns (its trainer_state, its folder)."""
+    not read it already); returns (its trainer_state, its folder). Under FSDP the weights were
+    restored before sharding and the optimizer state is distributed like its parameters."""
     if ckpt is None:
         ckpt = load_resumable(out_dir)
     if ckpt.config is not None and ckpt.config.to_dict() != model.config.to_dict():
@@ -104,8 +105,12 @@ def _resume_from(out_dir: Path, model, optimizer, cfg: TrainConfig, tokenizer, c
             f"resuming with changed {changed}: the run continues, but not as the original run would have",
             stacklevel=3,
         )
-    ckpt.restore_model(model)
-    ckpt.restore_optimizer(optimizer)
+    sharded = parallel is not None and parallel.kind == "fsdp"
+    if not sharded:
+        ckpt.restore_model(model)
+    from speedlm.train.distributed import shard_like_params
+
+    ckpt.restore_optimizer(optimizer, shard_like_params if sharded else None)
     ckpt.restore_rng()
     return state, ckpt.path
 
@@ -182,12 +187,16 @@ def train(
         from speedlm.train.activation_checkpointing import checkpoint_blocks
 
         checkpoint_blocks(model)
+    if resume and parallel.kind == "fsdp":  # full weights go in before sharding
+        resume = resume if isinstance(resume, Checkpoint) else load_resumable(out_dir)
+        resume.restore_model(model)
+    # (x, y) -> Loss; gradients averaged under DDP, parameters sharded in place under FSDP
+    step_loss_of = parallel.wrap(model)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    step_loss_of = parallel.wrap(model)  # (x, y) -> Loss; under DDP the gradients are averaged
 
     if resume:
         given = resume if isinstance(resume, Checkpoint) else None
-        state, resumed_from = _resume_from(out_dir, model, optimizer, cfg, tokenizer, given)
+        state, resumed_from = _resume_from(out_dir, model, optimizer, cfg, tokenizer, given, parallel)
         start = int(state["step"])
         tokens = int(state.get("tokens", start * cfg.tokens_per_step))
         prior_elapsed = float(state.get("elapsed_s", 0.0))
@@ -232,6 +241,9 @@ def train(
 
     def save(at_step: int) -> Path | None:
         nonlocal last_saved, last_ckpt
+        from speedlm.train.distributed import FullView
+
+        view = FullView(model, optimizer) if parallel.kind == "fsdp" and persist else None  # every rank gathers
         if not writes:
             last_saved = at_step
             parallel.barrier()  # rank 0 is writing the checkpoint
@@ -256,7 +268,7 @@ def train(
             "versions": {"torch": torch.__version__},
         }
         last_ckpt = save_checkpoint(
-            out_dir, at_step, model, optimizer, trainer_state, keep=cfg.keep,
+            out_dir, at_step, view or model, view.optimizer() if view else optimizer, trainer_state, keep=cfg.keep,
             extra_files_writer=extra_writer, rng_state=rng_at_step,
         )
         last_saved = at_step
@@ -289,6 +301,8 @@ def train(
                     for name, value in parts.items():
                         part_sums[name] = part_sums.get(name, 0.0) + value.detach()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                    grad_norm = grad_norm.full_tensor()
                 in_update = True
                 optimizer.step()
                 step += 1
