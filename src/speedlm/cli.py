@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--peak-flops", type=float, help="FLOP/s that MFU divides by (default: datasheet or measured once)")
     t.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass (less memory, more time)")
+    t.add_argument("--compile", action="store_true", help="torch.compile every block (the first steps pay for compiling)")
     t.add_argument("--parallel", default="none",
                    help="none, ddp or fsdp (FSDP2): data parallelism under torchrun (torchrun --nproc-per-node N -m speedlm train ... "
                    "--parallel ddp|fsdp); --batch-size is the global batch")

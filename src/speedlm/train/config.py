@@ -38,6 +38,7 @@ class TrainConfig(Schema):
     peak_flops: float | None = None  # the MFU denominator; None: datasheet or measured (train/flops.py)
     log_every: int = 10  # steps between metric records / progress-bar updates
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile every block (nn.Module.compile: same parameters and state dict)
     out_dir: str = "runs/default"
 
     @property
@@ -57,6 +58,7 @@ class TrainConfig(Schema):
         need(is_number(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         need(is_number(self.grad_clip) and self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip!r}")
         need(isinstance(self.activation_checkpointing, bool), "activation_checkpointing must be true or false")
+        need(isinstance(self.compile, bool), "compile must be true or false")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(
             self.peak_flops is None or (is_number(self.peak_flops) and self.peak_flops > 0),

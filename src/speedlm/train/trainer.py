@@ -187,6 +187,9 @@ def train(
         from speedlm.train.activation_checkpointing import checkpoint_blocks
 
         checkpoint_blocks(model)
+    if cfg.compile:  # per block, from outside: the module tree and the state dict stay as they are
+        for block in model.blocks:
+            block.compile()
     if resume and parallel.kind == "fsdp":  # full weights go in before sharding
         resume = resume if isinstance(resume, Checkpoint) else load_resumable(out_dir)
         resume.restore_model(model)
