@@ -22,10 +22,9 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from speedlm.cache.buffer import TokenBuffer
-from speedlm.errors import SpeedlmError
 
 
-def _positions(positions: int | torch.Tensor, t: int, device) -> torch.Tensor:
+def token_positions(positions: int | torch.Tensor, t: int, device) -> torch.Tensor:
     """(B|1, T) positions of T tokens from an int start or a tensor."""
     if isinstance(positions, int):
         return torch.arange(positions, positions + t, device=device)[None]
@@ -134,7 +133,7 @@ class SinkPolicy(KVPolicy):
         return self.window
 
     def mark(self, token_ids, positions, t, device):
-        return _positions(positions, t, device) < self.sinks
+        return token_positions(positions, t, device) < self.sinks
 
 
 class Keys(NamedTuple):

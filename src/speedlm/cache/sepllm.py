@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from speedlm.cache.kv import KVPolicy, _positions
+from speedlm.cache.kv import KVPolicy, token_positions
 from speedlm.errors import SpeedlmError
 
 # Fraction of tokens that are separators in the default corpus (Python stdlib source, byte
@@ -77,7 +77,7 @@ class SepLLMPolicy(KVPolicy):
         if token_ids is None:
             raise SpeedlmError("SepLLM attention needs the token ids (SeqMeta.token_ids) to find the separators")
         ids = torch.tensor(self.separators, device=token_ids.device, dtype=token_ids.dtype)
-        return torch.isin(token_ids, ids) | (_positions(positions, t, token_ids.device) < self.initial)
+        return torch.isin(token_ids, ids) | (token_positions(positions, t, token_ids.device) < self.initial)
 
     def keep(self, length, positions, marks=None):
         slot = torch.arange(length, device=marks.device)
@@ -91,7 +91,7 @@ class SepLLMPolicy(KVPolicy):
         else:
             if length <= self.cap:
                 return slice(0, length)
-            initial = (_positions(positions, length, marks.device) < self.initial).any(0)
+            initial = (token_positions(positions, length, marks.device) < self.initial).any(0)
             older_separators = (marks.any(0) & ~initial & ~recent).nonzero()[:, 0]
             newest = older_separators[older_separators.numel() - self.separator_cache :]
             kept = initial | recent
