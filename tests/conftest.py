@@ -2,6 +2,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """Eight small Python-like text files: a corpus the command-line tests train on in seconds."""
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(8):
+        (d / f"doc{i}.txt").write_text(("def f(x):\n    return x * %d\n\n" % i) * 40)
+    return d
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

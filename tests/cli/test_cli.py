@@ -16,14 +16,6 @@ TRAIN_FAST = ["--steps", "6", "--batch-size", "2", "--seq-len", "32", "--eval-ev
 
 
 @pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    for i in range(8):
-        (d / f"doc{i}.txt").write_text(("def f(x):\n    return x * %d\n\n" % i) * 40)
-    return d
-
-
-@pytest.fixture(scope="module")
 def trained(corpus_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
     assert main(["train", "--data", str(corpus_dir), "--out", str(out), *TRAIN_FAST]) == 0

@@ -20,14 +20,6 @@ ARGS = ["--preset", "transformer-tiny", "--steps", "6", "--batch-size", "4", "--
         "--eval-batches", "2", "--warmup-steps", "1", "--save-every", "2"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ddp_corpus")
-    for i in range(8):
-        (d / f"doc{i}.txt").write_text(("def f(x):\n    return x * %d\n\n" % i) * 40)
-    return d
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,9 +42,9 @@ def _train(args, procs=1):
 
 
 @pytest.fixture(scope="module")
-def single(corpus, tmp_path_factory):
+def single(corpus_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("single") / "run"
-    _train([*ARGS, "--data", str(corpus), "--out", str(run)])
+    _train([*ARGS, "--data", str(corpus_dir), "--out", str(run)])
     return run
 
 
@@ -66,27 +58,27 @@ def _rewind(run, tmp_path, name):
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
-def test_two_processes_match_one_and_resume_on_one(corpus, single, tmp_path, kind):
+def test_two_processes_match_one_and_resume_on_one(corpus_dir, single, tmp_path, kind):
     run = tmp_path / kind
-    out = _train([*ARGS, "--data", str(corpus), "--out", str(run), "--parallel", kind], procs=2)
+    out = _train([*ARGS, "--data", str(corpus_dir), "--out", str(run), "--parallel", kind], procs=2)
     assert out.stdout.count("done: step 6") == 1  # one report, from rank 0
     for (s1, l1, v1), (s2, l2, v2) in zip(_losses(single), _losses(run), strict=True):
         assert s1 == s2 and abs(l1 - l2) < 1e-5 and abs(v1 - v2) < 1e-5
     # the 2-process checkpoint at step 4 (FSDP: gathered into the single-process format)
     # continues in one process to the same step-6 loss
     resumed = _rewind(run, tmp_path, "resumed")
-    _train([*ARGS, "--data", str(corpus), "--out", str(resumed), "--resume"])
+    _train([*ARGS, "--data", str(corpus_dir), "--out", str(resumed), "--resume"])
     assert abs(_losses(resumed)[-1][1] - _losses(single)[-1][1]) < 1e-5
 
 
-def test_a_one_process_checkpoint_resumes_sharded_on_two(corpus, single, tmp_path):
+def test_a_one_process_checkpoint_resumes_sharded_on_two(corpus_dir, single, tmp_path):
     resumed = _rewind(single, tmp_path, "to_fsdp")
-    _train([*ARGS, "--data", str(corpus), "--out", str(resumed), "--resume", "--parallel", "fsdp"], procs=2)
+    _train([*ARGS, "--data", str(corpus_dir), "--out", str(resumed), "--resume", "--parallel", "fsdp"], procs=2)
     assert abs(_losses(resumed)[-1][1] - _losses(single)[-1][1]) < 1e-5
 
 
-def test_launches_that_do_not_fit_are_one_line_errors(corpus, tmp_path, capsys, monkeypatch):
-    base = ["train", *ARGS, "--data", str(corpus), "--out", str(tmp_path / "x")]
+def test_launches_that_do_not_fit_are_one_line_errors(corpus_dir, tmp_path, capsys, monkeypatch):
+    base = ["train", *ARGS, "--data", str(corpus_dir), "--out", str(tmp_path / "x")]
     assert main(base + ["--parallel", "ddp"]) == 2
     assert "runs under torchrun" in capsys.readouterr().err
     assert main(base + ["--parallel", "fsdp"]) == 2

@@ -39,6 +39,24 @@ class StreamSegment:
     rss_mb: float
 
 
+@dataclass
+class _Totals:
+    """Sums over a stretch of the stream (a segment, or all of it)."""
+
+    nll: float = 0.0
+    tokens: int = 0
+    kv: float = 0.0  # KV slots per layer, summed over calls
+    calls: int = 0
+    peak: int = 0
+
+    def add(self, nll: float, tokens: int, slots: list[int]) -> None:
+        self.nll += nll
+        self.tokens += tokens
+        self.kv += sum(slots) / max(1, len(slots))
+        self.calls += 1
+        self.peak = max(self.peak, max(slots, default=0))
+
+
 @torch.no_grad()
 def stream_tokens(
     model,
@@ -69,7 +87,7 @@ def stream_tokens(
     device = next(model.parameters()).device
     cache = model.init_cache(kv_policy)
     segments: list[StreamSegment] = []
-    total_nll, seg_nll, seg_tokens, seg_kv, seg_calls, seg_peak, kv_sum, kv_calls, kv_peak = 0.0, 0.0, 0, 0.0, 0, 0, 0.0, 0, 0
+    total, seg = _Totals(), _Totals()
     bar = progress_bar(total=n, desc="stream", unit="tok", disable=not progress)
     start = seg_start = time.perf_counter()
     try:
@@ -80,28 +98,20 @@ def stream_tokens(
             logits = model(x, cache)
             nll = float(F.cross_entropy(logits[0].float(), y, reduction="sum"))
             slots = kv_slots(cache)
-            kv = sum(slots) / max(1, len(slots))
-            total_nll += nll
-            seg_nll += nll
-            seg_tokens += e - s
-            seg_kv += kv
-            seg_calls += 1
-            kv_sum += kv
-            kv_calls += 1
-            seg_peak = max(seg_peak, max(slots, default=0))
-            kv_peak = max(kv_peak, seg_peak)
+            total.add(nll, e - s, slots)
+            seg.add(nll, e - s, slots)
             bar.update(e - s)
-            if seg_tokens >= segment or e == n:
+            if seg.tokens >= segment or e == n:
                 now = time.perf_counter()
                 rec = StreamSegment(
-                    tokens=e, ppl=math.exp(seg_nll / seg_tokens), kv_mean=seg_kv / seg_calls, kv_peak=seg_peak,
-                    tokens_per_s=seg_tokens / (now - seg_start), rss_mb=process_rss_bytes() / 2**20,
+                    tokens=e, ppl=math.exp(seg.nll / seg.tokens), kv_mean=seg.kv / seg.calls, kv_peak=seg.peak,
+                    tokens_per_s=seg.tokens / (now - seg_start), rss_mb=process_rss_bytes() / 2**20,
                 )
                 segments.append(rec)
                 if on_segment is not None:
                     on_segment(rec)
                 bar.set_postfix(ppl=f"{rec.ppl:.2f}", kv=f"{rec.kv_mean:.0f}", rss_mb=f"{rec.rss_mb:.0f}")
-                seg_nll, seg_tokens, seg_kv, seg_calls, seg_peak, seg_start = 0.0, 0, 0.0, 0, 0, now
+                seg, seg_start = _Totals(), now
     finally:
         bar.close()
         model.train(was_training)
@@ -109,9 +119,9 @@ def stream_tokens(
     warm, end = segments[0].rss_mb, segments[-1].rss_mb
     return {
         "tokens": n,
-        "ppl": math.exp(total_nll / n),
-        "kv_mean": kv_sum / kv_calls,
-        "kv_peak": kv_peak,
+        "ppl": math.exp(total.nll / n),
+        "kv_mean": total.kv / total.calls,
+        "kv_peak": total.peak,
         "tokens_per_s": n / elapsed,
         "rss_warm_mb": warm,
         "rss_end_mb": end,

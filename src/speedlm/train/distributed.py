@@ -126,36 +126,30 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-class FullView:
-    """What `save_checkpoint` reads from a sharded model and optimizer: full tensors (every
-    rank takes part in gathering them; rank 0 writes), tied weights still one tensor, the
-    optimizer state under the same parameter indices as a single process's."""
+class Gathered:
+    """A model or optimizer as `save_checkpoint` reads it: a `state_dict()` (and the model's
+    `config`), nothing else."""
 
-    def __init__(self, model: nn.Module, optimizer):
-        self.config = model.config
-        gathered: dict[int, torch.Tensor] = {}  # tied parameters are one DTensor: gather once
-        self._model = {}
-        for name, t in model.state_dict().items():
-            if id(t) not in gathered:
-                gathered[id(t)] = _full(t).detach()
-            self._model[name] = gathered[id(t)]
-        sd = optimizer.state_dict()
-        self._optimizer = {
-            "state": {i: {k: _full(v) for k, v in st.items()} for i, st in sd["state"].items()},
-            "param_groups": sd["param_groups"],
-        }
+    def __init__(self, state: dict, config=None):
+        self.state, self.config = state, config
 
-    def state_dict(self):
-        return self._model
+    def state_dict(self) -> dict:
+        return self.state
 
-    def optimizer(self):
-        view = self
 
-        class _Optimizer:
-            def state_dict(self):
-                return view._optimizer
-
-        return _Optimizer()
+def gather_full(model: nn.Module, optimizer) -> tuple[Gathered, Gathered]:
+    """The sharded model and optimizer in the single-process format: full tensors (every rank
+    takes part in gathering them; rank 0 writes), tied weights still one tensor, optimizer
+    state under the same parameter indices as a single process's."""
+    gathered: dict[int, torch.Tensor] = {}  # tied parameters are one DTensor: gather it once
+    weights = {}
+    for name, t in model.state_dict().items():
+        if id(t) not in gathered:
+            gathered[id(t)] = _full(t).detach()
+        weights[name] = gathered[id(t)]
+    sd = optimizer.state_dict()
+    state = {i: {k: _full(v) for k, v in st.items()} for i, st in sd["state"].items()}
+    return Gathered(weights, model.config), Gathered({"state": state, "param_groups": sd["param_groups"]})
 
 
 def shard_like_params(optimizer, sd: dict) -> dict:

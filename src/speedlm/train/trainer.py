@@ -244,9 +244,10 @@ def train(
 
     def save(at_step: int) -> Path | None:
         nonlocal last_saved, last_ckpt
-        from speedlm.train.distributed import FullView
+        from speedlm.train.distributed import gather_full
 
-        view = FullView(model, optimizer) if parallel.kind == "fsdp" and persist else None  # every rank gathers
+        # under FSDP every rank takes part in gathering the full tensors that rank 0 writes
+        to_save = gather_full(model, optimizer) if parallel.kind == "fsdp" and persist else (model, optimizer)
         if not writes:
             last_saved = at_step
             parallel.barrier()  # rank 0 is writing the checkpoint
@@ -271,7 +272,7 @@ def train(
             "versions": {"torch": torch.__version__},
         }
         last_ckpt = save_checkpoint(
-            out_dir, at_step, view or model, view.optimizer() if view else optimizer, trainer_state, keep=cfg.keep,
+            out_dir, at_step, *to_save, trainer_state, keep=cfg.keep,
             extra_files_writer=extra_writer, rng_state=rng_at_step,
         )
         last_saved = at_step
