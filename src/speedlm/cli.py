@@ -70,6 +70,13 @@ def cmd_stream(args) -> int:
     return 0
 
 
+def cmd_hf(args) -> int:
+    from speedlm.commands import hf
+
+    {"export": hf.run_hf_export, "import": hf.run_hf_import, "eval": hf.run_hf_eval}[args.hf_command](args)
+    return 0
+
+
 def cmd_compare(args) -> int:
     import shlex
 
@@ -247,6 +254,30 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", default="runs/stream", help="folder for stream-POLICY.jsonl/.json/.png")
     st.add_argument("--device", default="auto")
     st.set_defaults(func=cmd_stream)
+
+    h = sub.add_parser("hf", help="Hugging Face: export a checkpoint, import a Llama model, SepLLM on a HF model")
+    hsub = h.add_subparsers(dest="hf_command", required=True)
+    hx = hsub.add_parser("export", help="a checkpoint as a Hugging Face model folder (config, safetensors, tokenizer)")
+    hx.add_argument("--checkpoint", required=True, help="run folder or step folder")
+    hx.add_argument("--out", required=True, help="new folder for the Hugging Face files")
+    hx.add_argument("--format", default="speedlm", choices=["speedlm", "llama"],
+                    help="speedlm (any model; load after `import speedlm.hf`) or llama (full-attention "
+                    "transformers as a plain LlamaForCausalLM)")
+    hx.set_defaults(func=cmd_hf)
+    hi = hsub.add_parser("import", help="a Llama-architecture Hugging Face folder as a speedlm checkpoint")
+    hi.add_argument("--model", required=True, help="Hugging Face model folder (with tokenizer.json)")
+    hi.add_argument("--out", required=True, help="speedlm run folder to write")
+    hi.set_defaults(func=cmd_hf)
+    he = hsub.add_parser("eval", help="perplexity and KV size of a Hugging Face Llama/Mistral/Qwen2 model under "
+                         "SepLLM or sink caches, training-free")
+    he.add_argument("--model", required=True, help="Hugging Face model folder")
+    he.add_argument("--data", default="stdlib", help="corpus whose validation text is scored (default stdlib)")
+    he.add_argument("--tokens", type=int, default=1024, help="tokens scored (default 1024)")
+    he.add_argument("--chunk", type=int, help="tokens per streamed call (default: the window, at most 256)")
+    _policy_options(he, window=256, default="sepllm")
+    he.add_argument("--out", help="also write the rows as JSONL here")
+    he.add_argument("--device", default="auto")
+    he.set_defaults(func=cmd_hf)
 
     c = sub.add_parser("compare", help="train architectures at equal FLOPs; quality, recall, speed and memory in one report")
     c.add_argument("--presets", type=_csv, default=None, help="comma-separated presets or config JSON paths "

@@ -37,13 +37,17 @@ class MultiScaleRetention(GatedHeadsMixer):
                  chunk_size: Annotated[int, Range(min=1)] = 64):
         super().__init__(dims, key_dim=dims.head_dim, value_dim=value_factor * dims.head_dim, norm="layer",
                          chunk_size=chunk_size)
-        # fixed, not learned: a buffer (filled by reset_parameters, so meta-device builds get it too)
+        # fixed, not learned: a non-persistent buffer, filled by reset_buffers (so meta-device
+        # builds and loaders that materialise buffers late get it too)
         self.register_buffer("log_decay", torch.empty(self.n_heads, dtype=torch.float64), persistent=False)
         self.rope_theta = dims.rope_theta
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
         with torch.no_grad():
             self.log_decay.copy_(retention_decays(self.n_heads).to(self.log_decay.dtype))
 
