@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--parallel", default="none",
                    help="none, ddp or fsdp (FSDP2): data parallelism under torchrun (torchrun --nproc-per-node N -m speedlm train ... "
                    "--parallel ddp|fsdp); --batch-size is the global batch")
+    t.add_argument("--dist-backend", default="auto",
+                   help="torch.distributed backend under --parallel: auto (nccl on GPUs, gloo on CPU), nccl or gloo")
     t.add_argument("--separators", help="SepLLM separator ids (comma-separated) or characters, recorded in the "
                    "model config (default: tokens made of . , ? ! ; : newline tab space)")
     t.set_defaults(func=cmd_train)

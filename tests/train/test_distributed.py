@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from speedlm.cli import main
 from speedlm.errors import SpeedlmError
@@ -86,6 +87,14 @@ def test_launches_that_do_not_fit_are_one_line_errors(corpus_dir, tmp_path, caps
     assert main(base + ["--parallel", "zero"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown --parallel" in err[0]
+    assert main(base + ["--parallel", "ddp", "--dist-backend", "mpi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown --dist-backend 'mpi'" in err[0]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(base + ["--parallel", "ddp", "--dist-backend", "nccl"]) == 2  # nccl without GPUs
+    assert "use --dist-backend gloo" in capsys.readouterr().err
+    monkeypatch.delenv("RANK")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(base) == 2
     assert "pass --parallel ddp" in capsys.readouterr().err

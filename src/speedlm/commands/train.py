@@ -31,7 +31,7 @@ def run_train(args) -> dict:
     from speedlm.train.checkpoint import load_resumable
     from speedlm.train.distributed import init_parallel
 
-    parallel, device = init_parallel(getattr(args, "parallel", "none"), args.device)
+    parallel, device = init_parallel(getattr(args, "parallel", "none"), args.device, getattr(args, "dist_backend", "auto"))
     say = print if parallel.main else (lambda *a, **k: None)  # one report, from rank 0
 
     cfg = TrainConfig(

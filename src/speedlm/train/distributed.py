@@ -22,6 +22,7 @@ from torch import nn
 from speedlm.errors import SpeedlmError
 
 PARALLEL = ("none", "ddp", "fsdp")
+BACKENDS = ("auto", "nccl", "gloo")  # auto: NCCL when this rank has a GPU, else gloo
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,26 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def init_parallel(kind: str, device: str = "auto") -> tuple[Parallel, str]:
+def _check_backend(backend: str, cuda: bool) -> str:
+    """The communication backend to use, or SpeedlmError when it is unknown or unavailable."""
+    if backend not in BACKENDS:
+        raise SpeedlmError(f"unknown --dist-backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not (cuda and torch.distributed.is_nccl_available()):
+        raise SpeedlmError("the nccl backend needs CUDA GPUs and a torch build with NCCL; use --dist-backend gloo on CPU")
+    if backend == "gloo" and not torch.distributed.is_gloo_available():
+        raise SpeedlmError("this torch build has no gloo backend; use --dist-backend nccl on CUDA")
+    return backend
+
+
+def init_parallel(kind: str, device: str = "auto", backend: str = "auto") -> tuple[Parallel, str]:
     """Join the process group torchrun set up; returns (Parallel, the device this rank uses)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if kind not in PARALLEL:
         raise SpeedlmError(f"unknown --parallel {kind!r}; choose one of {', '.join(PARALLEL)}")
+    if backend not in BACKENDS:
+        raise SpeedlmError(f"unknown --dist-backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if kind == "none":
         if world > 1:
             raise SpeedlmError(f"launched with {world} processes but --parallel none; pass --parallel ddp")
@@ -108,16 +124,17 @@ def init_parallel(kind: str, device: str = "auto") -> tuple[Parallel, str]:
             f"--parallel {kind} runs under torchrun: torchrun --nproc-per-node N -m speedlm train ... --parallel {kind}"
         )
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.distributed.is_available():
+        raise SpeedlmError("this torch build has no torch.distributed; --parallel needs it")
     cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    backend = _check_backend(backend, cuda)
     if cuda:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     elif device == "auto":
         device = "cpu"
-    if not torch.distributed.is_available():
-        raise SpeedlmError("this torch build has no torch.distributed; --parallel needs it")
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+        torch.distributed.init_process_group(backend=backend)
     return Parallel(kind, rank, world), device
 
 
