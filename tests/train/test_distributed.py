@@ -65,6 +65,13 @@ def test_two_processes_match_one_and_resume_on_one(corpus_dir, single, tmp_path,
     assert out.stdout.count("done: step 6") == 1  # one report, from rank 0
     for (s1, l1, v1), (s2, l2, v2) in zip(_losses(single), _losses(run), strict=True):
         assert s1 == s2 and abs(l1 - l2) < 1e-5 and abs(v1 - v2) < 1e-5
+    # the 2-process checkpoint is the single-process format: same tensors, tied weight stored once
+    from speedlm.checkpoint.files import read_weights
+
+    tensors, tied = read_weights(run / "step_0000006")
+    one_tensors, one_tied = read_weights(single / "step_0000006")
+    assert tied == one_tied == {"lm_head.weight": "embed.weight"} and tensors.keys() == one_tensors.keys()
+    assert max((tensors[k] - one_tensors[k]).abs().max().item() for k in tensors) < 1e-4
     # the 2-process checkpoint at step 4 (FSDP: gathered into the single-process format)
     # continues in one process to the same step-6 loss
     resumed = _rewind(run, tmp_path, "resumed")

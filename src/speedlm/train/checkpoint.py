@@ -234,14 +234,14 @@ class Checkpoint:
     def restore_model(self, model: nn.Module) -> None:
         load_weights_into(model, self.state_dict(), self.path)
 
-    def restore_optimizer(self, optimizer: torch.optim.Optimizer, transform=None) -> None:
-        """`transform` maps the saved (single-process) state dict first, e.g. onto sharded
-        parameters."""
+    def restore_optimizer(self, optimizer: torch.optim.Optimizer, load=None) -> None:
+        """`load(state_dict)` loads the saved (single-process) state dict (default:
+        `optimizer.load_state_dict`; under FSDP, onto the sharded parameters)."""
         if self.optimizer_tensors is None or "optimizer" not in self.trainer_state:
             raise SpeedlmError(f"checkpoint {self.path} has no optimizer state; it cannot be resumed, only loaded")
         try:
             sd = _optimizer_join(self.optimizer_tensors, self.trainer_state["optimizer"])
-            optimizer.load_state_dict(sd if transform is None else transform(optimizer, sd))
+            (optimizer.load_state_dict if load is None else load)(sd)
         except (ValueError, KeyError, RuntimeError) as e:
             raise SpeedlmError(f"checkpoint {self.path} optimizer state does not fit this optimizer: {e}") from None
 

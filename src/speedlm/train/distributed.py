@@ -7,8 +7,8 @@ so no two ranks see the same sequence and the averaged gradients are the single-
 The model never asks for the world size: the trainer wraps it (`DistributedDataParallel`
 around a module whose forward is the model's loss, or FSDP2's `fully_shard` on every block and
 the root) and only rank 0 writes checkpoints, metrics, plots and progress. FSDP checkpoints
-are gathered into the single-process format and re-sharded on resume, so a run continues on
-any world size.
+are gathered into the single-process format and re-sharded on resume with
+torch.distributed.checkpoint's state-dict API, so a run continues on any world size.
 """
 
 from __future__ import annotations
@@ -138,9 +138,11 @@ def init_parallel(kind: str, device: str = "auto", backend: str = "auto") -> tup
     return Parallel(kind, rank, world), device
 
 
-# ----- checkpoints under FSDP2: the single-process format, gathered and re-sharded -----
-def _full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+# ----- checkpoints under FSDP2: the single-process format, through torch.distributed.checkpoint -----
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True)
 
 
 class Gathered:
@@ -154,34 +156,40 @@ class Gathered:
         return self.state
 
 
+def _param_names(model: nn.Module, optimizer) -> list[str]:
+    """The name of each optimizer parameter, in the optimizer's index order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
 def gather_full(model: nn.Module, optimizer) -> tuple[Gathered, Gathered]:
-    """The sharded model and optimizer in the single-process format: full tensors (every rank
-    takes part in gathering them; rank 0 writes), tied weights still one tensor, optimizer
-    state under the same parameter indices as a single process's."""
-    gathered: dict[int, torch.Tensor] = {}  # tied parameters are one DTensor: gather it once
-    weights = {}
-    for name, t in model.state_dict().items():
-        if id(t) not in gathered:
-            gathered[id(t)] = _full(t).detach()
-        weights[name] = gathered[id(t)]
-    sd = optimizer.state_dict()
-    state = {i: {k: _full(v) for k, v in st.items()} for i, st in sd["state"].items()}
-    return Gathered(weights, model.config), Gathered({"state": state, "param_groups": sd["param_groups"]})
+    """The sharded model and optimizer in the single-process format, gathered by
+    torch.distributed.checkpoint's state-dict API (every rank takes part; rank 0 writes): full
+    tensors, tied weights one tensor under every name, optimizer state under the parameter
+    indices a single process uses."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    weights = get_model_state_dict(model, options=_full_options())
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            weights[name] = weights[first[id(p)]]
+        else:
+            first[id(p)] = name
+    osd = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    state = {index[fqn]: st for fqn, st in osd["state"].items()}
+    groups = [{**g, "params": [index[f] for f in g["params"]]} for g in osd["param_groups"]]
+    return Gathered(weights, model.config), Gathered({"state": state, "param_groups": groups})
 
 
-def shard_like_params(optimizer, sd: dict) -> dict:
-    """A single-process optimizer state dict with each state tensor distributed like its
-    (sharded) parameter, ready for `optimizer.load_state_dict`."""
-    from torch.distributed.tensor import distribute_tensor
+def load_full_optimizer_state(model: nn.Module, optimizer, sd: dict) -> None:
+    """Load a single-process optimizer state dict into the optimizer of a sharded model:
+    torch.distributed.checkpoint distributes each state tensor like its parameter, whatever
+    the world size the state was saved with."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state = {}
-    for i, st in sd["state"].items():
-        p = params[int(i)]
-        state[i] = {
-            k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
-            if hasattr(p, "device_mesh") and isinstance(v, torch.Tensor) and v.shape == p.shape
-            else v
-            for k, v in st.items()
-        }
-    return {"state": state, "param_groups": sd["param_groups"]}
+    names = _param_names(model, optimizer)
+    state = {names[int(i)]: st for i, st in sd["state"].items()}
+    groups = [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]]
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups}, options=_full_options())

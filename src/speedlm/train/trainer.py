@@ -108,9 +108,11 @@ def _resume_from(out_dir: Path, model, optimizer, cfg: TrainConfig, tokenizer, c
     sharded = parallel is not None and parallel.kind == "fsdp"
     if not sharded:
         ckpt.restore_model(model)
-    from speedlm.train.distributed import shard_like_params
+    from functools import partial
 
-    ckpt.restore_optimizer(optimizer, shard_like_params if sharded else None)
+    from speedlm.train.distributed import load_full_optimizer_state
+
+    ckpt.restore_optimizer(optimizer, partial(load_full_optimizer_state, model, optimizer) if sharded else None)
     ckpt.restore_rng()
     return state, ckpt.path
 
