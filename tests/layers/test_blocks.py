@@ -57,8 +57,8 @@ def test_block_accounting_is_the_sum_of_its_parts(block, ffn, m):
     ffn_flops = blk.ffn.flops_per_token() if blk.ffn is not None else 0.0
     own = blk.conv.flops_per_token() if block == "test_conv_prenorm" else 0.0  # the parts beside mixer and FFN
     assert blk.flops_per_token(100) == pytest.approx(blk.mixer.flops_per_token(100) + ffn_flops + own)
-    res = blk.residual_weights()
-    assert len(res) == 1 + (blk.ffn is not None) and all(w.shape[0] == DIMS.d_model for w in res)
+    res = blk.residual_weights()  # the mixer's output projection, and the FFN's (an MoE: experts and shared)
+    assert len(res) >= 1 + (blk.ffn is not None) and all(DIMS.d_model in (w.shape[0], w.shape[-1]) for w in res)
     with torch.no_grad():  # NaN trap: every parameter is initialised by some module's own reset
         for p in blk.parameters():
             p.fill_(float("nan"))
@@ -77,7 +77,8 @@ def test_ffn_is_position_wise_and_documented(ffn):
     y = f(x, SeqMeta())
     x2 = x.clone()
     x2[:, 9] += 1.0
-    changed = (f(x2, SeqMeta()) - y).abs().sum(dim=(0, 2)) > 0
+    # up to rounding: grouped dispatch (MoE) multiplies in shapes that depend on the routing
+    changed = (f(x2, SeqMeta()) - y).abs().sum(dim=(0, 2)) > 1e-12
     assert changed.sum() <= 1 and not changed[:9].any() and not changed[10:].any()
 
 

@@ -128,6 +128,15 @@ class CausalLM(nn.Module):
             n -= self.embed.weight.numel()
         return n
 
+    def num_active_params(self) -> int:
+        """Parameters one token passes through: routed parts (MoE) count only what a token
+        uses (their `num_active_params`); everything else counts in full."""
+        n = self.num_params()
+        for m in self.modules():
+            if m is not self and hasattr(m, "num_active_params"):
+                n -= sum(p.numel() for p in m.parameters()) - m.num_active_params()
+        return n
+
     def flops_per_token(self, context_len: int, training: bool = True) -> float:
         """Analytic FLOPs per token for sequences of `context_len`: blocks (window-, GQA- and
         state-aware), and the LM head; training counts backward as 2x forward."""

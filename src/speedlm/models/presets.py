@@ -47,6 +47,13 @@ def _jamba_layers(size: dict) -> int:
     return max(8, -(-size["n_layers"] // 8) * 8)
 
 
+def _quarter_ffn(size: dict) -> int:
+    """A fine-grained expert: a quarter of the dense FFN's hidden width (8/3 d, multiple of 64),
+    rounded up to a multiple of 16."""
+    dense = -(-(8 * size["d_model"] // 3) // 64) * 64
+    return -(-(dense // 4) // 16) * 16
+
+
 def _widening_windows(size: dict) -> list[int]:
     """Per-layer windows from half the size's window in the first layer to twice it in the last
     (lower layers are the more local ones)."""
@@ -176,13 +183,40 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "jamba",
-            "Jamba: one attention layer per eight, Mamba elsewhere, every layer with a dense SwiGLU FFN "
-            "(MoE every other layer in the paper: dense until MoE lands); 8 layers at tiny and small",
+            "Jamba: one attention layer per eight (the fifth), Mamba elsewhere; MoE FFNs (16 experts, top-2) on every "
+            "other layer, dense SwiGLU on the rest; 8 layers at tiny and small",
             "Lieber et al. 2024, Jamba: A Hybrid Transformer-Mamba Language Model (arXiv:2403.19887)",
             lambda s: dict(
                 n_layers=_jamba_layers(s),
-                pattern="MMMMAMMM",
-                layers={"M": {"mixer": {"name": "mamba"}}, "A": {"mixer": {"name": "attention", "kv_heads": max(1, s["n_heads"] // 4)}}},
+                pattern="MEMEAEME",
+                layers={
+                    "M": {"mixer": {"name": "mamba"}},
+                    "E": {"mixer": {"name": "mamba"}, "ffn": {"name": "moe", "experts": 16, "top_k": 2}},
+                    "A": {"mixer": {"name": "attention", "kv_heads": max(1, s["n_heads"] // 4)}},
+                },
+            ),
+        ),
+        Preset(
+            "mixtral",
+            "Mixtral: grouped-query attention with a Mixture-of-Experts FFN in every layer (8 SwiGLU experts, top-2, "
+            "weights renormalised over the two; dropless)",
+            "Jiang et al. 2024, Mixtral of Experts (arXiv:2401.04088)",
+            lambda s: dict(
+                pattern="A",
+                layers={"A": {"mixer": {"name": "attention", "kv_heads": max(1, s["n_heads"] // 4)}}},
+                ffn={"name": "moe", "experts": 8, "top_k": 2},
+            ),
+        ),
+        Preset(
+            "deepseek-moe",
+            "DeepSeekMoE: fine-grained experts (16 of a quarter of the FFN width, top-4) beside 2 always-on shared "
+            "experts, attention in every layer",
+            "Dai et al. 2024, DeepSeekMoE: Towards Ultimate Expert Specialization in Mixture-of-Experts Language Models "
+            "(arXiv:2401.06066)",
+            lambda s: dict(
+                pattern="A",
+                layers={"A": {"mixer": {"name": "attention"}}},
+                ffn={"name": "moe", "experts": 16, "top_k": 4, "shared": 2, "hidden": _quarter_ffn(s)},
             ),
         ),
         Preset(

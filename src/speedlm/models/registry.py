@@ -20,6 +20,7 @@ from speedlm.layers.linear_attention import LinearAttention
 from speedlm.layers.mamba import Mamba
 from speedlm.layers.mamba2 import Mamba2
 from speedlm.layers.mlp import SwiGLU
+from speedlm.layers.moe import MoE
 from speedlm.layers.performer import Performer
 from speedlm.layers.retnet import MultiScaleRetention
 from speedlm.layers.sepllm import SepLLMAttention
@@ -188,6 +189,16 @@ register_ffn(
     description="gated MLP down(silu(gate x) * up x); hidden defaults to the model's ffn_hidden",
     paper="Shazeer 2020, GLU Variants Improve Transformer (arXiv:2002.05202)",
     contract_spec={"hidden": 48},
+)
+register_ffn(
+    "moe",
+    MoE,
+    family="sparse FFN",
+    description="Mixture-of-Experts SwiGLU: float32 router, token-choice top-k (renormalised), optional shared and "
+    "fine-grained experts, Switch balance + z-loss, capacity with token dropping in training; sorted grouped dispatch",
+    paper="Shazeer et al. 2017 (arXiv:1701.06538); Jiang et al. 2024, Mixtral (arXiv:2401.04088); Dai et al. 2024, "
+    "DeepSeekMoE (arXiv:2401.06066)",
+    contract_spec={"experts": 4, "top_k": 2, "hidden": 16, "shared": 1},
 )
 register_ffn(
     "none",

@@ -1,0 +1,108 @@
+"""Mixture-of-Experts FFN (`moe`): a float32 router picks `top_k` of `experts` SwiGLU experts per
+token (token choice; Shazeer et al. 2017, arXiv:1701.06538; Mixtral's renormalised top-k,
+arXiv:2401.04088), optionally beside always-on `shared` experts, with fine-grained experts by
+choosing many small ones (DeepSeekMoE, Dai et al. 2024, arXiv:2401.06066).
+
+- Weights: top-k > 1 renormalises the softmax over the chosen experts (Mixtral); top-1 keeps the
+  raw probability (Switch), so the router still gets the language-model gradient.
+- Auxiliary losses, through the forward context (`meta.aux`), already weighted: `moe_balance`
+  (Switch load balancing, 1 for a balanced router, times `balance_coef`) and `moe_z` (router
+  z-loss times `z_coef`), summed over layers.
+- `capacity_factor`: during training each expert takes at most ceil(factor * N * k / E) of the
+  batch's assignments, the rest are dropped (those tokens ride the residual). Inference is
+  dropless, so the cached and the uncached forward always agree (a capacity would make a
+  token's output depend on how many tokens share its call). None: dropless everywhere.
+- Dispatch is ops/moe.py's sorted grouped matrix product: no Python loop over tokens or experts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speedlm.errors import SpeedlmError
+from speedlm.layers.dims import ModelDims
+from speedlm.layers.ffn import FFN
+from speedlm.layers.mlp import SwiGLU
+from speedlm.layers.mixer import SeqMeta
+from speedlm.ops.moe import balance_loss, expert_capacity, moe_swiglu, route_topk, z_loss
+from speedlm.registry import Range
+
+
+class MoE(FFN):
+    @classmethod
+    def check_options(cls, dims: ModelDims, experts: int = 8, top_k: int = 2, **options) -> None:
+        if top_k > experts:
+            raise SpeedlmError(f"top_k={top_k} must not exceed the number of experts ({experts})")
+
+    def __init__(
+        self,
+        dims: ModelDims,
+        experts: Annotated[int, Range(min=1)] = 8,
+        top_k: Annotated[int, Range(min=1)] = 2,
+        hidden: Annotated[int | None, Range(min=1)] = None,
+        shared: Annotated[int, Range(min=0)] = 0,
+        capacity_factor: Annotated[float | None, Range(min=0.01)] = None,
+        balance_coef: Annotated[float, Range(min=0)] = 0.01,
+        z_coef: Annotated[float, Range(min=0)] = 0.001,
+    ):
+        super().__init__(dims)
+        d = dims.d_model
+        self.n_experts, self.top_k = experts, top_k
+        self.hidden = dims.hidden_dim if hidden is None else hidden
+        self.capacity_factor, self.balance_coef, self.z_coef = capacity_factor, balance_coef, z_coef
+        self.router = nn.Linear(d, experts, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(experts, d, self.hidden))
+        self.w_up = nn.Parameter(torch.empty(experts, d, self.hidden))
+        self.w_down = nn.Parameter(torch.empty(experts, self.hidden, d))
+        # shared experts: one SwiGLU as wide as `shared` experts, every token goes through it
+        self.shared = SwiGLU(dims, hidden=shared * self.hidden) if shared else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.dims.init_std
+        nn.init.normal_(self.router.weight, 0.0, std)
+        for w in (self.w_gate, self.w_up, self.w_down):
+            nn.init.normal_(w, 0.0, std)
+
+    def residual_weights(self) -> list[torch.Tensor]:
+        return [self.w_down] + ([self.shared.down.weight] if self.shared is not None else [])
+
+    def route(self, x: torch.Tensor):
+        """x (N, D) -> logits (N, E) in at least float32, routing weights (N, k), experts (N, k),
+        probs (N, E)."""
+        dt = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 activations route in float32
+        logits = F.linear(x.to(dt), self.router.weight.to(dt))
+        weights, experts, probs = route_topk(logits, self.top_k)
+        if self.top_k == 1:
+            weights = probs.gather(1, experts)  # Switch: the raw probability keeps the router trained
+        return logits, weights, experts, probs
+
+    def forward(self, x: torch.Tensor, meta: SeqMeta | None = None) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits, weights, experts, probs = self.route(flat)
+        capacity = expert_capacity(flat.shape[0], self.top_k, self.n_experts, self.capacity_factor) if self.training else None
+        y, _ = moe_swiglu(flat, weights, experts, self.w_gate, self.w_up, self.w_down, capacity)
+        if meta is not None and meta.aux is not None:
+            meta.aux.add("moe_balance", self.balance_coef * balance_loss(probs, experts))
+            meta.aux.add("moe_z", self.z_coef * z_loss(logits))
+        y = y.view(shape)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y
+
+    def flops_per_token(self) -> float:
+        """Active FLOPs: the router, k experts and the shared experts."""
+        d = self.dims.d_model
+        shared = self.shared.flops_per_token() if self.shared is not None else 0.0
+        return 2.0 * d * self.n_experts + self.top_k * 6.0 * d * self.hidden + shared
+
+    def num_active_params(self) -> int:
+        """Parameters a token passes through (router, k experts, shared experts)."""
+        expert = 3 * self.dims.d_model * self.hidden
+        shared = sum(p.numel() for p in self.shared.parameters()) if self.shared is not None else 0
+        return self.router.weight.numel() + self.top_k * expert + shared

@@ -1,0 +1,136 @@
+"""Mixture-of-Experts routing and dispatch: pure functions over flattened tokens x (N, D) and
+stacked SwiGLU expert weights (E, D, H) / (E, H, D).
+
+Routing (logits in float32 at least, whatever the activations' dtype):
+- `route_topk`: token choice, each token takes its k highest-scoring experts, weights = the
+  softmax renormalised over the chosen k (Mixtral, Jiang et al. 2024, arXiv:2401.04088).
+- `balance_loss`: the Switch Transformer load-balancing loss E * sum_e f_e * P_e (Fedus et al.
+  2021, arXiv:2101.03961), with f_e the fraction of the N * k assignments that go to expert e,
+  so a perfectly balanced router scores exactly 1 for any k.
+- `z_loss`: mean squared log-sum-exp of the router logits (ST-MoE, Zoph et al. 2022,
+  arXiv:2202.08906).
+
+Dispatch (`moe_swiglu`) without a Python loop over tokens or experts: the N * k assignments are
+sorted by expert, every expert's group is multiplied in one grouped matrix product, and the
+outputs are scattered back weighted by their router weights. `torch._grouped_mm` runs the
+groups where this torch build supports it for the device and dtype (probed once, forward and
+backward); elsewhere the groups are padded to the largest one and run as one batched matmul.
+With a `capacity`, each expert keeps its first `capacity` assignments in token order and drops
+the rest (their tokens ride the residual: the FFN adds nothing for them); `capacity=None` is
+dropless. `moe_swiglu_reference` computes every expert for every token densely, for tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def route_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (N, E) -> (weights (N, k), experts (N, k), probs (N, E)), in at least float32."""
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    top, experts = probs.topk(k, dim=-1)
+    return top / top.sum(-1, keepdim=True), experts, probs
+
+
+def balance_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Switch load balancing: E * sum_e (share of assignments to e) * (mean router prob of e)."""
+    n_experts = probs.shape[-1]
+    share = torch.bincount(experts.flatten(), minlength=n_experts).to(probs.dtype) / experts.numel()
+    return n_experts * (share * probs.mean(0)).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).pow(2).mean()
+
+
+def expert_capacity(n_tokens: int, k: int, n_experts: int, factor: float | None) -> int | None:
+    """Assignments each expert may take: ceil(factor * N * k / E) (None: dropless)."""
+    return None if factor is None else max(1, math.ceil(factor * n_tokens * k / n_experts))
+
+
+# ----- grouped matmul -----
+_GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs forward and backward here, empty groups included."""
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_WORKS:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                a = torch.randn(24, 16, device=device, dtype=dtype, requires_grad=True)
+                b = torch.randn(3, 16, 16, device=device, dtype=dtype, requires_grad=True)
+                offs = torch.tensor([8, 8, 24], device=device, dtype=torch.int32)
+                out = torch._grouped_mm(a, b, offs=offs)
+                out.sum().backward()
+                ref = torch.cat([a[:8] @ b[0], a[8:] @ b[2]])
+                ok = bool(torch.allclose(out, ref, rtol=1e-2, atol=1e-2)) and bool(b.grad[1].abs().max() == 0)
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_MM_WORKS[key] = ok
+    return _GROUPED_MM_WORKS[key]
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, max_count: int) -> torch.Tensor:
+    """Rows of x (M, D) sorted by group, group g has counts[g] rows -> x_g @ w[g], (M, H)."""
+    if _grouped_mm_works(x.device, x.dtype):
+        offs = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, w, offs=offs)
+    # padded fallback: group g's rows at [g, 0:counts[g]] of an (E, max_count, D) batch
+    n_groups = w.shape[0]
+    starts = counts.cumsum(0) - counts
+    group = torch.repeat_interleave(torch.arange(n_groups, device=x.device), counts, output_size=x.shape[0])
+    slot = torch.arange(x.shape[0], device=x.device) - starts[group]
+    padded = x.new_zeros(n_groups, max_count, x.shape[1]).index_put((group, slot), x)
+    return torch.bmm(padded, w)[group, slot]
+
+
+def moe_swiglu(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    capacity: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, D), routing weights/experts (N, k), experts' SwiGLU weights w_gate/w_up (E, D, H),
+    w_down (E, H, D) -> (y (N, D) = sum over kept assignments of weight * expert(x), kept (N, k)
+    bool: which assignments the capacity let through)."""
+    n, k = experts.shape
+    n_experts = w_gate.shape[0]
+    flat = experts.flatten()
+    order = torch.argsort(flat, stable=True)  # by expert, token order within an expert
+    sorted_experts = flat[order]
+    counts = torch.bincount(flat, minlength=n_experts)
+    kept_sorted = torch.ones_like(order, dtype=torch.bool)
+    if capacity is not None:
+        rank = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[sorted_experts]
+        kept_sorted = rank < capacity
+        order, sorted_experts = order[kept_sorted], sorted_experts[kept_sorted]
+        counts = torch.clamp(counts, max=capacity)
+    token = order // k
+    max_count = int(counts.max()) if counts.numel() else 0
+    xs = x[token]
+    h = F.silu(grouped_matmul(xs, w_gate, counts, max_count)) * grouped_matmul(xs, w_up, counts, max_count)
+    out = grouped_matmul(h, w_down, counts, max_count)
+    out = out * weights.flatten()[order].to(out.dtype)[:, None]
+    y = x.new_zeros(n, x.shape[1]).index_add(0, token, out)
+    kept = torch.zeros(n * k, dtype=torch.bool, device=x.device)
+    kept[order] = True
+    return y, kept.view(n, k)
+
+
+def moe_swiglu_reference(x, weights, experts, w_gate, w_up, w_down, kept=None) -> torch.Tensor:
+    """Every expert on every token (N, E, D), combined with a dense (N, E) weight matrix that
+    is the routing weight where the assignment was kept and 0 elsewhere."""
+    n_experts = w_gate.shape[0]
+    w = weights if kept is None else weights * kept
+    dense = torch.zeros(x.shape[0], n_experts, dtype=x.dtype, device=x.device)
+    dense.scatter_add_(1, experts, w.to(x.dtype))
+    h = F.silu(torch.einsum("nd,edh->neh", x, w_gate)) * torch.einsum("nd,edh->neh", x, w_up)
+    return torch.einsum("ne,ned->nd", dense, torch.einsum("neh,ehd->ned", h, w_down))

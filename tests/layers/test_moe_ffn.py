@@ -1,0 +1,88 @@
+"""The `moe` FFN (speedlm/layers/moe.py) in models: routed dispatch equals the dense reference,
+its auxiliary losses reach the loss and the trainer's metrics, capacity applies in training
+only, and the accounting counts active parameters and FLOPs."""
+
+import pytest
+import torch
+
+from speedlm.layers.dims import ModelDims
+from speedlm.layers.mixer import SeqMeta
+from speedlm.layers.moe import MoE
+from speedlm.layers.context import AuxLosses
+from speedlm.models import build_model, preset_config
+from speedlm.ops.moe import moe_swiglu_reference
+
+DIMS = ModelDims(d_model=32, n_heads=4, max_seq_len=128, ffn_hidden=48, n_layers=2)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("top_k, shared", [(1, 0), (2, 0), (3, 2)])
+def test_moe_ffn_equals_its_dense_reference(top_k, shared):
+    f = MoE(DIMS, experts=6, top_k=top_k, hidden=16, shared=shared).double()
+    x = torch.randn(3, 19, 32, dtype=torch.float64)
+    flat = x.reshape(-1, 32)
+    _, weights, experts, _ = f.route(flat)
+    ref = moe_swiglu_reference(flat, weights, experts, f.w_gate, f.w_up, f.w_down).view_as(x)
+    if f.shared is not None:
+        ref = ref + f.shared(x)
+    assert rel(f(x, SeqMeta()), ref) < 1e-12
+    if top_k == 1:  # Switch: the raw probability, so the router gets the LM gradient
+        f(x, SeqMeta()).square().sum().backward()
+        assert f.router.weight.grad.abs().sum() > 0
+
+
+def test_auxiliary_losses_are_named_weighted_and_summed_over_layers():
+    model = build_model(preset_config("mixtral-tiny"))
+    ids = torch.randint(0, 256, (2, 33))
+    loss = model.loss(ids[:, :-1], ids[:, 1:])
+    assert set(loss.parts) == {"lm", "moe_balance", "moe_z"}
+    # two MoE layers, coefficient 0.01, each balance term >= 1 (1 only when perfectly balanced)
+    assert 0.02 <= loss.parts["moe_balance"].item() < 0.2
+    assert loss.total.item() == pytest.approx(sum(v.item() for v in loss.parts.values()), rel=1e-6)
+    grads = torch.autograd.grad(loss.parts["moe_balance"], [b.ffn.router.weight for b in model.blocks])
+    assert all(g.abs().sum() > 0 for g in grads)  # the balance loss trains the routers
+
+
+def test_capacity_drops_tokens_in_training_and_never_at_inference():
+    f = MoE(DIMS, experts=4, top_k=1, hidden=16, capacity_factor=0.5).double()
+    with torch.no_grad():
+        f.router.weight[0] += 5 * f.router.weight[0].sign()  # a router that prefers one expert
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    train_out = f(x, SeqMeta())
+    dropped = train_out.abs().amax(-1) == 0
+    assert dropped.any() and not dropped.all()
+    f.eval()
+    eval_out = f(x, SeqMeta())
+    assert (eval_out.abs().amax(-1) > 0).all()  # dropless: cached decoding equals the full forward
+    one_by_one = torch.cat([f(x[:, i : i + 1], SeqMeta(i)) for i in range(40)], 1)
+    assert rel(one_by_one, eval_out) < 1e-12
+
+
+def test_accounting_counts_active_parameters_and_flops():
+    model = build_model(preset_config("mixtral-tiny"))
+    d, h = 64, model.config.hidden_dim
+    expert = 3 * d * h
+    total, active = model.num_params(), model.num_active_params()
+    assert total - active == 2 * (8 - 2) * expert  # six idle experts in each of the two layers
+    dense = build_model(preset_config("gqa-tiny"))
+    # per layer: the router and a second expert more than the dense SwiGLU
+    extra = model.flops_per_token(128) - dense.flops_per_token(128)
+    assert extra == pytest.approx(3.0 * 2 * (2 * d * 8 + 6.0 * d * h))
+
+
+def test_trainer_logs_the_moe_losses(tmp_path):
+    import numpy as np
+
+    from speedlm.data.dataset import TokenStream
+    from speedlm.train import TrainConfig, train
+
+    ids = np.random.default_rng(0).integers(0, 256, 20000).astype(np.uint8)
+    cfg = TrainConfig(steps=3, batch_size=2, seq_len=32, eval_every=3, eval_batches=1, warmup_steps=1,
+                      save_every=0, log_every=1, device="cpu", out_dir=str(tmp_path / "moe"))
+    summary = train(build_model(preset_config("deepseek-moe-tiny")), cfg, TokenStream(ids), ids[:4000], progress=False)
+    rec = summary["history"][-1]
+    assert rec["loss/moe_balance"] > 0 and rec["loss/moe_z"] > 0
+    assert rec["loss"] == pytest.approx(rec["loss/lm"] + rec["loss/moe_balance"] + rec["loss/moe_z"], rel=1e-5)

@@ -1,0 +1,89 @@
+"""MoE routing and the sorted grouped dispatch (speedlm/ops/moe.py) against the dense
+all-experts reference, in float64 (padded batched path) and float32 (grouped_mm where it runs)."""
+
+import pytest
+import torch
+
+from speedlm.ops import moe
+from speedlm.ops.moe import balance_loss, expert_capacity, moe_swiglu, moe_swiglu_reference, route_topk, z_loss
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def weights(e, d, h, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g, dtype=dtype) * 0.3 for s in ((e, d, h), (e, d, h), (e, h, d))]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("k", [1, 2])
+def test_sorted_grouped_dispatch_equals_the_dense_reference_with_gradients(dtype, tol, k):
+    n, d, h, e = 37, 8, 12, 6
+    x = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    logits = torch.randn(n, e, dtype=dtype)
+    logits[:, 5] = -1e4  # expert 5 never chosen: an empty group
+    ws = [w.requires_grad_() for w in weights(e, d, h, dtype)]
+    rw, experts, _ = route_topk(logits, k)
+    y, kept = moe_swiglu(x, rw, experts, *ws)
+    ref = moe_swiglu_reference(x, rw, experts, *ws)
+    assert kept.all() and rel(y, ref) < tol
+    grads = torch.autograd.grad(y.square().sum(), [x, *ws])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *ws])
+    for g, r in zip(grads, ref_grads):
+        assert rel(g, r) < tol
+    assert grads[1][5].abs().max() == 0  # the empty expert gets no gradient
+
+
+def test_capacity_drops_the_latest_assignments_and_they_add_nothing():
+    n, d, h, e, k = 40, 8, 12, 4, 2
+    x = torch.randn(n, d, dtype=torch.float64)
+    logits = torch.randn(n, e, dtype=torch.float64)
+    logits[:, 0] += 3.0  # everyone wants expert 0: it overflows
+    ws = weights(e, d, h, torch.float64)
+    rw, experts, _ = route_topk(logits, k)
+    cap = expert_capacity(n, k, e, 1.0)
+    assert cap == 20
+    y, kept = moe_swiglu(x, rw, experts, *ws, capacity=cap)
+    counts = torch.bincount(experts[kept], minlength=e)
+    assert int(counts.max()) <= cap and not kept.all()
+    # the assignments to expert 0 that were kept are its first `cap` in token order
+    to_zero = (experts == 0).nonzero()[:, 0]
+    assert torch.equal(kept[experts == 0], torch.arange(len(to_zero)) < cap)
+    assert rel(y, moe_swiglu_reference(x, rw, experts, *ws, kept=kept)) < 1e-12
+    # top-1: a dropped token has no expert left, the FFN adds nothing (it rides the residual)
+    rw1, experts1, _ = route_topk(logits, 1)
+    y1, kept1 = moe_swiglu(x, rw1, experts1, *ws, capacity=expert_capacity(n, 1, e, 1.0))
+    dropped = ~kept1[:, 0]
+    assert dropped.any() and y1[dropped].abs().max() == 0 and y1[~dropped].abs().min() > 0
+
+
+def test_router_weights_renormalise_over_the_chosen_experts_in_float32():
+    logits = torch.randn(9, 8, dtype=torch.bfloat16)
+    rw, experts, probs = route_topk(logits, 2)
+    assert rw.dtype == probs.dtype == torch.float32
+    assert torch.allclose(rw.sum(-1), torch.ones(9))
+    assert torch.equal(experts, probs.topk(2, -1).indices)
+
+
+def test_balance_loss_is_one_for_a_balanced_router_and_grows_with_imbalance():
+    n, e = 64, 8
+    for k in (1, 2, 4):
+        uniform = torch.full((n, e), 1.0 / e)
+        balanced = (torch.arange(n * k) % e).view(n, k)
+        assert balance_loss(uniform, balanced).item() == pytest.approx(1.0)
+    skewed_probs = torch.softmax(torch.tensor([4.0] + [0.0] * (e - 1)).expand(n, e), -1)
+    assert balance_loss(skewed_probs, torch.zeros(n, 1, dtype=torch.long)).item() > 4
+    assert z_loss(torch.zeros(3, e)).item() == pytest.approx(torch.log(torch.tensor(8.0)).item() ** 2)
+
+
+def test_the_padded_fallback_equals_grouped_mm(monkeypatch):
+    n, d, h, e = 50, 16, 16, 4
+    x = torch.randn(n, d)
+    rw, experts, _ = route_topk(torch.randn(n, e), 2)
+    ws = weights(e, d, h, torch.float32)
+    fast, _ = moe_swiglu(x, rw, experts, *ws)
+    monkeypatch.setattr(moe, "_grouped_mm_works", lambda device, dtype: False)
+    padded, _ = moe_swiglu(x, rw, experts, *ws)
+    assert rel(fast, padded) < 1e-5
