@@ -129,6 +129,14 @@ def cmd_bench_ops(args) -> int:
     return 0
 
 
+def cmd_bench_moe(args) -> int:
+    from speedlm.bench.moe import run_moe_bench
+
+    run_moe_bench(tokens=args.tokens, d_model=args.d_model, hidden=args.hidden, experts=args.experts, top_k=args.top_k,
+                  repeats=args.repeats, device=args.device, out_dir=args.out)
+    return 0
+
+
 def cmd_bench_peak(args) -> int:
     from speedlm.bench.common import resolve_dtype
     from speedlm.device import resolve_device
@@ -358,6 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--device", default="auto")
     o.add_argument("--out", default="runs/bench")
     o.set_defaults(func=cmd_bench_ops)
+
+    m = bsub.add_parser("moe", help="MoE dispatch: sorted grouped matmul vs the per-expert loop, forward and backward")
+    m.add_argument("--tokens", type=_ints, default=[8192])
+    m.add_argument("--d-model", type=int, default=256)
+    m.add_argument("--hidden", type=int, default=704, help="expert hidden width (default: mixtral-small's)")
+    m.add_argument("--experts", type=int, default=8)
+    m.add_argument("--top-k", type=int, default=2)
+    m.add_argument("--repeats", type=int, default=5)
+    m.add_argument("--device", default="auto")
+    m.add_argument("--out", default="runs/bench")
+    m.set_defaults(func=cmd_bench_moe)
 
     k = bsub.add_parser("peak", help="the matmul peak FLOP/s that MFU divides by (measured once per machine, cached)")
     k.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"])

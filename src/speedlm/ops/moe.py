@@ -10,11 +10,13 @@ Routing (logits in float32 at least, whatever the activations' dtype):
 - `z_loss`: mean squared log-sum-exp of the router logits (ST-MoE, Zoph et al. 2022,
   arXiv:2202.08906).
 
-Dispatch (`moe_swiglu`) without a Python loop over tokens or experts: the N * k assignments are
-sorted by expert, every expert's group is multiplied in one grouped matrix product, and the
-outputs are scattered back weighted by their router weights. `torch._grouped_mm` runs the
-groups where this torch build supports it for the device and dtype (probed once, forward and
-backward); elsewhere the groups are padded to the largest one and run as one batched matmul.
+Dispatch (`moe_swiglu`) without a Python loop over tokens: the N * k assignments are sorted by
+expert (one argsort), gathered once, every expert's contiguous group is multiplied, and the
+outputs are scattered back once, weighted by their router weights. The groups run as one
+`torch._grouped_mm` where this torch build supports it for the device and dtype (probed once,
+forward and backward); else padded to the largest group as one batched matmul ("padded"), or on
+CPU as one matmul per expert on its slice of the sorted tokens ("sliced", the fastest there:
+CPU `bmm` runs below the rate of separate matmuls).
 With a `capacity`, each expert keeps its first `capacity` assignments in token order and drops
 the rest (their tokens ride the residual: the FFN adds nothing for them); `capacity=None` is
 dropless. `moe_swiglu_reference` computes every expert for every token densely, for tests.
@@ -75,18 +77,21 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_MM_WORKS[key]
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, max_count: int) -> torch.Tensor:
-    """Rows of x (M, D) sorted by group, group g has counts[g] rows -> x_g @ w[g], (M, H)."""
-    if _grouped_mm_works(x.device, x.dtype):
-        offs = counts.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x, w, offs=offs)
-    # padded fallback: group g's rows at [g, 0:counts[g]] of an (E, max_count, D) batch
-    n_groups = w.shape[0]
-    starts = counts.cumsum(0) - counts
-    group = torch.repeat_interleave(torch.arange(n_groups, device=x.device), counts, output_size=x.shape[0])
-    slot = torch.arange(x.shape[0], device=x.device) - starts[group]
-    padded = x.new_zeros(n_groups, max_count, x.shape[1]).index_put((group, slot), x)
-    return torch.bmm(padded, w)[group, slot]
+BACKENDS = ("auto", "grouped_mm", "padded", "sliced")
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"auto": `torch._grouped_mm` where it runs (forward and backward) for this device and
+    dtype; else on CPU one matmul per expert on its contiguous slice of the sorted tokens
+    ("sliced": measured fastest there, `speedlm bench moe`), and elsewhere the padded batch
+    ("padded": one batched matmul, one kernel launch per projection)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown MoE dispatch backend {backend!r}; choose one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if _grouped_mm_works(device, dtype):
+        return "grouped_mm"
+    return "sliced" if device.type == "cpu" else "padded"
 
 
 def moe_swiglu(
@@ -97,29 +102,49 @@ def moe_swiglu(
     w_up: torch.Tensor,
     w_down: torch.Tensor,
     capacity: int | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (N, D), routing weights/experts (N, k), experts' SwiGLU weights w_gate/w_up (E, D, H),
     w_down (E, H, D) -> (y (N, D) = sum over kept assignments of weight * expert(x), kept (N, k)
-    bool: which assignments the capacity let through)."""
+    bool: which assignments the capacity let through). backend: see `resolve_backend`."""
+    backend = resolve_backend(backend, x.device, x.dtype)
     n, k = experts.shape
     n_experts = w_gate.shape[0]
     flat = experts.flatten()
     order = torch.argsort(flat, stable=True)  # by expert, token order within an expert
-    sorted_experts = flat[order]
     counts = torch.bincount(flat, minlength=n_experts)
-    kept_sorted = torch.ones_like(order, dtype=torch.bool)
+    rank = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[flat[order]]
     if capacity is not None:
-        rank = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[sorted_experts]
-        kept_sorted = rank < capacity
-        order, sorted_experts = order[kept_sorted], sorted_experts[kept_sorted]
+        keep = rank < capacity
+        order, rank = order[keep], rank[keep]
         counts = torch.clamp(counts, max=capacity)
-    token = order // k
-    max_count = int(counts.max()) if counts.numel() else 0
-    xs = x[token]
-    h = F.silu(grouped_matmul(xs, w_gate, counts, max_count)) * grouped_matmul(xs, w_up, counts, max_count)
-    out = grouped_matmul(h, w_down, counts, max_count)
-    out = out * weights.flatten()[order].to(out.dtype)[:, None]
-    y = x.new_zeros(n, x.shape[1]).index_add(0, token, out)
+    group, token, w = flat[order], order // k, weights.flatten()[order]
+    if backend == "sliced":
+        xs = x.index_select(0, token)
+        sizes = counts.tolist()
+        outs = [
+            (F.silu(xe @ w_gate[e]) * (xe @ w_up[e])) @ w_down[e]
+            for e, xe in enumerate(torch.split(xs, sizes)) if sizes[e]
+        ]
+        out = (torch.cat(outs) if outs else xs) * w.to(x.dtype)[:, None]
+        y = x.new_zeros(n, x.shape[1]).index_add(0, token, out)
+    elif backend == "grouped_mm":
+        offs = counts.cumsum(0).to(torch.int32)
+        xs = x.index_select(0, token)
+        h = F.silu(torch._grouped_mm(xs, w_gate, offs=offs)) * torch._grouped_mm(xs, w_up, offs=offs)
+        out = torch._grouped_mm(h, w_down, offs=offs) * w.to(x.dtype)[:, None]
+        y = x.new_zeros(n, x.shape[1]).index_add(0, token, out)
+    else:
+        # one padded batch (E, C, D), C the largest group: every group in one batched matmul.
+        # Padding slots read token 0 and carry weight 0, so they add nothing.
+        c = int(counts.max()) if order.numel() else 1
+        slot = group * c + rank
+        src = torch.zeros(n_experts * c, dtype=torch.long, device=x.device).index_put((slot,), token)
+        wp = w.new_zeros(n_experts * c).index_put((slot,), w).to(x.dtype)
+        xp = x.index_select(0, src).view(n_experts, c, -1)
+        h = F.silu(torch.bmm(xp, w_gate)) * torch.bmm(xp, w_up)
+        out = torch.bmm(h, w_down).view(n_experts * c, -1) * wp[:, None]
+        y = x.new_zeros(n, x.shape[1]).index_add(0, src, out)
     kept = torch.zeros(n * k, dtype=torch.bool, device=x.device)
     kept[order] = True
     return y, kept.view(n, k)
@@ -134,3 +159,18 @@ def moe_swiglu_reference(x, weights, experts, w_gate, w_up, w_down, kept=None) -
     dense.scatter_add_(1, experts, w.to(x.dtype))
     h = F.silu(torch.einsum("nd,edh->neh", x, w_gate)) * torch.einsum("nd,edh->neh", x, w_up)
     return torch.einsum("ne,ned->nd", dense, torch.einsum("neh,ehd->ned", h, w_down))
+
+
+def moe_swiglu_loop(x, weights, experts, w_gate, w_up, w_down) -> torch.Tensor:
+    """The per-expert loop with index gathers (as Hugging Face's Mixtral block dispatches):
+    for each expert, gather its tokens, run it, scatter-add the weighted outputs. A baseline
+    for `speedlm bench moe`, not used by the models."""
+    y = torch.zeros_like(x)
+    for e in range(w_gate.shape[0]):
+        token, slot = torch.where(experts == e)
+        if token.numel() == 0:
+            continue
+        xe = x[token]
+        out = (F.silu(xe @ w_gate[e]) * (xe @ w_up[e])) @ w_down[e]
+        y = y.index_add(0, token, out * weights[token, slot, None].to(out.dtype))
+    return y
