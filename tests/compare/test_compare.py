@@ -5,12 +5,13 @@ import math
 import os
 
 import pytest
+import torch
 
 from speedlm.bench.recall import RecallSetting
 from speedlm.cli import main
 from speedlm.compare import TIMING_FIELDS, CompareOptions, plan_model, run_compare, steps_for_budget
 from speedlm.compare.plan import BudgetTooSmall, count_params, match_width
-from speedlm.models import resolve_config
+from speedlm.models import build_model, resolve_config
 
 TINY_MQAR = RecallSetting(seq_len=16, num_kv_pairs=2, vocab_size=16, steps=3, batch_size=4, lr=1e-3, test_examples=16)
 
@@ -46,6 +47,22 @@ def test_widths_are_chosen_so_non_embedding_parameters_match_the_first_model():
     assert matched.d_model != gqa.d_model and matched.d_model % (2 * gqa.n_heads) == 0
     assert gap(matched) < gap(gqa) and gap(matched) < 0.05
     assert count_params(match_width(resolve_config("linear-attention-tiny"), target))[1] == target  # same shape: kept
+
+
+def test_moe_models_are_matched_on_active_parameters_and_trained_for_active_flops():
+    target = count_params(resolve_config("transformer-tiny"))[1]
+    mixtral = resolve_config("mixtral-tiny")
+    total, non_embedding, active = count_params(mixtral)
+    assert active < non_embedding  # six of eight experts idle for each token
+    matched = match_width(mixtral, target)
+    assert matched.d_model < mixtral.d_model  # two full-width experts per token: narrower to match
+    gap = lambda cfg: abs(math.log(count_params(cfg)[2] / target))  # noqa: E731
+    assert gap(matched) < gap(mixtral)  # the closest of the widths in steps of 2 x n_heads
+    plan = plan_model("mixtral-tiny", mixtral, 1e12, 4, 64, target)
+    row = plan.to_dict()
+    assert row["params_active"] < row["params"] and row["params_active_non_embedding"] == count_params(matched)[2]
+    with torch.device("meta"):
+        assert plan.flops_per_token == build_model(matched).flops_per_token(64)  # active FLOPs
 
 
 def test_a_budget_below_one_step_is_refused():

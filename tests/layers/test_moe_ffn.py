@@ -86,3 +86,29 @@ def test_trainer_logs_the_moe_losses(tmp_path):
     rec = summary["history"][-1]
     assert rec["loss/moe_balance"] > 0 and rec["loss/moe_z"] > 0
     assert rec["loss"] == pytest.approx(rec["loss/lm"] + rec["loss/moe_balance"] + rec["loss/moe_z"], rel=1e-5)
+
+
+def test_expert_choice_takes_each_experts_best_tokens_and_is_refused_in_causal_models():
+    from speedlm.errors import SpeedlmError
+    from speedlm.models import ModelConfig
+    from speedlm.ops.moe import expert_choice_swiglu
+
+    f = MoE(DIMS, experts=4, top_k=2, hidden=16, routing="expert").double()
+    x = torch.randn(2, 15, 32, dtype=torch.float64)
+    flat = x.reshape(-1, 32)
+    _, _, _, probs = f.route(flat)
+    y, chosen = expert_choice_swiglu(flat, probs, 15, f.w_gate, f.w_up, f.w_down)
+    assert chosen.sum(0).tolist() == [15] * 4  # each expert: ceil(1.0 * 30 * 2 / 4) = 15 tokens
+    for e in range(4):  # ... the ones that score it highest
+        assert set(chosen[:, e].nonzero()[:, 0].tolist()) == set(probs[:, e].topk(15).indices.tolist())
+    dense = torch.where(chosen, probs, torch.zeros_like(probs))
+    h = torch.nn.functional.silu(torch.einsum("nd,edh->neh", flat, f.w_gate)) * torch.einsum("nd,edh->neh", flat, f.w_up)
+    ref = torch.einsum("ne,ned->nd", dense, torch.einsum("neh,ehd->ned", h, f.w_down))
+    assert rel(y, ref) < 1e-12
+    aux = AuxLosses()
+    out = f(x, SeqMeta(causal=False, aux=aux))
+    assert rel(out.reshape(-1, 32), ref) < 1e-12 and set(aux.parts) == {"moe_z"}  # balanced by construction
+    with pytest.raises(SpeedlmError, match="expert-choice"):
+        f(x, SeqMeta())
+    with pytest.raises(SpeedlmError, match="expert-choice routing .*objective='ar' is causal"):
+        ModelConfig(layers={"A": {"mixer": {"name": "attention"}, "ffn": {"name": "moe", "routing": "expert"}}}).validate()

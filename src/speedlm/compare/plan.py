@@ -2,7 +2,10 @@
 
 Widths. The first model keeps its preset's width; every other model gets the width (d_model,
 in steps that keep its heads even-sized, within 1/2x..2x of its preset's width, the FFN
-following the width) whose non-embedding parameter count is closest to the first model's. With
+following the width) whose active non-embedding parameter count is closest to the first
+model's. Active: the parameters a token passes through, so a Mixture-of-Experts model is
+matched on its router and top-k experts (like its FLOPs), not on every expert; for dense models
+active and total are the same. With
 `match="none"` every preset keeps its width. Non-embedding parameters, because the embedding
 table is a lookup that costs no FLOPs per token and would let a wider model hide parameters.
 
@@ -36,6 +39,7 @@ class ModelPlan:
     preset_width: int
     params: int
     params_non_embedding: int
+    params_active_non_embedding: int  # what width matching compares (routed parts: what a token uses)
     flops_per_token: float  # training FLOPs per token at the training length
     steps: int
     tokens: int
@@ -53,6 +57,8 @@ class ModelPlan:
             "preset_d_model": self.preset_width,
             "params": self.params,
             "params_non_embedding": self.params_non_embedding,
+            "params_active_non_embedding": self.params_active_non_embedding,
+            "params_active": self.params - (self.params_non_embedding - self.params_active_non_embedding),
             "train_flops_per_token": self.flops_per_token,
             "steps": self.steps,
             "tokens": self.tokens,
@@ -60,11 +66,13 @@ class ModelPlan:
         }
 
 
-def count_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(total, non-embedding) parameters of `cfg`, built on the meta device (no memory, no init)."""
+def count_params(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(total, non-embedding, active non-embedding) parameters of `cfg`, built on the meta
+    device (no memory, no init)."""
     with torch.device("meta"):
         model = build_model(cfg)
-    return model.num_params(), model.num_params(non_embedding=True)
+    non_embedding = model.num_params(non_embedding=True)
+    return model.num_params(), non_embedding, non_embedding - (model.num_params() - model.num_active_params())
 
 
 def _with_width(cfg: ModelConfig, width: int) -> ModelConfig | None:
@@ -77,16 +85,16 @@ def _with_width(cfg: ModelConfig, width: int) -> ModelConfig | None:
 
 
 def match_width(cfg: ModelConfig, target_non_embedding: int) -> ModelConfig:
-    """The width of `cfg`'s architecture whose non-embedding parameters are closest to the target
-    (log distance), searched in steps of 2 x n_heads within [d/2, 2d]."""
+    """The width of `cfg`'s architecture whose active non-embedding parameters are closest to
+    the target (log distance), searched in steps of 2 x n_heads within [d/2, 2d]."""
     step = 2 * cfg.n_heads
     d0 = cfg.d_model
-    best, best_gap = cfg, abs(math.log(count_params(cfg)[1] / target_non_embedding))
+    best, best_gap = cfg, abs(math.log(count_params(cfg)[2] / target_non_embedding))
     for width in range(max(step, (d0 // 2) // step * step), 2 * d0 + 1, step):
         candidate = _with_width(cfg, width) if width != d0 else None
         if candidate is None:
             continue
-        gap = abs(math.log(count_params(candidate)[1] / target_non_embedding))
+        gap = abs(math.log(count_params(candidate)[2] / target_non_embedding))
         if gap < best_gap - 1e-12:
             best, best_gap = candidate, gap
     return best
@@ -101,7 +109,7 @@ def plan_model(name: str, cfg: ModelConfig, budget: float, batch_size: int, seq_
     preset_width = cfg.d_model
     if target is not None:
         cfg = match_width(cfg, target)
-    params, non_emb = count_params(cfg)
+    params, non_emb, active = count_params(cfg)
     with torch.device("meta"):
         fpt = build_model(cfg).flops_per_token(seq_len, training=True)
     tokens_per_step = batch_size * seq_len
@@ -111,7 +119,7 @@ def plan_model(name: str, cfg: ModelConfig, budget: float, batch_size: int, seq_
             f"budget {budget:.3g} FLOPs is too small for one training step of {name} "
             f"({fpt * tokens_per_step:.3g} FLOPs per step of {batch_size} x {seq_len} tokens); raise --budget"
         )
-    return ModelPlan(name, cfg, preset_width, params, non_emb, fpt, steps, steps * tokens_per_step,
+    return ModelPlan(name, cfg, preset_width, params, non_emb, active, fpt, steps, steps * tokens_per_step,
                      steps * tokens_per_step * fpt)
 
 

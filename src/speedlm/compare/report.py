@@ -60,7 +60,7 @@ def leaderboard_markdown(report: dict) -> str:
                          + " |" * (8 + len(TABLE_STATE_CONTEXTS)))
             continue
         lines.append(
-            f"| {i} | {m['name']} | {m['params']:,} | {m['train_flops_per_token'] / 1e6:.3f} | {m['steps']:,} | "
+            f"| {i} | {m['name']} | {_params(m)} | {m['train_flops_per_token'] / 1e6:.3f} | {m['steps']:,} | "
             f"{m['val_loss']:.4f} | {m['val_ppl']:.3f} | {_num(m.get('mqar_accuracy'), '.3f')} | "
             f"{_num(m['train_tok_per_s'], ',.0f')} | {_num(_get(m['prefill_tok_s'], long), ',.0f')} | "
             f"{_num(_get(m['decode_ms'], short), '.2f')} | {_num(_get(m['decode_ms'], long), '.2f')} | "
@@ -70,18 +70,29 @@ def leaderboard_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _params(m: dict) -> str:
+    """Total parameters, and the active ones where a token passes through fewer (MoE)."""
+    active = m.get("params_active", m["params"])
+    return f"{m['params']:,}" if active == m["params"] else f"{m['params']:,} ({active:,} active)"
+
+
+def _active_non_embedding(m: dict) -> int:
+    return m.get("params_active_non_embedding", m["params_non_embedding"])  # reports before active params
+
+
 def _plan_markdown(report: dict) -> str:
     models = [m for m in report["models"] if "d_model" in m]
-    first = models[0]["params_non_embedding"] if models else None
+    first = _active_non_embedding(models[0]) if models else None
     match = report["meta"]["options"]["match"]
     lines = [
-        "| model | d_model (preset) | params | non-embedding | vs first | train MFLOP/token | steps | tokens | train FLOPs |",
+        "| model | d_model (preset) | params | non-embedding (active) | vs first | train MFLOP/token | steps | tokens | train FLOPs |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in models:
-        ratio = f"{m['params_non_embedding'] / first:.3f}" if first and match == "first" else "-"
+        ratio = f"{_active_non_embedding(m) / first:.3f}" if first and match == "first" else "-"
         lines.append(
-            f"| {m['name']} | {m['d_model']} ({m['preset_d_model']}) | {m['params']:,} | {m['params_non_embedding']:,} | "
+            f"| {m['name']} | {m['d_model']} ({m['preset_d_model']}) | {m['params']:,} | "
+            f"{m['params_non_embedding']:,} ({_active_non_embedding(m):,}) | "
             f"{ratio} | {m['train_flops_per_token'] / 1e6:.3f} | {m['steps']:,} | {m['tokens']:,} | {m['train_flops']:.3g} |"
         )
     return "\n".join(lines)

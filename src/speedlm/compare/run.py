@@ -313,7 +313,7 @@ def run_compare(o: CompareOptions, progress: bool = True) -> dict:
             rows[name] = {"name": name, "status": "failed", "reason": f"config: {e}"}
             continue
         if first:
-            target = plan.params_non_embedding
+            target = plan.params_active_non_embedding
         plans.append(plan)
         rows[name] = {"name": name, "status": "pending", **plan.to_dict()}
     if too_small:
@@ -384,10 +384,10 @@ def _print_plan(plans: list[ModelPlan], o: CompareOptions, target: int | None) -
     print(f"plan: {o.budget:.3g} training FLOPs per model, batches of {o.batch_size} x {o.seq_len} tokens "
           f"({tokens_per_step:,} per step), lr {o.lr}, seed {o.seed}")
     width = max([len(p.name) for p in plans] + [5])
-    print(f"  {'model':<{width}}  d_model  params     non-emb   vs first  MFLOP/token  steps   tokens")
+    print(f"  {'model':<{width}}  d_model  params     active non-emb  vs first  MFLOP/token  steps   tokens")
     for p in plans:
-        ratio = f"{p.params_non_embedding / target:.3f}" if target else "-"
-        print(f"  {p.name:<{width}}  {p.width:<7}  {p.params:<9,}  {p.params_non_embedding:<8,}  {ratio:<8}  "
+        ratio = f"{p.params_active_non_embedding / target:.3f}" if target else "-"
+        print(f"  {p.name:<{width}}  {p.width:<7}  {p.params:<9,}  {p.params_active_non_embedding:<14,}  {ratio:<8}  "
               f"{p.flops_per_token / 1e6:<11.3f}  {p.steps:<6}  {p.tokens:,}")
     sys.stdout.flush()
 

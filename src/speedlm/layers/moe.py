@@ -12,12 +12,15 @@ choosing many small ones (DeepSeekMoE, Dai et al. 2024, arXiv:2401.06066).
   batch's assignments, the rest are dropped (those tokens ride the residual). Inference is
   dropless, so the cached and the uncached forward always agree (a capacity would make a
   token's output depend on how many tokens share its call). None: dropless everywhere.
-- Dispatch is ops/moe.py's sorted grouped matrix product: no Python loop over tokens or experts.
+- `routing="expert"`: expert choice (Zhou et al. 2022, arXiv:2202.09368), each expert takes the
+  ceil(capacity_factor * N * k / E) tokens of the call that score it highest. It sees the future,
+  so a causal (`ar`) model refuses it (config validation) and bidirectional models use it.
+- Dispatch is ops/moe.py's sorted grouped matrix product: no Python loop over tokens.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,7 @@ from speedlm.layers.dims import ModelDims
 from speedlm.layers.ffn import FFN
 from speedlm.layers.mlp import SwiGLU
 from speedlm.layers.mixer import SeqMeta
-from speedlm.ops.moe import balance_loss, expert_capacity, moe_swiglu, route_topk, z_loss
+from speedlm.ops.moe import balance_loss, expert_capacity, expert_choice_swiglu, moe_swiglu, route_topk, z_loss
 from speedlm.registry import Range
 
 
@@ -37,6 +40,14 @@ class MoE(FFN):
     def check_options(cls, dims: ModelDims, experts: int = 8, top_k: int = 2, **options) -> None:
         if top_k > experts:
             raise SpeedlmError(f"top_k={top_k} must not exceed the number of experts ({experts})")
+
+    @classmethod
+    def causal_problem(cls, routing: str = "token", **options) -> str | None:
+        """Why these options cannot serve a causal model (None: they can)."""
+        if routing == "expert":
+            return ("expert-choice routing picks each expert's tokens from the whole call, future tokens included; "
+                    "use it in bidirectional models, or routing='token' in a causal one")
+        return None
 
     def __init__(
         self,
@@ -48,12 +59,14 @@ class MoE(FFN):
         capacity_factor: Annotated[float | None, Range(min=0.01)] = None,
         balance_coef: Annotated[float, Range(min=0)] = 0.01,
         z_coef: Annotated[float, Range(min=0)] = 0.001,
+        routing: Literal["token", "expert"] = "token",
     ):
         super().__init__(dims)
         d = dims.d_model
         self.n_experts, self.top_k = experts, top_k
         self.hidden = dims.hidden_dim if hidden is None else hidden
         self.capacity_factor, self.balance_coef, self.z_coef = capacity_factor, balance_coef, z_coef
+        self.routing = routing
         self.router = nn.Linear(d, experts, bias=False)
         self.w_gate = nn.Parameter(torch.empty(experts, d, self.hidden))
         self.w_up = nn.Parameter(torch.empty(experts, d, self.hidden))
@@ -85,11 +98,20 @@ class MoE(FFN):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         logits, weights, experts, probs = self.route(flat)
-        capacity = expert_capacity(flat.shape[0], self.top_k, self.n_experts, self.capacity_factor) if self.training else None
-        y, _ = moe_swiglu(flat, weights, experts, self.w_gate, self.w_up, self.w_down, capacity)
-        if meta is not None and meta.aux is not None:
-            meta.aux.add("moe_balance", self.balance_coef * balance_loss(probs, experts))
-            meta.aux.add("moe_z", self.z_coef * z_loss(logits))
+        aux = meta.aux if meta is not None else None
+        if self.routing == "expert":
+            if meta is not None and meta.causal:
+                raise SpeedlmError(self.causal_problem("expert"))
+            # each expert takes ceil(factor * N * k / E) tokens: k experts per token on average
+            capacity = expert_capacity(flat.shape[0], self.top_k, self.n_experts, self.capacity_factor or 1.0)
+            y, _ = expert_choice_swiglu(flat, probs, capacity, self.w_gate, self.w_up, self.w_down)
+        else:
+            capacity = expert_capacity(flat.shape[0], self.top_k, self.n_experts, self.capacity_factor) if self.training else None
+            y, _ = moe_swiglu(flat, weights, experts, self.w_gate, self.w_up, self.w_down, capacity)
+            if aux is not None:  # expert choice is balanced by construction
+                aux.add("moe_balance", self.balance_coef * balance_loss(probs, experts))
+        if aux is not None:
+            aux.add("moe_z", self.z_coef * z_loss(logits))
         y = y.view(shape)
         if self.shared is not None:
             y = y + self.shared(x)

@@ -163,9 +163,15 @@ class ModelConfig(Schema):
             raise SpeedlmError(f"{where}: unknown key(s) {unknown}; a layer spec has {list(LAYER_KEYS)}")
         spec, dims = self.layer_spec(letter), self.dims(layer_idx)
         mixer = MIXERS.check(spec["mixer"], f"{where}.mixer", dims)
-        FFNS.check(spec["ffn"], f"{where}.ffn", dims)
-        BLOCKS.check(spec["block"], f"{where}.block", dims)
+        ffn = FFNS.check(spec["ffn"], f"{where}.ffn", dims)
+        block = BLOCKS.check(spec["block"], f"{where}.block", dims)
         if self.objective == "ar" and not mixer.cls.supports_causal:
             raise SpeedlmError(
                 f"{where}: mixer {mixer.name!r} is bidirectional-only and cannot be used in a causal (objective='ar') model"
             )
+        if self.objective == "ar":  # parts whose options decide whether they can be causal
+            for kind, entry, part in (("ffn", ffn, spec["ffn"]), ("block", block, spec["block"])):
+                check = getattr(entry.cls, "causal_problem", None)
+                problem = check(**{k: v for k, v in part.items() if k != "name"}) if check else None
+                if problem:
+                    raise SpeedlmError(f"{where}.{kind}: {problem} (objective='ar' is causal)")

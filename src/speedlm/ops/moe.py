@@ -94,31 +94,12 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return "sliced" if device.type == "cpu" else "padded"
 
 
-def moe_swiglu(
-    x: torch.Tensor,
-    weights: torch.Tensor,
-    experts: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    capacity: int | None = None,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N, D), routing weights/experts (N, k), experts' SwiGLU weights w_gate/w_up (E, D, H),
-    w_down (E, H, D) -> (y (N, D) = sum over kept assignments of weight * expert(x), kept (N, k)
-    bool: which assignments the capacity let through). backend: see `resolve_backend`."""
+def dispatch_swiglu(x, token, group, rank, counts, w, w_gate, w_up, w_down, backend: str = "auto") -> torch.Tensor:
+    """The experts on their assignments, sorted by expert: assignment i sends token[i] to expert
+    group[i] (non-decreasing) as that expert's rank[i]-th, with weight w[i]; counts (E,) per
+    expert. -> y (N, D): the weighted outputs summed per token (zero for unassigned tokens)."""
     backend = resolve_backend(backend, x.device, x.dtype)
-    n, k = experts.shape
-    n_experts = w_gate.shape[0]
-    flat = experts.flatten()
-    order = torch.argsort(flat, stable=True)  # by expert, token order within an expert
-    counts = torch.bincount(flat, minlength=n_experts)
-    rank = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[flat[order]]
-    if capacity is not None:
-        keep = rank < capacity
-        order, rank = order[keep], rank[keep]
-        counts = torch.clamp(counts, max=capacity)
-    group, token, w = flat[order], order // k, weights.flatten()[order]
+    n, n_experts = x.shape[0], w_gate.shape[0]
     if backend == "sliced":
         xs = x.index_select(0, token)
         sizes = counts.tolist()
@@ -137,7 +118,7 @@ def moe_swiglu(
     else:
         # one padded batch (E, C, D), C the largest group: every group in one batched matmul.
         # Padding slots read token 0 and carry weight 0, so they add nothing.
-        c = int(counts.max()) if order.numel() else 1
+        c = int(counts.max()) if token.numel() else 1
         slot = group * c + rank
         src = torch.zeros(n_experts * c, dtype=torch.long, device=x.device).index_put((slot,), token)
         wp = w.new_zeros(n_experts * c).index_put((slot,), w).to(x.dtype)
@@ -145,9 +126,57 @@ def moe_swiglu(
         h = F.silu(torch.bmm(xp, w_gate)) * torch.bmm(xp, w_up)
         out = torch.bmm(h, w_down).view(n_experts * c, -1) * wp[:, None]
         y = x.new_zeros(n, x.shape[1]).index_add(0, src, out)
+    return y
+
+
+def moe_swiglu(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    capacity: int | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, D), routing weights/experts (N, k), experts' SwiGLU weights w_gate/w_up (E, D, H),
+    w_down (E, H, D) -> (y (N, D) = sum over kept assignments of weight * expert(x), kept (N, k)
+    bool: which assignments the capacity let through). backend: see `resolve_backend`."""
+    n, k = experts.shape
+    n_experts = w_gate.shape[0]
+    flat = experts.flatten()
+    order = torch.argsort(flat, stable=True)  # by expert, token order within an expert
+    counts = torch.bincount(flat, minlength=n_experts)
+    rank = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[flat[order]]
+    if capacity is not None:
+        keep = rank < capacity
+        order, rank = order[keep], rank[keep]
+        counts = torch.clamp(counts, max=capacity)
+    group, token, w = flat[order], order // k, weights.flatten()[order]
+    y = dispatch_swiglu(x, token, group, rank, counts, w, w_gate, w_up, w_down, backend)
     kept = torch.zeros(n * k, dtype=torch.bool, device=x.device)
     kept[order] = True
     return y, kept.view(n, k)
+
+
+def expert_choice_swiglu(x, probs, capacity: int, w_gate, w_up, w_down, backend: str = "auto"):
+    """Expert choice (Zhou et al. 2022, arXiv:2202.09368): each expert takes the `capacity`
+    tokens that score it highest (probs (N, E), the router's softmax over experts), weighted by
+    that score; a token may be taken by several experts or none. Every expert sees the whole
+    call, future tokens included: for bidirectional models. -> (y (N, D), chosen (N, E) bool)."""
+    n, n_experts = probs.shape
+    c = min(capacity, n)
+    top, idx = probs.topk(c, dim=0)  # (C, E): per expert, its tokens by score
+    order = torch.argsort(idx.T, dim=1)  # token order within each expert (deterministic layout)
+    token = idx.T.gather(1, order).flatten()
+    w = top.T.gather(1, order).flatten()
+    group = torch.arange(n_experts, device=x.device).repeat_interleave(c)
+    rank = torch.arange(c, device=x.device).repeat(n_experts)
+    counts = torch.full((n_experts,), c, dtype=torch.long, device=x.device)
+    y = dispatch_swiglu(x, token, group, rank, counts, w, w_gate, w_up, w_down, backend)
+    chosen = torch.zeros(n, n_experts, dtype=torch.bool, device=x.device)
+    chosen[token, group] = True
+    return y, chosen
 
 
 def moe_swiglu_reference(x, weights, experts, w_gate, w_up, w_down, kept=None) -> torch.Tensor:
