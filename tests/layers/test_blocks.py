@@ -3,6 +3,7 @@ around a causal mixer is causal, decodes through its cache exactly as its full f
 finite gradients, and reports the state, FLOPs and residual projections of its parts."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -32,7 +33,9 @@ def x_of(t, b=2):
 
 @pytest.mark.parametrize("block,ffn,m", CASES, ids=IDS)
 def test_block_is_causal_and_decodes_like_its_full_forward(block, ffn, m):
-    blk, x = make(block, ffn, m), x_of(43)
+    # inference mode: routed blocks (MoD) route by their causal rule there, as generation does
+    # (their training-time top-k over the sequence looks ahead by design); MoE is dropless
+    blk, x = make(block, ffn, m).eval(), x_of(43)
     full = blk(x, SeqMeta())
     x2 = x.clone()
     x2[:, 30] += 1.0
@@ -41,7 +44,11 @@ def test_block_is_causal_and_decodes_like_its_full_forward(block, ffn, m):
         cache = blk.init_cache()
         steps = [blk(x[:, :11], SeqMeta(0), cache)] + [blk(x[:, i : i + 1], SeqMeta(i), cache) for i in range(11, 43)]
     assert rel_rms_error(torch.cat(steps, 1), full) < 1e-12
-    assert cache.nbytes() == blk.state_bytes(43, batch_size=2, bytes_per_elem=8) >= blk.mixer.state_bytes(43, 2, 8)
+    if block == "mod":  # each row's inner cache holds the tokens that row routed
+        assert cache.nbytes() == sum(blk.inner.state_bytes(n, 1, 8) for n in cache.counts) > 0
+        assert blk.state_bytes(43, 2, 8) == blk.inner.state_bytes(math.ceil(blk.capacity * 43), 2, 8)  # at capacity
+    else:
+        assert cache.nbytes() == blk.state_bytes(43, batch_size=2, bytes_per_elem=8) >= blk.mixer.state_bytes(43, 2, 8)
 
 
 @pytest.mark.parametrize("block,ffn,m", CASES, ids=IDS)
@@ -56,7 +63,12 @@ def test_block_accounting_is_the_sum_of_its_parts(block, ffn, m):
     blk = make(block, ffn, m)
     ffn_flops = blk.ffn.flops_per_token() if blk.ffn is not None else 0.0
     own = blk.conv.flops_per_token() if block == "test_conv_prenorm" else 0.0  # the parts beside mixer and FFN
-    assert blk.flops_per_token(100) == pytest.approx(blk.mixer.flops_per_token(100) + ffn_flops + own)
+    if block == "mod":  # the router on every token, the block on the capacity's share, over the routed length
+        routed = math.ceil(blk.capacity * 100)
+        inner = blk.mixer.flops_per_token(routed) + ffn_flops
+        assert blk.flops_per_token(100) == pytest.approx(2 * DIMS.d_model + blk.capacity * inner)
+    else:
+        assert blk.flops_per_token(100) == pytest.approx(blk.mixer.flops_per_token(100) + ffn_flops + own)
     res = blk.residual_weights()  # the mixer's output projection, and the FFN's (an MoE: experts and shared)
     assert len(res) >= 1 + (blk.ffn is not None) and all(DIMS.d_model in (w.shape[0], w.shape[-1]) for w in res)
     with torch.no_grad():  # NaN trap: every parameter is initialised by some module's own reset

@@ -148,8 +148,9 @@ def test_foundation_checkpoints_load_and_give_the_same_logits(preset):
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_model_chunked_prefill_equals_full_forward(preset):
-    """Model level: the caches of every layer chain correctly through uneven chunks."""
-    m = build_model(preset).double()
+    """Model level: the caches of every layer chain correctly through uneven chunks (in eval
+    mode, where routed blocks (MoD) use their causal rule, as generation does)."""
+    m = build_model(preset).double().eval()
     x = torch.randint(0, 256, (2, 77))
     full = m(x)
     cache, outs = m.init_cache(), []

@@ -34,6 +34,11 @@ class Block(nn.Module):
     def supports_decoding(self) -> bool:
         return self.mixer.supports_decoding
 
+    @property
+    def data_dependent_state(self) -> bool:
+        """The state after T tokens depends on which tokens they are (`state_bytes` estimates)."""
+        return self.mixer.data_dependent_state
+
     def init_cache(self, kv_policy=None):
         return self.mixer.init_cache(kv_policy)
 

@@ -16,9 +16,19 @@ class AuxLosses:
 
     def __init__(self):
         self.parts: dict[str, torch.Tensor] = {}
+        self._metrics: dict[str, list[torch.Tensor]] = {}
 
     def add(self, name: str, value: torch.Tensor) -> None:
         self.parts[name] = value if name not in self.parts else self.parts[name] + value
+
+    def metric(self, name: str, value: torch.Tensor) -> None:
+        """A number worth logging that is not a loss (e.g. MoD's router agreement): averaged
+        over the layers that report it, never added to the total."""
+        self._metrics.setdefault(name, []).append(value.detach())
+
+    @property
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {name: torch.stack(vs).mean() for name, vs in self._metrics.items()}
 
     def total(self) -> torch.Tensor | float:
         return sum(self.parts.values()) if self.parts else 0.0

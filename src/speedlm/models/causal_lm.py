@@ -5,7 +5,7 @@ FLOPs and context limits."""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +19,19 @@ from speedlm.models.config import ModelConfig
 from speedlm.registry import BLOCKS
 
 
-class Loss(NamedTuple):
+@dataclass(frozen=True)
+class Loss:
     """`total` is what training minimises; `parts` names its terms: "lm" (the cross-entropy,
-    what evaluation reports) and every auxiliary loss the modules added."""
+    what evaluation reports) and every auxiliary loss the modules added; `metrics` are numbers
+    the modules reported that are not losses (logged, never minimised). Unpacks as
+    `total, parts = model.loss(...)`."""
 
     total: torch.Tensor
     parts: dict[str, torch.Tensor]
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter((self.total, self.parts))
 
 
 def _min_limit(limits) -> int | None:
@@ -107,7 +114,7 @@ class CausalLM(nn.Module):
         aux = AuxLosses()
         logits = self(input_ids, aux=aux, **meta)
         lm = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return Loss(lm + aux.total(), {"lm": lm, **aux.parts})
+        return Loss(lm + aux.total(), {"lm": lm, **aux.parts}, aux.metrics)
 
     def init_cache(self, kv_policy=None) -> ModelCache:
         """Empty caches for every layer; `kv_policy` overrides the retention of every KV cache

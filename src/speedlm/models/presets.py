@@ -253,6 +253,32 @@ PRESETS: dict[str, Preset] = {
             ),
         ),
         Preset(
+            "mod",
+            "Mixture-of-Depths transformer: every other block routed, 12.5% of the tokens pass through it (top-k in "
+            "training, the router's sigmoid > 0.5 at inference), the rest ride the residual",
+            "Raposo et al. 2024, Mixture-of-Depths (arXiv:2404.02258)",
+            lambda s: dict(
+                pattern="AR",
+                layers={"A": {"mixer": {"name": "attention"}},
+                        "R": {"mixer": {"name": "attention"}, "block": {"name": "mod", "capacity": 0.125}}},
+            ),
+        ),
+        Preset(
+            "mod-mamba",
+            "Mixture-of-Depths on Mamba: every other Mamba layer routed at 12.5% capacity, with the stop-gradient "
+            "predictor as the causal rule",
+            "Raposo et al. 2024, Mixture-of-Depths (arXiv:2404.02258); Gu & Dao 2023, Mamba (arXiv:2312.00752)",
+            lambda s: dict(
+                n_layers=2 * s["n_layers"],
+                pattern="MR",
+                layers={
+                    "M": {"mixer": {"name": "mamba"}, "ffn": "none"},
+                    "R": {"mixer": {"name": "mamba"}, "ffn": "none",
+                          "block": {"name": "mod", "capacity": 0.125, "causal_rule": "predictor"}},
+                },
+            ),
+        ),
+        Preset(
             "hyena",
             "Hyena: order-2 implicit long convolutions (positional-MLP filters, decay window) and gates, FFT "
             "convolution, SwiGLU FFN; exact decoding from cached inputs (O(context) state)",

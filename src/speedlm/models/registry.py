@@ -20,6 +20,7 @@ from speedlm.layers.linear_attention import LinearAttention
 from speedlm.layers.mamba import Mamba
 from speedlm.layers.mamba2 import Mamba2
 from speedlm.layers.mlp import SwiGLU
+from speedlm.layers.mod import MoDBlock
 from speedlm.layers.moe import MoE
 from speedlm.layers.performer import Performer
 from speedlm.layers.retnet import MultiScaleRetention
@@ -215,4 +216,13 @@ register_block(
     family="residual block",
     description="x + mixer(norm x), then x + ffn(norm x)",
     paper="Radford et al. 2019 (GPT-2); Xiong et al. 2020, On Layer Normalization in the Transformer (arXiv:2002.04745)",
+)
+register_block(
+    "mod",
+    MoDBlock,
+    family="conditional depth",
+    description="Mixture-of-Depths around an inner block: a router picks ceil(capacity * T) tokens per row (top-k in "
+    "training, a causal rule at inference), only they pass through the block, scaled by sigmoid(router)",
+    paper="Raposo et al. 2024, Mixture-of-Depths: Dynamically allocating compute in transformer-based language models "
+    "(arXiv:2404.02258)",
 )

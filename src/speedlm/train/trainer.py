@@ -295,17 +295,21 @@ def train(
                 # summed on device: reading it (.item()) forces a sync, so only at log steps
                 loss_sum = torch.zeros((), device=device)
                 part_sums: dict[str, torch.Tensor] = {}
+                metric_sums: dict[str, torch.Tensor] = {}
                 for micro in range(cfg.grad_accum):
                     x, y = train_stream.batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
                     x, y = parallel.shard(x, y)  # this rank's rows of the global batch
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with autocast_context(device, amp_dtype):
-                        loss, parts = step_loss_of(x, y)
+                        out = step_loss_of(x, y)
+                        loss, parts = out.total, out.parts
                     # mean over micro-batches, so grad_accum changes the batch, not the lr
                     (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach()
                     for name, value in parts.items():
                         part_sums[name] = part_sums.get(name, 0.0) + value.detach()
+                    for name, value in out.metrics.items():
+                        metric_sums[name] = metric_sums.get(name, 0.0) + value.detach()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
                     grad_norm = grad_norm.full_tensor()
@@ -333,6 +337,7 @@ def train(
                     tok_s = window_tokens / window_s if window_s > 0 else 0.0
                     loss_sum = parallel.mean(loss_sum)
                     part_sums = {name: parallel.mean(v) for name, v in part_sums.items()}
+                    metric_sums = {name: parallel.mean(v) for name, v in metric_sums.items()}
                     step_loss = loss_sum.item() / cfg.grad_accum
                     if not math.isfinite(step_loss):
                         raise SpeedlmError(
@@ -350,6 +355,8 @@ def train(
                         "mfu": mfu(flops_tok, tok_s, peak),
                         # the named parts of the loss: "lm" (cross-entropy) and any auxiliary losses
                         **{f"loss/{name}": float(v) / cfg.grad_accum for name, v in part_sums.items()},
+                        # numbers the modules report that are not losses (MoD's router agreement)
+                        **{f"metric/{name}": float(v) / cfg.grad_accum for name, v in metric_sums.items()},
                     }
                     if do_eval:
                         ev = evaluate(model, val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device, amp_dtype)
