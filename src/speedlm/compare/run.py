@@ -59,6 +59,11 @@ DEFAULT_PRESETS = (
     # 2-layer tiny model (Mamba + sliding window; Jamba's 8-layer block does not)
     "mamba2-tiny",
     "samba-tiny",
+    # conditional computation (issue 11): Mixtral's 8 experts, top-2, matched on active
+    # parameters and trained for the same (active) FLOPs; and Mixture-of-Depths on the
+    # transformer (every other block routed at 12.5%)
+    "mixtral-tiny",
+    "mod-tiny",
 )
 # Training FLOPs per model; with the defaults above the whole report takes about 7 minutes
 # on 2 CPU cores of the AMD EPYC we measured (BENCHMARKS.md has the runs). Every model
