@@ -3,6 +3,7 @@ KV-cache + mask plumbing that sparse patterns reuse (layers/sparse_attention.py)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 import torch
@@ -32,6 +33,22 @@ class AttentionBase(HeadsMixer):
     def pattern(self):
         return Full()
 
+    def head_patterns(self):
+        """[(query head indices, pattern)] when heads use different patterns (a dilation per
+        head); each group holds whole KV groups. None: `pattern()` for every head."""
+        return None
+
+    def _attend(self, q, k, v, mask: AttentionMask):
+        groups = self.head_patterns()
+        if groups is None:
+            return attention(q, k, v, mask, backend=self.backend)
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        per_kv = self.n_heads // self.kv_heads
+        for heads, pattern in groups:
+            kv = sorted({h // per_kv for h in heads})
+            out[:, heads] = attention(q[:, heads], k[:, kv], v[:, kv], replace(mask, pattern=pattern), backend=self.backend)
+        return out
+
     def default_policy(self) -> KVPolicy:
         return FullPolicy()
 
@@ -57,7 +74,7 @@ class AttentionBase(HeadsMixer):
             q, k_all = apply_rope(q, cos[n - t :], sin[n - t :]), apply_rope(keys.k, cos, sin)
             k_mark = None if window is None else keys.marks
             mask = AttentionMask(self.pattern(), t, n, n - t, 0, True, window=window, k_mark=k_mark)
-            return self.output(attention(q, k_all, keys.v, mask, backend=self.backend))
+            return self.output(self._attend(q, k_all, keys.v, mask))
         cos, sin = self._rope_table(pos, t, q)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
@@ -69,7 +86,7 @@ class AttentionBase(HeadsMixer):
             self.pattern(), t, k_all.shape[-2], pos, k_pos, meta.causal, meta.doc_ids, meta.doc_ids,
             window=window, k_mark=k_mark,
         )
-        return self.output(attention(q, k_all, v_all, mask, backend=self.backend))
+        return self.output(self._attend(q, k_all, v_all, mask))
 
     def reference(self, x, meta: SeqMeta, policy: KVPolicy | None = None):
         """Explicit float64-able softmax over a dense mask built from positions, with the
@@ -80,18 +97,28 @@ class AttentionBase(HeadsMixer):
         pos = meta.positions if meta.positions is not None else torch.arange(meta.start, meta.start + t, device=x.device)[None]
         q, k = rope_reference(q, pos, self.rope_theta), rope_reference(k, pos, self.rope_theta)
         qp, kp = pos[:, :, None], pos[:, None, :]
-        allowed = self.pattern()(qp, kp)
         idx = torch.arange(t, device=x.device)
-        if meta.causal:
-            allowed = allowed & (idx[None, :] <= idx[:, None])
-        if meta.doc_ids is not None:
-            allowed = allowed & (meta.doc_ids[:, :, None] == meta.doc_ids[:, None, :])
         policy = policy or self.default_policy()
         marks = policy.mark(meta.token_ids, pos, t, x.device)
         extra = policy.visible(qp, kp, None if marks is None else marks[:, None, :])
-        if extra is not None:
-            allowed = allowed & extra
-        return self.reference_output(attention_reference(q, k, v, allowed.expand(b, t, t)))
+
+        def allowed_by(pattern):
+            allowed = pattern(qp, kp)
+            if meta.causal:
+                allowed = allowed & (idx[None, :] <= idx[:, None])
+            if meta.doc_ids is not None:
+                allowed = allowed & (meta.doc_ids[:, :, None] == meta.doc_ids[:, None, :])
+            if extra is not None:
+                allowed = allowed & extra
+            return allowed.expand(b, t, t)
+
+        groups = self.head_patterns()
+        if groups is None:
+            return self.reference_output(attention_reference(q, k, v, allowed_by(self.pattern())))
+        per_head = torch.zeros(b, self.n_heads, t, t, dtype=torch.bool, device=x.device)
+        for heads, pattern in groups:
+            per_head[:, heads] = allowed_by(pattern)[:, None]
+        return self.reference_output(attention_reference(q, k, v, per_head))
 
     def init_cache(self, kv_policy: KVPolicy | None = None) -> KVCache:
         return KVCache(kv_policy or self.default_policy())

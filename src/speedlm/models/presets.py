@@ -95,6 +95,17 @@ PRESETS: dict[str, Preset] = {
             lambda s: dict(pattern="S", layers={"S": {"mixer": {"name": "sliding_window", "window": s["window"]}}}),
         ),
         Preset(
+            "dilated-window",
+            "dilated sliding window: the size's window of keys per query at dilations 1, 2, 4, 8 across the heads "
+            "(reach up to 8x the window at the cost of the window); O(reach) KV cache",
+            "Beltagy et al. 2020, Longformer: The Long-Document Transformer (arXiv:2004.05150)",
+            lambda s: dict(
+                pattern="W",
+                layers={"W": {"mixer": {"name": "dilated_window", "window": s["window"],
+                                        "dilation": [2 ** (4 * h // s["n_heads"]) for h in range(s["n_heads"])]}}},
+            ),
+        ),
+        Preset(
             "linear-attention",
             "causal linear attention (elu+1 features), chunked training, O(1) matrix-state cache",
             "Katharopoulos et al. 2020, Transformers are RNNs (arXiv:2006.16236)",

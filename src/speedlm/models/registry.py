@@ -25,7 +25,7 @@ from speedlm.layers.moe import MoE
 from speedlm.layers.performer import Performer
 from speedlm.layers.retnet import MultiScaleRetention
 from speedlm.layers.sepllm import SepLLMAttention
-from speedlm.layers.sparse_attention import SlidingWindowAttention
+from speedlm.layers.sparse_attention import DilatedWindowAttention, SlidingWindowAttention
 from speedlm.models.causal_lm import CausalLM
 from speedlm.registry import BLOCKS, FFNS, MIXERS, MODELS, Entry
 
@@ -62,6 +62,15 @@ register_mixer(
     description="sliding-window attention on FlexAttention block masks, O(window) KV cache",
     paper="Beltagy et al. 2020, Longformer (arXiv:2004.05150); Jiang et al. 2023, Mistral 7B (arXiv:2310.06825)",
     contract_spec={"window": 7, "kv_heads": 2},
+)
+register_mixer(
+    "dilated_window",
+    DilatedWindowAttention,
+    family="static sparse attention",
+    description="dilated sliding window: keys at distances 0, d, ..., (window - 1) d, a dilation per head; "
+    "runs as d sliding windows on residue classes, O(T * window)",
+    paper="Beltagy et al. 2020, Longformer: The Long-Document Transformer (arXiv:2004.05150)",
+    contract_spec={"window": 5, "dilation": [1, 1, 3, 3], "kv_heads": 2},
 )
 register_mixer(
     "sepllm",

@@ -30,7 +30,7 @@ def attention_reference(
 ) -> torch.Tensor:
     """Explicit softmax(q k^T * scale + mask) v, in the inputs' dtype (use float64 for reference).
 
-    mask: (Tq, Tk) or (B, Tq, Tk) bool, True where a query may attend; rows with no allowed
+    mask: (Tq, Tk), (B, Tq, Tk) or per head (B, H, Tq, Tk) bool, True where a query may attend; rows with no allowed
     key give 0 (the FlexAttention convention).
     """
     groups = q.shape[1] // k.shape[1]
@@ -38,7 +38,7 @@ def attention_reference(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-1, -2)) * scale
     if mask is not None:
-        scores = scores.masked_fill(~(mask if mask.dim() == 2 else mask[:, None]), float("-inf"))
+        scores = scores.masked_fill(~(mask if mask.dim() in (2, 4) else mask[:, None]), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows -> 0
     return probs @ v
@@ -71,16 +71,25 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float 
 def attention(q, k, v, mask: AttentionMask, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
     """Attention under `mask`, on the cheapest exact path: SDPA's causal kernels for plain causal
     attention, SDPA without a mask for unmasked (bidirectional) attention, the window + marked
-    keys form for a KV policy's window (SepLLM, sinks), else the sparse dispatch (compiled
-    FlexAttention on CUDA, gathered key blocks elsewhere)."""
+    keys form for a KV policy's window (SepLLM, sinks), a pattern's own `plan` where it has one
+    (the dilated window's residue classes), else the sparse dispatch (compiled FlexAttention on
+    CUDA, gathered key blocks elsewhere)."""
     if isinstance(mask.pattern, Full) and mask.window is not None and mask.causal:
         if q.shape[-2] == 1:  # one decoding query: its (1, Tk) mask row is as cheap as it gets
             row = mask.dense(q.device)[:, None]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=row, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         return marked_window_attention(q, k, v, mask, scale)
+    plan = getattr(mask.pattern, "plan", None)
+    if plan is not None and mask.contiguous and mask.window is None and q.shape[-2] > 1:
+        return plan(q, k, v, mask, scale, backend)  # a pattern with an exact plan of its own (dilation)
     if isinstance(mask.pattern, Full) and mask.window is None and mask.contiguous:
         if mask.causal and mask.k_pos + mask.tk == mask.q_pos + mask.tq:
             return causal_sdpa(q, k, v, scale)
         if not mask.causal:
             return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if isinstance(mask.pattern, Full) and mask.window is None and mask.q_doc is None and mask.k_mark is None and mask.causal:
+        # explicit positions (a Mixture-of-Depths block's routed tokens, per-row positions): a
+        # full pattern ignores them (RoPE has used them), causality is by index, the queries
+        # are the last keys: plain causal attention
+        return causal_sdpa(q, k, v, scale)
     return sparse_attention(q, k, v, mask, scale, backend=backend)
