@@ -12,11 +12,16 @@ from typing import Annotated
 
 import torch
 
-from speedlm.cache.kv import WindowPolicy
+from torch import nn
+
+from speedlm.cache.buffer import TokenBuffer
+from speedlm.cache.composite import CompositeCache
+from speedlm.cache.kv import FullPolicy, WindowPolicy
 from speedlm.errors import SpeedlmError
 from speedlm.layers.attention import AttentionBase
 from speedlm.layers.dims import ModelDims
 from speedlm.ops.dilated_attention import DilatedWindow
+from speedlm.ops.logsparse_attention import LogSparse
 from speedlm.ops.masks import SlidingWindow
 from speedlm.registry import Range
 
@@ -113,3 +118,121 @@ class DilatedWindowAttention(AttentionBase):
             i = torch.arange(n, dtype=torch.float64)
             per_head.append(torch.clamp(torch.div(i, d, rounding_mode="floor") + 1, max=self.window).mean().item())
         return sum(per_head) / len(per_head)
+
+
+def _unfold(x: torch.Tensor, kernel: int, history: torch.Tensor | None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, D) -> (B, T, kernel * D): each token with the kernel - 1 inputs before it (from
+    `history` (B, <= kernel - 1, D), then zeros), newest first: a causal convolution's input.
+    With `doc_ids` (B, T) an input from another document counts as zero."""
+    b, t, d = x.shape
+    past = x.new_zeros(b, kernel - 1, d)
+    if history is not None and history.shape[1]:
+        h = history[:, -(kernel - 1) :]
+        past = torch.cat([past[:, : kernel - 1 - h.shape[1]], h], dim=1)
+    full = torch.cat([past, x], dim=1)  # (B, kernel - 1 + T, D)
+    parts = []
+    for j in range(kernel):
+        shifted = full[:, kernel - 1 - j : kernel - 1 - j + t]
+        if doc_ids is not None and j:
+            same = torch.zeros(b, t, dtype=torch.bool, device=x.device)
+            same[:, j:] = doc_ids[:, j:] == doc_ids[:, :-j]
+            shifted = shifted * same[..., None].to(x.dtype)
+        parts.append(shifted)
+    return torch.cat(parts, dim=-1)
+
+
+class LogSparseAttention(AttentionBase):
+    """LogSparse (Li et al. 2019): each query sees itself and the keys at power-of-two distances
+    (O(log T) keys), after a dense `local` window; `restart` restarts the pattern every that many
+    positions (then the cache keeps restart - 1 keys). `conv_kernel` > 1 makes queries and keys
+    causal convolutions of the last conv_kernel inputs (the paper's convolutional self-attention;
+    1 is ordinary attention), with those inputs as a decode state beside the KV cache."""
+
+    @classmethod
+    def check_options(cls, dims: ModelDims, restart: int | None = None, kv_heads: int | None = None, **options) -> None:
+        super().check_options(dims, kv_heads=kv_heads)
+        if restart is not None and restart < 2:
+            raise SpeedlmError(f"restart must be at least 2 positions, got {restart}")
+
+    def __init__(
+        self,
+        dims: ModelDims,
+        local: Annotated[int, Range(min=1)] = 1,
+        restart: Annotated[int | None, Range(min=2)] = None,
+        conv_kernel: Annotated[int, Range(min=1)] = 1,
+        kv_heads: Annotated[int | None, Range(min=1)] = None,
+    ):
+        super().__init__(dims, kv_heads)
+        self.local, self.restart, self.conv_kernel = local, restart, conv_kernel
+        self._pattern = LogSparse(local, restart)
+        if conv_kernel > 1:
+            d = dims.d_model
+            self.q_proj = nn.Linear(conv_kernel * d, self.n_heads * self.key_dim, bias=False)
+            self.k_proj = nn.Linear(conv_kernel * d, self.kv_heads * self.key_dim, bias=False)
+        self._qk_input = None
+        self._reference_docs = None
+        self.reset_parameters()
+
+    def pattern(self):
+        return self._pattern
+
+    def reference(self, x, meta, policy=None):
+        self._reference_docs = meta.doc_ids  # the convolution stays inside documents there too
+        try:
+            return super().reference(x, meta, policy)
+        finally:
+            self._reference_docs = None
+
+    def default_policy(self):
+        return WindowPolicy(self.restart) if self.restart is not None else FullPolicy()
+
+    def max_context(self, kv_policy=None):
+        if self.restart is not None:
+            return None  # no query looks before its segment
+        return super().max_context(kv_policy)
+
+    # ----- convolutional queries and keys -----
+    def init_cache(self, kv_policy=None):
+        kv = super().init_cache(kv_policy)
+        if self.conv_kernel == 1:
+            return kv
+        return CompositeCache(kv=kv, conv=TokenBuffer(WindowPolicy(self.conv_kernel), n_entries=1))
+
+    def mix(self, x, meta, cache=None):
+        if self.conv_kernel == 1:
+            return super().mix(x, meta, cache)
+        conv = None if cache is None else cache["conv"]
+        history = conv.entries()[0] if conv is not None and conv.length else None
+        if conv is not None:
+            conv.extend(x)
+        self._qk_input = _unfold(x, self.conv_kernel, history, meta.doc_ids)
+        try:
+            return super().mix(x, meta, None if cache is None else cache["kv"])
+        finally:
+            self._qk_input = None
+
+    def project(self, x):
+        qk = x if self._qk_input is None else self._qk_input
+        return (
+            self.split_heads(self.q_proj(qk), self.n_heads),
+            self.split_heads(self.k_proj(qk), self.kv_heads),
+            self.split_heads(self.v_proj(x), self.kv_heads),
+        )
+
+    def reference_project(self, x):
+        qk = _unfold(x, self.conv_kernel, None, self._reference_docs) if self.conv_kernel > 1 else x
+        return (
+            self._heads_of(qk, self.q_proj.weight, self.n_heads),
+            self._heads_of(qk, self.k_proj.weight, self.kv_heads),
+            self._heads_of(x, self.v_proj.weight, self.kv_heads),
+        )
+
+    def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
+        conv = batch_size * min(context_len, self.conv_kernel - 1) * self.dims.d_model * bytes_per_elem
+        return super().state_bytes(context_len, batch_size, bytes_per_elem) + conv
+
+    def _mean_keys(self, context_len: int) -> float:
+        n = context_len
+        seg = n if self.restart is None else min(n, self.restart)
+        counts = [len(self._pattern.distances(i + 1)) for i in range(seg)]  # position i in its segment
+        return sum(counts) / len(counts)

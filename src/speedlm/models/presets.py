@@ -106,6 +106,14 @@ PRESETS: dict[str, Preset] = {
             ),
         ),
         Preset(
+            "logsparse",
+            "LogSparse: each query sees a local window of 4 and then keys at power-of-two distances (O(log T) keys), "
+            "with convolutional queries and keys (kernel 3)",
+            "Li et al. 2019, Enhancing the Locality and Breaking the Memory Bottleneck of Transformer on Time Series "
+            "Forecasting (arXiv:1907.00235)",
+            lambda s: dict(pattern="L", layers={"L": {"mixer": {"name": "logsparse", "local": 4, "conv_kernel": 3}}}),
+        ),
+        Preset(
             "linear-attention",
             "causal linear attention (elu+1 features), chunked training, O(1) matrix-state cache",
             "Katharopoulos et al. 2020, Transformers are RNNs (arXiv:2006.16236)",

@@ -25,7 +25,7 @@ from speedlm.layers.moe import MoE
 from speedlm.layers.performer import Performer
 from speedlm.layers.retnet import MultiScaleRetention
 from speedlm.layers.sepllm import SepLLMAttention
-from speedlm.layers.sparse_attention import DilatedWindowAttention, SlidingWindowAttention
+from speedlm.layers.sparse_attention import DilatedWindowAttention, LogSparseAttention, SlidingWindowAttention
 from speedlm.models.causal_lm import CausalLM
 from speedlm.registry import BLOCKS, FFNS, MIXERS, MODELS, Entry
 
@@ -71,6 +71,16 @@ register_mixer(
     "runs as d sliding windows on residue classes, O(T * window)",
     paper="Beltagy et al. 2020, Longformer: The Long-Document Transformer (arXiv:2004.05150)",
     contract_spec={"window": 5, "dilation": [1, 1, 3, 3], "kv_heads": 2},
+)
+register_mixer(
+    "logsparse",
+    LogSparseAttention,
+    family="static sparse attention",
+    description="LogSparse: self and keys at power-of-two distances (O(log T) keys) after a dense local window; "
+    "restart variant; convolutional queries/keys (conv_kernel)",
+    paper="Li et al. 2019, Enhancing the Locality and Breaking the Memory Bottleneck of Transformer on Time Series "
+    "Forecasting (arXiv:1907.00235)",
+    contract_spec={"local": 2, "conv_kernel": 3, "kv_heads": 2},
 )
 register_mixer(
     "sepllm",

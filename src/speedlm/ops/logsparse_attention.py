@@ -1,0 +1,88 @@
+"""LogSparse attention (Li et al. 2019, arXiv:1907.00235): a query sees itself and the keys at
+distances 1, 2, 4, 8, ... (powers of two), so every pair of positions is connected within
+O(log T) layers while each query reads O(log T) keys.
+
+Variants: `local` keeps a dense window of `local` keys (the query included) before the
+log-spaced ones (the paper's local attention); `restart` restarts the pattern at every multiple
+of `restart` positions (keys in the query's own segment only).
+
+The gathered-block plan wastes work on it: the keys are scattered, one or two per key block, so
+it would read whole blocks for single keys. The exact plan for contiguous positions instead walks
+the pattern's distances: for each distance d (at most local + log2 T of them) the keys at that
+distance are a shifted slice of the keys, so one elementwise product per distance gives every
+query's score for it, and the softmax runs over the (queries, distances) scores. Cost and memory
+O(T * (local + log T)), never a T x T mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LogSparse:
+    local: int = 1
+    restart: int | None = None
+
+    def __call__(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        a = (q_pos - k_pos).abs()
+        ok = (a < self.local) | ((a & (a - 1)) == 0)  # a dense local window, or a power of two (or 0)
+        if self.restart is not None:
+            ok = ok & (torch.div(q_pos, self.restart, rounding_mode="floor") == torch.div(k_pos, self.restart, rounding_mode="floor"))
+        return ok
+
+    def distances(self, reach: int) -> list[int]:
+        """The non-negative distances the pattern allows below `reach`, increasing."""
+        out = set(range(min(self.local, reach)))
+        p = 1
+        while p < reach:
+            out.add(p)
+            p *= 2
+        return sorted(out)
+
+    def plan(self, q, k, v, mask, scale=None, backend: str = "auto"):
+        return logsparse_attention(q, k, v, mask, scale, backend)
+
+
+def logsparse_attention(q, k, v, mask, scale=None, backend: str = "auto") -> torch.Tensor:
+    """The distance-walking plan (module docstring); other masks take the generic sparse path."""
+    pattern: LogSparse = mask.pattern
+    tq, tk = mask.tq, mask.tk
+    off = mask.q_pos - mask.k_pos  # key index of query i at distance d: i + off - d
+    if mask.causal and off != tk - tq:  # positions not aligned with the cache's order
+        from speedlm.ops.sparse_attention import sparse_attention
+
+        return sparse_attention(q, k, v, mask, scale, backend)
+    b, h, _, dh = q.shape
+    hkv = k.shape[1]
+    qg = q.view(b, hkv, h // hkv, tq, dh)
+    kg, vg = k[:, :, None], v[:, :, None]
+    scale = dh ** -0.5 if scale is None else scale
+    reach = tk + off  # the largest distance any query can have, plus one
+    dists = pattern.distances(reach)
+    if not mask.causal:
+        dists = sorted({-d for d in dists} | set(dists))
+    i = torch.arange(tq, device=q.device)
+    scores, spans = [], []
+    for d in dists:
+        lo, hi = max(0, d - off), min(tq, tk - off + d)  # queries whose key at distance d exists
+        if lo >= hi:
+            continue
+        prod = (qg[..., lo:hi, :] * kg[..., lo + off - d : hi + off - d, :]).sum(-1) * scale
+        if pattern.restart is not None:  # the key must be in the query's segment
+            qpos = mask.q_pos + i[lo:hi]
+            r = pattern.restart
+            same = torch.div(qpos, r, rounding_mode="floor") == torch.div(qpos - d, r, rounding_mode="floor")
+            prod = prod.masked_fill(~same, float("-inf"))
+        scores.append(F.pad(prod, (lo, tq - hi), value=float("-inf")))
+        spans.append((d, lo, hi))
+    p = torch.softmax(torch.stack(scores, dim=-1), dim=-1)  # (B, Hkv, G, Tq, L); self is always allowed
+    p = torch.nan_to_num(p, nan=0.0)
+    out = 0
+    for n, (d, lo, hi) in enumerate(spans):
+        contrib = p[..., lo:hi, n, None] * vg[..., lo + off - d : hi + off - d, :]
+        out = out + F.pad(contrib, (0, 0, lo, tq - hi))
+    return out.reshape(b, h, tq, v.shape[-1])
