@@ -97,10 +97,14 @@ def test_expert_choice_takes_each_experts_best_tokens_and_is_refused_in_causal_m
     x = torch.randn(2, 15, 32, dtype=torch.float64)
     flat = x.reshape(-1, 32)
     _, _, _, probs = f.route(flat)
-    y, chosen = expert_choice_swiglu(flat, probs, 15, f.w_gate, f.w_up, f.w_down)
-    assert chosen.sum(0).tolist() == [15] * 4  # each expert: ceil(1.0 * 30 * 2 / 4) = 15 tokens
-    for e in range(4):  # ... the ones that score it highest
-        assert set(chosen[:, e].nonzero()[:, 0].tolist()) == set(probs[:, e].topk(15).indices.tolist())
+    y, chosen = expert_choice_swiglu(flat, probs, 8, f.w_gate, f.w_up, f.w_down, rows=2)
+    assert chosen.view(2, 15, 4).sum(1).tolist() == [[8] * 4] * 2  # per row, each expert: ceil(15 * 2 / 4) = 8
+    for r in range(2):  # ... the ones of that row that score it highest
+        for e in range(4):
+            row = probs.view(2, 15, 4)[r, :, e]
+            assert set(chosen.view(2, 15, 4)[r, :, e].nonzero()[:, 0].tolist()) == set(row.topk(8).indices.tolist())
+    alone = f(x[1:], SeqMeta(causal=False))  # a row routes the same whatever shares its batch
+    assert rel(alone, f(x, SeqMeta(causal=False))[1:]) < 1e-12
     dense = torch.where(chosen, probs, torch.zeros_like(probs))
     h = torch.nn.functional.silu(torch.einsum("nd,edh->neh", flat, f.w_gate)) * torch.einsum("nd,edh->neh", flat, f.w_up)
     ref = torch.einsum("ne,ned->nd", dense, torch.einsum("neh,ehd->ned", h, f.w_down))
@@ -112,3 +116,14 @@ def test_expert_choice_takes_each_experts_best_tokens_and_is_refused_in_causal_m
         f(x, SeqMeta())
     with pytest.raises(SpeedlmError, match="expert-choice routing .*objective='ar' is causal"):
         ModelConfig(layers={"A": {"mixer": {"name": "attention"}, "ffn": {"name": "moe", "routing": "expert"}}}).validate()
+
+
+def test_router_logits_stay_float32_under_autocast_and_empty_inputs_add_no_nan():
+    f = MoE(DIMS, experts=4, top_k=2, hidden=16)
+    x = torch.randn(2, 9, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, *_ = f.route(x.reshape(-1, 32))
+    assert logits.dtype == torch.float32
+    aux = AuxLosses()
+    y = f(torch.zeros(2, 0, 32), SeqMeta(aux=aux))
+    assert y.shape == (2, 0, 32) and not aux.parts

@@ -51,3 +51,22 @@ def test_the_plan_reads_window_keys_per_query(monkeypatch):
     mask = AttentionMask(DilatedWindow(w, d), t, t, 0, 0, True)
     attention(q, q, q, mask)
     assert len(seen) == d and all(p.window == w and tq == tk == t // d for p, tq, tk in seen)  # d windows of w
+
+
+def test_the_layer_runs_the_plan_in_training_prefill_and_per_head_groups(monkeypatch):
+    from speedlm.layers.dims import ModelDims
+    from speedlm.layers.mixer import SeqMeta
+    from speedlm.layers.sparse_attention import DilatedWindowAttention
+    from speedlm.ops import dilated_attention
+
+    calls = []
+    real = dilated_attention.dilated_window_attention
+    monkeypatch.setattr(dilated_attention, "dilated_window_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    dims = ModelDims(d_model=32, n_heads=4, max_seq_len=128, n_layers=2)
+    for dilation in (2, [1, 1, 3, 3]):
+        m = DilatedWindowAttention(dims, window=4, dilation=dilation, kv_heads=2).double()
+        x = torch.randn(2, 40, 32, dtype=torch.float64)
+        calls.clear()
+        y = m(x, SeqMeta())  # the mixer's own window policy is wider than the reach: the plan runs
+        assert len(calls) == (1 if dilation == 2 else 2)
+        assert rel(y, m.reference(x, SeqMeta())) < 1e-12

@@ -136,6 +136,27 @@ class SinkPolicy(KVPolicy):
         return token_positions(positions, t, device) < self.sinks
 
 
+@dataclass(frozen=True)
+class PrefixWindowPolicy(KVPolicy):
+    """The first `prefix` positions (Longformer's global tokens) and the last window - 1 keys, at
+    their original positions (the mixer's pattern decides what each query sees)."""
+
+    prefix: int
+    window: int
+    bounded: ClassVar[bool] = True
+
+    def keep(self, length, positions, marks=None):
+        if length <= self.retained(length):
+            return slice(0, length)
+        pos = token_positions(positions, length, None if isinstance(positions, int) else positions.device)
+        kept = (pos < self.prefix).any(0)
+        kept[length - (self.window - 1) :] = True
+        return kept.nonzero()[:, 0]
+
+    def retained(self, context_len):
+        return min(context_len, self.prefix + self.window - 1)
+
+
 class Keys(NamedTuple):
     """What a call's queries may read: cached + new keys and values, their positions, and
     their marks (None unless the policy marks keys)."""

@@ -38,8 +38,11 @@ def _load_hf(folder: str, device: torch.device):
     path = Path(folder)
     if not (path / "config.json").is_file():
         raise SpeedlmError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        return model, AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SpeedlmError(f"cannot load the Hugging Face model in {folder}: {str(e).splitlines()[0]}") from None
 
 
 def run_hf_eval(args) -> list[dict]:

@@ -33,6 +33,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, for
     from speedlm.checkpoint.pretrained import load_pretrained
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SpeedlmError(f"{out} is a file; give a new folder for the export")
     if out.exists() and any(out.iterdir()):
         raise SpeedlmError(f"{out} exists and is not empty; choose a new folder for the export")
     pre = load_pretrained(checkpoint)

@@ -178,7 +178,10 @@ def import_llama(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     except (OSError, ValueError) as e:
         raise SpeedlmError(f"cannot read a Hugging Face config from {source}: {str(e).splitlines()[0]}") from None
     llama_model_config(hf_config)  # refuse before loading the weights
-    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SpeedlmError(f"cannot load the Hugging Face model in {source}: {str(e).splitlines()[0]}") from None
     model = from_llama(hf_model)
     tokenizer = BPETokenizer.from_file(tok_file, model.config.vocab_size)
     state = {"tokenizer": tokenizer.spec(), "imported_from": str(source)}

@@ -155,6 +155,9 @@ class SpeedlmForCausalLM(SpeedlmPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        if logits_to_keep:
-            logits = logits[:, -logits_to_keep:]
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep:
+                logits = logits[:, -logits_to_keep:]
+        else:  # a tensor of positions to keep
+            logits = logits[:, logits_to_keep]
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)

@@ -126,15 +126,19 @@ class PolicyCache(Cache):
         window = policy.attend_window()
         if policy.pre_rope:
             # the decoder rotated these keys at their slots; cache them unrotated
+            # rotations in float32 at least: half-precision keys would lose bits un-rotating
+            dt = torch.promote_types(key_states.dtype, torch.float32)
             slots = torch.arange(layer.kv.length, layer.kv.length + t, device=key_states.device)[None]
-            cos, sin = self.rotary(value_states, slots)
-            cos, sin = cos[:, None], sin[:, None]
-            scale = (cos.pow(2) + sin.pow(2)).to(key_states.dtype)  # attention_scaling^2 (1 for plain RoPE)
-            raw = (key_states * cos - _rotate_half(key_states) * sin) / scale
+            cos, sin = self.rotary(value_states.to(dt), slots)
+            cos, sin = cos[:, None].to(dt), sin[:, None].to(dt)
+            ks = key_states.to(dt)
+            scale = cos.pow(2) + sin.pow(2)  # attention_scaling^2 (1 for plain RoPE)
+            raw = ((ks * cos - _rotate_half(ks) * sin) / scale).to(key_states.dtype)
             keys = layer.kv.extend(raw, value_states, self.seen, marks)
             n = keys.k.shape[-2]
-            cos, sin = self.rotary(value_states, torch.arange(n, device=key_states.device)[None])
-            k_all = keys.k * cos[:, None] + _rotate_half(keys.k) * sin[:, None]
+            cos, sin = self.rotary(value_states.to(dt), torch.arange(n, device=key_states.device)[None])
+            kk = keys.k.to(dt)
+            k_all = (kk * cos[:, None].to(dt) + _rotate_half(kk) * sin[:, None].to(dt)).to(key_states.dtype)
             layer.read = _Read(n - t, 0, None if window is None else keys.marks)
             out = k_all, keys.v
         else:

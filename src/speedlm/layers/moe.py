@@ -13,7 +13,7 @@ choosing many small ones (DeepSeekMoE, Dai et al. 2024, arXiv:2401.06066).
   dropless, so the cached and the uncached forward always agree (a capacity would make a
   token's output depend on how many tokens share its call). None: dropless everywhere.
 - `routing="expert"`: expert choice (Zhou et al. 2022, arXiv:2202.09368), each expert takes the
-  ceil(capacity_factor * N * k / E) tokens of the call that score it highest. It sees the future,
+  ceil(capacity_factor * T * k / E) tokens of each row that score it highest. It sees the future,
   so a causal (`ar`) model refuses it (config validation) and bidirectional models use it.
 - Dispatch is ops/moe.py's sorted grouped matrix product: no Python loop over tokens.
 """
@@ -88,7 +88,8 @@ class MoE(FFN):
         """x (N, D) -> logits (N, E) in at least float32, routing weights (N, k), experts (N, k),
         probs (N, E)."""
         dt = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 activations route in float32
-        logits = F.linear(x.to(dt), self.router.weight.to(dt))
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run the linear in bf16
+            logits = F.linear(x.to(dt), self.router.weight.to(dt))
         weights, experts, probs = route_topk(logits, self.top_k)
         if self.top_k == 1:
             weights = probs.gather(1, experts)  # Switch: the raw probability keeps the router trained
@@ -96,15 +97,20 @@ class MoE(FFN):
 
     def forward(self, x: torch.Tensor, meta: SeqMeta | None = None) -> torch.Tensor:
         shape = x.shape
+        if x.shape[:-1].numel() == 0:  # no tokens: nothing to route, no losses to add
+            y = torch.zeros_like(x)
+            return y if self.shared is None else y + self.shared(x)
         flat = x.reshape(-1, shape[-1])
         logits, weights, experts, probs = self.route(flat)
         aux = meta.aux if meta is not None else None
         if self.routing == "expert":
             if meta is not None and meta.causal:
                 raise SpeedlmError(self.causal_problem("expert"))
-            # each expert takes ceil(factor * N * k / E) tokens: k experts per token on average
-            capacity = expert_capacity(flat.shape[0], self.top_k, self.n_experts, self.capacity_factor or 1.0)
-            y, _ = expert_choice_swiglu(flat, probs, capacity, self.w_gate, self.w_up, self.w_down)
+            # each expert takes ceil(factor * T * k / E) tokens of every row (k experts per token
+            # on average): rows never compete, so a sequence routes the same in any batch
+            capacity = expert_capacity(shape[-2], self.top_k, self.n_experts, self.capacity_factor or 1.0)
+            y, _ = expert_choice_swiglu(flat, probs, capacity, self.w_gate, self.w_up, self.w_down,
+                                        rows=flat.shape[0] // shape[-2])
         else:
             capacity = expert_capacity(flat.shape[0], self.top_k, self.n_experts, self.capacity_factor) if self.training else None
             y, _ = moe_swiglu(flat, weights, experts, self.w_gate, self.w_up, self.w_down, capacity)

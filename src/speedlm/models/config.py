@@ -170,7 +170,7 @@ class ModelConfig(Schema):
                 f"{where}: mixer {mixer.name!r} is bidirectional-only and cannot be used in a causal (objective='ar') model"
             )
         if self.objective == "ar":  # parts whose options decide whether they can be causal
-            for kind, entry, part in (("ffn", ffn, spec["ffn"]), ("block", block, spec["block"])):
+            for kind, entry, part in (("mixer", mixer, spec["mixer"]), ("ffn", ffn, spec["ffn"]), ("block", block, spec["block"])):
                 check = getattr(entry.cls, "causal_problem", None)
                 problem = check(**{k: v for k, v in part.items() if k != "name"}) if check else None
                 if problem:

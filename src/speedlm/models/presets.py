@@ -106,6 +106,13 @@ PRESETS: dict[str, Preset] = {
             ),
         ),
         Preset(
+            "longformer",
+            "Longformer: the size's sliding window plus 4 global prefix tokens with their own projections (every query "
+            "sees them, they see everything before them); O(window) cache",
+            "Beltagy et al. 2020, Longformer: The Long-Document Transformer (arXiv:2004.05150)",
+            lambda s: dict(pattern="G", layers={"G": {"mixer": {"name": "longformer", "window": s["window"], "global_tokens": 4}}}),
+        ),
+        Preset(
             "logsparse",
             "LogSparse: each query sees a local window of 4 and then keys at power-of-two distances (O(log T) keys), "
             "with convolutional queries and keys (kernel 3)",

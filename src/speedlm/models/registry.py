@@ -17,6 +17,7 @@ from speedlm.layers.hgrn import HGRN
 from speedlm.layers.hyena import Hyena
 from speedlm.layers.hymba import Hymba
 from speedlm.layers.linear_attention import LinearAttention
+from speedlm.layers.longformer import LongformerAttention
 from speedlm.layers.mamba import Mamba
 from speedlm.layers.mamba2 import Mamba2
 from speedlm.layers.mlp import SwiGLU
@@ -81,6 +82,15 @@ register_mixer(
     paper="Li et al. 2019, Enhancing the Locality and Breaking the Memory Bottleneck of Transformer on Time Series "
     "Forecasting (arXiv:1907.00235)",
     contract_spec={"local": 2, "conv_kernel": 3, "kv_heads": 2},
+)
+register_mixer(
+    "longformer",
+    LongformerAttention,
+    family="static sparse attention",
+    description="Longformer: a sliding window plus global tokens (a prefix by rule, or chosen positions when "
+    "bidirectional) with their own projections; O(globals + window) cache",
+    paper="Beltagy et al. 2020, Longformer: The Long-Document Transformer (arXiv:2004.05150)",
+    contract_spec={"window": 7, "global_tokens": 3, "kv_heads": 2},
 )
 register_mixer(
     "sepllm",

@@ -68,6 +68,15 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+def _window_is_redundant(mask: AttentionMask) -> bool:
+    """No KV-policy window, or one wider than anything the pattern reaches (a mixer's own
+    window policy, which only trims its cache): the pattern alone decides."""
+    if mask.window is None:
+        return True
+    reach = getattr(mask.pattern, "max_distance", None)
+    return mask.k_mark is None and reach is not None and reach() < mask.window
+
+
 def attention(q, k, v, mask: AttentionMask, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
     """Attention under `mask`, on the cheapest exact path: SDPA's causal kernels for plain causal
     attention, SDPA without a mask for unmasked (bidirectional) attention, the window + marked
@@ -80,7 +89,7 @@ def attention(q, k, v, mask: AttentionMask, scale: float | None = None, backend:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=row, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         return marked_window_attention(q, k, v, mask, scale)
     plan = getattr(mask.pattern, "plan", None)
-    if plan is not None and mask.contiguous and mask.window is None and q.shape[-2] > 1:
+    if plan is not None and mask.contiguous and q.shape[-2] > 1 and _window_is_redundant(mask):
         return plan(q, k, v, mask, scale, backend)  # a pattern with an exact plan of its own (dilation)
     if isinstance(mask.pattern, Full) and mask.window is None and mask.contiguous:
         if mask.causal and mask.k_pos + mask.tk == mask.q_pos + mask.tq:

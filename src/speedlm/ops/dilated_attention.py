@@ -28,6 +28,9 @@ class DilatedWindow:
         d = q_pos - k_pos
         return (d.abs() < self.window * self.dilation) & (d.remainder(self.dilation) == 0)
 
+    def max_distance(self) -> int:
+        return (self.window - 1) * self.dilation
+
     def plan(self, q, k, v, mask: AttentionMask, scale=None, backend: str = "auto"):
         """The residue-class plan (see the module docstring), for contiguous masks."""
         return dilated_window_attention(q, k, v, mask, scale, backend)
@@ -37,7 +40,8 @@ def dilated_window_attention(q, k, v, mask: AttentionMask, scale=None, backend: 
     from speedlm.ops.attention import attention
 
     pattern: DilatedWindow = mask.pattern
-    assert mask.contiguous and mask.window is None, "the residue plan needs contiguous positions"
+    assert mask.contiguous, "the residue plan needs contiguous positions"
+    mask = replace(mask, window=None)  # any window left here is wider than the pattern's reach
     d = pattern.dilation
     out = q.new_zeros(*q.shape[:-1], v.shape[-1])
     local = SlidingWindow(pattern.window)

@@ -43,6 +43,9 @@ class LogSparse:
             p *= 2
         return sorted(out)
 
+    def max_distance(self) -> int | None:
+        return None if self.restart is None else self.restart - 1
+
     def plan(self, q, k, v, mask, scale=None, backend: str = "auto"):
         return logsparse_attention(q, k, v, mask, scale, backend)
 

@@ -63,18 +63,25 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     if key not in _GROUPED_MM_WORKS:
         ok = hasattr(torch, "_grouped_mm")
         if ok:
-            try:
-                a = torch.randn(24, 16, device=device, dtype=dtype, requires_grad=True)
-                b = torch.randn(3, 16, 16, device=device, dtype=dtype, requires_grad=True)
-                offs = torch.tensor([8, 8, 24], device=device, dtype=torch.int32)
-                out = torch._grouped_mm(a, b, offs=offs)
-                out.sum().backward()
-                ref = torch.cat([a[:8] @ b[0], a[8:] @ b[2]])
-                ok = bool(torch.allclose(out, ref, rtol=1e-2, atol=1e-2)) and bool(b.grad[1].abs().max() == 0)
-            except (RuntimeError, NotImplementedError, TypeError):
-                ok = False
+            # the probe needs autograd, whatever mode the first MoE call happens to run in
+            with torch.enable_grad(), torch.inference_mode(False):
+                ok = _probe_grouped_mm(device, dtype)
         _GROUPED_MM_WORKS[key] = ok
     return _GROUPED_MM_WORKS[key]
+
+
+def _probe_grouped_mm(device, dtype) -> bool:
+    """A small grouped product with an empty group, forward and backward, against matmuls."""
+    try:
+        a = torch.randn(24, 16, device=device, dtype=dtype, requires_grad=True)
+        b = torch.randn(3, 16, 16, device=device, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([8, 8, 24], device=device, dtype=torch.int32)
+        out = torch._grouped_mm(a, b, offs=offs)
+        out.sum().backward()
+        ref = torch.cat([a[:8] @ b[0], a[8:] @ b[2]])
+        return bool(torch.allclose(out, ref, rtol=1e-2, atol=1e-2)) and bool(b.grad[1].abs().max() == 0)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 BACKENDS = ("auto", "grouped_mm", "padded", "sliced")
@@ -98,7 +105,10 @@ def dispatch_swiglu(x, token, group, rank, counts, w, w_gate, w_up, w_down, back
     """The experts on their assignments, sorted by expert: assignment i sends token[i] to expert
     group[i] (non-decreasing) as that expert's rank[i]-th, with weight w[i]; counts (E,) per
     expert. -> y (N, D): the weighted outputs summed per token (zero for unassigned tokens)."""
-    backend = resolve_backend(backend, x.device, x.dtype)
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):  # autocast has no rule for grouped_mm: cast like a matmul
+        dtype = torch.get_autocast_dtype(x.device.type)
+    backend = resolve_backend(backend, x.device, dtype)
     n, n_experts = x.shape[0], w_gate.shape[0]
     if backend == "sliced":
         xs = x.index_select(0, token)
@@ -111,9 +121,10 @@ def dispatch_swiglu(x, token, group, rank, counts, w, w_gate, w_up, w_down, back
         y = x.new_zeros(n, x.shape[1]).index_add(0, token, out)
     elif backend == "grouped_mm":
         offs = counts.cumsum(0).to(torch.int32)
-        xs = x.index_select(0, token)
-        h = F.silu(torch._grouped_mm(xs, w_gate, offs=offs)) * torch._grouped_mm(xs, w_up, offs=offs)
-        out = torch._grouped_mm(h, w_down, offs=offs) * w.to(x.dtype)[:, None]
+        xs = x.index_select(0, token).to(dtype)
+        wg, wu, wd = (t.to(dtype) for t in (w_gate, w_up, w_down))
+        h = F.silu(torch._grouped_mm(xs, wg, offs=offs)) * torch._grouped_mm(xs, wu, offs=offs)
+        out = torch._grouped_mm(h, wd, offs=offs).to(x.dtype) * w.to(x.dtype)[:, None]
         y = x.new_zeros(n, x.shape[1]).index_add(0, token, out)
     else:
         # one padded batch (E, C, D), C the largest group: every group in one batched matmul.
@@ -159,17 +170,22 @@ def moe_swiglu(
     return y, kept.view(n, k)
 
 
-def expert_choice_swiglu(x, probs, capacity: int, w_gate, w_up, w_down, backend: str = "auto"):
-    """Expert choice (Zhou et al. 2022, arXiv:2202.09368): each expert takes the `capacity`
-    tokens that score it highest (probs (N, E), the router's softmax over experts), weighted by
-    that score; a token may be taken by several experts or none. Every expert sees the whole
-    call, future tokens included: for bidirectional models. -> (y (N, D), chosen (N, E) bool)."""
+def expert_choice_swiglu(x, probs, capacity: int, w_gate, w_up, w_down, backend: str = "auto", rows: int = 1):
+    """Expert choice (Zhou et al. 2022, arXiv:2202.09368): in each of `rows` sequences (the N
+    tokens are rows x T), each expert takes the `capacity` tokens that score it highest (probs
+    (N, E), the router's softmax over experts), weighted by that score; a token may be taken by
+    several experts or none. Every expert sees its whole row, future tokens included: for
+    bidirectional models. -> (y (N, D), chosen (N, E) bool)."""
     n, n_experts = probs.shape
-    c = min(capacity, n)
-    top, idx = probs.topk(c, dim=0)  # (C, E): per expert, its tokens by score
-    order = torch.argsort(idx.T, dim=1)  # token order within each expert (deterministic layout)
-    token = idx.T.gather(1, order).flatten()
-    w = top.T.gather(1, order).flatten()
+    t = n // rows
+    c = min(capacity, t)
+    top, idx = probs.view(rows, t, n_experts).topk(c, dim=1)  # (rows, C, E): per row and expert, its tokens
+    idx = idx + (torch.arange(rows, device=x.device) * t)[:, None, None]
+    idx, top = idx.permute(2, 0, 1).reshape(n_experts, rows * c), top.permute(2, 0, 1).reshape(n_experts, rows * c)
+    order = torch.argsort(idx, dim=1)  # token order within each expert (deterministic layout)
+    token = idx.gather(1, order).flatten()
+    w = top.gather(1, order).flatten()
+    c = rows * c
     group = torch.arange(n_experts, device=x.device).repeat_interleave(c)
     rank = torch.arange(c, device=x.device).repeat(n_experts)
     counts = torch.full((n_experts,), c, dtype=torch.long, device=x.device)

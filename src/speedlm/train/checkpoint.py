@@ -242,7 +242,7 @@ class Checkpoint:
         try:
             sd = _optimizer_join(self.optimizer_tensors, self.trainer_state["optimizer"])
             (optimizer.load_state_dict if load is None else load)(sd)
-        except (ValueError, KeyError, RuntimeError) as e:
+        except (ValueError, KeyError, IndexError, RuntimeError) as e:
             raise SpeedlmError(f"checkpoint {self.path} optimizer state does not fit this optimizer: {e}") from None
 
     def restore_rng(self) -> None:
