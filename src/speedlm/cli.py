@@ -129,6 +129,13 @@ def cmd_bench_ops(args) -> int:
     return 0
 
 
+def cmd_bench_mixers(args) -> int:
+    from speedlm.bench.mixers import run_mixers_bench
+
+    run_mixers_bench(args.presets, lengths=args.lengths, repeats=args.repeats, device=args.device, out_dir=args.out)
+    return 0
+
+
 def cmd_bench_moe(args) -> int:
     from speedlm.bench.moe import run_moe_bench
 
@@ -366,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--device", default="auto")
     o.add_argument("--out", default="runs/bench")
     o.set_defaults(func=cmd_bench_ops)
+
+    x = bsub.add_parser("mixers", help="one mixer's forward alone (the first layer's of each preset): time and memory vs length")
+    x.add_argument("--presets", type=_csv, default=_csv("transformer-small,dilated-window-small,logsparse-small,longformer-small"))
+    x.add_argument("--lengths", type=_ints, default=[4096, 16384])
+    x.add_argument("--repeats", type=int, default=3)
+    x.add_argument("--device", default="auto")
+    x.add_argument("--out", default="runs/bench")
+    x.set_defaults(func=cmd_bench_mixers)
 
     m = bsub.add_parser("moe", help="MoE dispatch: sorted grouped matmul vs the per-expert loop, forward and backward")
     m.add_argument("--tokens", type=_ints, default=[8192])
