@@ -54,3 +54,15 @@ def test_only_a_global_prefix_is_valid_in_a_causal_model():
     with pytest.raises(SpeedlmError, match="only a global prefix is valid"):
         ModelConfig(layers={"A": {"mixer": spec}}).validate()
     ModelConfig(layers={"A": {"mixer": {**spec, "global_tokens": [0, 1, 2]}}}).validate()  # a prefix: fine
+
+
+def test_causal_local_rows_run_as_a_window_plus_marked_global_keys(monkeypatch):
+    from speedlm.ops import marked_attention
+
+    calls = []
+    real = marked_attention.marked_window_attention
+    monkeypatch.setattr(marked_attention, "marked_window_attention", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    m, x = make(window=5, global_tokens=3), x_of(300)
+    y = m(x, SeqMeta())
+    assert len(calls) == 1 and calls[0].window == 5 and calls[0].k_mark[0, :4].tolist() == [True] * 3 + [False]
+    assert rel_rms_error(y, m.reference(x, SeqMeta())) < 1e-12

@@ -26,6 +26,22 @@ class LongformerLocal:
     def __call__(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         return ((q_pos - k_pos).abs() < self.window) | self.is_global(k_pos)
 
+    def plan(self, q, k, v, mask, scale=None, backend: str = "auto"):
+        """Causal: the band plus the global key columns is a local window plus marked keys,
+        which ops/marked_attention.py runs in one softmax per query block over the window span
+        and the compacted global keys. Bidirectional: the generic sparse path."""
+        from dataclasses import replace
+
+        from speedlm.ops.marked_attention import marked_window_attention
+        from speedlm.ops.masks import Full
+        from speedlm.ops.sparse_attention import sparse_attention
+
+        if not mask.causal:
+            return sparse_attention(q, k, v, mask, scale, backend)
+        k_pos = torch.arange(mask.k_pos, mask.k_pos + mask.tk, device=q.device)[None]
+        marked = replace(mask, pattern=Full(), window=self.window, k_mark=self.is_global(k_pos))
+        return marked_window_attention(q, k, v, marked, scale)
+
 
 @dataclass(frozen=True)
 class UpToPosition:
