@@ -25,25 +25,23 @@ from speedlm.device import resolve_device
 from speedlm.ops import moe
 
 
-def _matmuls_alone(x, rw, ex, w_gate, w_up, w_down):
-    """Only the experts' matrix products, on tokens already gathered in expert order (the
-    gather is left out of the timing: `_presorted`): what no dispatch can beat."""
-    xs, sizes = _presorted[id(ex)]
-    xs = xs.detach().requires_grad_(x.requires_grad)
-    outs = [(F.silu(xe @ w_gate[e]) * (xe @ w_up[e])) @ w_down[e] for e, xe in enumerate(torch.split(xs, sizes))]
-    return torch.cat(outs)
+def _forms(presorted):
+    """name -> dispatch(x, weights, experts, w_gate, w_up, w_down). `presorted`: the tokens
+    already gathered in expert order and the group sizes, for the matmul-only bound."""
 
+    def matmuls_alone(x, rw, ex, w_gate, w_up, w_down):
+        # only the experts' matrix products, on tokens already in expert order (the gather is
+        # left out of the timing): what no dispatch can beat
+        xs, sizes = presorted
+        xs = xs.detach().requires_grad_(x.requires_grad)
+        return torch.cat([(F.silu(xe @ w_gate[e]) * (xe @ w_up[e])) @ w_down[e] for e, xe in enumerate(torch.split(xs, sizes))])
 
-_presorted: dict = {}
-
-
-def _forms():
     return {
         "per-expert loop (HF Mixtral)": lambda *a: moe.moe_swiglu_loop(*a),
         "sorted grouped (auto)": lambda *a: moe.moe_swiglu(*a)[0],
         "sorted grouped (padded bmm)": lambda *a: moe.moe_swiglu(*a, backend="padded")[0],
         "sorted grouped (sliced)": lambda *a: moe.moe_swiglu(*a, backend="sliced")[0],
-        "matmuls alone (the bound)": _matmuls_alone,
+        "matmuls alone (the bound)": matmuls_alone,
     }
 
 
@@ -60,7 +58,6 @@ def run_moe_bench(tokens=(8192,), d_model: int = 256, hidden: int = 704, experts
         raise SpeedlmError(f"top_k={top_k} must not exceed the number of experts ({experts})")
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
-    forms = _forms()
     rows = []
     for n in tokens:
         x = torch.randn(n, d_model, generator=gen).to(dev)
@@ -69,7 +66,7 @@ def run_moe_bench(tokens=(8192,), d_model: int = 256, hidden: int = 704, experts
         logits = torch.randn(n, experts, generator=gen).to(dev)
         rw, ex, _ = moe.route_topk(logits, top_k)
         order = torch.argsort(ex.flatten(), stable=True)
-        _presorted[id(ex)] = (x.index_select(0, order // top_k), torch.bincount(ex.flatten(), minlength=experts).tolist())
+        forms = _forms((x.index_select(0, order // top_k), torch.bincount(ex.flatten(), minlength=experts).tolist()))
         for mode in ("forward", "forward+backward"):
             def call(form, mode=mode):
                 if mode == "forward":

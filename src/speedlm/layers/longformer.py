@@ -98,7 +98,7 @@ class LongformerAttention(AttentionBase):
         n, w, g = context_len, self.window, len(self.globals)
         ramp = min(n, w)
         local = (ramp * (ramp + 1) / 2 + max(0, n - w) * w) / n
-        return local + g + g * n / max(n, 1)  # the globals as keys, and the global rows over every key
+        return local + 2 * g  # the globals as keys, and g global rows over every key (g per token)
 
     # ----- forward -----
     def mix(self, x, meta: SeqMeta, cache: CompositeCache | None = None):
@@ -108,17 +108,16 @@ class LongformerAttention(AttentionBase):
         pos_t = (torch.arange(pos, pos + t, device=x.device)[None] if isinstance(pos, int) else pos).expand(b, t)
         g_query = self._pattern.is_global(pos_t)  # (B, T): this call's global queries
         rows = g_query.any(0).nonzero()[:, 0]  # their union over the batch
-        qg, kg, vg = self._global_qkv(x, pos)
-        k_pos = pos_t
-        if cache is not None:
-            store = cache["global_kv"]
-            if bool(g_query.any()):  # the call overlaps the global prefix: later prefix rows need these keys
-                (kg, vg), k_pos = store.extend(kg, vg, positions=pos)
-                k_pos = token_positions(k_pos, kg.shape[-2], x.device)
-            else:
-                return y  # past the prefix: no global query any more
         if rows.numel() == 0:
-            return y
+            return y  # no global row here (decoding past the prefix): nothing more to compute
+        # causally a global row reads no later key: project only up to the last global row
+        end = int(rows.max()) + 1 if meta.causal else t
+        sub_pos = pos if isinstance(pos, int) else pos[:, :end]
+        qg, kg, vg = self._global_qkv(x[:, :end], sub_pos)
+        k_pos = pos_t[:, :end]
+        if cache is not None:  # later chunks of the prefix need these keys
+            (kg, vg), k_pos = cache["global_kv"].extend(kg, vg, positions=sub_pos)
+            k_pos = token_positions(k_pos, kg.shape[-2], x.device)
         # global rows see every key (causally: every key up to their position) with the global projections
         pattern = UpToPosition() if meta.causal else Full()
         mask = AttentionMask(pattern, rows.numel(), kg.shape[-2], pos_t[:, rows], k_pos.expand(b, -1), causal=False)

@@ -232,7 +232,8 @@ class LogSparseAttention(AttentionBase):
         return super().state_bytes(context_len, batch_size, bytes_per_elem) + conv
 
     def _mean_keys(self, context_len: int) -> float:
-        n = context_len
-        seg = n if self.restart is None else min(n, self.restart)
-        counts = [len(self._pattern.distances(i + 1)) for i in range(seg)]  # position i in its segment
-        return sum(counts) / len(counts)
+        seg = context_len if self.restart is None else min(context_len, self.restart)
+        reach = torch.arange(1, seg + 1, dtype=torch.float64)  # position i of a segment sees distances < i + 1
+        powers = [p for p in self._pattern.distances(seg) if p >= self.local]  # the log-spaced ones
+        logspaced = (torch.tensor(powers, dtype=torch.float64)[None] < reach[:, None]).sum(1) if powers else 0
+        return (torch.clamp(reach, max=self.local) + logspaced).mean().item()
