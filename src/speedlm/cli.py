@@ -136,6 +136,14 @@ def cmd_bench_mixers(args) -> int:
     return 0
 
 
+def cmd_bench_depth(args) -> int:
+    from speedlm.bench.depth import run_depth_bench
+
+    run_depth_bench(args.preset, depths=args.depths, seq_len=args.seq_len, batch_size=args.batch_size,
+                    repeats=args.repeats, device=args.device, out_dir=args.out)
+    return 0
+
+
 def cmd_bench_moe(args) -> int:
     from speedlm.bench.moe import run_moe_bench
 
@@ -228,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass (less memory, more time)")
     t.add_argument("--compile", action="store_true", help="torch.compile every block (the first steps pay for compiling)")
+    t.add_argument("--segments", type=int, default=0,
+                   help="stateful segment mode: K consecutive windows of each stream per group, the model's cache "
+                   "(Transformer-XL memory, recurrent state) carried between them, detached; validation runs with memory")
     t.add_argument("--parallel", default="none",
                    help="none, ddp or fsdp (FSDP2): data parallelism under torchrun (torchrun --nproc-per-node N -m speedlm train ... "
                    "--parallel ddp|fsdp); --batch-size is the global batch")
@@ -381,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--device", default="auto")
     x.add_argument("--out", default="runs/bench")
     x.set_defaults(func=cmd_bench_mixers)
+
+    v = bsub.add_parser("depth", help="a training step's peak memory and time against depth, reversible layers on and off")
+    v.add_argument("--preset", default="reformer-small")
+    v.add_argument("--depths", type=_ints, default=[2, 4, 8])
+    v.add_argument("--seq-len", type=int, default=2048)
+    v.add_argument("--batch-size", type=int, default=1)
+    v.add_argument("--repeats", type=int, default=2)
+    v.add_argument("--device", default="auto")
+    v.add_argument("--out", default="runs/bench")
+    v.set_defaults(func=cmd_bench_depth)
 
     m = bsub.add_parser("moe", help="MoE dispatch: sorted grouped matmul vs the per-expert loop, forward and backward")
     m.add_argument("--tokens", type=_ints, default=[8192])

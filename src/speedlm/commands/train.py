@@ -52,6 +52,7 @@ def run_train(args) -> dict:
         dtype=args.dtype,
         peak_flops=args.peak_flops,
         activation_checkpointing=args.activation_checkpointing,
+        segments=args.segments,
         compile=args.compile,
         out_dir=args.out,
     )

@@ -145,6 +145,37 @@ class TokenStream:
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
+def segment_batch(stream: "TokenStream", index: int, batch_size: int, seq_len: int, segments: int, seed: int = 0):
+    """Segment mode's micro-batch `index`: (x, y, j). Micro-batches come in groups of
+    `segments`; group g draws batch_size stream starts from a generator seeded by (seed, g)
+    only, and its j-th micro-batch is every stream's j-th consecutive window of seq_len tokens,
+    so a memory carried from micro-batch j - 1 to j continues each row's text."""
+    _check_positive(batch_size=batch_size, seq_len=seq_len, segments=segments)
+    n = len(stream)
+    require_tokens(n, segments * seq_len)
+    group, j = divmod(index, segments)
+    g = torch.Generator().manual_seed(_mix_seed(seed, group))
+    starts = torch.randint(0, n - segments * seq_len, (batch_size,), generator=g).numpy() + j * seq_len
+    w = torch.from_numpy(stream.ids[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous(), j
+
+
+def iter_memory_batches(ids: Any, batch_size: int, seq_len: int, max_batches: int | None = None):
+    """Evaluation with memory: the stream cut into batch_size contiguous parts, one per row;
+    batch i is every part's i-th window of seq_len tokens (targets shifted by one), so a cache
+    carried from batch to batch continues each row's text. Every target is scored once."""
+    _check_positive(batch_size=batch_size, seq_len=seq_len)
+    arr = _as_numpy_ids(ids)
+    part = (len(arr) - 1) // batch_size
+    windows = part // seq_len
+    if max_batches is not None:
+        windows = min(windows, max_batches)
+    for i in range(windows):
+        starts = np.arange(batch_size) * part + i * seq_len
+        w = torch.from_numpy(arr[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+        yield w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
 def iter_eval_batches(
     ids: Any,
     batch_size: int,

@@ -17,7 +17,10 @@ from speedlm.registry import FFNS, MIXERS
 class Block(nn.Module):
     """Base: builds the layer's mixer and FFN from their specs. Subclasses add norms and wiring
     (`forward`), and any extra parts; if those carry state, they override `init_cache` with a
-    CompositeCache."""
+    CompositeCache. A block that is two residual branches (`mix_branch`, `ffn_branch`,
+    `branch_parameters`) sets `supports_reversible` and can run in reversible models."""
+
+    supports_reversible = False
 
     def __init__(self, dims: ModelDims, mixer: dict, ffn: dict):
         super().__init__()
@@ -57,7 +60,12 @@ class Block(nn.Module):
 
 
 class PreNormBlock(Block):
-    """x + mixer(norm(x)), then x + ffn(norm(x)) (GPT-2 / Llama)."""
+    """x + mixer(norm(x)), then x + ffn(norm(x)) (GPT-2 / Llama). Its two branches also serve
+    the reversible residual (models/reversible.py). The FFN runs over `dims.ffn_chunks` pieces
+    of the sequence (Reformer's chunked FFN: a position-wise FFN gives the same result, with
+    the hidden activations of one piece alive at a time)."""
+
+    supports_reversible = True
 
     def __init__(self, dims: ModelDims, mixer: dict, ffn: dict):
         super().__init__(dims, mixer, ffn)
@@ -65,7 +73,26 @@ class PreNormBlock(Block):
         self.ffn_norm = RMSNorm(dims.d_model, dims.norm_eps) if self.ffn is not None else None
 
     def forward(self, x, meta: SeqMeta, cache=None):
-        x = x + self.mixer(self.mixer_norm(x), meta, cache)
+        x = x + self.mix_branch(x, meta, cache)
         if self.ffn is not None:
-            x = x + self.ffn(self.ffn_norm(x), meta)
+            x = x + self.ffn_branch(x, meta)
         return x
+
+    def mix_branch(self, x, meta: SeqMeta, cache=None) -> torch.Tensor:
+        return self.mixer(self.mixer_norm(x), meta, cache)
+
+    def ffn_branch(self, x, meta: SeqMeta) -> torch.Tensor:
+        if self.dims.ffn_chunks == 1 or x.shape[1] <= 1:
+            return self.ffn(self.ffn_norm(x), meta)
+        return torch.cat([self.ffn(self.ffn_norm(piece), meta) for piece in ffn_pieces(x, self.dims.ffn_chunks)], dim=1)
+
+    def branch_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The mixer branch's parameters, and the FFN branch's."""
+        mix = [*self.mixer.parameters(), *self.mixer_norm.parameters()]
+        ffn = [] if self.ffn is None else [*self.ffn.parameters(), *self.ffn_norm.parameters()]
+        return mix, ffn
+
+
+def ffn_pieces(x: torch.Tensor, chunks: int) -> tuple[torch.Tensor, ...]:
+    """The sequence split into `chunks` pieces along time (fewer when it is shorter)."""
+    return x.tensor_split(min(chunks, x.shape[1]), dim=1)

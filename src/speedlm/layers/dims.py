@@ -26,6 +26,7 @@ class ModelDims:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     separators: tuple[int, ...] | None = None
+    ffn_chunks: int = 1  # the FFN runs over this many pieces of the sequence (Reformer's chunked FFN)
 
     @property
     def head_dim(self) -> int:

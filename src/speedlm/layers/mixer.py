@@ -99,6 +99,11 @@ class Mixer(nn.Module):
         cache or a recurrent state generates as long as asked)."""
         return None
 
+    def reach(self) -> int | None:
+        """How many positions back one query can see (None: the whole context). A stack of
+        layers reaches the sum of its layers' reaches (Transformer-XL: mem_len x layers)."""
+        return None
+
     def reset_parameters(self) -> None:
         """Initialise every parameter of this mixer (overridden where the paper prescribes more
         than N(0, init_std) projections, e.g. Mamba's A_log and dt bias)."""

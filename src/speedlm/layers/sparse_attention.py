@@ -51,6 +51,9 @@ class SlidingWindowAttention(AttentionBase):
     def max_context(self, kv_policy=None):
         return None  # no query looks further back than the window, whatever the cache keeps
 
+    def reach(self) -> int:
+        return self.window - 1
+
     def _mean_keys(self, context_len: int) -> float:
         w, n = self.window, context_len
         # positions 0..w-1 see i+1 keys, the rest see w

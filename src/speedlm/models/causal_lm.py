@@ -16,6 +16,7 @@ from speedlm.errors import SpeedlmError
 from speedlm.layers.context import AuxLosses, SeqMeta
 from speedlm.layers.norm import RMSNorm
 from speedlm.models.config import ModelConfig
+from speedlm.models.reversible import reversible_forward
 from speedlm.registry import BLOCKS
 
 
@@ -104,8 +105,11 @@ class CausalLM(nn.Module):
             )
         meta = SeqMeta(start=start, causal=True, token_ids=input_ids, positions=positions, doc_ids=doc_ids, aux=aux)
         x = self.embed(input_ids)
-        for i, block in enumerate(self.blocks):
-            x = block(x, meta, None if cache is None else cache.layers[i])
+        if self.config.reversible:
+            x = reversible_forward(self.blocks, x, meta, None if cache is None else cache.layers)
+        else:
+            for i, block in enumerate(self.blocks):
+                x = block(x, meta, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.seen += t
         return self.lm_head(self.norm(x))
@@ -127,6 +131,12 @@ class CausalLM(nn.Module):
     def max_context(self, kv_policy=None) -> int | None:
         """The longest sequence this model can process (None: no limit)."""
         return _min_limit(b.max_context(kv_policy) for b in self.blocks)
+
+    def context_reach(self) -> int | None:
+        """How far back the last layer's output can depend on the input: the sum of the layers'
+        reaches (None when a layer sees its whole context)."""
+        reaches = [getattr(getattr(b, "mixer", None), "reach", lambda: None)() for b in self.blocks]
+        return None if any(r is None for r in reaches) else sum(reaches)
 
     # ----- accounting -----
     def num_params(self, non_embedding: bool = False) -> int:

@@ -53,6 +53,10 @@ class ModelConfig(Schema):
     objective: str = "ar"
     # the tokenizer's separator ids (SepLLM; `speedlm train` records them from the tokenizer)
     separators: list[int] | None = None
+    # Reformer's memory options (models/reversible.py): two-stream reversible residual layers
+    # whose backward recomputes activations, and the FFN run over this many sequence pieces
+    reversible: bool = False
+    ffn_chunks: int = 1
 
     def __post_init__(self):
         self.ffn, self.block = _named(self.ffn), _named(self.block)
@@ -91,6 +95,7 @@ class ModelConfig(Schema):
             norm_eps=float(self.norm_eps),
             init_std=float(self.init_std),
             separators=None if self.separators is None else tuple(self.separators),
+            ffn_chunks=self.ffn_chunks,
         )
 
     @property
@@ -139,6 +144,8 @@ class ModelConfig(Schema):
             f"ffn_hidden must be a positive integer, got {self.ffn_hidden!r}",
         )
         need(isinstance(self.tie_embeddings, bool), f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        need(isinstance(self.reversible, bool), f"reversible must be true or false, got {self.reversible!r}")
+        need(is_int(self.ffn_chunks) and self.ffn_chunks >= 1, f"ffn_chunks must be a positive integer, got {self.ffn_chunks!r}")
         for name in ("rope_theta", "norm_eps", "init_std"):
             v = getattr(self, name)
             need(is_number(v) and v > 0, f"{name} must be a positive number, got {v!r}")
@@ -165,6 +172,11 @@ class ModelConfig(Schema):
         mixer = MIXERS.check(spec["mixer"], f"{where}.mixer", dims)
         ffn = FFNS.check(spec["ffn"], f"{where}.ffn", dims)
         block = BLOCKS.check(spec["block"], f"{where}.block", dims)
+        if self.reversible and not getattr(block.cls, "supports_reversible", False):
+            raise SpeedlmError(
+                f"{where}.block: reversible layers need blocks made of two residual branches (prenorm); "
+                f"{block.name!r} is not one"
+            )
         if self.objective == "ar" and not mixer.cls.supports_causal:
             raise SpeedlmError(
                 f"{where}: mixer {mixer.name!r} is bidirectional-only and cannot be used in a causal (objective='ar') model"

@@ -61,6 +61,11 @@ def _widening_windows(size: dict) -> list[int]:
     return [round(w / 2 * 4 ** (i / max(1, n - 1))) for i in range(n)]
 
 
+def _reformer_chunk(size: dict) -> int:
+    """The paper's chunk of 64 keys, or the size's window where that is shorter."""
+    return min(64, size["window"])
+
+
 def _cfg(size: dict, **fields) -> ModelConfig:
     base = {k: size[k] for k in ("d_model", "n_layers", "n_heads", "max_seq_len")}
     base.update(fields)
@@ -113,12 +118,48 @@ PRESETS: dict[str, Preset] = {
             lambda s: dict(pattern="G", layers={"G": {"mixer": {"name": "longformer", "window": s["window"], "global_tokens": 4}}}),
         ),
         Preset(
+            "adaptive-span",
+            "Adaptive Attention Span: each head learns its span (up to the size's max_seq_len) through a soft ramp of 32 "
+            "tokens, from 0 as in the paper, shrunk by a span penalty; attention and KV cache follow the longest span",
+            "Sukhbaatar et al. 2019, Adaptive Attention Span in Transformers (arXiv:1905.07799)",
+            lambda s: dict(pattern="P", layers={"P": {"mixer": {"name": "adaptive_span", "max_span": s["max_seq_len"], "ramp": 32}}}),
+        ),
+        Preset(
+            "block-topk",
+            "MoBA block top-k attention: blocks of half the size's window; each query sees its own block and the 3 "
+            "earlier blocks whose mean key scores highest against it; full KV cache plus block key sums",
+            "Lu et al. 2025, MoBA: Mixture of Block Attention for Long-Context LLMs (arXiv:2502.13189)",
+            lambda s: dict(pattern="B", layers={"B": {"mixer": {"name": "block_topk", "block_size": s["window"] // 2, "top_k": 3}}}),
+        ),
+        Preset(
             "logsparse",
             "LogSparse: each query sees a local window of 4 and then keys at power-of-two distances (O(log T) keys), "
             "with convolutional queries and keys (kernel 3)",
             "Li et al. 2019, Enhancing the Locality and Breaking the Memory Bottleneck of Transformer on Time Series "
             "Forecasting (arXiv:1907.00235)",
             lambda s: dict(pattern="L", layers={"L": {"mixer": {"name": "logsparse", "local": 4, "conv_kernel": 3}}}),
+        ),
+        Preset(
+            "reformer",
+            "Reformer: LSH attention (shared QK, 2 hash rounds, chunks of 64 keys or the size's window, T / chunk "
+            "buckets), reversible residual layers (activation memory flat in depth) and an FFN in 4 chunks",
+            "Kitaev et al. 2020, Reformer: The Efficient Transformer (arXiv:2001.04451)",
+            lambda s: dict(
+                pattern="R",
+                layers={"R": {"mixer": {"name": "reformer", "n_hashes": 2, "chunk": _reformer_chunk(s),
+                                        "n_buckets": s["max_seq_len"] // _reformer_chunk(s)}}},
+                reversible=True,
+                ffn_chunks=4,
+            ),
+        ),
+        Preset(
+            "transformer-xl",
+            "Transformer-XL: segments of a quarter of the size's max_seq_len, a memory of as many positions before each "
+            "(train with --segments to carry it across windows), relative positions with u and v biases; reach "
+            "mem_len x layers",
+            "Dai et al. 2019, Transformer-XL: Attentive Language Models Beyond a Fixed-Length Context (arXiv:1901.02860)",
+            lambda s: dict(pattern="X", layers={"X": {"mixer": {"name": "transformer_xl", "mem_len": s["max_seq_len"] // 4,
+                                                                "segment": s["max_seq_len"] // 4}}}),
         ),
         Preset(
             "linear-attention",

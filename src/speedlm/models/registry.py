@@ -6,10 +6,12 @@ Registering a part is all it takes for the contract suite, configs, `speedlm lis
 
 from __future__ import annotations
 
+from speedlm.layers.adaptive_span import AdaptiveSpanAttention
 from speedlm.layers.attention import Attention
 from speedlm.layers.base_conv import BaseConv
 from speedlm.layers.based import BasedLinearAttention
 from speedlm.layers.block import PreNormBlock
+from speedlm.layers.block_topk import BlockTopkAttention
 from speedlm.layers.deltanet import DeltaNet, GatedDeltaNet
 from speedlm.layers.ffn import NoFFN
 from speedlm.layers.gla import GatedLinearAttention
@@ -24,6 +26,8 @@ from speedlm.layers.mlp import SwiGLU
 from speedlm.layers.mod import MoDBlock
 from speedlm.layers.moe import MoE
 from speedlm.layers.performer import Performer
+from speedlm.layers.reformer import LSHAttention
+from speedlm.layers.transformer_xl import TransformerXLAttention
 from speedlm.layers.retnet import MultiScaleRetention
 from speedlm.layers.sepllm import SepLLMAttention
 from speedlm.layers.sparse_attention import DilatedWindowAttention, LogSparseAttention, SlidingWindowAttention
@@ -100,6 +104,43 @@ register_mixer(
     "cost and KV cache follow those keys; optional full attention in the first/last layers, per-layer windows",
     paper="Chen et al. 2024, SepLLM: Accelerate LLMs by Compressing One Segment into One Separator (arXiv:2412.12094)",
     contract_spec={"window": 5, "initial": 2, "kv_heads": 2, "separators": list(range(0, 256, 4))},
+)
+register_mixer(
+    "block_topk",
+    BlockTopkAttention,
+    family="dynamic sparse attention",
+    description="MoBA block top-k: each query sees its own block and the top_k earlier blocks whose mean key scores "
+    "highest (hard gate, later block on ties); O(T (top_k + 1) block_size); full KV cache plus running block key sums",
+    paper="Lu et al. 2025, MoBA: Mixture of Block Attention for Long-Context LLMs (arXiv:2502.13189)",
+    contract_spec={"block_size": 5, "top_k": 2, "kv_heads": 2},
+)
+register_mixer(
+    "reformer",
+    LSHAttention,
+    family="dynamic sparse attention",
+    description="Reformer LSH attention: shared QK, n_hashes rounds of angular LSH, bucket sort, chunks attend to "
+    "their own and previous chunk (aligned per bucket, so causal and decodable), self-mask, rounds by log-sum-exp",
+    paper="Kitaev et al. 2020, Reformer: The Efficient Transformer (arXiv:2001.04451)",
+    contract_spec={"n_hashes": 2, "n_buckets": 4, "chunk": 4},
+)
+register_mixer(
+    "adaptive_span",
+    AdaptiveSpanAttention,
+    family="dynamic sparse attention",
+    description="adaptive attention span: a learned span per head as a soft ramp mask on the distance (renormalised "
+    "softmax), span penalty as an auxiliary loss; attention and KV cache trimmed to the current reach",
+    paper="Sukhbaatar et al. 2019, Adaptive Attention Span in Transformers (arXiv:1905.07799)",
+    # heads with different spans (one at the max_span cap, fractional ones on the ramp): reach 24 < T
+    contract_spec={"max_span": 24, "ramp": 4, "init_span": [1.0, 0.5, 0.1, 0.35], "kv_heads": 2},
+)
+register_mixer(
+    "transformer_xl",
+    TransformerXLAttention,
+    family="memory attention",
+    description="Transformer-XL: segment-level recurrence (a memory of mem_len positions before each segment, the "
+    "cache that training's segment mode carries detached) and relative positions with the u and v biases; O(mem_len + segment) cache",
+    paper="Dai et al. 2019, Transformer-XL: Attentive Language Models Beyond a Fixed-Length Context (arXiv:1901.02860)",
+    contract_spec={"mem_len": 6, "segment": 8, "kv_heads": 2},
 )
 register_mixer(
     "linear_attention",

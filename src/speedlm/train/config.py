@@ -39,6 +39,9 @@ class TrainConfig(Schema):
     log_every: int = 10  # steps between metric records / progress-bar updates
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     compile: bool = False  # torch.compile every block (nn.Module.compile: same parameters and state dict)
+    # stateful segment mode (train/segments.py): 0 = independent windows; K = groups of K
+    # consecutive windows of the same streams, the model's cache carried (detached) between them
+    segments: int = 0
     out_dir: str = "runs/default"
 
     @property
@@ -48,7 +51,7 @@ class TrainConfig(Schema):
     def validate(self) -> None:
         need = self.need
         self.need_ints(("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep", "log_every"), 1)
-        self.need_ints(("warmup_steps", "eval_every", "save_every", "seed"), 0)
+        self.need_ints(("warmup_steps", "eval_every", "save_every", "seed", "segments"), 0)
         need(self.warmup_steps <= self.steps, f"warmup_steps={self.warmup_steps} is more than steps={self.steps}")
         need(is_number(self.lr) and self.lr > 0, f"lr must be positive, got {self.lr!r}")
         need(

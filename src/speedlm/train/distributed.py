@@ -87,8 +87,8 @@ class _LossOf(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, y):
-        return self.model.loss(x, y)
+    def forward(self, x, y, cache=None):
+        return self.model.loss(x, y, cache=cache)
 
 
 def model_device(model: nn.Module) -> torch.device:

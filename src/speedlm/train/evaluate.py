@@ -18,6 +18,13 @@ def eval_batches(ids, batch_size: int, seq_len: int, max_batches: int | None = N
     return iter_eval_batches(ids, batch_size, seq_len, max_batches=max_batches)
 
 
+def memory_batches(ids, batch_size: int, seq_len: int, max_batches: int | None = None):
+    """`speedlm.data.dataset.iter_memory_batches`, imported lazily like `eval_batches`."""
+    from speedlm.data.dataset import iter_memory_batches
+
+    return iter_memory_batches(ids, batch_size, seq_len, max_batches=max_batches)
+
+
 def require_tokens(n: int, seq_len: int, what: str) -> None:
     """`speedlm.data.dataset.require_tokens` (the one "too few tokens" check), imported lazily."""
     from speedlm.data.dataset import require_tokens as check
@@ -42,6 +49,7 @@ def evaluate(
     device: str | torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
     kv_policy=None,
+    memory: bool = False,
 ) -> dict:
     """Token-weighted mean cross-entropy over up to `max_batches` batches of `val_ids`.
 
@@ -55,6 +63,9 @@ def evaluate(
     original positions); the result then also has "kv_ratio" (KV entries attended, averaged
     over the queries, against the full cache's) and "kv_peak_ratio" (the most entries any
     query needs, against the full cache at the end of the sequence).
+
+    `memory`: evaluation with memory (segment-trained models): each row reads one contiguous
+    part of the stream, window after window, through one cache carried across the batches.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -62,12 +73,18 @@ def evaluate(
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: one sync at the end
     tokens = 0
     seen = full = peak = 0
+    if memory and kv_policy is not None:
+        raise SpeedlmError("evaluation with memory carries the model's own caches; it takes no KV policy")
+    cache = model.init_cache() if memory else None
+    batches = memory_batches(val_ids, batch_size, seq_len, max_batches) if memory else eval_batches(val_ids, batch_size, seq_len, max_batches)
     try:
-        for x, y in eval_batches(val_ids, batch_size, seq_len, max_batches):
+        for x, y in batches:
             n = int((y != -100).sum())  # model.loss averages over non-ignored targets; counted on CPU, no sync
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast_context(device, autocast_dtype):
-                if kv_policy is None:
+                if cache is not None:
+                    lm = model.loss(x, y, cache=cache).parts["lm"]
+                elif kv_policy is None:
                     lm = model.loss(x, y).parts["lm"]
                 else:
                     logits = model(x, model.init_cache(kv_policy))

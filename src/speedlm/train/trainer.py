@@ -44,7 +44,7 @@ PLOT_FILE = "loss.png"
 
 # Train-config fields that change which batches or updates a step sees: changing them on
 # resume gives a valid run, but not the one the checkpoint was part of.
-_TRAJECTORY_FIELDS = ("batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "steps", "weight_decay", "grad_clip", "seed")
+_TRAJECTORY_FIELDS = ("batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "steps", "weight_decay", "grad_clip", "seed", "segments")
 
 __all__ = ["TrainConfig", "train", "evaluate", "METRICS_FILE", "PLOT_FILE"]
 
@@ -184,6 +184,14 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path, plot_path = out_dir / METRICS_FILE, out_dir / PLOT_FILE
 
+    if getattr(model.config, "reversible", False):
+        # a reversible stack calls its blocks' branches, not their forward: what wraps a block's
+        # forward would never run (and the stack already recomputes activations)
+        if cfg.activation_checkpointing:
+            raise SpeedlmError("reversible layers already recompute their activations; drop --activation-checkpointing")
+        if parallel.kind == "fsdp" or cfg.compile:
+            raise SpeedlmError("reversible layers run under DDP or one process, without --compile; FSDP and compile wrap "
+                               "block forwards, which a reversible stack does not call")
     model.to(device)
     if cfg.activation_checkpointing:
         from speedlm.train.activation_checkpointing import checkpoint_blocks
@@ -197,6 +205,18 @@ def train(
         resume.restore_model(model)
     # (x, y) -> Loss; gradients averaged under DDP, parameters sharded in place under FSDP
     step_loss_of = parallel.wrap(model)
+
+    def to_device(x, y):
+        x, y = parallel.shard(x, y)  # this rank's rows of the global batch
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    segments = None
+    if cfg.segments:
+        from speedlm.train.segments import SegmentMemory, check_segment_model
+
+        check_segment_model(model, cfg.segments, cfg.seq_len)
+        segments = SegmentMemory(model, train_stream, cfg.segments, cfg.batch_size, cfg.seq_len, cfg.seed, to_device,
+                                 lambda: autocast_context(device, amp_dtype))
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
 
     if resume:
@@ -297,11 +317,13 @@ def train(
                 part_sums: dict[str, torch.Tensor] = {}
                 metric_sums: dict[str, torch.Tensor] = {}
                 for micro in range(cfg.grad_accum):
-                    x, y = train_stream.batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
-                    x, y = parallel.shard(x, y)  # this rank's rows of the global batch
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    index, memory = step * cfg.grad_accum + micro, {}
+                    if segments is not None:
+                        x, y, memory["cache"] = segments.batch(index)
+                    else:
+                        x, y = to_device(*train_stream.batch(index, cfg.batch_size, cfg.seq_len, cfg.seed))
                     with autocast_context(device, amp_dtype):
-                        out = step_loss_of(x, y)
+                        out = step_loss_of(x, y, **memory)
                         loss, parts = out.total, out.parts
                     # mean over micro-batches, so grad_accum changes the batch, not the lr
                     (loss / cfg.grad_accum).backward()
@@ -359,7 +381,8 @@ def train(
                         **{f"metric/{name}": float(v) / cfg.grad_accum for name, v in metric_sums.items()},
                     }
                     if do_eval:
-                        ev = evaluate(model, val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device, amp_dtype)
+                        ev = evaluate(model, val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device, amp_dtype,
+                                      memory=bool(cfg.segments))
                         record.update(val_loss=ev["loss"], val_ppl=ev["ppl"])
                         best_val = ev["loss"] if best_val is None else min(best_val, ev["loss"])
                     if flops_tok * tok_s > 1.05 * peak and not warned_peak and peak_source != "given":
