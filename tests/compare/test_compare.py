@@ -183,3 +183,14 @@ def test_an_unwritable_output_folder_is_one_line(tmp_path, capsys):
     assert main(["compare", "--out", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err.strip()
     assert "not writable" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("preset", sorted(__import__("speedlm.models.presets", fromlist=["PRESETS"]).PRESETS))
+def test_every_preset_plans_on_the_meta_device(preset):
+    """compare sizes models on the meta device: FLOPs and parameters must not need real tensors,
+    and must be what the real model reports."""
+    cfg = resolve_config(f"{preset}-tiny")
+    plan = plan_model(preset, cfg, 1e12, 2, 64, None)
+    real = build_model(cfg)
+    assert plan.flops_per_token == pytest.approx(real.flops_per_token(64))
+    assert count_params(cfg)[0] == real.num_params()

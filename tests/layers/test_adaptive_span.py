@@ -82,9 +82,9 @@ def test_penalty_is_an_auxiliary_loss_of_the_model():
 
 
 def test_reach_follows_the_longest_span_and_is_capped_at_max_span():
-    assert mixer(init_span=[0.1, 0.2, 0.25, 0.0]).reach() == 16 + 4
-    assert mixer(init_span=[0.1, 0.2, 0.26, 0.0]).reach() == 17 + 4  # ceil(16.64)
-    assert mixer(init_span=1.0).reach() == 64
+    assert mixer(init_span=[0.1, 0.2, 0.25, 0.0]).span_window() == 16 + 4
+    assert mixer(init_span=[0.1, 0.2, 0.26, 0.0]).span_window() == 17 + 4  # ceil(16.64)
+    assert mixer(init_span=1.0).span_window() == 64
 
 
 @torch.no_grad()
@@ -94,15 +94,15 @@ def test_cache_and_attention_are_trimmed_to_the_reach():
     x = x_of(t, b=1)
     cache = m.init_cache()
     out = torch.cat([m(x[:, i : i + 1], SeqMeta(start=i), cache) for i in range(t)], dim=1)
-    assert cache.length == m.reach() - 1  # the next query brings itself: reach keys in all
+    assert cache.length == m.span_window() - 1  # the next query brings itself: reach keys in all
     assert m.state_bytes(t, bytes_per_elem=8) == cache.nbytes()
     assert rel_rms_error(out, m(x, SeqMeta())) < 1e-12
     # keys beyond the reach do not affect the output
     x2 = x.clone()
-    x2[:, : t - m.reach()] += torch.randn_like(x2[:, : t - m.reach()])
+    x2[:, : t - m.span_window()] += torch.randn_like(x2[:, : t - m.span_window()])
     y, y2 = m(x, SeqMeta()), m(x2, SeqMeta())
     assert torch.equal(y[:, -1], y2[:, -1])
-    assert not torch.equal(y[:, t - m.reach()], y2[:, t - m.reach()])  # this query sees the changed key at reach - 1
+    assert not torch.equal(y[:, t - m.span_window()], y2[:, t - m.span_window()])  # this query sees the changed key at reach - 1
     # flops follow the reach: a shorter span costs less
     assert mixer(init_span=0.0).flops_per_token(200) < m.flops_per_token(200)
 

@@ -72,7 +72,7 @@ def test_memory_changes_what_the_model_sees(data, make_model):
     _, val_ids = data
     model = make_model(layers=TXL, pattern="A")
     plain = evaluate(model, val_ids, 2, 16, max_batches=20)
-    with_memory = evaluate(model, val_ids, 2, 16, max_batches=20, memory=True)
+    with_memory = evaluate(model, val_ids, 2, 16, max_batches=20, memory=4)
     assert plain["tokens"] == with_memory["tokens"] and plain["loss"] != with_memory["loss"]
 
 

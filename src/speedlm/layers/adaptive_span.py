@@ -58,6 +58,10 @@ class AdaptiveSpanAttention(AttentionBase):
     supports_doc_ids = True
 
     @classmethod
+    def reversible_problem(cls, **options) -> str | None:
+        return "adaptive span adds its span penalty as an auxiliary loss, which a recomputed forward cannot carry"
+
+    @classmethod
     def check_options(cls, dims: ModelDims, init_span: float | list[float] = 0.0, kv_heads=None, **options) -> None:
         super().check_options(dims, kv_heads=kv_heads)
         spans = init_span if isinstance(init_span, list) else [init_span]
@@ -94,15 +98,21 @@ class AdaptiveSpanAttention(AttentionBase):
 
     def _reach_of(self, spans: torch.Tensor) -> int:
         # m > 0 exactly at distances x < z + R, i.e. x < ceil(z) + R for integer x and R
+        if spans.is_meta:  # planning on the meta device (speedlm compare): the initial spans
+            return min(self.max_span, math.ceil(max(self.init_span) * self.max_span) + self.ramp)
         return min(self.max_span, math.ceil(spans.detach().max().item()) + self.ramp)
 
-    def reach(self) -> int:
+    def span_window(self) -> int:
         """How many distances (0, 1, ...) a query reads now: ceil(max_h z_h) + ramp, at most max_span."""
         return self._call[1] if self._call is not None else self._reach_of(self.spans())
 
+    def reach(self) -> int:
+        """Positions back a query can see (the `Mixer.reach` contract): the window less itself."""
+        return self.span_window() - 1
+
     # ----- attention -----
     def default_policy(self):
-        return WindowPolicy(self.reach())
+        return WindowPolicy(self.span_window())
 
     def max_context(self, kv_policy=None):
         return None  # no query looks further back than max_span, whatever the cache keeps
@@ -143,6 +153,6 @@ class AdaptiveSpanAttention(AttentionBase):
         return self.reference_output(y)
 
     def _mean_keys(self, context_len: int) -> float:
-        w, n = self.reach(), context_len
+        w, n = self.span_window(), context_len
         ramp = min(n, w)  # positions 0..w-1 see i + 1 keys, the rest w
         return (ramp * (ramp + 1) / 2 + max(0, n - w) * w) / n

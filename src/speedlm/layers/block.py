@@ -62,8 +62,10 @@ class Block(nn.Module):
 class PreNormBlock(Block):
     """x + mixer(norm(x)), then x + ffn(norm(x)) (GPT-2 / Llama). Its two branches also serve
     the reversible residual (models/reversible.py). The FFN runs over `dims.ffn_chunks` pieces
-    of the sequence (Reformer's chunked FFN: a position-wise FFN gives the same result, with
-    the hidden activations of one piece alive at a time)."""
+    of the sequence (Reformer's chunked FFN: a position-wise FFN gives the same result). It
+    saves memory where the hidden activations are not kept for a backward pass: without
+    gradients, and in the reversible backward, which recomputes the FFN piece by piece; under
+    ordinary autograd every piece's activations are kept anyway."""
 
     supports_reversible = True
 

@@ -122,12 +122,12 @@ class BlockTopkAttention(AttentionBase):
 
     def flops_per_token(self, context_len: int) -> float:
         # plus the gate: a query scores each earlier block's mean key
-        i = torch.arange(context_len, dtype=torch.float64)
+        i = torch.arange(context_len, dtype=torch.float64, device="cpu")
         scored = torch.div(i, self.block_size, rounding_mode="floor").mean().item()
         return super().flops_per_token(context_len) + 2.0 * self.n_heads * self.head_dim * scored
 
     def _mean_keys(self, context_len: int) -> float:
-        i = torch.arange(context_len, dtype=torch.float64)
+        i = torch.arange(context_len, dtype=torch.float64, device="cpu")
         own = torch.remainder(i, self.block_size) + 1  # the own block up to the query
         past = torch.clamp(torch.div(i, self.block_size, rounding_mode="floor"), max=self.top_k) * self.block_size
         return (own + past).mean().item()

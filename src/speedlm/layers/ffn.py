@@ -17,6 +17,8 @@ class FFN(nn.Module):
     residual_out: ClassVar[tuple[str, ...]] = ()
     # `none`: the block skips the FFN and its norm entirely
     is_empty: ClassVar[bool] = False
+    # each token's output depends on that token alone (so ffn_chunks may split the sequence)
+    position_wise: ClassVar[bool] = True
 
     def __init__(self, dims: ModelDims):
         super().__init__()

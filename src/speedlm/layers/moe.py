@@ -49,6 +49,12 @@ class MoE(FFN):
                     "use it in bidirectional models, or routing='token' in a causal one")
         return None
 
+    position_wise = False  # routing, capacity and the auxiliary losses see the whole call
+
+    @classmethod
+    def reversible_problem(cls, **options) -> str | None:
+        return "MoE adds auxiliary losses (balance, z-loss), which a recomputed forward cannot carry"
+
     def __init__(
         self,
         dims: ModelDims,

@@ -37,6 +37,12 @@ def default_features(head_dim: int) -> int:
 class Performer(HeadsMixer):
     supports_bidirectional = True
 
+    @classmethod
+    def reversible_problem(cls, redraw_interval=None, **options) -> str | None:
+        if redraw_interval is not None:
+            return "Performer redraws its features during training forwards, so a recomputed forward would differ"
+        return None
+
     def __init__(
         self,
         dims: ModelDims,

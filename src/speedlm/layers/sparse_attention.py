@@ -118,7 +118,7 @@ class DilatedWindowAttention(AttentionBase):
         n = context_len
         per_head = []
         for d in self.dilations:  # position i sees min(window, i // d + 1) keys
-            i = torch.arange(n, dtype=torch.float64)
+            i = torch.arange(n, dtype=torch.float64, device="cpu")
             per_head.append(torch.clamp(torch.div(i, d, rounding_mode="floor") + 1, max=self.window).mean().item())
         return sum(per_head) / len(per_head)
 
@@ -236,7 +236,7 @@ class LogSparseAttention(AttentionBase):
 
     def _mean_keys(self, context_len: int) -> float:
         seg = context_len if self.restart is None else min(context_len, self.restart)
-        reach = torch.arange(1, seg + 1, dtype=torch.float64)  # position i of a segment sees distances < i + 1
+        reach = torch.arange(1, seg + 1, dtype=torch.float64, device="cpu")  # position i of a segment sees distances < i + 1
         powers = [p for p in self._pattern.distances(seg) if p >= self.local]  # the log-spaced ones
-        logspaced = (torch.tensor(powers, dtype=torch.float64)[None] < reach[:, None]).sum(1) if powers else 0
+        logspaced = (torch.tensor(powers, dtype=torch.float64, device="cpu")[None] < reach[:, None]).sum(1) if powers else 0
         return (torch.clamp(reach, max=self.local) + logspaced).mean().item()

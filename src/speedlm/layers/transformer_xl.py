@@ -6,9 +6,10 @@ Segment memory is the cache: after each call it keeps the keys and values of the
 `mem_len` positions before the current segment (and the segment so far), and nothing older.
 The trainer's segment mode (`--segments`) runs consecutive segments of one stream through the
 same cache that decoding uses, detached between segments: the previous segment's states enter
-as constants, exactly the paper's stop-gradient memory. Keys are cached rather than the
-layer's input states (the same thing through the key/value projections, and what decoding
-needs). Each layer reaches back at most mem_len + segment - 1 positions, so the model's
+as constants, the paper's stop-gradient memory. One difference: keys and values are cached
+rather than the layer's input states (the same values through the projections, and what
+decoding needs), so the key/value projections get no gradient through the memory positions,
+where the paper's [SG(m); h] W_k would give them one. Each layer reaches back at most mem_len + segment - 1 positions, so the model's
 reach is about mem_len x n_layers (`reach`).
 """
 
@@ -123,7 +124,8 @@ class TransformerXLAttention(HeadsMixer):
         n, reach = context_len, self.reach() + 1
         keys = min(n, self.mem_len + (self.segment + 1) / 2)  # memory plus half a segment on average
         rel = linear_flops(self.r_proj) * reach / max(n, 1)  # the position projection, shared by the call
-        return self.projection_flops() + rel + 4.0 * self.n_heads * self.head_dim * keys * 2  # content + position terms
+        # scores and weighted values over the keys, plus each query's product with every distance
+        return self.projection_flops() + rel + self.n_heads * self.head_dim * (4.0 * keys + 2.0 * min(n, reach))
 
     def max_context(self, kv_policy=None) -> int | None:
         return None  # bounded memory: nothing older than mem_len + segment positions is read

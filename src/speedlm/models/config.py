@@ -177,6 +177,15 @@ class ModelConfig(Schema):
                 f"{where}.block: reversible layers need blocks made of two residual branches (prenorm); "
                 f"{block.name!r} is not one"
             )
+        if self.reversible:  # parts whose forward cannot be recomputed faithfully
+            for kind, entry, part in (("mixer", mixer, spec["mixer"]), ("ffn", ffn, spec["ffn"])):
+                check = getattr(entry.cls, "reversible_problem", None)
+                problem = check(**{k: v for k, v in part.items() if k != "name"}) if check else None
+                if problem:
+                    raise SpeedlmError(f"{where}.{kind}: {problem} (reversible=true recomputes the forward in backward)")
+        if self.ffn_chunks > 1 and not getattr(ffn.cls, "position_wise", True):
+            raise SpeedlmError(f"{where}.ffn: {ffn.name!r} is not position-wise (routing depends on the whole call); "
+                               "ffn_chunks must be 1")
         if self.objective == "ar" and not mixer.cls.supports_causal:
             raise SpeedlmError(
                 f"{where}: mixer {mixer.name!r} is bidirectional-only and cannot be used in a causal (objective='ar') model"

@@ -60,6 +60,10 @@ class _Reversible(torch.autograd.Function):
                 "use reversible=false with MoE, MoD or adaptive-span layers"
             )
         ctx.meta, ctx.blocks, ctx.params = replace(meta, aux=None), blocks, params
+        # the backward runs outside the caller's autocast: recompute under the same one, or the
+        # rebuilt inputs subtract a different branch than was added
+        kind = x.device.type
+        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         ctx.save_for_backward(x1, x2)
         return x1, x2
 
@@ -69,25 +73,31 @@ class _Reversible(torch.autograd.Function):
         # ordinary backward pass would), so no more than one block's gradients are in flight
         y1, y2 = ctx.saved_tensors
         meta = ctx.meta
-        for blk in reversed(ctx.blocks):
-            mix_params, ffn_params = ([p for p in part if p.requires_grad] for part in blk.branch_parameters())
-            if blk.ffn is not None:  # undo y2 = x2 + G(y1), one piece of the sequence at a time
-                x2_pieces, dy1_pieces = [], []
-                for y1_c, y2_c, g2_c in zip(*(ffn_pieces(z, blk.dims.ffn_chunks) for z in (y1, y2, g2))):
-                    with torch.enable_grad():
-                        y1_c = y1_c.detach().requires_grad_(True)
-                        gy = blk.ffn(blk.ffn_norm(y1_c), meta)
-                        torch.autograd.backward(gy, g2_c, inputs=[y1_c, *ffn_params])
-                    x2_pieces.append(y2_c - gy.detach())
-                    dy1_pieces.append(y1_c.grad)
-                x2 = torch.cat(x2_pieces, dim=1)
-                g1 = g1 + torch.cat(dy1_pieces, dim=1)
-            else:
-                x2 = y2
-            with torch.enable_grad():  # undo y1 = x1 + F(x2)
-                x2_leaf = x2.detach().requires_grad_(True)
-                fx = blk.mix_branch(x2_leaf, meta)
-                torch.autograd.backward(fx, g1, inputs=[x2_leaf, *mix_params])
-            y1, y2, g2 = y1 - fx.detach(), x2, g2 + x2_leaf.grad
-        # both halves started as x; the parameters' gradients are already in place
-        return (g1 + g2, None, None, *(None for _ in ctx.params))
+        kind, enabled, dtype = ctx.autocast
+        with torch.autocast(kind, dtype=dtype, enabled=enabled):
+            return _backward(ctx, y1, y2, g1, g2, meta)
+
+
+def _backward(ctx, y1, y2, g1, g2, meta):
+    for blk in reversed(ctx.blocks):
+        mix_params, ffn_params = ([p for p in part if p.requires_grad] for part in blk.branch_parameters())
+        if blk.ffn is not None:  # undo y2 = x2 + G(y1), one piece of the sequence at a time
+            x2_pieces, dy1_pieces = [], []
+            for y1_c, y2_c, g2_c in zip(*(ffn_pieces(z, blk.dims.ffn_chunks) for z in (y1, y2, g2))):
+                with torch.enable_grad():
+                    y1_c = y1_c.detach().requires_grad_(True)
+                    gy = blk.ffn(blk.ffn_norm(y1_c), meta)
+                    torch.autograd.backward(gy, g2_c, inputs=[y1_c, *ffn_params])
+                x2_pieces.append(y2_c - gy.detach())
+                dy1_pieces.append(y1_c.grad)
+            x2 = torch.cat(x2_pieces, dim=1)
+            g1 = g1 + torch.cat(dy1_pieces, dim=1)
+        else:
+            x2 = y2
+        with torch.enable_grad():  # undo y1 = x1 + F(x2)
+            x2_leaf = x2.detach().requires_grad_(True)
+            fx = blk.mix_branch(x2_leaf, meta)
+            torch.autograd.backward(fx, g1, inputs=[x2_leaf, *mix_params])
+        y1, y2, g2 = y1 - fx.detach(), x2, g2 + x2_leaf.grad
+    # both halves started as x; the parameters' gradients are already in place
+    return (g1 + g2, None, None, *(None for _ in ctx.params))

@@ -124,7 +124,7 @@ def _attend_pairs(q, k, v, blocks, starts, lim, bs, scale):
     keys[dest] = lim_flat[pair]
     logits = torch.bmm(qt, kt.transpose(1, 2)) * scale
     # a finite floor, not -inf: padding rows stay finite, so no NaN reaches the backward pass
-    logits = logits.masked_fill(torch.arange(bs, device=dev) >= keys.view(-1, tile, 1), torch.finfo(acc).min)
+    logits = logits.masked_fill(torch.arange(bs, device=dev) >= keys.view(-1, tile, 1), torch.finfo(logits.dtype).min)
     lse = torch.logsumexp(logits, dim=-1).view(-1)
     out = torch.bmm(torch.softmax(logits, dim=-1), vt).view(-1, dh)
     back = torch.full((b * h * tq * s,), n_slots, device=dev)  # pairs that read nothing: a -inf row

@@ -69,23 +69,21 @@ def logsparse_attention(q, k, v, mask, scale=None, backend: str = "auto") -> tor
     if not mask.causal:
         dists = sorted({-d for d in dists} | set(dists))
     i = torch.arange(tq, device=q.device)
-    scores, spans = [], []
-    for d in dists:
-        lo, hi = max(0, d - off), min(tq, tk - off + d)  # queries whose key at distance d exists
-        if lo >= hi:
-            continue
-        prod = (qg[..., lo:hi, :] * kg[..., lo + off - d : hi + off - d, :]).sum(-1) * scale
+    spans = [(d, max(0, d - off), min(tq, tk - off + d)) for d in dists]
+    spans = [(d, lo, hi) for d, lo, hi in spans if lo < hi]  # queries whose key at distance d exists
+    # scores written in place into one (..., Tq, L) buffer: no per-distance padding and stacking
+    scores = q.new_full((b, hkv, h // hkv, tq, len(spans)), float("-inf"))
+    for n, (d, lo, hi) in enumerate(spans):
+        prod = torch.linalg.vecdot(qg[..., lo:hi, :], kg[..., lo + off - d : hi + off - d, :]) * scale
         if pattern.restart is not None:  # the key must be in the query's segment
             qpos = mask.q_pos + i[lo:hi]
             r = pattern.restart
             same = torch.div(qpos, r, rounding_mode="floor") == torch.div(qpos - d, r, rounding_mode="floor")
             prod = prod.masked_fill(~same, float("-inf"))
-        scores.append(F.pad(prod, (lo, tq - hi), value=float("-inf")))
-        spans.append((d, lo, hi))
-    p = torch.softmax(torch.stack(scores, dim=-1), dim=-1)  # (B, Hkv, G, Tq, L); self is always allowed
+        scores[..., lo:hi, n] = prod
+    p = torch.softmax(scores, dim=-1)  # (B, Hkv, G, Tq, L); self is always allowed
     p = torch.nan_to_num(p, nan=0.0)
-    out = 0
-    for n, (d, lo, hi) in enumerate(spans):
-        contrib = p[..., lo:hi, n, None] * vg[..., lo + off - d : hi + off - d, :]
-        out = out + F.pad(contrib, (0, 0, lo, tq - hi))
+    out = q.new_zeros(b, hkv, h // hkv, tq, v.shape[-1])
+    for n, (d, lo, hi) in enumerate(spans):  # accumulated in place: one pass over V per distance
+        out[..., lo:hi, :].addcmul_(p[..., lo:hi, n, None], vg[..., lo + off - d : hi + off - d, :])
     return out.reshape(b, h, tq, v.shape[-1])

@@ -6,7 +6,8 @@ hash round a fixed random rotation R hashes every vector to a bucket, argmax([xR
 LSH), and a query attends only to keys of its own bucket. Buckets are sorted and split into
 chunks of `chunk` keys; a query sees its own chunk and the previous one. Rounds run
 independently and are combined by their log-sum-exps, which is attention over the union of
-the rounds' keys (a key found in several rounds counts once per round, as in the paper).
+the rounds' keys with multiplicity: a key found in several rounds counts once per round (no
+log-count correction for duplicates, as in trax's implementation).
 
 One departure, for causality: chunks are aligned per bucket (each bucket's keys, in order,
 fill whole chunks of its own) rather than cut from the concatenated sort order. A key's chunk

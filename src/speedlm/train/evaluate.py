@@ -49,7 +49,7 @@ def evaluate(
     device: str | torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
     kv_policy=None,
-    memory: bool = False,
+    memory: int = 0,
 ) -> dict:
     """Token-weighted mean cross-entropy over up to `max_batches` batches of `val_ids`.
 
@@ -64,8 +64,9 @@ def evaluate(
     over the queries, against the full cache's) and "kv_peak_ratio" (the most entries any
     query needs, against the full cache at the end of the sequence).
 
-    `memory`: evaluation with memory (segment-trained models): each row reads one contiguous
-    part of the stream, window after window, through one cache carried across the batches.
+    `memory` = K > 0: evaluation with memory, as segment mode trains (`--segments K`): each row
+    reads one contiguous part of the stream, window after window, through a cache carried
+    across K windows at a time and then started afresh.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -75,10 +76,12 @@ def evaluate(
     seen = full = peak = 0
     if memory and kv_policy is not None:
         raise SpeedlmError("evaluation with memory carries the model's own caches; it takes no KV policy")
-    cache = model.init_cache() if memory else None
+    cache = None
     batches = memory_batches(val_ids, batch_size, seq_len, max_batches) if memory else eval_batches(val_ids, batch_size, seq_len, max_batches)
     try:
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
+            if memory and i % memory == 0:
+                cache = model.init_cache()
             n = int((y != -100).sum())  # model.loss averages over non-ignored targets; counted on CPU, no sync
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast_context(device, autocast_dtype):

@@ -170,8 +170,8 @@ def train(
     parallel.check_batch(cfg.batch_size)
     if tokenizer is not None:
         model.config.check_vocab(tokenizer.vocab_size)
-    if val_ids is not None:
-        require_tokens(len(val_ids), cfg.seq_len, "validation set")
+    if val_ids is not None:  # with memory, every row of a validation batch reads its own part of the stream
+        require_tokens(len(val_ids), cfg.seq_len * (cfg.batch_size if cfg.segments else 1), "validation set")
     if stop_at_step is not None and stop_at_step < 0:
         raise SpeedlmError(f"stop_at_step must be >= 0, got {stop_at_step}")
     device = cfg.resolve_device()
@@ -184,6 +184,10 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path, plot_path = out_dir / METRICS_FILE, out_dir / PLOT_FILE
 
+    if cfg.segments and cfg.activation_checkpointing:
+        raise SpeedlmError("--segments runs its blocks with caches, which activation checkpointing skips; drop one of them")
+    if cfg.segments and getattr(model.config, "reversible", False):
+        raise SpeedlmError("--segments runs with caches, where reversible layers keep every activation; drop one of them")
     if getattr(model.config, "reversible", False):
         # a reversible stack calls its blocks' branches, not their forward: what wraps a block's
         # forward would never run (and the stack already recomputes activations)
@@ -382,7 +386,7 @@ def train(
                     }
                     if do_eval:
                         ev = evaluate(model, val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device, amp_dtype,
-                                      memory=bool(cfg.segments))
+                                      memory=cfg.segments)
                         record.update(val_loss=ev["loss"], val_ppl=ev["ppl"])
                         best_val = ev["loss"] if best_val is None else min(best_val, ev["loss"])
                     if flops_tok * tok_s > 1.05 * peak and not warned_peak and peak_source != "given":
