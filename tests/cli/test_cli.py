@@ -256,3 +256,14 @@ def test_stream_writes_segments_summary_and_plot(trained, tmp_path, capsys):
 def test_bad_policy_options_are_one_line_errors(trained, capsys, extra, needle):
     assert main([extra[0], "--checkpoint", str(trained), *extra[1:]]) == 2
     one_error_line(capsys, needle)
+
+
+def test_segment_training_from_the_command_line_reports_the_reach(corpus_dir, tmp_path, capsys):
+    out = tmp_path / "txl"
+    args = ["train", "--preset", "transformer-xl-tiny", "--data", str(corpus_dir), "--out", str(out), "--segments", "2",
+            *TRAIN_FAST]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "context reach 510 tokens" in printed  # 2 layers x (128 memory + 128 segment - 1)
+    assert main([*args, "--activation-checkpointing", "--out", str(tmp_path / "x")]) == 2
+    one_error_line(capsys, "activation checkpointing skips")

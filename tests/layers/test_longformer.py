@@ -56,13 +56,33 @@ def test_only_a_global_prefix_is_valid_in_a_causal_model():
     ModelConfig(layers={"A": {"mixer": {**spec, "global_tokens": [0, 1, 2]}}}).validate()  # a prefix: fine
 
 
-def test_causal_local_rows_run_as_a_window_plus_marked_global_keys(monkeypatch):
-    from speedlm.ops import marked_attention
+def test_causal_local_rows_run_banded_in_training_and_from_the_trimmed_cache_when_decoding(monkeypatch):
+    from speedlm.ops import longformer
 
-    calls = []
-    real = marked_attention.marked_window_attention
-    monkeypatch.setattr(marked_attention, "marked_window_attention", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    banded = []
+    real = longformer.banded_prefix_attention
+    monkeypatch.setattr(longformer, "banded_prefix_attention", lambda *a, **k: banded.append(a[3:5]) or real(*a, **k))
     m, x = make(window=5, global_tokens=3), x_of(300)
     y = m(x, SeqMeta())
-    assert len(calls) == 1 and calls[0].window == 5 and calls[0].k_mark[0, :4].tolist() == [True] * 3 + [False]
+    assert banded == [(5, 3)]
     assert rel_rms_error(y, m.reference(x, SeqMeta())) < 1e-12
+    with torch.no_grad():  # the cache keeps the prefix and the window: non-contiguous keys, another plan
+        cache = m.init_cache()
+        m(x[:, :20], SeqMeta(0), cache)
+        step = m(x[:, 20:21], SeqMeta(20), cache)
+    assert len(banded) == 2 and rel_rms_error(step, y[:, 20:21]) < 1e-12
+
+
+@pytest.mark.parametrize("tq,tk,window,g,block", [(37, 37, 5, 3, 8), (300, 300, 16, 4, 128), (9, 30, 7, 2, 4), (50, 50, 64, 8, 16)])
+def test_banded_plan_equals_the_dense_mask(tq, tk, window, g, block):
+    from speedlm.ops.attention import attention_reference
+    from speedlm.ops.longformer import banded_prefix_attention
+
+    gen = torch.Generator().manual_seed(tq + tk)
+    q = torch.randn(2, 4, tq, 8, dtype=torch.float64, generator=gen)
+    k, v = (torch.randn(2, 2, tk, 8, dtype=torch.float64, generator=gen) for _ in range(2))  # GQA
+    i = torch.arange(tq)[:, None] + tk - tq
+    j = torch.arange(tk)[None]
+    allowed = (j <= i) & ((i - j < window) | (j < g))
+    ref = attention_reference(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), allowed[None].expand(2, -1, -1))
+    assert rel_rms_error(banded_prefix_attention(q, k, v, window, g, block=block), ref) < 1e-12

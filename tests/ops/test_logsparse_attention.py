@@ -18,8 +18,12 @@ CASES = [(True, 37, 37, 0, 1, None), (True, 19, 60, 0, 3, None), (True, 53, 53, 
          (False, 37, 37, 0, 2, None), (False, 41, 41, 3, 1, 8)]  # bidirectional: no cache
 
 
+@pytest.mark.parametrize("tile", [512, 8])  # one tile, and query tiles that split every case
 @pytest.mark.parametrize("causal, tq, tk, offset, local, restart", CASES)
-def test_distance_plan_equals_the_dense_mask(causal, tq, tk, offset, local, restart):
+def test_distance_plan_equals_the_dense_mask(causal, tq, tk, offset, local, restart, tile, monkeypatch):
+    from speedlm.ops import logsparse_attention
+
+    monkeypatch.setattr(logsparse_attention, "TILE", tile)
     g = torch.Generator().manual_seed(tq + tk)
     q = torch.randn(2, 4, tq, 8, dtype=torch.float64, generator=g, requires_grad=True)
     k = torch.randn(2, 2, tk, 8, dtype=torch.float64, generator=g, requires_grad=True)

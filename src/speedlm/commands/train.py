@@ -80,6 +80,7 @@ def run_train(args) -> dict:
         f"model: {args.config or args.preset}: {model.num_params():,} parameters, "
         f"{c.n_layers} layers x d={c.d_model}, pattern {c.pattern!r}, "
         f"{model.flops_per_token(cfg.seq_len) / 1e6:.1f} MFLOP/token (training)"
+        + ("" if model.context_reach() is None else f", context reach {model.context_reach():,} tokens (the layers' reaches summed)")
     )
     summary = train(
         model, cfg, TokenStream(train_ids), val_ids, tokenizer=tokenizer, resume=resumed or False,

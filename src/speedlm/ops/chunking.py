@@ -38,3 +38,12 @@ def in_segments(fn, tensors: list[torch.Tensor], segment: int, state, dim: int =
         out, state = fn(*pieces, state)
         outs.append(out)
     return torch.cat(outs, dim=dim), state
+
+
+def band_windows(z: torch.Tensor, before: int, size: int, step: int, blocks: int, fill) -> torch.Tensor:
+    """z (..., N, E): for block b, the rows [b * step - before, b * step - before + size) (out of
+    range rows: `fill`) -> (..., blocks, size, E), as views of one padded copy."""
+    need = (blocks - 1) * step + size
+    after = max(0, need - before - z.shape[-2])
+    pad = [z.new_full((*z.shape[:-2], before, z.shape[-1]), fill), z, z.new_full((*z.shape[:-2], after, z.shape[-1]), fill)]
+    return torch.cat(pad, dim=-2).unfold(-2, size, step).transpose(-1, -2)

@@ -20,12 +20,15 @@ above (up to its own position when causal, up to the end of its chunk otherwise)
 A query sees itself only when nothing else is visible (the self logit is set to -1e5, the
 paper's), since with shared QK a vector's dot product with its own key dominates.
 
-Cost per round: O(T x 2 chunk) scores after an O(T log T) sort; no T x T mask.
+Cost per round: O(T x 3 chunk) scores after an O(T log T) sort (blocks of sorted queries
+against a band of sorted keys, see `lsh_attention`); no T x T mask.
 """
 
 from __future__ import annotations
 
 import torch
+
+from speedlm.ops.chunking import band_windows
 
 SELF_LOGIT = -1e5  # Reformer's value: finite, so a query with no other key still sees itself
 _MASKED = -1e9  # padding and other buckets' keys; finite, so empty padding rows stay NaN-free
@@ -55,19 +58,6 @@ def bucket_ranks(buckets: torch.Tensor, n_buckets: int) -> tuple[torch.Tensor, t
     return torch.empty_like(buckets).scatter_(-1, order, sorted_rank), counts
 
 
-def _slot_gather(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T + 1, E) (row T: padding) at tok (B, H, R, S) -> (B, H, R, S, E)."""
-    b, h, r, s = tok.shape
-    flat = tok.reshape(b, h, r * s, 1).expand(-1, -1, -1, x.shape[-1])
-    return x.gather(2, flat).view(b, h, r, s, x.shape[-1])
-
-
-def _with_previous(z: torch.Tensor, fill) -> torch.Tensor:
-    """Chunks (..., n, c, E) -> each chunk's previous chunk and itself (..., n, 2c, E)."""
-    prev = torch.cat([torch.full_like(z[..., :1, :, :], fill), z[..., :-1, :, :]], dim=-3)
-    return torch.cat([prev, z], dim=-2)
-
-
 def _combine_rounds(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """Per-round outputs (B, H, R, T, E) and log-sum-exps (B, H, R, T) -> (B, H, T, E)."""
     w = torch.softmax(lse, dim=2)
@@ -77,37 +67,50 @@ def _combine_rounds(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 def lsh_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, n_buckets: int, chunk: int,
                   causal: bool = True) -> torch.Tensor:
     """Chunked LSH attention over one whole sequence: qk (B, H, T, D) shared query/key vectors
-    (after RoPE), v (B, H, T, Dv), buckets (B, H, T, R) -> (B, H, T, Dv)."""
+    (after RoPE), v (B, H, T, Dv), buckets (B, H, T, R) -> (B, H, T, Dv).
+
+    In the sort order (by bucket, then position) a query at rank r of its bucket sees a
+    contiguous run of the sorted keys: from rank (r // chunk - 1) * chunk of its bucket to
+    itself (causal), or to the end of its chunk (bidirectional), so within 2 chunk - 1 sorted
+    places before it (and chunk - 1 after). Blocks of `chunk` sorted queries therefore read one
+    band of 3 chunk - 1 (4 chunk - 2) sorted keys, masked by bucket and rank: O(T x chunk) per
+    round whatever the buckets' sizes, with no padding of buckets to whole chunks."""
     b, h, t, d = qk.shape
     bk = buckets.transpose(-1, -2)  # (B, H, R, T)
     r = bk.shape[2]
-    rank, counts = bucket_ranks(bk, n_buckets)
-    padded = -(-counts // chunk) * chunk  # every bucket fills whole chunks
-    slot = (padded.cumsum(-1) - padded).gather(-1, bk) + rank  # (B, H, R, T)
-    s = int(padded.sum(-1).max())
-    tok = torch.full((b, h, r, s), t, dtype=torch.long, device=qk.device)
-    tok.scatter_(-1, slot, torch.arange(t, device=qk.device).expand(b, h, r, t))
+    rank, _ = bucket_ranks(bk, n_buckets)
+    order = torch.argsort(bk * t + torch.arange(t, device=qk.device), dim=-1)  # (B, H, R, T) sorted -> token
+    c = min(chunk, t)
+    nb = -(-t // c)
+    before, size = 2 * c - 1, (3 * c - 1) if causal else (4 * c - 2)
 
-    pad = lambda z: torch.cat([z, z.new_zeros(b, h, 1, z.shape[-1])], dim=2)  # noqa: E731
-    n = s // chunk
-    q_s = _slot_gather(pad(qk), tok).view(b, h, r, n, chunk, d)
-    k_s = _with_previous(_slot_gather(pad(shared_keys(qk)), tok).view(b, h, r, n, chunk, d), 0.0)
-    v_s = _with_previous(_slot_gather(pad(v), tok).view(b, h, r, n, chunk, -1), 0.0)
-    bucket_s = torch.cat([bk, bk.new_full((b, h, r, 1), -1)], dim=-1).gather(-1, tok).view(b, h, r, n, chunk, 1)
-    tok_q = tok.view(b, h, r, n, chunk, 1)
-    tok_k = _with_previous(tok_q, t).transpose(-1, -2)  # (B, H, R, n, 1, 2c)
-    bucket_k = _with_previous(bucket_s, -1).transpose(-1, -2)
+    def sort(z):  # (B, H, T, E) -> (B, H, R, T, E) in each round's order
+        return z[:, :, None].expand(-1, -1, r, -1, -1).gather(3, order[..., None].expand(-1, -1, -1, -1, z.shape[-1]))
 
-    logits = torch.einsum("bhrncd,bhrnkd->bhrnck", q_s, k_s)
-    visible = (bucket_k == bucket_s) & (tok_k < t)  # same bucket, not padding
+    def queries(z, fill):  # (B, H, R, T, E) -> (B, H, R, nb, c, E)
+        return torch.nn.functional.pad(z, (0, 0, 0, nb * c - t), value=fill).view(b, h, r, nb, c, z.shape[-1])
+
+    def band(z, fill):  # (B, H, R, T, E) -> (B, H, R, nb, size, E)
+        return band_windows(z, before, size, c, nb, fill)
+
+    meta = torch.stack([order, bk.gather(-1, order), rank.gather(-1, order)], dim=-1)  # token, bucket, rank
+    q_meta, k_meta = queries(meta, -1), band(meta, -1)
+    q_tok, q_bucket, q_rank = (q_meta[..., n, None] for n in range(3))  # (B, H, R, nb, c, 1)
+    k_tok, k_bucket, k_rank = (k_meta[..., None, :, n] for n in range(3))  # (B, H, R, nb, 1, size)
+    q_s = queries(sort(qk), 0.0)
+    logits = torch.einsum("bhrncd,bhrnkd->bhrnck", q_s, band(sort(shared_keys(qk)), 0.0))
+    visible = (k_bucket == q_bucket) & (k_tok >= 0) & (k_rank >= (q_rank // c - 1) * c)
     if causal:
-        visible = visible & (tok_k <= tok_q)
-    logits = logits.masked_fill(~visible, _MASKED).masked_fill(tok_k == tok_q, SELF_LOGIT)
+        visible = visible & (k_tok <= q_tok)
+    else:
+        visible = visible & (k_rank < (q_rank // c + 1) * c)
+    logits = torch.where(k_tok == q_tok, SELF_LOGIT, logits.masked_fill(~visible, _MASKED))
     lse = torch.logsumexp(logits, dim=-1)
-    out_s = torch.einsum("bhrnck,bhrnke->bhrnce", torch.exp(logits - lse[..., None]), v_s)
+    out_s = torch.einsum("bhrnck,bhrnke->bhrnce", torch.exp(logits - lse[..., None]), band(sort(v), 0.0))
     # back to token order: each token's result in each round
-    out = out_s.reshape(b, h, r, s, -1).gather(3, slot[..., None].expand(-1, -1, -1, -1, out_s.shape[-1]))
-    return _combine_rounds(out, lse.reshape(b, h, r, s).gather(3, slot))
+    inverse = torch.argsort(order, dim=-1)
+    out = out_s.reshape(b, h, r, nb * c, -1)[..., :t, :].gather(3, inverse[..., None].expand(-1, -1, -1, -1, v.shape[-1]))
+    return _combine_rounds(out, lse.reshape(b, h, r, nb * c)[..., :t].gather(3, inverse))
 
 
 def lsh_attention_decode(q: torch.Tensor, keys: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from speedlm.ops.chunking import band_windows
+
 
 def sinusoid(distances: torch.Tensor, dim: int) -> torch.Tensor:
     """Transformer-XL's relative position embedding: [sin(d w), cos(d w)], w = 10000^(-2i/dim)."""
@@ -32,15 +34,6 @@ def sinusoid(distances: torch.Tensor, dim: int) -> torch.Tensor:
 def first_visible(q_pos: torch.Tensor, segment: int, memory: int) -> torch.Tensor:
     """The earliest position a query at q_pos may see: the start of its segment minus memory."""
     return torch.div(q_pos, segment, rounding_mode="floor") * segment - memory
-
-
-def _windows(z: torch.Tensor, before: int, size: int, step: int, blocks: int, fill) -> torch.Tensor:
-    """z (..., N, E): for block b, the rows [b * step - before, b * step - before + size) (out of
-    range rows: `fill`) -> (..., blocks, size, E), as views of one padded copy."""
-    need = (blocks - 1) * step + size
-    after = max(0, need - before - z.shape[-2])
-    pad = [z.new_full((*z.shape[:-2], before, z.shape[-1]), fill), z, z.new_full((*z.shape[:-2], after, z.shape[-1]), fill)]
-    return torch.cat(pad, dim=-2).unfold(-2, size, step).transpose(-1, -2)
 
 
 def relative_attention(q, k, v, rel, u, vb, q_pos, k_pos, segment: int, memory: int, q_doc=None, k_doc=None,
@@ -61,11 +54,11 @@ def relative_attention(q, k, v, rel, u, vb, q_pos, k_pos, segment: int, memory: 
 
     qp = torch.cat([q, q.new_zeros(b, h, nb * block - tq, dh)], dim=2).view(b, h, nb, block, dh)
     before = reach - 1 - off  # key window of block n starts at key index n * block + off - (reach - 1)
-    kw = _windows(k, before, size, block, nb, 0.0) if before >= 0 else _windows(k[..., -before:, :], 0, size, block, nb, 0.0)
-    vw = _windows(v, before, size, block, nb, 0.0) if before >= 0 else _windows(v[..., -before:, :], 0, size, block, nb, 0.0)
+    kw = band_windows(k, before, size, block, nb, 0.0) if before >= 0 else band_windows(k[..., -before:, :], 0, size, block, nb, 0.0)
+    vw = band_windows(v, before, size, block, nb, 0.0) if before >= 0 else band_windows(v[..., -before:, :], 0, size, block, nb, 0.0)
     trim = max(0, -before)
     k_idx = torch.arange(tk, device=q.device)[None]
-    win = lambda z, fill: _windows(z[:, trim:, None], max(0, before), size, block, nb, fill)[..., 0]  # noqa: E731
+    win = lambda z, fill: band_windows(z[:, trim:, None], max(0, before), size, block, nb, fill)[..., 0]  # noqa: E731
     kidx_w = win(k_idx, -1)  # (1, nb, size): key index of each window slot (-1: none)
     kpos_w = win(k_pos, -(2**62))
     qpos = torch.cat([q_pos, q_pos.new_zeros(q_pos.shape[0], nb * block - tq)], 1).view(-1, nb, block, 1)
