@@ -136,6 +136,12 @@ def cmd_bench_mixers(args) -> int:
     return 0
 
 
+def cmd_train_classifier(args) -> int:
+    from speedlm.commands.classify import cmd_train_classifier as run
+
+    return run(args)
+
+
 def cmd_bench_depth(args) -> int:
     from speedlm.bench.depth import run_depth_bench
 
@@ -334,6 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="auto", help="auto, bfloat16 (autocast; CPUs with AMX/AVX-512-BF16) or float32")
     c.add_argument("--peak-flops", type=float, help="FLOP/s that MFU divides by (default: datasheet or measured once)")
     c.set_defaults(func=cmd_compare)
+
+    k = sub.add_parser("train-classifier", help="presets as bidirectional encoders on a non-text task (digits, spoken-digits)")
+    k.add_argument("--task", required=True, help="digits (scikit-learn's 8x8 digits) or spoken-digits (espeak-ng speech)")
+    k.add_argument("--presets", type=_csv, default=None, help="comma-separated presets (default: one per family for the task)")
+    k.add_argument("--steps", type=int, default=600)
+    k.add_argument("--batch-size", type=int, default=64)
+    k.add_argument("--lr", type=float, default=2e-3)
+    k.add_argument("--warmup-steps", type=int, default=50)
+    k.add_argument("--eval-every", type=int, default=50)
+    k.add_argument("--pooling", default="mean", help="mean or cls")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--out", default="runs/classify")
+    k.set_defaults(func=cmd_train_classifier)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

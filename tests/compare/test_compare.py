@@ -185,7 +185,7 @@ def test_an_unwritable_output_folder_is_one_line(tmp_path, capsys):
     assert "not writable" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("preset", sorted(__import__("speedlm.models.presets", fromlist=["PRESETS"]).PRESETS))
+@pytest.mark.parametrize("preset", sorted(__import__("speedlm.models.presets", fromlist=["presets_for"]).presets_for("ar")))
 def test_every_preset_plans_on_the_meta_device(preset):
     """compare sizes models on the meta device: FLOPs and parameters must not need real tensors,
     and must be what the real model reports."""

@@ -3,10 +3,10 @@ import torch
 
 from speedlm.errors import SpeedlmError
 from speedlm.generate import generate, sample_next
-from speedlm.models import PRESETS, build_model
+from speedlm.models import PRESETS, presets_for, build_model
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", presets_for("ar"))
 def test_cached_greedy_generation_gives_exactly_the_uncached_tokens(preset):
     torch.manual_seed(3)
     m = build_model(preset)

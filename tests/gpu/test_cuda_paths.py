@@ -78,9 +78,9 @@ def test_training_step_under_bf16_autocast(tmp_path):
 
 def test_cached_greedy_generation_on_cuda():
     from speedlm.generate import generate
-    from speedlm.models import PRESETS, build_model
+    from speedlm.models import build_model, presets_for
 
-    for preset in PRESETS:
+    for preset in presets_for("ar"):
         torch.manual_seed(0)
         m = build_model(preset).cuda()
         with torch.no_grad():

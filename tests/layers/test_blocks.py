@@ -62,7 +62,7 @@ def test_block_gradients_are_finite_and_reach_every_parameter(block, ffn, m):
 def test_block_accounting_is_the_sum_of_its_parts(block, ffn, m):
     blk = make(block, ffn, m)
     ffn_flops = blk.ffn.flops_per_token() if blk.ffn is not None else 0.0
-    own = blk.conv.flops_per_token() if block == "test_conv_prenorm" else 0.0  # the parts beside mixer and FFN
+    own = blk.own_flops_per_token() if hasattr(blk, "own_flops_per_token") else 0.0  # the parts beside mixer and FFN
     if block == "mod":  # the router on every token, the block on the capacity's share, over the routed length
         routed = math.ceil(blk.capacity * 100)
         inner = blk.mixer.flops_per_token(routed) + ffn_flops

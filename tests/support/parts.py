@@ -245,8 +245,11 @@ class ConvPreNormBlock(Block):
         own = self.conv.state_bytes(context_len, batch_size, bytes_per_elem)
         return own + super().state_bytes(context_len, batch_size, bytes_per_elem)
 
+    def own_flops_per_token(self):
+        return self.conv.flops_per_token()
+
     def flops_per_token(self, context_len):
-        return self.conv.flops_per_token() + super().flops_per_token(context_len)
+        return self.own_flops_per_token() + super().flops_per_token(context_len)
 
 
 def block_entry(name, cls) -> Entry:

@@ -87,8 +87,10 @@ def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="a
     steps = check_int("steps", steps, 1)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    from speedlm.models.build import require_language_model
+
     for p in presets:
-        resolve_config(p)  # unknown presets fail before any work
+        require_language_model(resolve_config(p), p)  # unknown presets and encoders fail before any work
     need = max(contexts) + steps + 1
     meta = {
         "device": str(dev), "torch_version": torch.__version__, "speedlm_version": speedlm.__version__,

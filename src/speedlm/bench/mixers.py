@@ -39,16 +39,16 @@ def run_mixers_bench(presets, lengths=(4096, 16384), repeats: int = 3, device="a
     with torch.no_grad():
         for t in lengths:
             ids = text_token_ids((1, t), seed).to(dev)
-            meta = SeqMeta(token_ids=ids)
+            metas = {p: SeqMeta(token_ids=ids, causal=m.supports_causal) for p, m in mixers.items()}  # encoders' mixers bidirectional
             inputs = {p: torch.randn(1, t, m.dims.d_model, generator=torch.Generator().manual_seed(seed)).to(dev)
                       for p, m in mixers.items()}
             samples = {p: [] for p in presets}
             for _ in range(repeats):  # interleaved: a slow spell of the machine hits every mixer alike
                 for p, m in mixers.items():
-                    samples[p] += time_fn(lambda _, m=m, x=inputs[p]: m(x, meta), dev, repeats=1, warmup=1)
+                    samples[p] += time_fn(lambda _, m=m, x=inputs[p], meta=metas[p]: m(x, meta), dev, repeats=1, warmup=1)
             for p, m in mixers.items():
                 with PeakMemory(dev) as pm:
-                    out = m(inputs[p], meta)
+                    out = m(inputs[p], metas[p])
                     del out
                 rows.append({"preset": p, "mixer": type(m).__name__, "length": t, "fwd_ms": 1000 * median(samples[p]),
                              "peak_mem_mib": pm.peak_bytes / 2**20, "samples_ms": [1000 * s for s in samples[p]]})

@@ -72,7 +72,10 @@ def recall_config(spec, setting: RecallSetting, width: int | None = None) -> Mod
     2-layer attention model then needs several times more steps to find the recall circuit
     (measured: 0.45 vs 1.00 accuracy after 800 steps at T=64, 4 pairs, vocabulary 32). The token
     mixers, which are what MQAR compares, are unchanged."""
+    from speedlm.models.build import require_language_model
+
     cfg = resolve_config(spec)
+    require_language_model(cfg, spec)
     fields = cfg.to_dict()
     fields.update(vocab_size=setting.vocab_size, max_seq_len=max(cfg.max_seq_len, setting.seq_len), tie_embeddings=False)
     fields["separators"] = None  # a text tokenizer's separator ids mean nothing in MQAR's vocabulary

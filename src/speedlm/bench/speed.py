@@ -87,7 +87,8 @@ def _skipped(reason: str, oom: bool = False) -> dict:
 
 
 def _supports_decoding(model) -> bool:
-    return all(b.supports_decoding for b in model.blocks)
+    # an encoder (no init_cache) has no decoding, whatever its mixers support
+    return hasattr(model, "init_cache") and all(b.supports_decoding for b in model.blocks)
 
 
 def bench_one(model, x, y, decode_ids, device, *, repeats: int, warmup: int) -> dict:
@@ -103,6 +104,8 @@ def bench_one(model, x, y, decode_ids, device, *, repeats: int, warmup: int) -> 
     def zero_grad():
         model.zero_grad(set_to_none=True)
 
+    y = getattr(model, "benchmark_targets", lambda t: t)(y)  # an encoder's batch: one label per row
+
     def fwd_bwd(_):
         model.loss(x, y).total.backward()
 
@@ -113,7 +116,7 @@ def bench_one(model, x, y, decode_ids, device, *, repeats: int, warmup: int) -> 
     if n_dec == 0:
         metrics["decode"] = _skipped("decode_tokens=0")
     elif not _supports_decoding(model):
-        metrics["decode"] = _skipped("a mixer of this model does not support cached decoding")
+        metrics["decode"] = _skipped("this model (or one of its mixers) has no cached decoding")
     else:
 
         def prefill():

@@ -10,10 +10,11 @@ def _model_config(args, resumed):
     user's config JSON (taken as is, so a mismatch with the tokenizer is reported rather than
     papered over) or the preset (its vocabulary is set from the tokenizer later)."""
     from speedlm.models import resolve_config
+    from speedlm.models.build import require_language_model
 
-    if resumed is not None:
-        return resumed.config
-    return resolve_config(args.config or args.preset)
+    cfg = resumed.config if resumed is not None else resolve_config(args.config or args.preset)
+    require_language_model(cfg, args.config or args.preset)
+    return cfg
 
 
 def _tokenizer_for_run(args, corpus, resumed):

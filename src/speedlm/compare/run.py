@@ -36,6 +36,7 @@ from speedlm.data.separators import record_separators
 from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
 from speedlm.models import build_model, resolve_config
+from speedlm.models.build import require_language_model
 from speedlm.models.presets import split_preset_name
 from speedlm.progress import progress_bar, progress_write
 from speedlm.schema import is_number
@@ -302,6 +303,7 @@ def run_compare(o: CompareOptions, progress: bool = True) -> dict:
         try:
             cfg = resolve_config(name) if name.endswith(".json") else resolve_config(name, vocab_size=tokenizer.vocab_size)
             cfg.check_vocab(tokenizer.vocab_size, "compare tokenizer")
+            require_language_model(cfg, name)
             cfg = record_separators(cfg, tokenizer)
         except SpeedlmError as e:  # a broken config is this model's failure, not the job's
             rows[name] = {"name": name, "status": "failed", "reason": f"config: {e}"}

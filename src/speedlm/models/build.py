@@ -36,3 +36,10 @@ def build_model(spec, **overrides) -> CausalLM:
     """A freshly initialised model of the class its config's objective calls for."""
     cfg = resolve_config(spec, **overrides)
     return MODELS[cfg.objective].cls(cfg)
+
+
+def require_language_model(cfg: ModelConfig, name) -> None:
+    """`train`, `compare` and the LM benchmarks train next-token models; encoders have their own command."""
+    if cfg.objective != "ar":
+        raise SpeedlmError(f"{name} is an encoder (objective {cfg.objective!r}), not a language model; "
+                           "train it on a task with `speedlm train-classifier --task digits --presets ...`")

@@ -23,6 +23,7 @@ from speedlm.registry import BLOCKS, FFNS, MIXERS, MODELS
 from speedlm.schema import Schema, is_int, is_number
 
 LAYER_KEYS = ("mixer", "ffn", "block")
+BIDIRECTIONAL_OBJECTIVES = ("classify",)  # models that run their mixers with causal=False
 
 
 def _named(spec):
@@ -57,6 +58,11 @@ class ModelConfig(Schema):
     # whose backward recomputes activations, and the FFN run over this many sequence pieces
     reversible: bool = False
     ffn_chunks: int = 1
+    # encoders (objective "classify", models/encoder.py): classes, features per input token
+    # (0: token ids through an embedding of vocab_size) and pooling ("mean" or a "cls" token)
+    num_classes: int | None = None
+    input_dim: int = 0
+    pooling: str = "mean"
 
     def __post_init__(self):
         self.ffn, self.block = _named(self.ffn), _named(self.block)
@@ -152,6 +158,11 @@ class ModelConfig(Schema):
         if self.separators is not None:
             ok = isinstance(self.separators, list) and all(is_int(i) and 0 <= i < self.vocab_size for i in self.separators)
             need(ok and self.separators, f"separators must be a non-empty list of token ids below vocab_size={self.vocab_size}")
+        if self.objective in BIDIRECTIONAL_OBJECTIVES:
+            need(is_int(self.num_classes) and self.num_classes >= 2,
+                 f"an encoder (objective={self.objective!r}) needs num_classes >= 2, got {self.num_classes!r}")
+            need(is_int(self.input_dim) and self.input_dim >= 0, f"input_dim must be an integer >= 0, got {self.input_dim!r}")
+            need(self.pooling in ("mean", "cls"), f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
         FFNS.check(self.ffn, "invalid model config: ffn")
         BLOCKS.check(self.block, "invalid model config: block")
         # every layer, not only each letter's first: a part may check its options against the depth
@@ -186,6 +197,11 @@ class ModelConfig(Schema):
         if self.ffn_chunks > 1 and not getattr(ffn.cls, "position_wise", True):
             raise SpeedlmError(f"{where}.ffn: {ffn.name!r} is not position-wise (routing depends on the whole call); "
                                "ffn_chunks must be 1")
+        if self.objective in BIDIRECTIONAL_OBJECTIVES and not mixer.cls.supports_bidirectional:
+            raise SpeedlmError(
+                f"{where}: mixer {mixer.name!r} is causal-only and cannot be used in an encoder "
+                f"(objective={self.objective!r} is bidirectional)"
+            )
         if self.objective == "ar" and not mixer.cls.supports_causal:
             raise SpeedlmError(
                 f"{where}: mixer {mixer.name!r} is bidirectional-only and cannot be used in a causal (objective='ar') model"

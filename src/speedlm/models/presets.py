@@ -61,6 +61,12 @@ def _widening_windows(size: dict) -> list[int]:
     return [round(w / 2 * 4 ** (i / max(1, n - 1))) for i in range(n)]
 
 
+def _linformer_k(size: dict) -> int:
+    """Linformer's projected length: 8 rows for tiny (short non-text inputs: 16 image patches),
+    a sixteenth of max_seq_len for small, an eighth for base (the paper's k = 256 at n = 2048)."""
+    return {512: 8, 1024: 64}.get(size["max_seq_len"], size["max_seq_len"] // 8)
+
+
 def _reformer_chunk(size: dict) -> int:
     """The paper's chunk of 64 keys, or the size's window where that is shorter."""
     return min(64, size["window"])
@@ -160,6 +166,30 @@ PRESETS: dict[str, Preset] = {
             "Dai et al. 2019, Transformer-XL: Attentive Language Models Beyond a Fixed-Length Context (arXiv:1901.02860)",
             lambda s: dict(pattern="X", layers={"X": {"mixer": {"name": "transformer_xl", "mem_len": s["max_seq_len"] // 4,
                                                                 "segment": s["max_seq_len"] // 4}}}),
+        ),
+        Preset(
+            "linformer",
+            "Linformer encoder (bidirectional, objective classify): keys and values projected along the sequence to "
+            "k rows shared by the heads (k = 8 / 64 / 256 for tiny / small / base), O(T k)",
+            "Wang et al. 2020, Linformer: Self-Attention with Linear Complexity (arXiv:2006.04768)",
+            lambda s: dict(pattern="F", objective="classify", num_classes=2,
+                           layers={"F": {"mixer": {"name": "linformer", "k": _linformer_k(s)}}}),
+        ),
+        Preset(
+            "conformer",
+            "Conformer: macaron half-step SwiGLU FFNs around self-attention (RoPE) and a convolution module (GLU, "
+            "depthwise conv of 15, or 7 in tiny, LayerNorm, Swish); causal conv and conv-state cache as a language "
+            "model, centred as an encoder",
+            "Gulati et al. 2020, Conformer: Convolution-augmented Transformer for Speech Recognition (arXiv:2005.08100)",
+            lambda s: dict(pattern="C", layers={"C": {"mixer": {"name": "attention"},
+                                                      "block": {"name": "conformer", "kernel": 7 if s["d_model"] <= 64 else 15}}}),
+        ),
+        Preset(
+            "lite-transformer",
+            "Lite Transformer: long-short range attention in every layer (half the channels through attention, half "
+            "through GLU + a lightweight convolution of 7 taps shared by 4 channel groups), SwiGLU FFN",
+            "Wu et al. 2020, Lite Transformer with Long-Short Range Attention (arXiv:2004.11886)",
+            lambda s: dict(pattern="L", layers={"L": {"mixer": {"name": "lite_transformer", "kernel": 7, "conv_heads": 4}}}),
         ),
         Preset(
             "linear-attention",
@@ -384,3 +414,8 @@ def preset_config(name: str, **overrides) -> ModelConfig:
     fields = PRESETS[arch].make(s)
     fields.update(overrides)
     return _cfg(s, **fields)
+
+
+def presets_for(objective: str) -> list[str]:
+    """The presets whose models have this objective ("ar": language models; "classify": encoders)."""
+    return [name for name in PRESETS if preset_config(name).objective == objective]

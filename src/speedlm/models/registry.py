@@ -11,6 +11,7 @@ from speedlm.layers.attention import Attention
 from speedlm.layers.base_conv import BaseConv
 from speedlm.layers.based import BasedLinearAttention
 from speedlm.layers.block import PreNormBlock
+from speedlm.layers.conformer import ConformerBlock
 from speedlm.layers.block_topk import BlockTopkAttention
 from speedlm.layers.deltanet import DeltaNet, GatedDeltaNet
 from speedlm.layers.ffn import NoFFN
@@ -19,6 +20,8 @@ from speedlm.layers.hgrn import HGRN
 from speedlm.layers.hyena import Hyena
 from speedlm.layers.hymba import Hymba
 from speedlm.layers.linear_attention import LinearAttention
+from speedlm.layers.linformer import Linformer
+from speedlm.layers.lite_transformer import LiteTransformerLSRA
 from speedlm.layers.longformer import LongformerAttention
 from speedlm.layers.mamba import Mamba
 from speedlm.layers.mamba2 import Mamba2
@@ -32,6 +35,7 @@ from speedlm.layers.retnet import MultiScaleRetention
 from speedlm.layers.sepllm import SepLLMAttention
 from speedlm.layers.sparse_attention import DilatedWindowAttention, LogSparseAttention, SlidingWindowAttention
 from speedlm.models.causal_lm import CausalLM
+from speedlm.models.encoder import Encoder
 from speedlm.registry import BLOCKS, FFNS, MIXERS, MODELS, Entry
 
 __all__ = ["BLOCKS", "FFNS", "MIXERS", "MODELS", "Entry", "register_block", "register_ffn", "register_mixer", "register_model"]
@@ -48,6 +52,15 @@ register_model(
     family="decoder-only language model",
     description="autoregressive next-token prediction through causal mixers and their caches",
     paper="Radford et al. 2019 (GPT-2)",
+)
+
+register_model(
+    "classify",
+    Encoder,
+    family="bidirectional encoder",
+    description="sequence classification: a feature or token front-end, bidirectional mixers, mean or class-token "
+    "pooling, a linear head",
+    paper="Devlin et al. 2019, BERT (arXiv:1810.04805); Dosovitskiy et al. 2021, ViT (arXiv:2010.11929)",
 )
 
 # ----- mixers -----
@@ -141,6 +154,25 @@ register_mixer(
     "cache that training's segment mode carries detached) and relative positions with the u and v biases; O(mem_len + segment) cache",
     paper="Dai et al. 2019, Transformer-XL: Attentive Language Models Beyond a Fixed-Length Context (arXiv:1901.02860)",
     contract_spec={"mem_len": 6, "segment": 8, "kv_heads": 2},
+)
+register_mixer(
+    "linformer",
+    Linformer,
+    family="low-rank attention",
+    description="Linformer: keys and values projected along the sequence to k rows by learned E, F (per head, "
+    "shared by the heads, or one for both); O(T k); bidirectional only",
+    paper="Wang et al. 2020, Linformer: Self-Attention with Linear Complexity (arXiv:2006.04768)",
+    contract_spec={"k": 8, "sharing": "none", "kv_heads": 2},
+)
+register_mixer(
+    "lite_transformer",
+    LiteTransformerLSRA,
+    family="conv + attention",
+    description="Lite Transformer LSRA: half the channels through self-attention (half the heads), half through "
+    "GLU + a lightweight (softmax-normalised, head-shared) or dynamic (per-position) convolution; causal or centred",
+    paper="Wu et al. 2020, Lite Transformer with Long-Short Range Attention (arXiv:2004.11886); Wu et al. 2019, "
+    "Pay Less Attention with Lightweight and Dynamic Convolutions (arXiv:1901.10430)",
+    contract_spec={"kernel": 3, "conv": "dynamic", "conv_heads": 2, "kv_heads": 1},
 )
 register_mixer(
     "linear_attention",
@@ -286,6 +318,15 @@ register_block(
     family="residual block",
     description="x + mixer(norm x), then x + ffn(norm x)",
     paper="Radford et al. 2019 (GPT-2); Xiong et al. 2020, On Layer Normalization in the Transformer (arXiv:2002.04745)",
+)
+register_block(
+    "conformer",
+    ConformerBlock,
+    family="conv + attention",
+    description="Conformer: half-step FFN, the layer's mixer (self-attention), a convolution module (pointwise, GLU, "
+    "depthwise conv, LayerNorm, Swish, pointwise; centred in encoders, causal with a conv-state cache in LMs), "
+    "half-step FFN, final norm",
+    paper="Gulati et al. 2020, Conformer: Convolution-augmented Transformer for Speech Recognition (arXiv:2005.08100)",
 )
 register_block(
     "mod",

@@ -31,7 +31,10 @@ import torch
 from speedlm.ops.chunking import band_windows
 
 SELF_LOGIT = -1e5  # Reformer's value: finite, so a query with no other key still sees itself
-_MASKED = -1e9  # padding and other buckets' keys; finite, so empty padding rows stay NaN-free
+# keys a query may not see: -inf, not a large finite value, since exp of a large negative number
+# takes a slow path on CPU (5-10x per element); every row keeps a finite entry (itself, or a
+# padding slot paired with itself), so no row is all -inf
+_MASKED = float("-inf")
 
 
 def lsh_buckets(vectors: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:

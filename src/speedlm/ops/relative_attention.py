@@ -74,7 +74,10 @@ def relative_attention(q, k, v, rel, u, vb, q_pos, k_pos, segment: int, memory: 
     content = torch.einsum("bhnqd,bhnkd->bhnqk", qp + u[:, None, None, :], kw)
     by_distance = torch.einsum("bhnqd,hrd->bhnqr", qp + vb[:, None, None, :], rel)
     position = by_distance.gather(-1, dist.clamp(0, reach - 1)[:, None].expand(b, h, nb, block, size))
-    scores = ((content + position) * scale).masked_fill(~visible[:, None], torch.finfo(q.dtype).min)
+    # padding query rows see nothing: let them see everything (they are dropped), so that no row
+    # is all -inf; -inf rather than a large finite mask value, whose exp takes a slow CPU path
+    visible = visible | ~visible.any(-1, keepdim=True)
+    scores = ((content + position) * scale).masked_fill(~visible[:, None], float("-inf"))
     out = torch.einsum("bhnqk,bhnkd->bhnqd", torch.softmax(scores, dim=-1), vw)
     return out.reshape(b, h, nb * block, -1)[:, :, :tq]
 
