@@ -142,6 +142,15 @@ def cmd_train_classifier(args) -> int:
     return run(args)
 
 
+def cmd_bench_diffusion(args) -> int:
+    from speedlm.bench.diffusion import run_diffusion_bench
+
+    run_diffusion_bench(args.checkpoint, args.judge, length=args.length, divisors=args.divisors, block=args.block,
+                        prompts=args.prompts, prompt_len=args.prompt_len, temperature=args.temperature, seed=args.seed,
+                        device=args.device, out_dir=args.out)
+    return 0
+
+
 def cmd_bench_depth(args) -> int:
     from speedlm.bench.depth import run_depth_bench
 
@@ -273,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (reference)")
+    g.add_argument("--steps", type=int, help="diffusion checkpoints: denoising steps (default: one per new token)")
+    g.add_argument("--block", type=int, help="diffusion: semi-autoregressive block length (default: all new tokens)")
+    g.add_argument("--remasking", default="low_confidence", help="diffusion: low_confidence or random")
+    g.add_argument("--threshold", type=float, help="diffusion: unmask every prediction above this probability")
     _policy_options(g, window=1024)
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
@@ -411,6 +424,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--device", default="auto")
     x.add_argument("--out", default="runs/bench")
     x.set_defaults(func=cmd_bench_mixers)
+
+    f = bsub.add_parser("diffusion", help="a diffusion LM's generation speed vs quality over denoising steps, beside an AR model")
+    f.add_argument("--checkpoint", required=True, help="the diffusion run")
+    f.add_argument("--judge", required=True, help="an autoregressive run (same tokenizer): the baseline and the judge")
+    f.add_argument("--length", type=int, default=64, help="new tokens per prompt")
+    f.add_argument("--divisors", type=_ints, default=[1, 2, 4, 8], help="steps = length / d for each d")
+    f.add_argument("--block", type=int, help="semi-autoregressive block (default: the whole length)")
+    f.add_argument("--prompts", type=int, default=8)
+    f.add_argument("--prompt-len", type=int, default=32)
+    f.add_argument("--temperature", type=float, default=1.0)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="auto")
+    f.add_argument("--out", default="runs/bench")
+    f.set_defaults(func=cmd_bench_diffusion)
 
     v = bsub.add_parser("depth", help="a training step's peak memory and time against depth, reversible layers on and off")
     v.add_argument("--preset", default="reformer-small")

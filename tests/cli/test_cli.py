@@ -267,3 +267,31 @@ def test_segment_training_from_the_command_line_reports_the_reach(corpus_dir, tm
     assert "context reach 510 tokens" in printed  # 2 layers x (128 memory + 128 segment - 1)
     assert main([*args, "--activation-checkpointing", "--out", str(tmp_path / "x")]) == 2
     one_error_line(capsys, "activation checkpointing skips")
+
+
+def test_diffusion_checkpoints_train_evaluate_as_a_bound_and_generate_in_parallel(corpus_dir, tmp_path, capsys, trained):
+    out = tmp_path / "mdlm"
+    assert main(["train", "--preset", "mdlm-tiny", "--data", str(corpus_dir), "--out", str(out), *TRAIN_FAST]) == 0
+    assert "ppl <=" in capsys.readouterr().out
+    assert main(["train", "--preset", "mdlm-tiny", "--data", str(corpus_dir), "--out", str(out), *TRAIN_FAST[:1], "9",
+                 *TRAIN_FAST[2:], "--resume"]) == 0  # the same trainer resumes it
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--batches", "2"]) == 0
+    assert "(an upper bound, from the diffusion ELBO)" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "def ", "--max-new-tokens", "16", "--steps", "4",
+                 "--block", "8"]) == 0
+    assert "16 tokens in 4 denoising steps (4.00 tokens/step)" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(out), "--max-new-tokens", "16", "--steps", "1", "--block", "8"]) == 2
+    one_error_line(capsys, "fewer than the 2 blocks")
+    assert main(["generate", "--checkpoint", str(trained), "--steps", "4"]) == 2
+    one_error_line(capsys, "are for diffusion checkpoints")
+    bench = tmp_path / "bench"
+    assert main(["bench", "diffusion", "--checkpoint", str(out), "--judge", str(trained), "--length", "8", "--prompts", "2",
+                 "--prompt-len", "8", "--out", str(bench)]) == 0
+    rows = json.loads((bench / "bench_diffusion.json").read_text())["results"]
+    assert [(r["model"], r["steps"]) for r in rows] == [("autoregressive", 8), ("diffusion", 8), ("diffusion", 4),
+                                                         ("diffusion", 2), ("diffusion", 1)]
+    assert all(r["judge_ppl"] > 1 and 0 < r["distinct"] <= 1 for r in rows) and (bench / "bench_diffusion.png").exists()
+    capsys.readouterr()
+    assert main(["bench", "diffusion", "--checkpoint", str(trained), "--judge", str(trained), "--out", str(bench)]) == 2
+    one_error_line(capsys, "is not a diffusion checkpoint")

@@ -194,3 +194,16 @@ def test_every_preset_plans_on_the_meta_device(preset):
     real = build_model(cfg)
     assert plan.flops_per_token == pytest.approx(real.flops_per_token(64))
     assert count_params(cfg)[0] == real.num_params()
+
+
+def test_a_diffusion_lm_joins_the_comparison_with_its_bound_and_without_next_token_rows(tmp_path):
+    report = run_compare(tiny_options(tmp_path, presets=["transformer-tiny", "mdlm-tiny"]), progress=False)
+    rows = {m["name"]: m for m in report["models"]}
+    ar, dm = rows["transformer-tiny"], rows["mdlm-tiny"]
+    assert ar["status"] == dm["status"] == "ok"
+    assert dm["bound"] and not ar["bound"]
+    assert "mqar_accuracy" in ar and "mqar_accuracy" not in dm  # next-token recall does not apply
+    assert dm["decode_ms"] == {} and set(dm["prefill_tok_s"]) == {32, 64}
+    assert abs(dm["params_non_embedding"] / ar["params_non_embedding"] - 1) < 0.05  # matched like any other model
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "(bound)" in md and "≤ " in md

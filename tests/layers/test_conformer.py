@@ -72,3 +72,29 @@ def test_even_kernels_are_refused():
     with pytest.raises(SpeedlmError, match="reversible layers need blocks"):
         ModelConfig(layers={"C": {"mixer": "attention", "block": "conformer"}}, pattern="C", reversible=True).validate()
     assert ConformerBlock.supports_reversible is False
+
+
+def test_packed_documents_are_refused_rather_than_mixed_by_the_convolution():
+    lm = build_model("conformer-tiny")
+    ids = torch.randint(0, 256, (1, 12))
+    with pytest.raises(SpeedlmError, match="would mix packed documents"):
+        lm(ids, doc_ids=torch.tensor([[0] * 6 + [1] * 6]))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_conv_module_equals_its_written_out_reference(causal):
+    import torch.nn.functional as F
+
+    m, x = conv(5), x_of(23, b=2)
+    h = F.glu(m.pointwise_in(m.norm(x)), dim=-1)
+    w, k = m.depthwise.weight, m.depthwise.kernel
+    cols = []
+    for t in range(23):  # each output position's taps, written out
+        acc = m.depthwise.bias.expand(2, -1).clone()
+        for j in range(k):
+            src = t - (k - 1) + j if causal else t - k // 2 + j
+            if 0 <= src < 23:
+                acc = acc + h[:, src] * w[:, j]
+        cols.append(acc)
+    ref = m.pointwise_out(F.silu(m.conv_norm(torch.stack(cols, 1))))
+    assert rel_rms_error(m(x, SeqMeta(causal=causal)), ref) < 1e-12

@@ -75,3 +75,16 @@ def test_language_model_commands_refuse_encoders():
 
     with pytest.raises(SpeedlmError, match="is an encoder"):
         require_language_model(resolve_config("linformer-tiny"), "linformer-tiny")
+
+
+def test_reversible_encoders_run_reversibly_and_bf16_takes_float32_features(monkeypatch):
+    from speedlm.models import encoder as encoder_module
+
+    calls = []
+    real = encoder_module.reversible_forward
+    monkeypatch.setattr(encoder_module, "reversible_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = encoder("attention", reversible=True)
+    m.loss(features(), torch.tensor([0, 1])).total.backward()
+    assert calls == [1]
+    bf = encoder("attention").bfloat16()
+    assert bf(features().float()).dtype == torch.bfloat16

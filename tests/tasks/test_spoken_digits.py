@@ -14,7 +14,7 @@ from speedlm.tasks import spoken_digits as sd
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                   reason="espeak-ng is not installed (apt-get install espeak-ng) to synthesise the spoken digits")
-SMALL = {"voices": ("en-gb", "en-us", "en-029"), "variants": ("", "+f1"), "speeds": (130, 190), "pitches": (50,)}
+SMALL = {"voices": ("en", "en-us", "en-029"), "variants": ("", "+f1", "+m3"), "speeds": (130, 190), "pitches": (50,)}
 
 
 def test_mel_filterbank_and_features_without_speech():
@@ -38,13 +38,16 @@ def test_missing_espeak_is_one_line(monkeypatch, tmp_path, capsys):
 @needs_espeak
 def test_pipeline_is_deterministic_and_cached(tmp_path):
     a = load_task("spoken-digits", cache_dir=tmp_path, grid=SMALL, progress=False)
-    assert a.x_train.shape[1:] == (sd.FRAMES, sd.N_MELS) and len(a.y_train) + len(a.y_test) == 10 * 3 * 2 * 2
+    assert a.x_train.shape[1:] == (sd.FRAMES, sd.N_MELS) and len(a.y_train) + len(a.y_test) == 10 * 3 * 3 * 2
+    assert len(a.y_test) == 10 * 2 * 2  # 2 of the 9 speakers held out, every word and speed of theirs
     assert len(list(tmp_path.glob("spoken-digits-*.npz"))) == 1
     b = load_task("spoken-digits", cache_dir=tmp_path, grid=SMALL, progress=False)  # from the cache
     assert torch.equal(a.x_test, b.x_test) and torch.equal(a.y_train, b.y_train)
-    fresh, labels = sd.generate({**SMALL, "voices": ("en-gb",), "variants": ("",), "speeds": (130,)}, progress=False)
-    assert np.array_equal(fresh, sd.generate({**SMALL, "voices": ("en-gb",), "variants": ("",), "speeds": (130,)}, progress=False)[0])
-    assert labels.tolist() == list(range(10))
+    one = {**SMALL, "voices": ("en",), "variants": ("", "+f1"), "speeds": (130,)}
+    fresh, labels, speakers = sd.generate(one, progress=False)
+    assert np.array_equal(fresh, sd.generate(one, progress=False)[0])
+    assert labels.tolist() == [w for w in range(10) for _ in range(2)] and speakers.tolist() == [0, 1] * 10
+    assert not np.array_equal(fresh[0], fresh[1])  # a variant is another voice, not the same waveform
 
 
 @needs_espeak

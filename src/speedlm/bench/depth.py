@@ -27,7 +27,10 @@ def run_depth_bench(preset: str = "reformer-small", depths=(2, 4, 8), seq_len: i
 
     depths = check_ints("depths", depths)
     seq_len, batch_size, repeats = check_int("seq_len", seq_len, 2), check_int("batch_size", batch_size, 1), check_int("repeats", repeats, 1)
+    from speedlm.models.build import require_language_model
+
     cfg = resolve_config(preset)
+    require_language_model(cfg, preset)
     if any(d % len(cfg.pattern) for d in depths):
         raise SpeedlmError(f"every depth must be a multiple of the pattern length {len(cfg.pattern)} ({cfg.pattern!r})")
     dev = resolve_device(device)

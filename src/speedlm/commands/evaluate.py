@@ -25,6 +25,13 @@ def run_eval(args) -> dict:
     if policy is not None:
         kv = (f"; {describe_policy(policy)}: KV cache {result['kv_ratio']:.1%} of the full cache on average, "
               f"{result['kv_peak_ratio']:.1%} at peak")
+    if getattr(model, "bound", False):  # a diffusion LM: the NELBO, an upper bound on the NLL
+        result["bound"] = True
+        print(
+            f"step {state.get('step', '?')}: val NELBO {result['loss']:.4f} nats/token, perplexity <= {result['ppl']:.3f} "
+            f"(an upper bound, from the diffusion ELBO) over {result['tokens']:,} tokens (seq_len {seq_len})"
+        )
+        return result
     print(
         f"step {state.get('step', '?')}: val loss {result['loss']:.4f} nats/token, "
         f"perplexity {result['ppl']:.3f} over {result['tokens']:,} tokens (seq_len {seq_len}){kv}"

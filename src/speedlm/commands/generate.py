@@ -13,6 +13,12 @@ def run_generate(args):
 
     device = resolve_device(args.device)
     model, tokenizer, _ = load_trained(args.checkpoint, device)
+    if getattr(model, "mask_id", None) is not None:
+        return _run_diffusion(args, model, tokenizer, device)
+    if args.steps is not None or args.block is not None or args.threshold is not None:
+        from speedlm.errors import SpeedlmError
+
+        raise SpeedlmError("--steps, --block and --threshold are for diffusion checkpoints; this one is autoregressive")
     policy = policy_from_args(args, model, tokenizer)
     ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=device).view(1, -1)
     result = generate(
@@ -35,4 +41,17 @@ def run_generate(args):
         f"\n[{result.new_tokens} tokens: prefill {result.prefill_s * 1e3:.1f} ms, "
         f"decode {result.decode_tokens_per_s:.1f} tokens/s, {cache}]"
     )
+    return result
+
+
+def _run_diffusion(args, model, tokenizer, device):
+    from speedlm.generate.diffusion import diffusion_generate
+
+    ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=device).view(1, -1)
+    steps = args.steps if args.steps is not None else args.max_new_tokens
+    result = diffusion_generate(model, ids, args.max_new_tokens, steps, block=args.block, remasking=args.remasking,
+                                temperature=args.temperature, threshold=args.threshold, seed=args.seed)
+    print(tokenizer.decode(result.ids[0].tolist()))
+    print(f"\n[{result.new_tokens} tokens in {result.steps} denoising steps ({result.tokens_per_step:.2f} tokens/step), "
+          f"{result.tokens_per_s:.1f} tokens/s]")
     return result

@@ -13,7 +13,7 @@ def _model_config(args, resumed):
     from speedlm.models.build import require_language_model
 
     cfg = resumed.config if resumed is not None else resolve_config(args.config or args.preset)
-    require_language_model(cfg, args.config or args.preset)
+    require_language_model(cfg, args.config or args.preset, diffusion=True)
     return cfg
 
 
@@ -81,16 +81,18 @@ def run_train(args) -> dict:
         f"model: {args.config or args.preset}: {model.num_params():,} parameters, "
         f"{c.n_layers} layers x d={c.d_model}, pattern {c.pattern!r}, "
         f"{model.flops_per_token(cfg.seq_len) / 1e6:.1f} MFLOP/token (training)"
-        + ("" if model.context_reach() is None else f", context reach {model.context_reach():,} tokens (the layers' reaches summed)")
+        + ("" if getattr(model, "context_reach", lambda: None)() is None
+           else f", context reach {model.context_reach():,} tokens (the layers' reaches summed)")
     )
     summary = train(
         model, cfg, TokenStream(train_ids), val_ids, tokenizer=tokenizer, resume=resumed or False,
         data_info={"spec": args.data, "name": corpus.name, "fingerprint": corpus.fingerprint},
         parallel=parallel,
     )
+    val = (f"val NELBO {summary['val_loss']:.4f} (ppl <= {summary['val_ppl']:.2f}, an upper bound)"
+           if getattr(model, "bound", False) else f"val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f})")
     say(
-        f"done: step {summary['step']}, train loss {summary['loss']:.4f}, "
-        f"val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f}), "
+        f"done: step {summary['step']}, train loss {summary['loss']:.4f}, {val}, "
         f"{summary['tok_per_s']:,.0f} tokens/s, {summary['flops_per_s'] / 1e9:,.1f} GFLOP/s = MFU {summary['mfu']:.1%} "
         f"of the {summary['peak_source']} {summary['dtype']} peak ({summary['peak_flops'] / 1e9:,.1f} GFLOP/s)"
     )

@@ -39,7 +39,8 @@ def measure_inference(cfg: ModelConfig, contexts, decode_tokens: int, device: to
     gen = torch.Generator().manual_seed(seed)
     vocab = cfg.vocab_size
     out = {"prefill_tok_s": {}, "decode_ms": {}, "cache_bytes": {}, "errors": {}}
-    decodes = all(b.supports_decoding for b in model.blocks)
+    # a diffusion LM (no init_cache) has no decoding: its prefill is one denoising step's forward
+    decodes = hasattr(model, "init_cache") and all(b.supports_decoding for b in model.blocks)
     # untimed warm-up: first calls pay for kernel selection, thread-pool start and allocations
     warm = torch.randint(0, vocab, (1, 40), generator=torch.Generator().manual_seed(seed + 1)).to(device)
     cache = model.init_cache() if decodes else None

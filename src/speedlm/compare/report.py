@@ -61,7 +61,8 @@ def leaderboard_markdown(report: dict) -> str:
             continue
         lines.append(
             f"| {i} | {m['name']} | {_params(m)} | {m['train_flops_per_token'] / 1e6:.3f} | {m['steps']:,} | "
-            f"{m['val_loss']:.4f} | {m['val_ppl']:.3f} | {_num(m.get('mqar_accuracy'), '.3f')} | "
+            f"{m['val_loss']:.4f}{' (bound)' if m.get('bound') else ''} | {'≤ ' if m.get('bound') else ''}{m['val_ppl']:.3f} | "
+            f"{_num(m.get('mqar_accuracy'), '.3f')} | "
             f"{_num(m['train_tok_per_s'], ',.0f')} | {_num(_get(m['prefill_tok_s'], long), ',.0f')} | "
             f"{_num(_get(m['decode_ms'], short), '.2f')} | {_num(_get(m['decode_ms'], long), '.2f')} | "
             + " | ".join(human_bytes(_get(m["state_bytes"], n)) for n in TABLE_STATE_CONTEXTS)

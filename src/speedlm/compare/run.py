@@ -217,7 +217,8 @@ def _run_model(o: CompareOptions, plan: ModelPlan, data: dict, dev, infer_dtype,
     row["seconds"]["train"] = time.perf_counter() - t0
     del model
 
-    if o.mqar is not None:
+    row["bound"] = plan.config.objective == "diffusion"  # its val loss is the NELBO, an upper bound
+    if o.mqar is not None and plan.config.objective == "ar":  # MQAR scores next-token recall
         t1 = time.perf_counter()
         mcfg = recall_config(plan.config, o.mqar)
         mqar_step = _train_flops_per_token(mcfg, o.mqar.seq_len) * o.mqar.batch_size * o.mqar.seq_len
@@ -255,7 +256,7 @@ def _finished_line(i: int, n: int, name: str, row: dict) -> str:
         return f"[{i}/{n}] {name}: {row['status']}: {row.get('reason', '')}"
     parts = [
         f"[{i}/{n}] {name}: d={row['d_model']}, {row['params']:,} params",
-        f"val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f})",
+        f"val {'NELBO' if row.get('bound') else 'loss'} {row['val_loss']:.4f} (ppl {'<= ' if row.get('bound') else ''}{row['val_ppl']:.2f})",
     ]
     if "mqar_accuracy" in row:
         parts.append(f"MQAR {row['mqar_accuracy']:.3f}")
@@ -303,7 +304,7 @@ def run_compare(o: CompareOptions, progress: bool = True) -> dict:
         try:
             cfg = resolve_config(name) if name.endswith(".json") else resolve_config(name, vocab_size=tokenizer.vocab_size)
             cfg.check_vocab(tokenizer.vocab_size, "compare tokenizer")
-            require_language_model(cfg, name)
+            require_language_model(cfg, name, diffusion=True)
             cfg = record_separators(cfg, tokenizer)
         except SpeedlmError as e:  # a broken config is this model's failure, not the job's
             rows[name] = {"name": name, "status": "failed", "reason": f"config: {e}"}
@@ -336,7 +337,7 @@ def run_compare(o: CompareOptions, progress: bool = True) -> dict:
 
     def work_of(plan: ModelPlan) -> float:
         w = plan.train_flops
-        if o.mqar is not None:
+        if o.mqar is not None and plan.config.objective == "ar":
             mcfg = recall_config(plan.config, o.mqar)
             w += _train_flops_per_token(mcfg, o.mqar.seq_len) * o.mqar.batch_size * o.mqar.seq_len * o.mqar.steps
         return w + inference_flops(plan.config, o.contexts, o.decode_tokens)

@@ -88,6 +88,8 @@ class ConformerBlock(Block):
             norm.reset_parameters()
 
     def forward(self, x, meta: SeqMeta, cache: CompositeCache | None = None):
+        if meta.doc_ids is not None:  # the attention mixer would honour them, the convolution would not
+            raise SpeedlmError("the Conformer convolution would mix packed documents (doc_ids); train it on unpacked sequences")
         if self.ffn is not None:
             x = x + 0.5 * self.ffn(self.ffn_norm(x), meta)
         x = x + self.mixer(self.mixer_norm(x), meta, None if cache is None else cache["mixer"])

@@ -135,7 +135,8 @@ class MoDBlock(nn.Module):
     def forward(self, x: torch.Tensor, meta: SeqMeta, cache: RoutedCache | None = None) -> torch.Tensor:
         logits = self._router_logits(x)  # (B, T)
         gate = torch.sigmoid(logits)
-        if self.training and cache is None:
+        # the top-k over the sequence needs no causal rule where the model is not causal (encoders)
+        if (self.training or not meta.causal) and cache is None:
             return self._train_forward(x, meta, logits, gate)
         return self._causal_forward(x, meta, self.causal_decision(x, logits), gate, cache)
 

@@ -38,8 +38,11 @@ def build_model(spec, **overrides) -> CausalLM:
     return MODELS[cfg.objective].cls(cfg)
 
 
-def require_language_model(cfg: ModelConfig, name) -> None:
-    """`train`, `compare` and the LM benchmarks train next-token models; encoders have their own command."""
-    if cfg.objective != "ar":
+def require_language_model(cfg: ModelConfig, name, diffusion: bool = False) -> None:
+    """`train`, `compare` and the LM benchmarks train language models (next-token ones; also
+    diffusion LMs where `diffusion`); encoders have their own command."""
+    if cfg.objective == "diffusion" and not diffusion:
+        raise SpeedlmError(f"{name} is a diffusion LM (objective 'diffusion'): it has no next-token cache for this command")
+    if cfg.objective not in ("ar", "diffusion"):
         raise SpeedlmError(f"{name} is an encoder (objective {cfg.objective!r}), not a language model; "
                            "train it on a task with `speedlm train-classifier --task digits --presets ...`")

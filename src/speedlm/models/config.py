@@ -23,7 +23,7 @@ from speedlm.registry import BLOCKS, FFNS, MIXERS, MODELS
 from speedlm.schema import Schema, is_int, is_number
 
 LAYER_KEYS = ("mixer", "ffn", "block")
-BIDIRECTIONAL_OBJECTIVES = ("classify",)  # models that run their mixers with causal=False
+BIDIRECTIONAL_OBJECTIVES = ("classify", "diffusion")  # models that run their mixers with causal=False
 
 
 def _named(spec):
@@ -158,7 +158,7 @@ class ModelConfig(Schema):
         if self.separators is not None:
             ok = isinstance(self.separators, list) and all(is_int(i) and 0 <= i < self.vocab_size for i in self.separators)
             need(ok and self.separators, f"separators must be a non-empty list of token ids below vocab_size={self.vocab_size}")
-        if self.objective in BIDIRECTIONAL_OBJECTIVES:
+        if self.objective == "classify":
             need(is_int(self.num_classes) and self.num_classes >= 2,
                  f"an encoder (objective={self.objective!r}) needs num_classes >= 2, got {self.num_classes!r}")
             need(is_int(self.input_dim) and self.input_dim >= 0, f"input_dim must be an integer >= 0, got {self.input_dim!r}")
@@ -199,7 +199,7 @@ class ModelConfig(Schema):
                                "ffn_chunks must be 1")
         if self.objective in BIDIRECTIONAL_OBJECTIVES and not mixer.cls.supports_bidirectional:
             raise SpeedlmError(
-                f"{where}: mixer {mixer.name!r} is causal-only and cannot be used in an encoder "
+                f"{where}: mixer {mixer.name!r} is causal-only and cannot be used in an encoder or a diffusion LM "
                 f"(objective={self.objective!r} is bidirectional)"
             )
         if self.objective == "ar" and not mixer.cls.supports_causal:

@@ -21,6 +21,7 @@ from speedlm.layers.context import AuxLosses, SeqMeta
 from speedlm.layers.norm import RMSNorm
 from speedlm.models.causal_lm import Loss
 from speedlm.models.config import ModelConfig
+from speedlm.models.reversible import reversible_forward
 from speedlm.registry import BLOCKS
 
 
@@ -67,6 +68,8 @@ class Encoder(nn.Module):
 
     def encode(self, inputs: torch.Tensor, aux: AuxLosses | None = None) -> torch.Tensor:
         """The final-norm hidden states (B, T (+1 with a class token), D), before pooling."""
+        if isinstance(self.front, nn.Linear):
+            inputs = inputs.to(self.front.weight.dtype)  # float32 task features into a bf16 model
         x = self.front(inputs)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)
@@ -76,8 +79,11 @@ class Encoder(nn.Module):
 
             raise SpeedlmError(f"input of {t} tokens is longer than this encoder allows (max_seq_len={self.config.max_seq_len})")
         meta = SeqMeta(causal=False, aux=aux)
-        for block in self.blocks:
-            x = block(x, meta)
+        if self.config.reversible:
+            x = reversible_forward(self.blocks, x, meta)
+        else:
+            for block in self.blocks:
+                x = block(x, meta)
         return self.norm(x)
 
     def loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> Loss:

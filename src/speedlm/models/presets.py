@@ -192,6 +192,14 @@ PRESETS: dict[str, Preset] = {
             lambda s: dict(pattern="L", layers={"L": {"mixer": {"name": "lite_transformer", "kernel": 7, "conv_heads": 4}}}),
         ),
         Preset(
+            "mdlm",
+            "masked diffusion LM (MDLM / LLaDA): a bidirectional Llama-style transformer (RoPE, SwiGLU) denoising a "
+            "mask token, NELBO training, generation by parallel unmasking (speedlm generate --steps)",
+            "Sahoo et al. 2024, Simple and Effective Masked Diffusion Language Models (arXiv:2406.07524); Nie et al. "
+            "2025, Large Language Diffusion Models (arXiv:2502.09992)",
+            lambda s: dict(pattern="A", objective="diffusion", layers={"A": {"mixer": {"name": "attention"}}}),
+        ),
+        Preset(
             "linear-attention",
             "causal linear attention (elu+1 features), chunked training, O(1) matrix-state cache",
             "Katharopoulos et al. 2020, Transformers are RNNs (arXiv:2006.16236)",

@@ -35,6 +35,7 @@ from speedlm.layers.retnet import MultiScaleRetention
 from speedlm.layers.sepllm import SepLLMAttention
 from speedlm.layers.sparse_attention import DilatedWindowAttention, LogSparseAttention, SlidingWindowAttention
 from speedlm.models.causal_lm import CausalLM
+from speedlm.models.diffusion import DiffusionLM
 from speedlm.models.encoder import Encoder
 from speedlm.registry import BLOCKS, FFNS, MIXERS, MODELS, Entry
 
@@ -61,6 +62,15 @@ register_model(
     description="sequence classification: a feature or token front-end, bidirectional mixers, mean or class-token "
     "pooling, a linear head",
     paper="Devlin et al. 2019, BERT (arXiv:1810.04805); Dosovitskiy et al. 2021, ViT (arXiv:2010.11929)",
+)
+
+register_model(
+    "diffusion",
+    DiffusionLM,
+    family="masked diffusion language model",
+    description="bidirectional denoiser over a mask token: NELBO training (t per row, mask with probability t, "
+    "1/t-weighted cross-entropy), parallel unmasking at generation",
+    paper="Sahoo et al. 2024, MDLM (arXiv:2406.07524); Nie et al. 2025, LLaDA (arXiv:2502.09992)",
 )
 
 # ----- mixers -----

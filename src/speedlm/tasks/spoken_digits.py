@@ -4,8 +4,9 @@ voices and voice variants, speeds and pitches, with background noise, as log-mel
 Generated once and cached (`$SPEEDLM_CACHE`, else ~/.cache/speedlm): espeak-ng's 22.05 kHz
 waveform, leading and trailing silence trimmed, white noise at an SNR drawn from 5-25 dB (a
 seeded generator per clip), then 40 log-mel bands every 20 ms (25 ms Hann window, STFT in
-torch), cut or zero-padded to 48 frames (0.96 s) and normalised per band over the clip. A
-seeded permutation holds out 20% of the clips as the test set.
+torch), cut or zero-padded to 48 frames (0.96 s) and normalised per band over the clip. The test
+set is held-out speakers: a seeded 20% of the (voice, variant) pairs, all their clips, so no
+test voice is heard in training.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import shutil
 import subprocess
 import wave
+import zipfile
 
 import numpy as np
 import torch
@@ -25,13 +27,14 @@ from speedlm.errors import SpeedlmError
 from speedlm.tasks.base import TaskData, split
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-VOICES = ("en-gb", "en-us", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-gb-x-gbclan")
+# espeak-ng 1.51 ignores a variant on "en-gb" (five identical waveforms): "en" takes them
+VOICES = ("en", "en-us", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-gb-x-gbclan")
 VARIANTS = ("", "+m1", "+m3", "+f1", "+f3")
 SPEEDS = (120, 160, 200)  # words per minute
 PITCHES = (35, 65)  # espeak-ng's 0-99 scale
 RATE = 22050
 N_FFT, WIN, HOP, N_MELS, FRAMES = 1024, 551, 441, 40, 48  # 25 ms windows every 20 ms
-VERSION = 1  # bump when the synthesis or the features change: a new cache file
+VERSION = 2  # bump when the synthesis or the features change: a new cache file
 
 INSTALL = "install espeak-ng (Debian/Ubuntu: apt-get install espeak-ng; macOS: brew install espeak-ng)"
 
@@ -85,14 +88,15 @@ def log_mel(x: np.ndarray, frames: int = FRAMES) -> torch.Tensor:
     return mel
 
 
-def generate(grid: dict, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def generate(grid: dict, progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every (word, voice, variant, speed, pitch) clip of `grid` as features (N, FRAMES, N_MELS)
-    float16 and labels (N,)."""
+    float16, labels (N,) and speakers (N,): the index of the clip's (voice, variant) pair."""
     from speedlm.progress import progress_bar
 
     exe = espeak_binary()
     combos = list(itertools.product(range(len(WORDS)), grid["voices"], grid["variants"], grid["speeds"], grid["pitches"]))
-    feats, labels = [], []
+    feats, labels, speakers = [], [], []
+    speaker_of = {pair: i for i, pair in enumerate(itertools.product(grid["voices"], grid["variants"]))}
     bar = progress_bar(total=len(combos), desc="spoken digits (espeak-ng, once)", unit="clip", disable=not progress)
     for n, (label, voice, variant, speed, pitch) in enumerate(combos):
         bar.update(1)
@@ -102,8 +106,9 @@ def generate(grid: dict, progress: bool = True) -> tuple[np.ndarray, np.ndarray]
         noise = rng.standard_normal(wav.shape).astype(np.float32) * math.sqrt(float(np.mean(wav**2)) / 10 ** (snr_db / 10))
         feats.append(log_mel(wav + noise).numpy().astype(np.float16))
         labels.append(label)
+        speakers.append(speaker_of[(voice, variant)])
     bar.close()
-    return np.stack(feats), np.asarray(labels, dtype=np.int64)
+    return np.stack(feats), np.asarray(labels, dtype=np.int64), np.asarray(speakers, dtype=np.int64)
 
 
 GRID = {"voices": VOICES, "variants": VARIANTS, "speeds": SPEEDS, "pitches": PITCHES}
@@ -123,16 +128,21 @@ def load_spoken_digits_task(seed: int = 0, test_fraction: float = 0.2, cache_dir
     path = cache_path(grid, cache_dir)
     try:
         with np.load(path) as z:
-            feats, labels = z["features"], z["labels"]
-    except (OSError, ValueError, KeyError):  # missing or damaged: generate (once)
-        feats, labels = generate(grid, progress)
+            feats, labels, speakers = z["features"], z["labels"], z["speakers"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # missing or damaged: generate (once)
+        feats, labels, speakers = generate(grid, progress)
         buf = io.BytesIO()
-        np.savez(buf, features=feats, labels=labels)
+        np.savez(buf, features=feats, labels=labels, speakers=speakers)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buf.getvalue())
     x, y = torch.from_numpy(feats.astype(np.float32)), torch.from_numpy(labels)
-    train, test = split(len(y), test_fraction, seed)
+    n_speakers = len(grid["voices"]) * len(grid["variants"])
+    _, test_speakers = split(n_speakers, test_fraction, seed)  # held-out voices, all their clips
+    is_test = torch.isin(torch.from_numpy(speakers), test_speakers)
+    train, test = (~is_test).nonzero()[:, 0], is_test.nonzero()[:, 0]
+    if len(test) == 0 or len(train) == 0:
+        raise SpeedlmError(f"the spoken-digits grid has {n_speakers} speakers: too few for a held-out test set")
     g = grid
     return TaskData("spoken-digits", f"the ten digit words by espeak-ng ({len(g['voices'])} voices x {len(g['variants'])} variants x "
                     f"{len(g['speeds'])} speeds x {len(g['pitches'])} pitches, noise at 5-25 dB SNR) as {FRAMES} log-mel "
-                    f"frames of {N_MELS} bands", x[train], y[train], x[test], y[test], len(WORDS))
+                    f"frames of {N_MELS} bands, {len(test_speakers)} of {n_speakers} speakers held out", x[train], y[train], x[test], y[test], len(WORDS))
