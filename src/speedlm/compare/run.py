@@ -65,6 +65,11 @@ DEFAULT_PRESETS = (
     # transformer (every other block routed at 12.5%)
     "mixtral-tiny",
     "mod-tiny",
+    # dynamic sparse attention (issue 12): adaptive span, the lowest loss of the sparse and memory
+    # compare and full MQAR recall with a 31 KiB cache; and the masked diffusion LM (issue 14),
+    # whose row is its NELBO bound (it has no MQAR or decode rows)
+    "adaptive-span-tiny",
+    "mdlm-tiny",
 )
 # Training FLOPs per model; with the defaults above the whole report takes about 7 minutes
 # on 2 CPU cores of the AMD EPYC we measured (BENCHMARKS.md has the runs). Every model
