@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block", type=int, help="diffusion: semi-autoregressive block length (default: all new tokens)")
     g.add_argument("--remasking", default="low_confidence", help="diffusion: low_confidence or random")
     g.add_argument("--threshold", type=float, help="diffusion: unmask every prediction above this probability")
+    g.add_argument("--prefix-cache", action="store_true",
+                   help="diffusion: reuse the prompt's and finished blocks' keys within a block (approximate, Fast-dLLM)")
     _policy_options(g, window=1024)
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
@@ -329,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train architectures at equal FLOPs; quality, recall, speed and memory in one report")
     c.add_argument("--presets", type=_csv, default=None, help="comma-separated presets or config JSON paths "
                    "(default: one per family, see README)")
-    c.add_argument("--budget", type=float, default=None, help="training FLOPs per model (default 5e11: the whole default job in under 10 min on 2 CPU cores)")
+    c.add_argument("--budget", type=float, default=None, help="training FLOPs per model (default 5e11: the twelve default models in about 10 min on 2 CPU cores)")
     c.add_argument("--data", default="stdlib", help="'stdlib' (default), files/folders (comma-separated) or hf:NAME")
     c.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
     c.add_argument("--vocab-size", type=int, help="BPE vocabulary size")

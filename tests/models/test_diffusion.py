@@ -75,3 +75,30 @@ def test_bad_options_and_causal_only_mixers_are_refused():
         diffusion_generate(m, ids(1, 60), 12, steps=12)
     with pytest.raises(SpeedlmError, match="causal-only and cannot be used in an encoder or a diffusion LM"):
         model(layers={"A": {"mixer": {"name": "hgrn"}}})
+
+
+def test_prefix_cache_is_exact_for_a_frozen_prefix_at_the_mixer_and_for_one_step_blocks():
+    from speedlm.cache.prefix import PrefixCache
+    from speedlm.layers.attention import Attention
+    from speedlm.layers.dims import ModelDims
+    from speedlm.layers.mixer import SeqMeta
+    from speedlm.ops.metrics import rel_rms_error
+
+    torch.manual_seed(0)
+    att = Attention(ModelDims(d_model=32, n_heads=4), kv_heads=2).double()
+    x = torch.randn(2, 30, 32, dtype=torch.float64)
+    full = att(x, SeqMeta(causal=False))
+    cache = PrefixCache()
+    assert rel_rms_error(att(x, SeqMeta(causal=False), cache), full) < 1e-14  # recording attends as usual
+    cache.keep_prefix(12)
+    suffix = att(x[:, 12:], SeqMeta(start=12, causal=False), cache)  # the frozen prefix: keys of the same input
+    assert rel_rms_error(suffix, full[:, 12:]) < 1e-12 and cache.length == 12
+    with pytest.raises(SpeedlmError, match="takes no cache"):
+        att(x, SeqMeta(causal=False), att.init_cache())  # only a prefix cache
+    m, prompt = model(), ids(b=2, t=6)
+    exact = diffusion_generate(m, prompt, 16, steps=4, block=4)  # one step per block: only the recorded pass
+    assert torch.equal(diffusion_generate(m, prompt, 16, steps=4, block=4, prefix_cache=True).ids, exact.ids)
+    approx = diffusion_generate(m, prompt, 16, steps=16, block=8, prefix_cache=True)
+    assert torch.equal(approx.ids[:, :6], prompt) and not (approx.ids == m.mask_id).any() and approx.steps == 16
+    with pytest.raises(SpeedlmError, match="--prefix-cache needs"):
+        diffusion_generate(model(layers={"A": {"mixer": {"name": "linear_attention"}}}), prompt, 8, 8, prefix_cache=True)

@@ -15,10 +15,10 @@ def run_generate(args):
     model, tokenizer, _ = load_trained(args.checkpoint, device)
     if getattr(model, "mask_id", None) is not None:
         return _run_diffusion(args, model, tokenizer, device)
-    if args.steps is not None or args.block is not None or args.threshold is not None:
+    if args.steps is not None or args.block is not None or args.threshold is not None or args.prefix_cache:
         from speedlm.errors import SpeedlmError
 
-        raise SpeedlmError("--steps, --block and --threshold are for diffusion checkpoints; this one is autoregressive")
+        raise SpeedlmError("--steps, --block, --threshold and --prefix-cache are for diffusion checkpoints; this one is autoregressive")
     policy = policy_from_args(args, model, tokenizer)
     ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=device).view(1, -1)
     result = generate(
@@ -50,7 +50,8 @@ def _run_diffusion(args, model, tokenizer, device):
     ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=device).view(1, -1)
     steps = args.steps if args.steps is not None else args.max_new_tokens
     result = diffusion_generate(model, ids, args.max_new_tokens, steps, block=args.block, remasking=args.remasking,
-                                temperature=args.temperature, threshold=args.threshold, seed=args.seed)
+                                temperature=args.temperature, threshold=args.threshold, seed=args.seed,
+                                prefix_cache=args.prefix_cache)
     print(tokenizer.decode(result.ids[0].tolist()))
     print(f"\n[{result.new_tokens} tokens in {result.steps} denoising steps ({result.tokens_per_step:.2f} tokens/step), "
           f"{result.tokens_per_s:.1f} tokens/s]")

@@ -13,6 +13,8 @@ some of them, the rest staying masked (remasked) for the next step:
 - `threshold=c`: every prediction whose probability exceeds c (at least the most confident
   one), so easy spans go in one step and the step count adapts.
 
+`prefix_cache=True`: Fast-dLLM's approximate prefix KV cache (see `diffusion_generate`).
+
 The prompt is never changed, and after the last step no position is masked.
 """
 
@@ -69,8 +71,14 @@ def check_options(new_tokens: int, steps: int, block: int | None, remasking: str
 @torch.no_grad()
 def diffusion_generate(model, prompt: torch.Tensor, new_tokens: int, steps: int, block: int | None = None,
                        remasking: str = "low_confidence", temperature: float = 0.0, threshold: float | None = None,
-                       seed: int | None = None) -> DiffusionResult:
+                       seed: int | None = None, prefix_cache: bool = False) -> DiffusionResult:
+    """`prefix_cache`: each block's first step runs the whole sequence and records every layer's
+    keys and values; the block's later steps run only the block and the masks after it, reading
+    the prompt's and finished blocks' keys from that record (Fast-dLLM's approximate prefix
+    cache: the prefix is not re-encoded as the block changes)."""
     block, n_blocks = check_options(new_tokens, steps, block, remasking, threshold, temperature)
+    if prefix_cache and not model.supports_prefix_cache:
+        raise SpeedlmError("--prefix-cache needs a diffusion model of pre-norm full-attention layers")
     if prompt.shape[1] + new_tokens > model.config.max_seq_len:
         raise SpeedlmError(f"prompt ({prompt.shape[1]}) + {new_tokens} new tokens is longer than this model allows "
                            f"(max_seq_len={model.config.max_seq_len})")
@@ -84,11 +92,25 @@ def diffusion_generate(model, prompt: torch.Tensor, new_tokens: int, steps: int,
         for n, block_steps in enumerate(_split(steps, n_blocks)):
             lo, hi = p + n * block, p + min((n + 1) * block, new_tokens)
             schedule = _split(hi - lo, block_steps)
+            caches = None
+
+            def block_logits():
+                nonlocal caches
+                if not prefix_cache:
+                    return model(x)[:, lo:hi].double()
+                if caches is None:  # the block's first step: the whole sequence, recorded
+                    caches = model.init_prefix_cache()
+                    out = model(x, caches)[:, lo:hi].double()
+                    for c in caches:
+                        c.keep_prefix(lo)
+                    return out
+                return model(x[:, lo:], caches, start=lo)[:, : hi - lo].double()
+
             for k in schedule:
                 masked = x[:, lo:hi] == model.mask_id
                 if not masked.any():
                     break
-                logits = model(x)[:, lo:hi].double()
+                logits = block_logits()
                 if temperature > 0:  # Gumbel-max in float64: argmax(l / T + g) samples softmax(l / T)
                     u = torch.rand(logits.shape, generator=g, dtype=torch.float64).to(logits.device)
                     pred = (logits / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
@@ -108,7 +130,7 @@ def diffusion_generate(model, prompt: torch.Tensor, new_tokens: int, steps: int,
                 x[:, lo:hi] = torch.where(chosen, pred, x[:, lo:hi])
                 used += 1
             while (x[:, lo:hi] == model.mask_id).any():  # threshold mode ran out of its share of steps
-                logits = model(x)[:, lo:hi].double()
+                logits = block_logits()
                 masked = x[:, lo:hi] == model.mask_id
                 conf = torch.softmax(logits, -1).amax(-1).masked_fill(~masked, -1.0)
                 chosen = (conf == conf.amax(-1, keepdim=True)) & masked

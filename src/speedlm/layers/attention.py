@@ -9,6 +9,7 @@ from typing import Annotated
 import torch
 
 from speedlm.cache.kv import FullPolicy, KVCache, KVPolicy
+from speedlm.cache.prefix import PrefixCache
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.heads import HeadsMixer
 from speedlm.layers.mixer import SeqMeta
@@ -59,6 +60,15 @@ class AttentionBase(HeadsMixer):
         q, k, v = self.project(x)
         t = x.shape[1]
         pos = meta.query_positions()
+        if isinstance(cache, PrefixCache):  # bidirectional, full attention only (supports_prefix_cache)
+            cos, sin = self._rope_table(pos, t, q)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cache.frozen:
+                k, v = cache.read(k, v)
+            else:
+                cache.record(k, v)
+            mask = AttentionMask(Full(), t, k.shape[-2], 0, 0, causal=False)
+            return self.output(self._attend(q, k, v, mask))
         # the policy's window and marks restrict the pattern: the cache's policy when decoding
         # (sinks, SepLLM on any checkpoint), the mixer's own otherwise (a SepLLM layer)
         policy = cache.policy if cache is not None else self.default_policy()
@@ -140,7 +150,9 @@ class AttentionBase(HeadsMixer):
 
 class Attention(AttentionBase):
     """Full softmax attention, causal or bidirectional; kv_heads < n_heads gives GQA, kv_heads
-    == 1 MQA."""
+    == 1 MQA. Bidirectional calls can read a frozen prefix (PrefixCache)."""
+
+    supports_prefix_cache = True
 
     def __init__(self, dims: ModelDims, kv_heads: Annotated[int | None, Range(min=1)] = None):
         super().__init__(dims, kv_heads)

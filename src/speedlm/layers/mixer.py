@@ -33,7 +33,11 @@ def check_call(module: nn.Module, meta: SeqMeta, cache) -> None:
         raise SpeedlmError(f"{name} is causal-only; it cannot run with causal=False (bidirectional)")
     if cache is not None:
         if not meta.causal:
-            raise SpeedlmError(f"{name}: a bidirectional call takes no cache")
+            from speedlm.cache.prefix import PrefixCache
+
+            if isinstance(cache, PrefixCache) and module.supports_prefix_cache:
+                return  # a frozen prefix for bidirectional calls (masked diffusion's approximate cache)
+            raise SpeedlmError(f"{name}: a bidirectional call takes no cache (other than a prefix cache, where supported)")
         if not module.supports_decoding:
             raise SpeedlmError(f"{name} has no incremental decoding; call it without a cache")
         if meta.doc_ids is not None:
@@ -59,6 +63,8 @@ class Mixer(nn.Module):
     supports_bidirectional: ClassVar[bool] = False
     supports_decoding: ClassVar[bool] = True
     supports_doc_ids: ClassVar[bool] = False
+    # bidirectional calls may read a frozen prefix's keys from a PrefixCache (cache/prefix.py)
+    supports_prefix_cache: ClassVar[bool] = False
     # the state after T tokens depends on which tokens they are (SepLLM keeps separators);
     # `state_bytes` is then an estimate at a typical rate, between a window and the full cache
     data_dependent_state: ClassVar[bool] = False

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speedlm.cache.prefix import PrefixCache
+from speedlm.layers.block import PreNormBlock
 from speedlm.layers.context import AuxLosses, SeqMeta
 from speedlm.layers.norm import RMSNorm
 from speedlm.models.causal_lm import Loss
@@ -74,20 +76,22 @@ class DiffusionLM(nn.Module):
                 m.reset_parameters()
         self._init_outer()
 
-    def forward(self, input_ids: torch.Tensor, cache=None, *, aux: AuxLosses | None = None, **_) -> torch.Tensor:
-        """input_ids (B, T), mask tokens included -> logits (B, T, vocab_size) for every position."""
-        if cache is not None:
-            from speedlm.errors import SpeedlmError
-
-            raise SpeedlmError("a diffusion LM has no cache: it re-reads the whole sequence at every denoising step")
+    def forward(self, input_ids: torch.Tensor, cache: list[PrefixCache] | None = None, *, start: int = 0,
+                aux: AuxLosses | None = None, **_) -> torch.Tensor:
+        """input_ids (B, T), mask tokens included -> logits (B, T, vocab_size) for every position.
+        `cache`: one PrefixCache per layer (`init_prefix_cache`): recording, or frozen with the
+        keys of the `start` positions before input_ids."""
         t = input_ids.shape[1]
-        if t > self.config.max_seq_len:
+        if start + t > self.config.max_seq_len:
             from speedlm.errors import SpeedlmError
 
-            raise SpeedlmError(f"sequence of {t} tokens is longer than this model allows (max_seq_len={self.config.max_seq_len})")
-        meta = SeqMeta(causal=False, token_ids=input_ids, aux=aux)
+            raise SpeedlmError(f"sequence of {start + t} tokens is longer than this model allows (max_seq_len={self.config.max_seq_len})")
+        meta = SeqMeta(start=start, causal=False, token_ids=input_ids, aux=aux)
         x = self.embed(input_ids)
-        if self.config.reversible:
+        if cache is not None:
+            for block, layer_cache in zip(self.blocks, cache):
+                x = block(x, meta, layer_cache)
+        elif self.config.reversible:
             x = reversible_forward(self.blocks, x, meta)
         else:
             for block in self.blocks:
@@ -112,6 +116,20 @@ class DiffusionLM(nn.Module):
         ce = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten(), reduction="none").view_as(p.expand_as(masked))
         nelbo = (ce * masked / p).sum() / input_ids.numel()
         return Loss(nelbo + aux.total(), {"lm": nelbo, **aux.parts}, aux.metrics)
+
+    # ----- the approximate prefix cache of parallel decoding -----
+    @property
+    def supports_prefix_cache(self) -> bool:
+        return not self.config.reversible and all(
+            isinstance(b, PreNormBlock) and b.mixer.supports_prefix_cache for b in self.blocks
+        )
+
+    def init_prefix_cache(self) -> list[PrefixCache]:
+        if not self.supports_prefix_cache:
+            from speedlm.errors import SpeedlmError
+
+            raise SpeedlmError("the prefix cache needs pre-norm blocks whose mixers read a frozen prefix (full attention)")
+        return [PrefixCache() for _ in self.blocks]
 
     # ----- what the trainer and benchmarks ask -----
     def num_params(self, non_embedding: bool = False) -> int:
