@@ -285,6 +285,15 @@ def test_diffusion_checkpoints_train_evaluate_as_a_bound_and_generate_in_paralle
     one_error_line(capsys, "fewer than the 2 blocks")
     assert main(["generate", "--checkpoint", str(trained), "--steps", "4"]) == 2
     one_error_line(capsys, "are for diffusion checkpoints")
+    assert main(["generate", "--checkpoint", str(out), "--top-k", "5"]) == 2
+    one_error_line(capsys, "--top-k: not for diffusion checkpoints")
+    assert main(["eval", "--checkpoint", str(out), "--attention", "window", "--window", "8"]) == 2
+    one_error_line(capsys, "this checkpoint (a diffusion LM) has none")
+    assert main(["stream", "--checkpoint", str(out), "--policy", "window", "--tokens", "10"]) == 2
+    one_error_line(capsys, "(a diffusion LM) has none")
+    assert main(["train", "--preset", "mdlm-tiny", "--data", str(corpus_dir), "--out", str(tmp_path / "seg"), "--segments", "2",
+                 *TRAIN_FAST]) == 2
+    one_error_line(capsys, "some layers of this model have none")
     bench = tmp_path / "bench"
     assert main(["bench", "diffusion", "--checkpoint", str(out), "--judge", str(trained), "--length", "8", "--prompts", "2",
                  "--prompt-len", "8", "--out", str(bench)]) == 0

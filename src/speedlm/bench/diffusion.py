@@ -85,6 +85,10 @@ def run_diffusion_bench(diffusion_ckpt: str, judge_ckpt: str, length: int = 64, 
         raise SpeedlmError("the diffusion model and the judge must share a tokenizer")
     corpus = load_corpus((state.get("data") or {}).get("spec", "stdlib"))
     val = torch.as_tensor(encode_split(corpus, tok, "val").astype("int64"))
+    if len(val) <= prompt_len + 1:
+        raise SpeedlmError(f"--prompt-len {prompt_len} is longer than the validation split ({len(val)} tokens)")
+    if prompt_len + length > min(dm.config.max_seq_len, judge.config.max_seq_len):
+        raise SpeedlmError(f"--prompt-len {prompt_len} + --length {length} is longer than the models allow")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(val) - prompt_len - 1, (prompts,), generator=g)
     batch = torch.stack([val[s : s + prompt_len] for s in starts]).to(dev)

@@ -18,6 +18,10 @@ def run_eval(args) -> dict:
     val_ids = encode_split(corpus, tokenizer, "val")
     seq_len = args.seq_len or state.get("train_config", {}).get("seq_len", 256)
     policy = policy_from_args(args, model, tokenizer)
+    if policy is not None and not hasattr(model, "init_cache"):
+        from speedlm.errors import SpeedlmError
+
+        raise SpeedlmError("--attention runs the model through KV caches; this checkpoint (a diffusion LM) has none")
     result = evaluate(
         model, val_ids, args.batch_size, seq_len, max_batches=args.batches or None, device=device, kv_policy=policy
     )

@@ -45,7 +45,14 @@ def run_generate(args):
 
 
 def _run_diffusion(args, model, tokenizer, device):
+    from speedlm.errors import SpeedlmError
     from speedlm.generate.diffusion import diffusion_generate
+
+    ignored = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--no-cache", args.no_cache),
+                                        ("--attention", getattr(args, "attention", "full") != "full")) if value]
+    if ignored:
+        raise SpeedlmError(f"{', '.join(ignored)}: not for diffusion checkpoints (they unmask with --steps, --block, "
+                           "--remasking, --threshold, --temperature, --prefix-cache)")
 
     ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=device).view(1, -1)
     steps = args.steps if args.steps is not None else args.max_new_tokens

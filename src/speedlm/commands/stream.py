@@ -54,6 +54,8 @@ def run_stream(args) -> dict:
         raise SpeedlmError(f"--tokens must be positive, got {args.tokens}")
     device = resolve_device(args.device)
     model, tokenizer, state = load_trained(args.checkpoint, device)
+    if not hasattr(model, "init_cache"):
+        raise SpeedlmError("streaming evaluation runs a next-token model through its caches; this checkpoint (a diffusion LM) has none")
     if args.attention == "sepllm" and args.cap is None:
         args.cap = args.sinks + (args.separator_cache or 64) + args.window + 256  # room to grow between compressions
     policy = policy_from_args(args, model, tokenizer)

@@ -71,7 +71,7 @@ DEFAULT_PRESETS = (
     "adaptive-span-tiny",
     "mdlm-tiny",
 )
-# Training FLOPs per model; with the defaults above the whole report takes about 7 minutes
+# Training FLOPs per model; with the defaults above the whole report takes about 10 minutes
 # on 2 CPU cores of the AMD EPYC we measured (BENCHMARKS.md has the runs). Every model
 # also pays a fixed 23-56 s of MQAR, so each family that joins lowers this.
 DEFAULT_BUDGET = 0.5e12

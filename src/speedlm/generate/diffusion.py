@@ -11,7 +11,8 @@ some of them, the rest staying masked (remasked) for the next step:
 - `remasking="low_confidence"`: the ones whose predicted token has the highest probability;
   "random": random ones. A block's masks are spread evenly over its steps.
 - `threshold=c`: every prediction whose probability exceeds c (at least the most confident
-  one), so easy spans go in one step and the step count adapts.
+  one) at each step, until the block is filled (Fast-dLLM): easy spans go in one step, the
+  step count adapts, and `steps` only sets the blocks' order of work (one block at a time).
 
 `prefix_cache=True`: Fast-dLLM's approximate prefix KV cache (see `diffusion_generate`).
 
@@ -63,6 +64,8 @@ def check_options(new_tokens: int, steps: int, block: int | None, remasking: str
         raise SpeedlmError(f"--remasking must be low_confidence or random, got {remasking!r}")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise SpeedlmError(f"--threshold is a probability in (0, 1), got {threshold}")
+    if threshold is not None and remasking == "random":
+        raise SpeedlmError("--threshold unmasks by confidence; it cannot be combined with --remasking random")
     if temperature < 0:
         raise SpeedlmError(f"--temperature must be >= 0, got {temperature}")
     return block, n_blocks
@@ -106,12 +109,10 @@ def diffusion_generate(model, prompt: torch.Tensor, new_tokens: int, steps: int,
                     return out
                 return model(x[:, lo:], caches, start=lo)[:, : hi - lo].double()
 
-            for k in schedule:
-                masked = x[:, lo:hi] == model.mask_id
-                if not masked.any():
-                    break
-                logits = block_logits()
-                if temperature > 0:  # Gumbel-max in float64: argmax(l / T + g) samples softmax(l / T)
+            def predict(logits, masked):
+                """Each masked position's token (Gumbel-max in float64: argmax(l / T + g) samples
+                softmax(l / T)) and its confidence (random ones for random remasking)."""
+                if temperature > 0:
                     u = torch.rand(logits.shape, generator=g, dtype=torch.float64).to(logits.device)
                     pred = (logits / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
                 else:
@@ -120,21 +121,23 @@ def diffusion_generate(model, prompt: torch.Tensor, new_tokens: int, steps: int,
                     conf = torch.rand(masked.shape, generator=g, dtype=torch.float64).to(logits.device)
                 else:
                     conf = torch.softmax(logits, -1).gather(-1, pred[..., None])[..., 0]
-                conf = conf.masked_fill(~masked, -1.0)  # only masked positions are candidates
-                if threshold is not None:
-                    chosen = ((conf > threshold) | (conf == conf.amax(-1, keepdim=True))) & masked
-                else:
-                    take = torch.minimum(masked.sum(-1), torch.full_like(masked.sum(-1), max(k, 1)))
-                    rank = conf.argsort(-1, descending=True).argsort(-1)
-                    chosen = (rank < take[:, None]) & masked
+                return pred, conf.masked_fill(~masked, -1.0)  # only masked positions are candidates
+
+            for k in ([] if threshold is not None else schedule):
+                masked = x[:, lo:hi] == model.mask_id
+                if not masked.any():
+                    break
+                pred, conf = predict(block_logits(), masked)
+                take = torch.minimum(masked.sum(-1), torch.full_like(masked.sum(-1), max(k, 1)))
+                rank = conf.argsort(-1, descending=True).argsort(-1)
+                chosen = (rank < take[:, None]) & masked
                 x[:, lo:hi] = torch.where(chosen, pred, x[:, lo:hi])
                 used += 1
-            while (x[:, lo:hi] == model.mask_id).any():  # threshold mode ran out of its share of steps
-                logits = block_logits()
+            while (x[:, lo:hi] == model.mask_id).any():  # threshold mode: until the block is filled
                 masked = x[:, lo:hi] == model.mask_id
-                conf = torch.softmax(logits, -1).amax(-1).masked_fill(~masked, -1.0)
-                chosen = (conf == conf.amax(-1, keepdim=True)) & masked
-                x[:, lo:hi] = torch.where(chosen, logits.argmax(-1), x[:, lo:hi])
+                pred, conf = predict(block_logits(), masked)
+                chosen = ((conf > threshold) | (conf == conf.amax(-1, keepdim=True))) & masked
+                x[:, lo:hi] = torch.where(chosen, pred, x[:, lo:hi])
                 used += 1
     finally:
         model.train(was)

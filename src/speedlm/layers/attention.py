@@ -140,6 +140,11 @@ class AttentionBase(HeadsMixer):
     def flops_per_token(self, context_len: int) -> float:
         return self.projection_flops() + 4.0 * self.n_heads * self.head_dim * self._mean_keys(context_len)
 
+    def bidirectional_flops_per_token(self, context_len: int) -> float:
+        # a symmetric pattern sees its causal keys on both sides, itself once (full attention: T)
+        keys = min(context_len, 2 * self._mean_keys(context_len) - 1)
+        return self.projection_flops() + 4.0 * self.n_heads * self.head_dim * keys
+
     def max_context(self, kv_policy: KVPolicy | None = None) -> int | None:
         # positions beyond the training length are only safe when no query looks that far back
         return None if (kv_policy or self.default_policy()).bounded else self.dims.max_seq_len

@@ -52,6 +52,15 @@ class Block(nn.Module):
         ffn = self.ffn.flops_per_token() if self.ffn is not None else 0.0
         return self.mixer.flops_per_token(context_len) + ffn
 
+    def bidirectional_flops_per_token(self, context_len: int) -> float:
+        """`flops_per_token` of the block in an encoder or diffusion LM (queries see both sides)."""
+        ffn = self.ffn.flops_per_token() if self.ffn is not None else 0.0
+        return self.mixer.bidirectional_flops_per_token(context_len) + ffn + self.own_flops_per_token()
+
+    def own_flops_per_token(self) -> float:
+        """FLOPs of the block's parts beside its mixer and FFN (none in the base block)."""
+        return 0.0
+
     def max_context(self, kv_policy=None) -> int | None:
         return self.mixer.max_context(kv_policy)
 

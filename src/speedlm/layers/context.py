@@ -40,7 +40,8 @@ class SeqMeta:
 
     start: index of x[:, 0] in the whole sequence (== tokens already in the cache); also the
         position of x[:, 0] when `positions` is None.
-    causal: False only for bidirectional models (encoders, diffusion LMs); such calls take no cache.
+    causal: False only for bidirectional models (encoders, diffusion LMs); such calls take no cache,
+        except a frozen-prefix PrefixCache where the mixer supports it (diffusion's approximate cache).
     token_ids: (B, T) ids, for mixers that look at tokens (e.g. separator detection).
     positions: (B, T) absolute positions per row (left-padded batches, packed documents whose
         positions restart); None means start + arange(T) for every row.

@@ -142,6 +142,9 @@ class LiteTransformerLSRA(Mixer):
             conv += linear_flops(self.kernel_proj)
         return self.attn.flops_per_token(context_len) + conv + linear_flops(self.o_proj)
 
+    def bidirectional_flops_per_token(self, context_len: int) -> float:
+        return self.flops_per_token(context_len) - self.attn.flops_per_token(context_len) + self.attn.bidirectional_flops_per_token(context_len)
+
     def max_context(self, kv_policy=None):
         return self.attn.max_context(kv_policy)
 

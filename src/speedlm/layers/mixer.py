@@ -100,6 +100,11 @@ class Mixer(nn.Module):
         """Forward FLOPs per token (2 per multiply-add), averaged over a sequence of context_len."""
         raise NotImplementedError
 
+    def bidirectional_flops_per_token(self, context_len: int) -> float:
+        """Forward FLOPs per token when every query may see both sides (encoders, diffusion
+        LMs); the same as the causal count unless a mixer's work grows with the keys it sees."""
+        return self.flops_per_token(context_len)
+
     def max_context(self, kv_policy=None) -> int | None:
         """How many tokens this mixer can process in one sequence; None = no limit (a bounded
         cache or a recurrent state generates as long as asked)."""

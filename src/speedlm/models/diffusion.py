@@ -1,8 +1,8 @@
 """Masked diffusion language model (objective "diffusion"): MDLM (Sahoo et al. 2024,
 arXiv:2406.07524) / LLaDA (Nie et al. 2025, arXiv:2502.09992).
 
-The backbone is the layer specs' blocks run bidirectionally (`SeqMeta(causal=False)`, no
-cache); the vocabulary gains one mask token (id `vocab_size`), which the head never predicts.
+The backbone is the layer specs' blocks run bidirectionally (`SeqMeta(causal=False)`; the only
+cache is the approximate prefix cache of generation); the vocabulary gains one mask token (id `vocab_size`), which the head never predicts.
 
 Training: per row a time t in (0, 1], drawn low-discrepancy across the batch
 (t_i = (u + i / B) mod 1, one uniform u per batch); every token is masked with probability
@@ -32,6 +32,12 @@ from speedlm.registry import BLOCKS
 
 MASK_FLOOR = 1e-3  # LLaDA's eps: p = (1 - eps) t + eps
 EVAL_SEED = 1234  # validation's masks: the same for every evaluation
+
+
+def _fingerprint(ids: torch.Tensor) -> int:
+    """A deterministic integer from a batch's token ids (a seed per evaluation batch)."""
+    weights = torch.arange(1, ids.numel() + 1, device=ids.device, dtype=torch.int64) % 65521
+    return int((ids.flatten().long() * weights).sum() % 2_147_483_647)
 
 
 def mask_probability(t: torch.Tensor, eps: float = MASK_FLOOR) -> torch.Tensor:
@@ -109,7 +115,9 @@ class DiffusionLM(nn.Module):
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, **_) -> Loss:
         """The NELBO estimate for the clean sequences `input_ids` (the trainer's next-token
         `targets` are not used: a diffusion LM denoises the window itself)."""
-        generator = None if self.training else torch.Generator().manual_seed(EVAL_SEED)
+        # evaluation: masks drawn from the batch's own tokens, so every batch has its own t and
+        # masks (an unbiased estimate over the split) that repeat exactly in every evaluation
+        generator = None if self.training else torch.Generator().manual_seed(EVAL_SEED + _fingerprint(input_ids))
         noisy, masked, p = self.corrupt(input_ids, generator)
         aux = AuxLosses()
         logits = self(noisy, aux=aux)
@@ -140,7 +148,7 @@ class DiffusionLM(nn.Module):
         return self.num_params()
 
     def flops_per_token(self, context_len: int, training: bool = True) -> float:
-        fwd = sum(b.flops_per_token(context_len) for b in self.blocks) + 2.0 * self.config.d_model * self.config.vocab_size
+        fwd = sum(getattr(b, "bidirectional_flops_per_token", b.flops_per_token)(context_len) for b in self.blocks) + 2.0 * self.config.d_model * self.config.vocab_size
         return 3.0 * fwd if training else fwd
 
     def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:

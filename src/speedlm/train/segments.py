@@ -22,7 +22,7 @@ from speedlm.errors import SpeedlmError
 
 
 def check_segment_model(model, segments: int, seq_len: int) -> None:
-    if not all(getattr(b, "supports_decoding", False) for b in model.blocks):
+    if not hasattr(model, "init_cache") or not all(getattr(b, "supports_decoding", False) for b in model.blocks):
         raise SpeedlmError("segment mode carries the model's caches between segments; some layers of this model have none")
     limit = model.init_cache().max_context
     if limit is not None and segments * seq_len > limit:
