@@ -3,7 +3,7 @@ import torch
 
 from speedlm.errors import SpeedlmError
 from speedlm.generate import generate, sample_next
-from speedlm.models import PRESETS, presets_for, build_model
+from speedlm.models import presets_for, build_model
 
 
 @pytest.mark.parametrize("preset", presets_for("ar"))

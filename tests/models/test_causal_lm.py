@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from speedlm.errors import SpeedlmError
-from speedlm.models import PRESETS, presets_for, ModelConfig, build_model
+from speedlm.models import presets_for, ModelConfig, build_model
 from speedlm.models.causal_lm import CausalLM
 from speedlm.ops.metrics import rel_rms_error
 

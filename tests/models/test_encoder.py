@@ -78,11 +78,11 @@ def test_language_model_commands_refuse_encoders():
 
 
 def test_reversible_encoders_run_reversibly_and_bf16_takes_float32_features(monkeypatch):
-    from speedlm.models import encoder as encoder_module
+    from speedlm.models import stack
 
     calls = []
-    real = encoder_module.reversible_forward
-    monkeypatch.setattr(encoder_module, "reversible_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = stack.reversible_forward
+    monkeypatch.setattr(stack, "reversible_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     m = encoder("attention", reversible=True)
     m.loss(features(), torch.tensor([0, 1])).total.backward()
     assert calls == [1]

@@ -10,7 +10,7 @@ import torch
 
 from speedlm.errors import SpeedlmError
 from speedlm.models import ModelConfig, build_model
-from speedlm.models import causal_lm
+from speedlm.models import stack
 from speedlm.models.reversible import reversible_forward
 from speedlm.ops.metrics import rel_rms_error
 
@@ -38,7 +38,7 @@ def grads(m, x):
 def test_recomputing_backward_equals_ordinary_autograd(mixer, monkeypatch):
     m, x = model(mixer, reversible=True, ffn_chunks=3), ids()
     fast = grads(m, x)
-    monkeypatch.setattr(causal_lm, "reversible_forward", functools.partial(reversible_forward, recompute=False))
+    monkeypatch.setattr(stack, "reversible_forward", functools.partial(reversible_forward, recompute=False))
     slow = grads(m, x)
     assert all(torch.isfinite(g).all() for g in fast)
     for a, b in zip(fast, slow):
@@ -123,7 +123,7 @@ def test_recompute_runs_under_the_forward_autocast(monkeypatch):
         fast = grads(m, x)
     assert len(seen) == 4 and all(seen)  # 2 pieces forward, 2 recomputed in backward: all under autocast
     monkeypatch.undo()
-    monkeypatch.setattr(causal_lm, "reversible_forward", functools.partial(reversible_forward, recompute=False))
+    monkeypatch.setattr(stack, "reversible_forward", functools.partial(reversible_forward, recompute=False))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         slow = grads(m, x)
     for a, b in zip(fast, slow):

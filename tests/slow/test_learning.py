@@ -10,7 +10,7 @@ import torch
 from speedlm.bench.recall import recall_config, train_recall
 from speedlm.compare import DEFAULT_MQAR
 from speedlm.data import TokenStream, encode_corpus, make_tokenizer, stdlib_corpus
-from speedlm.models import PRESETS, presets_for, ModelConfig, build_model
+from speedlm.models import presets_for, ModelConfig, build_model
 from speedlm.models.registry import MIXERS
 from speedlm.train import TrainConfig, evaluate, train
 from support.parts import NoMixing

@@ -42,7 +42,7 @@ class SegmentMemoryPolicy(KVPolicy):
     def keep(self, length, positions, marks=None):
         if isinstance(positions, int):
             nxt = positions + length
-            first = max(0, int(first_visible(torch.tensor(nxt), self.segment, self.memory)) - positions)
+            first = max(0, nxt // self.segment * self.segment - self.memory - positions)
             return slice(min(first, length), length)
         # explicit positions: the suffix that every row's next query may still need
         nxt = positions.max(dim=1).values + 1

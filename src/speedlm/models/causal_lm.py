@@ -4,7 +4,6 @@ FLOPs and context limits."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,8 +15,7 @@ from speedlm.errors import SpeedlmError
 from speedlm.layers.context import AuxLosses, SeqMeta
 from speedlm.layers.norm import RMSNorm
 from speedlm.models.config import ModelConfig
-from speedlm.models.reversible import reversible_forward
-from speedlm.registry import BLOCKS
+from speedlm.models.stack import build_blocks, reset_children, run_blocks, scale_residuals
 
 
 @dataclass(frozen=True)
@@ -45,10 +43,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(
-            BLOCKS.build(spec["block"], config.dims(i), mixer=spec["mixer"], ffn=spec["ffn"])
-            for i, spec in enumerate(config.layer_specs())
-        )
+        self.blocks = build_blocks(config)
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -64,11 +59,7 @@ class CausalLM(nn.Module):
         nn.init.normal_(self.embed.weight, 0.0, std)
         if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, 0.0, std)
-        scale = 1.0 / math.sqrt(2 * self.config.n_layers)
-        with torch.no_grad():
-            for block in self.blocks:
-                for w in block.residual_weights():
-                    w.mul_(scale)
+        scale_residuals(self.blocks, self.config.n_layers)
 
     def reset_parameters(self) -> None:
         """Re-initialise everything (e.g. after building on the meta device and `to_empty`):
@@ -77,9 +68,7 @@ class CausalLM(nn.Module):
         Re-ties the head to the embedding (`to_empty` unties them)."""
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        for m in reversed(list(self.modules())):
-            if m is not self and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+        reset_children(self)
         self._init_outer()
 
     # ----- forward -----
@@ -105,11 +94,7 @@ class CausalLM(nn.Module):
             )
         meta = SeqMeta(start=start, causal=True, token_ids=input_ids, positions=positions, doc_ids=doc_ids, aux=aux)
         x = self.embed(input_ids)
-        if self.config.reversible:
-            x = reversible_forward(self.blocks, x, meta, None if cache is None else cache.layers)
-        else:
-            for i, block in enumerate(self.blocks):
-                x = block(x, meta, None if cache is None else cache.layers[i])
+        x = run_blocks(self.blocks, x, meta, None if cache is None else cache.layers, self.config.reversible)
         if cache is not None:
             cache.seen += t
         return self.lm_head(self.norm(x))

@@ -15,7 +15,6 @@ seed, so validation losses are comparable between runs and checkpoints.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +26,7 @@ from speedlm.layers.context import AuxLosses, SeqMeta
 from speedlm.layers.norm import RMSNorm
 from speedlm.models.causal_lm import Loss
 from speedlm.models.config import ModelConfig
-from speedlm.models.reversible import reversible_forward
-from speedlm.registry import BLOCKS
+from speedlm.models.stack import build_blocks, reset_children, run_blocks, scale_residuals
 
 MASK_FLOOR = 1e-3  # LLaDA's eps: p = (1 - eps) t + eps
 EVAL_SEED = 1234  # validation's masks: the same for every evaluation
@@ -58,10 +56,7 @@ class DiffusionLM(nn.Module):
         self.config = config
         self.mask_id = config.vocab_size
         self.embed = nn.Embedding(config.vocab_size + 1, config.d_model)
-        self.blocks = nn.ModuleList(
-            BLOCKS.build(spec["block"], config.dims(i), mixer=spec["mixer"], ffn=spec["ffn"])
-            for i, spec in enumerate(config.layer_specs())
-        )
+        self.blocks = build_blocks(config)
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self._init_outer()
@@ -70,16 +65,10 @@ class DiffusionLM(nn.Module):
         std = self.config.init_std
         nn.init.normal_(self.embed.weight, 0.0, std)
         nn.init.normal_(self.lm_head.weight, 0.0, std)
-        scale = 1.0 / math.sqrt(2 * self.config.n_layers)
-        with torch.no_grad():
-            for block in self.blocks:
-                for w in block.residual_weights():
-                    w.mul_(scale)
+        scale_residuals(self.blocks, self.config.n_layers)
 
     def reset_parameters(self) -> None:
-        for m in reversed(list(self.modules())):
-            if m is not self and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+        reset_children(self)
         self._init_outer()
 
     def forward(self, input_ids: torch.Tensor, cache: list[PrefixCache] | None = None, *, start: int = 0,
@@ -94,15 +83,7 @@ class DiffusionLM(nn.Module):
             raise SpeedlmError(f"sequence of {start + t} tokens is longer than this model allows (max_seq_len={self.config.max_seq_len})")
         meta = SeqMeta(start=start, causal=False, token_ids=input_ids, aux=aux)
         x = self.embed(input_ids)
-        if cache is not None:
-            for block, layer_cache in zip(self.blocks, cache):
-                x = block(x, meta, layer_cache)
-        elif self.config.reversible:
-            x = reversible_forward(self.blocks, x, meta)
-        else:
-            for block in self.blocks:
-                x = block(x, meta)
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(run_blocks(self.blocks, x, meta, cache, self.config.reversible)))
 
     def corrupt(self, x0: torch.Tensor, generator: torch.Generator | None = None):
         """(masked input, mask (B, T) bool, p (B, 1)): each token masked with probability p(t_row)."""

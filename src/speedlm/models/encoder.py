@@ -11,7 +11,6 @@ when the config is checked.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +20,7 @@ from speedlm.layers.context import AuxLosses, SeqMeta
 from speedlm.layers.norm import RMSNorm
 from speedlm.models.causal_lm import Loss
 from speedlm.models.config import ModelConfig
-from speedlm.models.reversible import reversible_forward
-from speedlm.registry import BLOCKS
+from speedlm.models.stack import build_blocks, reset_children, run_blocks, scale_residuals
 
 
 class Encoder(nn.Module):
@@ -32,10 +30,7 @@ class Encoder(nn.Module):
         d = config.d_model
         self.front = nn.Linear(config.input_dim, d) if config.input_dim else nn.Embedding(config.vocab_size, d)
         self.cls_token = nn.Parameter(torch.empty(d)) if config.pooling == "cls" else None
-        self.blocks = nn.ModuleList(
-            BLOCKS.build(spec["block"], config.dims(i), mixer=spec["mixer"], ffn=spec["ffn"])
-            for i, spec in enumerate(config.layer_specs())
-        )
+        self.blocks = build_blocks(config)
         self.norm = RMSNorm(d, config.norm_eps)
         self.head = nn.Linear(d, config.num_classes)
         self._init_outer()
@@ -49,16 +44,10 @@ class Encoder(nn.Module):
             nn.init.normal_(self.cls_token, 0.0, std)
         nn.init.normal_(self.head.weight, 0.0, std)
         nn.init.zeros_(self.head.bias)
-        scale = 1.0 / math.sqrt(2 * self.config.n_layers)
-        with torch.no_grad():
-            for block in self.blocks:
-                for w in block.residual_weights():
-                    w.mul_(scale)
+        scale_residuals(self.blocks, self.config.n_layers)
 
     def reset_parameters(self) -> None:
-        for m in reversed(list(self.modules())):
-            if m is not self and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+        reset_children(self)
         self._init_outer()
 
     def forward(self, inputs: torch.Tensor, aux: AuxLosses | None = None) -> torch.Tensor:
@@ -79,12 +68,7 @@ class Encoder(nn.Module):
 
             raise SpeedlmError(f"input of {t} tokens is longer than this encoder allows (max_seq_len={self.config.max_seq_len})")
         meta = SeqMeta(causal=False, aux=aux)
-        if self.config.reversible:
-            x = reversible_forward(self.blocks, x, meta)
-        else:
-            for block in self.blocks:
-                x = block(x, meta)
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, x, meta, reversible=self.config.reversible))
 
     def loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> Loss:
         aux = AuxLosses()

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 TILE = 512  # queries per tile of the distance walk (measured at 16k: 184 ms against 207 untiled)
