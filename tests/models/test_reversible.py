@@ -90,8 +90,8 @@ def test_what_cannot_be_reversible_is_refused_in_one_line():
         ModelConfig(ffn_chunks=0).validate()
     with pytest.raises(SpeedlmError, match="MoE adds auxiliary losses"):
         model(n_layers=2, reversible=True, ffn={"name": "moe", "experts": 4, "top_k": 2})
-    with pytest.raises(SpeedlmError, match="Performer redraws its features"):
-        model({"name": "performer", "redraw_interval": 10}, reversible=True)
+    # Performer redraws between optimizer steps, not in a forward: a recomputed forward is the same
+    model({"name": "performer", "redraw_interval": 10}, reversible=True)
     with pytest.raises(SpeedlmError, match="not position-wise"):
         model(ffn={"name": "moe", "experts": 4, "top_k": 2}, ffn_chunks=2)
     # a part that adds a loss at run time without declaring it is still refused, in one line

@@ -4,8 +4,11 @@ FAVOR+ positive orthogonal random features, linear in length (ops/performer.py).
 The random projection (m x Dh, shared by the heads as in the paper's code) is a persistent
 buffer: drawn by `reset_parameters`, saved with the weights, so a loaded checkpoint computes
 the same function. With `redraw_interval` set, training draws new features every that many
-forward calls (the paper's feature redrawing); evaluation and decoding never redraw, since a
-cached state is only meaningful under the features that built it. Default m = Dh ln Dh.
+optimizer steps (the paper's feature redrawing), between steps (layers/step_hooks.py), never
+inside a forward: a forward recomputed in the backward pass (activation checkpointing,
+reversible layers) then uses the features its forward used. Evaluation and decoding never
+redraw, since a cached state is only meaningful under the features that built it. Default
+m = Dh ln Dh.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from speedlm.ops.performer import (
     favor_recurrent,
     orthogonal_gaussian,
 )
+from speedlm.layers.step_hooks import AfterOptimizerStep
 from speedlm.registry import Range
 
 
@@ -34,14 +38,8 @@ def default_features(head_dim: int) -> int:
     return max(1, round(head_dim * math.log(head_dim)))
 
 
-class Performer(HeadsMixer):
+class Performer(HeadsMixer, AfterOptimizerStep):
     supports_bidirectional = True
-
-    @classmethod
-    def reversible_problem(cls, redraw_interval=None, **options) -> str | None:
-        if redraw_interval is not None:
-            return "Performer redraws its features during training forwards, so a recomputed forward would differ"
-        return None
 
     def __init__(
         self,
@@ -54,7 +52,6 @@ class Performer(HeadsMixer):
         self.features = default_features(self.head_dim) if features is None else features
         self.redraw_interval, self.chunk_size = redraw_interval, chunk_size
         self.register_buffer("projection", torch.empty(self.features, self.head_dim))
-        self._calls = 0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -67,14 +64,11 @@ class Performer(HeadsMixer):
             w = orthogonal_gaussian(self.features, self.head_dim, dtype=torch.float64)
             self.projection.copy_(w.to(self.projection.dtype))
 
-    def _maybe_redraw(self) -> None:
-        if self.training and self.redraw_interval is not None and torch.is_grad_enabled():
-            self._calls += 1
-            if self._calls % self.redraw_interval == 0:
-                self.redraw()
+    def after_optimizer_step(self, step: int) -> None:
+        if self.redraw_interval is not None and step % self.redraw_interval == 0:
+            self.redraw()
 
     def mix(self, x, meta: SeqMeta, cache: RecurrentState | None = None):
-        self._maybe_redraw()
         q, k, v = self.project(x)
         dt = RecurrentState.dtype_for(x.dtype)
         w = self.projection.to(dt)

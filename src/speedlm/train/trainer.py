@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from speedlm.errors import SpeedlmError
+from speedlm.layers.step_hooks import after_optimizer_step
 from speedlm.train.checkpoint import (
     LATEST_FILE,
     Checkpoint,
@@ -342,6 +343,7 @@ def train(
                 in_update = True
                 optimizer.step()
                 step += 1
+                after_optimizer_step(model, step)  # e.g. Performer's feature redraw, outside any forward
                 in_update = False
                 optimizer.zero_grad(set_to_none=True)
                 rng_at_step = capture_rng()
