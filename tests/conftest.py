@@ -22,7 +22,7 @@ def pytest_configure(config):
 
     # MFU's denominator: a fixed number, so that no test spends seconds measuring the machine's
     # matmul peak under the load of the other tests, nor writes that number into the user's
-    # cache (tests/train/test_train_flops.py measures into a temporary cache on purpose)
+    # cache (tests/train/test_train_hardware_peak.py measures into a temporary cache on purpose)
     os.environ.setdefault("SPEEDLM_PEAK_FLOPS", "1e12")
     # one BLAS thread per xdist worker: two workers on two cores must not oversubscribe
     if os.environ.get("PYTEST_XDIST_WORKER"):

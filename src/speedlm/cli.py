@@ -170,7 +170,7 @@ def cmd_bench_moe(args) -> int:
 def cmd_bench_peak(args) -> int:
     from speedlm.bench.common import resolve_dtype
     from speedlm.device import resolve_device
-    from speedlm.train.flops import _cache_path, machine_key, peak_flops
+    from speedlm.train.hardware_peak import _cache_path, machine_key, peak_flops
 
     dev = resolve_device(args.device)
     dtypes = [resolve_dtype(d, dev) for d in args.dtypes]
@@ -218,255 +218,319 @@ def _policy_options(p: argparse.ArgumentParser, window: int, flag: str = "--atte
                    "recorded from its tokenizer)")
 
 
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model (default: tiny transformer on the stdlib corpus)")
+    p.add_argument("--preset", default="transformer-tiny", help="preset name, e.g. gqa-small (see `speedlm list`)")
+    p.add_argument("--config", help="model config JSON instead of a preset")
+    p.add_argument("--data", default="stdlib", help="'stdlib' (default), files/folders (comma-separated) or hf:NAME")
+    p.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
+    p.add_argument("--out", default="runs/train", help="run folder: checkpoints, metrics.jsonl, loss.png")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, float32 on CPU), bfloat16 or float32")
+    p.add_argument("--peak-flops", type=float, help="FLOP/s that MFU divides by (default: datasheet or measured once)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass (less memory, more time)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every block (the first steps pay for compiling)")
+    p.add_argument("--segments", type=int, default=0,
+                   help="stateful segment mode: K consecutive windows of each stream per group, the model's cache "
+                   "(Transformer-XL memory, recurrent state) carried between them, detached; validation runs with memory")
+    p.add_argument("--parallel", default="none",
+                   help="none, ddp or fsdp (FSDP2): data parallelism under torchrun (torchrun --nproc-per-node N -m speedlm train ... "
+                   "--parallel ddp|fsdp); --batch-size is the global batch")
+    p.add_argument("--dist-backend", default="auto",
+                   help="torch.distributed backend under --parallel: auto (nccl on GPUs, gloo on CPU), nccl or gloo")
+    p.add_argument("--separators", help="SepLLM separator ids (comma-separated) or characters, recorded in the "
+                   "model config (default: tokens made of . , ? ! ; : newline tab space)")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run folder or step folder")
+    p.add_argument("--data", help="corpus (default: the one the model was trained on)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, help="default: the training sequence length")
+    p.add_argument("--batches", type=int, default=50, help="at most this many batches (0 = whole split)")
+    _policy_options(p, window=256)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="sample from a checkpoint: prefill, then decode through the caches")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (reference)")
+    p.add_argument("--steps", type=int, help="diffusion checkpoints: denoising steps (default: one per new token)")
+    p.add_argument("--block", type=int, help="diffusion: semi-autoregressive block length (default: all new tokens)")
+    p.add_argument("--remasking", default="low_confidence", help="diffusion: low_confidence or random")
+    p.add_argument("--threshold", type=float, help="diffusion: unmask every prediction above this probability")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="diffusion: reuse the prompt's and finished blocks' keys within a block (approximate, Fast-dLLM)")
+    _policy_options(p, window=1024)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_stream_parser(sub) -> None:
+    p = sub.add_parser("stream", help="stream a long token sequence through a checkpoint under a bounded KV cache")
+    p.add_argument("--checkpoint", required=True)
+    _policy_options(p, window=256, flag="--policy", default="sepllm")
+    p.add_argument("--tokens", type=int, default=100_000, help="tokens to stream (default 100k)")
+    p.add_argument("--data", help="corpus (default: the one the model was trained on), cycled if shorter")
+    p.add_argument("--split", default="val", choices=["val", "train", "all"])
+    p.add_argument("--chunk", type=int, default=64, help="tokens per call (1: token by token)")
+    p.add_argument("--segment", type=int, default=10_000, help="tokens per reported segment")
+    p.add_argument("--out", default="runs/stream", help="folder for stream-POLICY.jsonl/.json/.png")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_stream)
+
+
+def _add_hf_parser(sub) -> None:
+    h = sub.add_parser("hf", help="Hugging Face: export a checkpoint, import a Llama model, SepLLM on a HF model")
+    hsub = h.add_subparsers(dest="hf_command", required=True)
+    _add_hf_export_parser(hsub)
+    _add_hf_import_parser(hsub)
+    _add_hf_eval_parser(hsub)
+
+
+def _add_hf_export_parser(hsub) -> None:
+    p = hsub.add_parser("export", help="a checkpoint as a Hugging Face model folder (config, safetensors, tokenizer)")
+    p.add_argument("--checkpoint", required=True, help="run folder or step folder")
+    p.add_argument("--out", required=True, help="new folder for the Hugging Face files")
+    p.add_argument("--format", default="speedlm", choices=["speedlm", "llama"],
+                   help="speedlm (any model; load after `import speedlm.hf`) or llama (full-attention "
+                   "transformers as a plain LlamaForCausalLM)")
+    p.set_defaults(func=cmd_hf)
+
+
+def _add_hf_import_parser(hsub) -> None:
+    p = hsub.add_parser("import", help="a Llama-architecture Hugging Face folder as a speedlm checkpoint")
+    p.add_argument("--model", required=True, help="Hugging Face model folder (with tokenizer.json)")
+    p.add_argument("--out", required=True, help="speedlm run folder to write")
+    p.set_defaults(func=cmd_hf)
+
+
+def _add_hf_eval_parser(hsub) -> None:
+    p = hsub.add_parser("eval", help="perplexity and KV size of a Hugging Face Llama/Mistral/Qwen2 model under "
+                        "SepLLM or sink caches, training-free")
+    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    p.add_argument("--data", default="stdlib", help="corpus whose validation text is scored (default stdlib)")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens scored (default 1024)")
+    p.add_argument("--chunk", type=int, help="tokens per streamed call (default: the window, at most 256)")
+    _policy_options(p, window=256, default="sepllm")
+    p.add_argument("--out", help="also write the rows as JSONL here")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_hf)
+
+
+def _add_compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="train architectures at equal FLOPs; quality, recall, speed and memory in one report")
+    p.add_argument("--presets", type=_csv, default=None, help="comma-separated presets or config JSON paths "
+                   "(default: one per family, see README)")
+    p.add_argument("--budget", type=float, default=None, help="training FLOPs per model (default 5e11: the twelve default models in about 10 min on 2 CPU cores)")
+    p.add_argument("--data", default="stdlib", help="'stdlib' (default), files/folders (comma-separated) or hf:NAME")
+    p.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size")
+    p.add_argument("--out", default="runs/compare", help="report folder: report.md, report.json, plots, models/")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--match-params", default="first", choices=["first", "none"],
+                   help="first: widths chosen so non-embedding parameters match the first model's; none: preset widths")
+    p.add_argument("--eval-points", type=int, default=8, help="validations along training (the loss-vs-FLOPs curve)")
+    p.add_argument("--eval-batches", type=int, default=40, help="batches of the final validation loss")
+    p.add_argument("--mqar-len", type=int, default=64)
+    p.add_argument("--mqar-pairs", type=int, default=4)
+    p.add_argument("--mqar-vocab", type=int, default=32)
+    p.add_argument("--mqar-steps", type=int, default=800)
+    p.add_argument("--no-mqar", action="store_true", help="skip the associative-recall column")
+    p.add_argument("--contexts", type=_ints, default=[1024, 4096, 16384], help="decode-latency context lengths")
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16 (autocast; CPUs with AMX/AVX-512-BF16) or float32")
+    p.add_argument("--peak-flops", type=float, help="FLOP/s that MFU divides by (default: datasheet or measured once)")
+    p.set_defaults(func=cmd_compare)
+
+
+def _add_train_classifier_parser(sub) -> None:
+    p = sub.add_parser("train-classifier", help="presets as bidirectional encoders on a non-text task (digits, spoken-digits)")
+    p.add_argument("--task", required=True, help="digits (scikit-learn's 8x8 digits) or spoken-digits (espeak-ng speech)")
+    p.add_argument("--presets", type=_csv, default=None, help="comma-separated presets (default: one per family for the task)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--pooling", default="mean", help="mean or cls")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/classify")
+    p.set_defaults(func=cmd_train_classifier)
+
+
+def _add_bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    _add_bench_speed_parser(bsub)
+    _add_bench_recall_parser(bsub)
+    _add_bench_decode_parser(bsub)
+    _add_bench_ops_parser(bsub)
+    _add_bench_mixers_parser(bsub)
+    _add_bench_diffusion_parser(bsub)
+    _add_bench_depth_parser(bsub)
+    _add_bench_moe_parser(bsub)
+    _add_bench_peak_parser(bsub)
+
+
+def _add_bench_speed_parser(bsub) -> None:
+    p = bsub.add_parser("speed", help="forward, forward+backward, decode latency and peak memory vs length")
+    p.add_argument("--presets", type=_csv, default=_csv("transformer-tiny,sliding-window-tiny,linear-attention-tiny"))
+    p.add_argument("--lengths", type=_ints, default=[128, 256, 512, 1024])
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--baseline", help="preset the ratios are taken against (default: the first)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(func=cmd_bench_speed)
+
+
+def _add_bench_recall_parser(bsub) -> None:
+    p = bsub.add_parser("recall", help="MQAR associative recall: accuracy vs length, pairs, width and state size")
+    p.add_argument("--presets", type=_csv, default=_csv("transformer-tiny,sliding-window-tiny,linear-attention-tiny"))
+    p.add_argument("--lengths", type=_ints, default=[64, 128, 256])
+    p.add_argument("--pairs", type=_ints, default=[4, 8, 16])
+    p.add_argument("--widths", type=_ints, default=[64, 128])
+    p.add_argument("--steps", type=int, default=1000, help="training steps per setting")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--vocab-size", type=int, default=64)
+    p.add_argument("--test-examples", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16 or float32 (training autocast)")
+    p.add_argument("--out", default="runs/recall")
+    p.set_defaults(func=cmd_bench_recall)
+
+
+def _add_bench_decode_parser(bsub) -> None:
+    p = bsub.add_parser("decode", help="per-token decode latency at several contexts, steps interleaved in one process")
+    p.add_argument("--presets", type=_csv, default=_csv("transformer-tiny,linear-attention-tiny,hgrn-tiny"))
+    p.add_argument("--contexts", type=_ints, default=[1024, 16384])
+    p.add_argument("--steps", type=int, default=64, help="timed single-token steps per context")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(func=cmd_bench_decode)
+
+
+def _add_bench_ops_parser(bsub) -> None:
+    p = bsub.add_parser("ops", help="each sequence op's chunked form vs its naive recurrent loop, in one process")
+    p.add_argument("--lengths", type=_ints, default=[4096])
+    p.add_argument("--ops", type=lambda v: [x.strip() for x in v.split(",") if x.strip()], default=None,
+                   help="comma-separated substrings of op names to run (default: all), e.g. mamba,hyena")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(func=cmd_bench_ops)
+
+
+def _add_bench_mixers_parser(bsub) -> None:
+    p = bsub.add_parser("mixers", help="one mixer's forward alone (the first layer's of each preset): time and memory vs length")
+    p.add_argument("--presets", type=_csv, default=_csv("transformer-small,dilated-window-small,logsparse-small,longformer-small"))
+    p.add_argument("--lengths", type=_ints, default=[4096, 16384])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(func=cmd_bench_mixers)
+
+
+def _add_bench_diffusion_parser(bsub) -> None:
+    p = bsub.add_parser("diffusion", help="a diffusion LM's generation speed vs quality over denoising steps, beside an AR model")
+    p.add_argument("--checkpoint", required=True, help="the diffusion run")
+    p.add_argument("--judge", required=True, help="an autoregressive run (same tokenizer): the baseline and the judge")
+    p.add_argument("--length", type=int, default=64, help="new tokens per prompt")
+    p.add_argument("--divisors", type=_ints, default=[1, 2, 4, 8], help="steps = length / d for each d")
+    p.add_argument("--block", type=int, help="semi-autoregressive block (default: the whole length)")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(func=cmd_bench_diffusion)
+
+
+def _add_bench_depth_parser(bsub) -> None:
+    p = bsub.add_parser("depth", help="a training step's peak memory and time against depth, reversible layers on and off")
+    p.add_argument("--preset", default="reformer-small")
+    p.add_argument("--depths", type=_ints, default=[2, 4, 8])
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(func=cmd_bench_depth)
+
+
+def _add_bench_moe_parser(bsub) -> None:
+    p = bsub.add_parser("moe", help="MoE dispatch: sorted grouped matmul vs the per-expert loop, forward and backward")
+    p.add_argument("--tokens", type=_ints, default=[8192])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=704, help="expert hidden width (default: mixtral-small's)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(func=cmd_bench_moe)
+
+
+def _add_bench_peak_parser(bsub) -> None:
+    p = bsub.add_parser("peak", help="the matmul peak FLOP/s that MFU divides by (measured once per machine, cached)")
+    p.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--remeasure", action="store_true", help="measure again and replace the cached value")
+    p.set_defaults(func=cmd_bench_peak)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="speedlm", description="Efficient LLM architectures behind one contract.")
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("list", help="presets and mixers, with descriptions and papers").set_defaults(func=cmd_list)
-
-    t = sub.add_parser("train", help="train a model (default: tiny transformer on the stdlib corpus)")
-    t.add_argument("--preset", default="transformer-tiny", help="preset name, e.g. gqa-small (see `speedlm list`)")
-    t.add_argument("--config", help="model config JSON instead of a preset")
-    t.add_argument("--data", default="stdlib", help="'stdlib' (default), files/folders (comma-separated) or hf:NAME")
-    t.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
-    t.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
-    t.add_argument("--out", default="runs/train", help="run folder: checkpoints, metrics.jsonl, loss.png")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--seq-len", type=int, default=256)
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--min-lr-ratio", type=float, default=0.1)
-    t.add_argument("--warmup-steps", type=int, default=50)
-    t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--eval-every", type=int, default=200)
-    t.add_argument("--eval-batches", type=int, default=20)
-    t.add_argument("--save-every", type=int, default=500)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    t.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, float32 on CPU), bfloat16 or float32")
-    t.add_argument("--peak-flops", type=float, help="FLOP/s that MFU divides by (default: datasheet or measured once)")
-    t.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each block's activations in the backward pass (less memory, more time)")
-    t.add_argument("--compile", action="store_true", help="torch.compile every block (the first steps pay for compiling)")
-    t.add_argument("--segments", type=int, default=0,
-                   help="stateful segment mode: K consecutive windows of each stream per group, the model's cache "
-                   "(Transformer-XL memory, recurrent state) carried between them, detached; validation runs with memory")
-    t.add_argument("--parallel", default="none",
-                   help="none, ddp or fsdp (FSDP2): data parallelism under torchrun (torchrun --nproc-per-node N -m speedlm train ... "
-                   "--parallel ddp|fsdp); --batch-size is the global batch")
-    t.add_argument("--dist-backend", default="auto",
-                   help="torch.distributed backend under --parallel: auto (nccl on GPUs, gloo on CPU), nccl or gloo")
-    t.add_argument("--separators", help="SepLLM separator ids (comma-separated) or characters, recorded in the "
-                   "model config (default: tokens made of . , ? ! ; : newline tab space)")
-    t.set_defaults(func=cmd_train)
-
-    e = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
-    e.add_argument("--checkpoint", required=True, help="run folder or step folder")
-    e.add_argument("--data", help="corpus (default: the one the model was trained on)")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--seq-len", type=int, help="default: the training sequence length")
-    e.add_argument("--batches", type=int, default=50, help="at most this many batches (0 = whole split)")
-    _policy_options(e, window=256)
-    e.add_argument("--device", default="auto")
-    e.set_defaults(func=cmd_eval)
-
-    g = sub.add_parser("generate", help="sample from a checkpoint: prefill, then decode through the caches")
-    g.add_argument("--checkpoint", required=True)
-    g.add_argument("--prompt", default="def ")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (reference)")
-    g.add_argument("--steps", type=int, help="diffusion checkpoints: denoising steps (default: one per new token)")
-    g.add_argument("--block", type=int, help="diffusion: semi-autoregressive block length (default: all new tokens)")
-    g.add_argument("--remasking", default="low_confidence", help="diffusion: low_confidence or random")
-    g.add_argument("--threshold", type=float, help="diffusion: unmask every prediction above this probability")
-    g.add_argument("--prefix-cache", action="store_true",
-                   help="diffusion: reuse the prompt's and finished blocks' keys within a block (approximate, Fast-dLLM)")
-    _policy_options(g, window=1024)
-    g.add_argument("--device", default="auto")
-    g.set_defaults(func=cmd_generate)
-
-    st = sub.add_parser("stream", help="stream a long token sequence through a checkpoint under a bounded KV cache")
-    st.add_argument("--checkpoint", required=True)
-    _policy_options(st, window=256, flag="--policy", default="sepllm")
-    st.add_argument("--tokens", type=int, default=100_000, help="tokens to stream (default 100k)")
-    st.add_argument("--data", help="corpus (default: the one the model was trained on), cycled if shorter")
-    st.add_argument("--split", default="val", choices=["val", "train", "all"])
-    st.add_argument("--chunk", type=int, default=64, help="tokens per call (1: token by token)")
-    st.add_argument("--segment", type=int, default=10_000, help="tokens per reported segment")
-    st.add_argument("--out", default="runs/stream", help="folder for stream-POLICY.jsonl/.json/.png")
-    st.add_argument("--device", default="auto")
-    st.set_defaults(func=cmd_stream)
-
-    h = sub.add_parser("hf", help="Hugging Face: export a checkpoint, import a Llama model, SepLLM on a HF model")
-    hsub = h.add_subparsers(dest="hf_command", required=True)
-    hx = hsub.add_parser("export", help="a checkpoint as a Hugging Face model folder (config, safetensors, tokenizer)")
-    hx.add_argument("--checkpoint", required=True, help="run folder or step folder")
-    hx.add_argument("--out", required=True, help="new folder for the Hugging Face files")
-    hx.add_argument("--format", default="speedlm", choices=["speedlm", "llama"],
-                    help="speedlm (any model; load after `import speedlm.hf`) or llama (full-attention "
-                    "transformers as a plain LlamaForCausalLM)")
-    hx.set_defaults(func=cmd_hf)
-    hi = hsub.add_parser("import", help="a Llama-architecture Hugging Face folder as a speedlm checkpoint")
-    hi.add_argument("--model", required=True, help="Hugging Face model folder (with tokenizer.json)")
-    hi.add_argument("--out", required=True, help="speedlm run folder to write")
-    hi.set_defaults(func=cmd_hf)
-    he = hsub.add_parser("eval", help="perplexity and KV size of a Hugging Face Llama/Mistral/Qwen2 model under "
-                         "SepLLM or sink caches, training-free")
-    he.add_argument("--model", required=True, help="Hugging Face model folder")
-    he.add_argument("--data", default="stdlib", help="corpus whose validation text is scored (default stdlib)")
-    he.add_argument("--tokens", type=int, default=1024, help="tokens scored (default 1024)")
-    he.add_argument("--chunk", type=int, help="tokens per streamed call (default: the window, at most 256)")
-    _policy_options(he, window=256, default="sepllm")
-    he.add_argument("--out", help="also write the rows as JSONL here")
-    he.add_argument("--device", default="auto")
-    he.set_defaults(func=cmd_hf)
-
-    c = sub.add_parser("compare", help="train architectures at equal FLOPs; quality, recall, speed and memory in one report")
-    c.add_argument("--presets", type=_csv, default=None, help="comma-separated presets or config JSON paths "
-                   "(default: one per family, see README)")
-    c.add_argument("--budget", type=float, default=None, help="training FLOPs per model (default 5e11: the twelve default models in about 10 min on 2 CPU cores)")
-    c.add_argument("--data", default="stdlib", help="'stdlib' (default), files/folders (comma-separated) or hf:NAME")
-    c.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
-    c.add_argument("--vocab-size", type=int, help="BPE vocabulary size")
-    c.add_argument("--out", default="runs/compare", help="report folder: report.md, report.json, plots, models/")
-    c.add_argument("--seq-len", type=int, default=256)
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--lr", type=float, default=3e-3)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--match-params", default="first", choices=["first", "none"],
-                   help="first: widths chosen so non-embedding parameters match the first model's; none: preset widths")
-    c.add_argument("--eval-points", type=int, default=8, help="validations along training (the loss-vs-FLOPs curve)")
-    c.add_argument("--eval-batches", type=int, default=40, help="batches of the final validation loss")
-    c.add_argument("--mqar-len", type=int, default=64)
-    c.add_argument("--mqar-pairs", type=int, default=4)
-    c.add_argument("--mqar-vocab", type=int, default=32)
-    c.add_argument("--mqar-steps", type=int, default=800)
-    c.add_argument("--no-mqar", action="store_true", help="skip the associative-recall column")
-    c.add_argument("--contexts", type=_ints, default=[1024, 4096, 16384], help="decode-latency context lengths")
-    c.add_argument("--decode-tokens", type=int, default=16)
-    c.add_argument("--device", default="auto")
-    c.add_argument("--dtype", default="auto", help="auto, bfloat16 (autocast; CPUs with AMX/AVX-512-BF16) or float32")
-    c.add_argument("--peak-flops", type=float, help="FLOP/s that MFU divides by (default: datasheet or measured once)")
-    c.set_defaults(func=cmd_compare)
-
-    k = sub.add_parser("train-classifier", help="presets as bidirectional encoders on a non-text task (digits, spoken-digits)")
-    k.add_argument("--task", required=True, help="digits (scikit-learn's 8x8 digits) or spoken-digits (espeak-ng speech)")
-    k.add_argument("--presets", type=_csv, default=None, help="comma-separated presets (default: one per family for the task)")
-    k.add_argument("--steps", type=int, default=600)
-    k.add_argument("--batch-size", type=int, default=64)
-    k.add_argument("--lr", type=float, default=2e-3)
-    k.add_argument("--warmup-steps", type=int, default=50)
-    k.add_argument("--eval-every", type=int, default=50)
-    k.add_argument("--pooling", default="mean", help="mean or cls")
-    k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--out", default="runs/classify")
-    k.set_defaults(func=cmd_train_classifier)
-
-    b = sub.add_parser("bench", help="benchmarks")
-    bsub = b.add_subparsers(dest="bench", required=True)
-    s = bsub.add_parser("speed", help="forward, forward+backward, decode latency and peak memory vs length")
-    s.add_argument("--presets", type=_csv, default=_csv("transformer-tiny,sliding-window-tiny,linear-attention-tiny"))
-    s.add_argument("--lengths", type=_ints, default=[128, 256, 512, 1024])
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--decode-tokens", type=int, default=32)
-    s.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
-    s.add_argument("--warmup", type=int, default=1)
-    s.add_argument("--baseline", help="preset the ratios are taken against (default: the first)")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16")
-    s.add_argument("--out", default="runs/bench")
-    s.set_defaults(func=cmd_bench_speed)
-
-    r = bsub.add_parser("recall", help="MQAR associative recall: accuracy vs length, pairs, width and state size")
-    r.add_argument("--presets", type=_csv, default=_csv("transformer-tiny,sliding-window-tiny,linear-attention-tiny"))
-    r.add_argument("--lengths", type=_ints, default=[64, 128, 256])
-    r.add_argument("--pairs", type=_ints, default=[4, 8, 16])
-    r.add_argument("--widths", type=_ints, default=[64, 128])
-    r.add_argument("--steps", type=int, default=1000, help="training steps per setting")
-    r.add_argument("--batch-size", type=int, default=32)
-    r.add_argument("--lr", type=float, default=1e-3)
-    r.add_argument("--vocab-size", type=int, default=64)
-    r.add_argument("--test-examples", type=int, default=512)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default="auto")
-    r.add_argument("--dtype", default="auto", help="auto, bfloat16 or float32 (training autocast)")
-    r.add_argument("--out", default="runs/recall")
-    r.set_defaults(func=cmd_bench_recall)
-
-    d = bsub.add_parser("decode", help="per-token decode latency at several contexts, steps interleaved in one process")
-    d.add_argument("--presets", type=_csv, default=_csv("transformer-tiny,linear-attention-tiny,hgrn-tiny"))
-    d.add_argument("--contexts", type=_ints, default=[1024, 16384])
-    d.add_argument("--steps", type=int, default=64, help="timed single-token steps per context")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="auto")
-    d.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16")
-    d.add_argument("--out", default="runs/bench")
-    d.set_defaults(func=cmd_bench_decode)
-
-    o = bsub.add_parser("ops", help="each sequence op's chunked form vs its naive recurrent loop, in one process")
-    o.add_argument("--lengths", type=_ints, default=[4096])
-    o.add_argument("--ops", type=lambda v: [x.strip() for x in v.split(",") if x.strip()], default=None,
-                   help="comma-separated substrings of op names to run (default: all), e.g. mamba,hyena")
-    o.add_argument("--repeats", type=int, default=3)
-    o.add_argument("--device", default="auto")
-    o.add_argument("--out", default="runs/bench")
-    o.set_defaults(func=cmd_bench_ops)
-
-    x = bsub.add_parser("mixers", help="one mixer's forward alone (the first layer's of each preset): time and memory vs length")
-    x.add_argument("--presets", type=_csv, default=_csv("transformer-small,dilated-window-small,logsparse-small,longformer-small"))
-    x.add_argument("--lengths", type=_ints, default=[4096, 16384])
-    x.add_argument("--repeats", type=int, default=3)
-    x.add_argument("--device", default="auto")
-    x.add_argument("--out", default="runs/bench")
-    x.set_defaults(func=cmd_bench_mixers)
-
-    f = bsub.add_parser("diffusion", help="a diffusion LM's generation speed vs quality over denoising steps, beside an AR model")
-    f.add_argument("--checkpoint", required=True, help="the diffusion run")
-    f.add_argument("--judge", required=True, help="an autoregressive run (same tokenizer): the baseline and the judge")
-    f.add_argument("--length", type=int, default=64, help="new tokens per prompt")
-    f.add_argument("--divisors", type=_ints, default=[1, 2, 4, 8], help="steps = length / d for each d")
-    f.add_argument("--block", type=int, help="semi-autoregressive block (default: the whole length)")
-    f.add_argument("--prompts", type=int, default=8)
-    f.add_argument("--prompt-len", type=int, default=32)
-    f.add_argument("--temperature", type=float, default=1.0)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--device", default="auto")
-    f.add_argument("--out", default="runs/bench")
-    f.set_defaults(func=cmd_bench_diffusion)
-
-    v = bsub.add_parser("depth", help="a training step's peak memory and time against depth, reversible layers on and off")
-    v.add_argument("--preset", default="reformer-small")
-    v.add_argument("--depths", type=_ints, default=[2, 4, 8])
-    v.add_argument("--seq-len", type=int, default=2048)
-    v.add_argument("--batch-size", type=int, default=1)
-    v.add_argument("--repeats", type=int, default=2)
-    v.add_argument("--device", default="auto")
-    v.add_argument("--out", default="runs/bench")
-    v.set_defaults(func=cmd_bench_depth)
-
-    m = bsub.add_parser("moe", help="MoE dispatch: sorted grouped matmul vs the per-expert loop, forward and backward")
-    m.add_argument("--tokens", type=_ints, default=[8192])
-    m.add_argument("--d-model", type=int, default=256)
-    m.add_argument("--hidden", type=int, default=704, help="expert hidden width (default: mixtral-small's)")
-    m.add_argument("--experts", type=int, default=8)
-    m.add_argument("--top-k", type=int, default=2)
-    m.add_argument("--repeats", type=int, default=5)
-    m.add_argument("--device", default="auto")
-    m.add_argument("--out", default="runs/bench")
-    m.set_defaults(func=cmd_bench_moe)
-
-    k = bsub.add_parser("peak", help="the matmul peak FLOP/s that MFU divides by (measured once per machine, cached)")
-    k.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"])
-    k.add_argument("--device", default="auto")
-    k.add_argument("--remeasure", action="store_true", help="measure again and replace the cached value")
-    k.set_defaults(func=cmd_bench_peak)
+    _add_train_parser(sub)
+    _add_eval_parser(sub)
+    _add_generate_parser(sub)
+    _add_stream_parser(sub)
+    _add_hf_parser(sub)
+    _add_compare_parser(sub)
+    _add_train_classifier_parser(sub)
+    _add_bench_parser(sub)
     return p
 
 

@@ -41,7 +41,7 @@ from speedlm.models.presets import split_preset_name
 from speedlm.progress import progress_bar, progress_write
 from speedlm.schema import is_number
 from speedlm.train.config import TrainConfig
-from speedlm.train.flops import machine_key
+from speedlm.train.hardware_peak import machine_key
 
 # One representative per registered family (a family issue that lands adds its own).
 DEFAULT_PRESETS = (

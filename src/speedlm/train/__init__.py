@@ -17,7 +17,7 @@ from speedlm.train.checkpoint import (
 )
 from speedlm.train.config import TrainConfig
 from speedlm.train.evaluate import evaluate
-from speedlm.train.flops import KNOWN_PEAKS, measure_peak_flops, mfu, peak_flops
+from speedlm.train.hardware_peak import KNOWN_PEAKS, measure_peak_flops, mfu, peak_flops
 from speedlm.train.metrics import MetricsWriter, plot_losses, read_metrics
 from speedlm.train.optim import build_optimizer, param_groups
 from speedlm.train.schedule import lr_at

@@ -35,7 +35,7 @@ class TrainConfig(Schema):
     seed: int = 0  # data order and RNG seeds
     device: str = "auto"  # "auto" = cuda if available else cpu
     dtype: str = "auto"  # "auto" = bf16 autocast on CUDA, fp32 on CPU; or "bf16"/"bfloat16", "fp32"/"float32"
-    peak_flops: float | None = None  # the MFU denominator; None: datasheet or measured (train/flops.py)
+    peak_flops: float | None = None  # the MFU denominator; None: datasheet or measured (train/hardware_peak.py)
     log_every: int = 10  # steps between metric records / progress-bar updates
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     compile: bool = False  # torch.compile every block (nn.Module.compile: same parameters and state dict)
