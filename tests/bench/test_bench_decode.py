@@ -52,3 +52,17 @@ def test_a_model_that_cannot_decode_is_a_row_and_the_others_are_kept(tmp_path):
     assert "does not support cached decoding" in result["presets"][str(cfg)]["skipped"]
     assert len(result["presets"]["hgrn-tiny"]["step_ms"]["32"]) == 2
     assert "skipped: a mixer" in (tmp_path / "bench_decode.md").read_text()
+
+
+def test_policies_decode_side_by_side_at_equal_slots(tmp_path):
+    result = run_decode_bench(["transformer-tiny"], contexts=[24, 40], steps=3, out_dir=str(tmp_path), progress=False,
+                              policies=["window", "sink"], slots=19, sinks=4)
+    window, sink = result["presets"]["transformer-tiny [window]"], result["presets"]["transformer-tiny [sink]"]
+    # both hold 19 KV slots per layer once full: 2 layers x (k, v) x 64 channels x 4 bytes
+    assert window["cache_bytes"] == sink["cache_bytes"] == 2 * 2 * 19 * 64 * 4
+    assert window["vs_first_policy"] == 1.0
+    assert sink["vs_first_policy"] == sink["ms"]["40"] / window["ms"]["40"]
+    assert result["meta"]["slots"] == 19
+    assert "| transformer-tiny [sink] |" in (tmp_path / "bench_decode.md").read_text()
+    with pytest.raises(SpeedlmError, match="policies full, window, sink"):
+        run_decode_bench(["transformer-tiny"], out_dir=str(tmp_path), progress=False, policies=["sepllm"])

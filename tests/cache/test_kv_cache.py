@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from speedlm.cache import CompositeCache, FullPolicy, KVCache, RecurrentState, TokenBuffer, WindowPolicy
+from speedlm.cache.sepllm import SepLLMPolicy
 from speedlm.layers.attention import Attention
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.mixer import SeqMeta
@@ -53,14 +54,32 @@ def test_full_cache_grows_geometrically_and_keeps_everything():
 
 @torch.no_grad()
 def test_views_handed_out_earlier_stay_valid():
-    for policy in (WindowPolicy(4), SinkWindowPolicy(2, 4)):
+    for policy in (FullPolicy(), WindowPolicy(4), SepLLMPolicy((1,), initial=1, window=4)):
         cache = KVCache(policy)
         k, v = _kv(3)
-        first, _, _, _ = cache.extend(k, v)
+        first, _, _, _ = cache.extend(k, v, marks=torch.zeros(1, 3, dtype=torch.bool) if policy.marks_keys else None)
         snapshot = first.clone()
-        for _ in range(200):
-            cache.extend(*_kv(1))
+        for i in range(200):
+            cache.extend(*_kv(1), marks=torch.tensor([[i % 3 == 0]]) if policy.marks_keys else None)
         assert torch.equal(first, snapshot)
+
+
+@torch.no_grad()
+def test_a_sink_cache_moves_its_sinks_in_place_and_its_views_last_until_the_next_call():
+    """Sinks + window keep a head and a suffix: the sinks move forward over each evicted slot
+    (O(sinks) per token) rather than the cache compacting itself per token; the move happens at
+    the next call, so what a call reads is intact while it runs."""
+    cache = KVCache(SinkWindowPolicy(sinks=2, window=100))
+    keys = []
+    for i in range(1000):
+        k1, v1 = _kv(1)
+        keys.append(k1)
+        k_all, _, pos, _ = cache.extend(k1, v1, i)
+        expected = [j for j in range(i + 1) if j < 2 or j > i - 100]  # what this call reads
+        assert torch.equal(k_all, torch.cat([keys[j] for j in expected], 2))
+    assert cache.reallocations <= 12  # amortised, like the window: not one per token
+    assert cache.length == 2 + 99 and cache.nbytes() == 2 * 101 * 2 * 4 * 4
+    assert torch.equal(cache.positions(), torch.tensor([[0, 1, *range(901, 1000)]]))
 
 
 @torch.no_grad()

@@ -111,7 +111,7 @@ def test_bounded_caches_with_shifted_positions_match_speedlm_on_the_same_llama(p
     speedlm's own transformer (the same weights, imported) must decode the same logits."""
     model = tiny_hf_model("llama")
     ours = from_llama(model).to(torch.float64)
-    ids = token_ids(120)
+    ids = token_ids(120, b=1 if policy == "sepllm" else 2)  # a capped cache streams one row at a time
     wrapper = sepllm(model, policy, **options)
     assert wrapper.policy == speedlm_policy
     with torch.no_grad():
@@ -124,6 +124,30 @@ def test_bounded_caches_with_shifted_positions_match_speedlm_on_the_same_llama(p
     assert rel_err(hf_logits, own) < 1e-6
     bound = speedlm_policy.retained(10**9)
     assert max(cache.kv_slots) <= bound < 120 and cache.kv_ratio < 0.5
+
+
+@pytest.mark.parametrize(
+    "policy, options",
+    [("sepllm", dict(separators=SEPARATORS, window=8, initial=2)), ("sink", dict(window=8, initial=2))],
+    ids=["sepllm", "sink"],
+)
+def test_a_batch_decodes_as_its_rows_alone(policy, options):
+    """Rows share the cache's slots; each row's window and marks hide what is not its own."""
+    model = tiny_hf_model("llama")
+    ids = token_ids(70)
+    ids[1, ::4] = SEPARATORS[0]  # the rows' separators differ
+    wrapper = sepllm(model, policy, **options)
+    with torch.no_grad():
+        batch = decode_logits(model, ids, wrapper.new_cache(), first=5)
+        rows = [decode_logits(model, ids[r : r + 1], wrapper.new_cache(), first=5) for r in range(2)]
+    assert rel_err(batch, torch.cat(rows)) < TOL
+
+
+def test_a_capped_cache_refuses_to_compress_a_batch():
+    model = tiny_hf_model("llama")
+    wrapper = sepllm(model, separators=SEPARATORS, window=8, initial=2, cap=24, separator_cache=4)
+    with torch.no_grad(), pytest.raises(SpeedlmError, match="one row at a time"):
+        decode_logits(model, token_ids(40), wrapper.new_cache(), first=5)
 
 
 def test_perplexity_streams_in_chunks_and_equals_the_masked_forward():

@@ -28,7 +28,7 @@ class SinkWindowPolicy(SinkPolicy):
     with original positions (post-RoPE), so that decoding equals the masked full forward with
     the mask (k < sinks) | (q - k < window)."""
 
-    pre_rope: ClassVar[bool] = False
+    shift_head: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)

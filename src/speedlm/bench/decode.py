@@ -7,6 +7,11 @@ of its steps, and the ratio to the shortest context is taken step against step i
 so a machine that slows down for a minute slows every context alike. (`bench speed` measures
 each length minutes apart: its decode ratios carry the drift of a shared machine.)
 
+With `policies` (e.g. window, sink) each preset also decodes under those KV policies, every
+lossy one sized to hold the same `slots` KV entries once full (window: `slots` + 1; sinks:
+`sinks` + a window of `slots` - `sinks` + 1), and their steps join the same rotation, so the
+rows of one preset compare policies step against step. Rows are then named `preset [policy]`.
+
 Outputs in `out_dir`: bench_decode.json and bench_decode.md.
 """
 
@@ -22,69 +27,103 @@ import torch
 import speedlm
 from speedlm.bench.common import build_seeded, check_int, check_ints, check_presets, resolve_dtype, write_results
 from speedlm.bench.timing import median, synchronize, timing_method
+from speedlm.cache.policies import make_policy
 from speedlm.device import resolve_device
+from speedlm.errors import SpeedlmError
 from speedlm.models import resolve_config
 from speedlm.progress import progress_bar
 
 
-def _decode_rows(model, contexts: list[int], steps: int, gen: torch.Generator, dev) -> dict[int, list[float]]:
+LOSSY_POLICIES = ("window", "sink")
+
+
+def policy_at_slots(name: str, slots: int, sinks: int = 4):
+    """The KV policy `name` sized to hold `slots` entries once full (None for "full": each
+    mixer's own cache)."""
+    if name == "full":
+        return None
+    if name == "window":
+        return make_policy("window", window=slots + 1)
+    if name == "sink":
+        return make_policy("sink", window=slots - sinks + 1, sinks=sinks)
+    raise SpeedlmError(f"bench decode measures the policies full, {', '.join(LOSSY_POLICIES)}; got {name!r}")
+
+
+def _decode_rows(model, runs: list[tuple[str, int]], policies: dict, steps: int, gen: torch.Generator,
+                 dev) -> tuple[dict[tuple[str, int], list[float]], dict[tuple[str, int], int]]:
+    """Step times of every (policy, context) run, the steps rotating over all the runs, and the
+    bytes each run's cache holds at the end."""
     vocab = model.config.vocab_size
-    longest = max(contexts)
+    longest = max(n for _, n in runs)
     ids = torch.randint(0, vocab, (1, longest + steps + 1), generator=gen).to(dev)
     caches = {}
     with torch.no_grad():
-        for n in contexts:  # the same prefix for every context: the caches differ only in length
-            caches[n] = model.init_cache()
-            model(ids[:, :n], caches[n])
-        times: dict[int, list[float]] = {n: [] for n in contexts}
+        for run in runs:  # the same prefix for every run: the caches differ in length and policy
+            caches[run] = model.init_cache(policies[run[0]])
+            model(ids[:, : run[1]], caches[run])
+        times: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
         for i in range(steps + 1):
-            order = contexts[i % len(contexts):] + contexts[: i % len(contexts)]  # rotate who goes first
-            for n in order:
+            order = runs[i % len(runs):] + runs[: i % len(runs)]  # rotate who goes first
+            for run in order:
+                n = run[1]
                 tok = ids[:, n + i : n + i + 1]
                 synchronize(dev)
                 t0 = time.perf_counter()
-                model(tok, caches[n])
+                model(tok, caches[run])
                 synchronize(dev)
                 if i:  # step 0 is a warm-up on every cache
-                    times[n].append(1000.0 * (time.perf_counter() - t0))
-    return times
+                    times[run].append(1000.0 * (time.perf_counter() - t0))
+    return times, {run: caches[run].nbytes() for run in runs}
 
 
 def decode_markdown(result: dict) -> str:
     meta, base = result["meta"], result["meta"]["contexts"][0]
     ctx = meta["contexts"]
+    policies = meta.get("policies", ["full"])
+    first = policies[0]
+    compare = len(policies) > 1  # a column of each row against the same preset's first policy
     head = "| preset | " + " | ".join(f"ms/token @{n}" for n in ctx) + " | " + " | ".join(
-        f"@{n} / @{base}" for n in ctx[1:]) + " | state bytes @" + f"{ctx[-1]} |"
+        f"@{n} / @{base}" for n in ctx[1:]) + (f" | / [{first}] @{ctx[-1]}" if compare else "") + \
+        f" | state bytes @{ctx[-1]} (declared) | cache bytes @{ctx[-1]} (held) |"
     lines = [
         "# speedlm decode benchmark",
         "",
         f"- device: {meta['device']}, torch {meta['torch_version']}, dtype {meta['dtype']}, batch 1, "
         f"{meta['threads']} CPU threads; {meta['timing_method']}",
         f"- {meta['steps']} single-token steps per context after one warm-up step, interleaved across the "
-        "contexts in a rotating order; ms/token = median step; ratios of those medians, measured in one process",
-        f"- date: {meta['date']}",
-        "",
-        head,
-        "|" + "---|" * (1 + 2 * len(ctx)),
+        "contexts (and policies) in a rotating order; ms/token = median step; ratios of those medians, measured in "
+        "one process",
     ]
+    if compare:
+        lines.append(f"- KV policies {', '.join(policies)}; every lossy one holds {meta['slots']} KV slots once full"
+                     + (f" (sinks: {meta['sinks']} of them)" if meta.get("sinks") is not None else ""))
+    lines += [f"- date: {meta['date']}", "", head, "|" + "---|" * (3 + len(ctx) + len(ctx) - 1 + compare)]
     for p, r in result["presets"].items():
         if "skipped" in r:
             lines.append(f"| {p} | skipped: {r['skipped']} |")
             continue
         ms = [r["ms"][str(n)] for n in ctx]
         ratios = [r["ratio"][str(n)] for n in ctx[1:]]
+        vs = f" | {r['vs_first_policy']:.2f}" if compare else ""
         lines.append(f"| {p} | " + " | ".join(f"{m:.3g}" for m in ms) + " | "
-                     + " | ".join(f"{x:.2f}" for x in ratios) + f" | {r['state_bytes']:,} |")
+                     + " | ".join(f"{x:.2f}" for x in ratios) + vs
+                     + f" | {r['state_bytes']:,} | {r['cache_bytes']:,} |")
     return "\n".join(lines) + "\n"
 
 
 def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="auto", dtype="auto", seed: int = 0,
-                     out_dir: str = "runs/bench", progress: bool = True) -> dict:
-    """Per-token decode latency of each preset at each context (see module doc); prints the
+                     out_dir: str = "runs/bench", progress: bool = True, policies=("full",), slots: int = 1023,
+                     sinks: int = 4) -> dict:
+    """Per-token decode latency of each preset at each context (see module doc), under each of
+    `policies` (full: the mixers' own caches; window and sink at `slots` KV entries); prints the
     table, writes bench_decode.{json,md} to `out_dir` and returns the JSON dict."""
     presets = check_presets(presets)
     contexts = sorted(set(check_ints("contexts", contexts)))
     steps = check_int("steps", steps, 1)
+    policies = list(dict.fromkeys(policies))
+    sinks = check_int("sinks", sinks, 0)
+    slots = check_int("slots", slots, sinks + 1)
+    made = {name: policy_at_slots(name, slots, sinks) for name in policies}
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     from speedlm.models.build import require_language_model
@@ -96,6 +135,7 @@ def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="a
         "device": str(dev), "torch_version": torch.__version__, "speedlm_version": speedlm.__version__,
         "python": platform.python_version(), "dtype": str(dt).removeprefix("torch."), "contexts": contexts,
         "steps": steps, "presets": presets, "seed": seed, "threads": torch.get_num_threads(),
+        "policies": policies, "slots": slots if policies != ["full"] else None, "sinks": sinks if "sink" in policies else None,
         "timing_method": timing_method(dev),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -110,14 +150,21 @@ def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="a
                 out[p] = {"skipped": "a mixer of this model does not support cached decoding"}
                 bar.update()
                 continue
-            times = _decode_rows(model, contexts, steps, torch.Generator().manual_seed(seed), dev)
-            ms = {n: median(times[n]) for n in contexts}
-            out[p] = {
-                "ms": {str(n): ms[n] for n in contexts},
-                "ratio": {str(n): ms[n] / ms[contexts[0]] for n in contexts},
-                "step_ms": {str(n): times[n] for n in contexts},
-                "state_bytes": int(model.state_bytes(max(contexts), 1, torch.finfo(dt).bits // 8)),
-            }
+            runs = [(name, n) for name in policies for n in contexts]
+            times, held = _decode_rows(model, runs, made, steps, torch.Generator().manual_seed(seed), dev)
+            for name in policies:
+                ms = {n: median(times[name, n]) for n in contexts}
+                row = p if policies == ["full"] else f"{p} [{name}]"
+                out[row] = {
+                    "ms": {str(n): ms[n] for n in contexts},
+                    "ratio": {str(n): ms[n] / ms[contexts[0]] for n in contexts},
+                    "step_ms": {str(n): times[name, n] for n in contexts},
+                    # declared by the model for its own caches (analytic), and held by this run's cache
+                    "state_bytes": int(model.state_bytes(max(contexts), 1, torch.finfo(dt).bits // 8)),
+                    "cache_bytes": held[name, max(contexts)],
+                    # at the longest context, against the same preset's first policy
+                    "vs_first_policy": ms[max(contexts)] / median(times[policies[0], max(contexts)]),
+                }
             del model
             bar.update()
     finally:

@@ -14,15 +14,31 @@ buffer runs out it is reallocated at twice what is retained (amortised O(1) per 
 window, capacity stays about 2 x window). Under autograd the buffer concatenates instead,
 because in-place writes would invalidate tensors saved for the backward pass. Reallocation
 and compaction always make fresh tensors, so views handed out earlier stay valid.
+
+A policy that keeps a few first slots and a suffix (attention sinks + a window: `HeadAndTail`)
+would otherwise compact on every token. Instead the buffer moves the head forward over the
+evicted slots, in place: O(head) copies per call. The move is deferred to the next read or
+write, because the view the current call reads still needs the slots it overwrites; such a
+cache's views therefore stay valid until its next call, not for ever.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from speedlm.cache.base import LayerCache
 
 _MIN_CAPACITY = 64
+
+
+@dataclass(frozen=True)
+class HeadAndTail:
+    """A policy's selection: the first `head` slots and every slot from `tail` on (tail >= head)."""
+
+    head: int
+    tail: int
 
 
 def _select(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -41,14 +57,17 @@ class TokenBuffer(LayerCache):
         self._begin = 0  # retained slots are buf[..., begin:end, :]
         self._end = 0
         self._pos_start: int | None = 0  # contiguous positions: slot j holds pos_start + j; None: explicit
+        self._head = 0  # HeadAndTail: the first _head slots move forward over the _drop evicted
+        self._drop = 0  # slots after them at the next read or write (see the module docstring)
         self.reallocations = 0
 
     # ----- reading -----
     @property
     def length(self) -> int:
-        return self._end - self._begin
+        return self._end - self._begin - self._drop
 
     def entries(self) -> list[torch.Tensor]:
+        self._settle()
         if self._bufs is None:
             return []
         begin, n = self._begin, self._end - self._begin
@@ -58,6 +77,7 @@ class TokenBuffer(LayerCache):
         """Positions of the retained slots: an int start (contiguous) or a (B, L) tensor."""
         if self._pos_start is not None:
             return self._pos_start
+        self._settle()
         return self._bufs[-1][:, self._begin : self._end, 0]
 
     def tensors(self) -> list[torch.Tensor]:
@@ -116,11 +136,13 @@ class TokenBuffer(LayerCache):
         self._pos_start = None
 
     def _concat(self, items: list[torch.Tensor]) -> None:
+        self._settle()
         if self.length:
             items = [torch.cat([old[..., self._begin : self._end, :], x], dim=-2) for old, x in zip(self._bufs, items)]
         self._bufs, self._begin, self._end = items, 0, items[0].shape[-2]
 
     def _append(self, items: list[torch.Tensor]) -> None:
+        self._settle()
         t = items[0].shape[-2]
         bufs = self._bufs
         if bufs is None or len(bufs) != len(items) or self._end + t > bufs[0].shape[-2] or bufs[0].requires_grad:
@@ -143,6 +165,17 @@ class TokenBuffer(LayerCache):
         self.reallocations += 1
 
     def _retain(self, keep) -> None:
+        if isinstance(keep, HeadAndTail):
+            if keep.head == 0 or keep.tail <= keep.head:  # nothing between them: a suffix
+                keep = slice(keep.tail if keep.head == 0 else 0, self.length)
+            else:
+                if self._pos_start is not None:  # the kept slots' positions are no longer contiguous
+                    self._materialise_positions(self._bufs[0].shape[0], self._bufs[0].device)
+                if not self._bufs[0].requires_grad:
+                    self._head, self._drop = keep.head, keep.tail - keep.head
+                    return
+                device = self._bufs[0].device
+                keep = torch.cat([torch.arange(keep.head, device=device), torch.arange(keep.tail, self.length, device=device)])
         if isinstance(keep, slice):
             start = keep.start or 0
             assert keep.stop == self.length and start >= 0, "a slice policy keeps a suffix"
@@ -165,6 +198,18 @@ class TokenBuffer(LayerCache):
             for buf, x in zip(self._bufs, kept):
                 buf[..., : x.shape[-2], :] = x
             self._end = kept[0].shape[-2]
+
+    def _settle(self) -> None:
+        """Carry out a deferred HeadAndTail: move the head forward over the dropped slots."""
+        if not self._drop:
+            return
+        head, drop = self._head, self._drop
+        for buf in self._bufs:  # the entries, and the explicit positions
+            src = buf.narrow(-2, self._begin, head).clone()  # it may overlap its destination
+            buf.narrow(-2, self._begin + drop, head).copy_(src)
+        self._begin += drop
+        self._drop = 0
+        self._shrink_if_oversized()
 
     def _shrink_if_oversized(self) -> None:
         # after a long prefill into a window cache, give back what the policy will never use

@@ -9,9 +9,16 @@ references), and whether keys are stored before RoPE:
 - `pre_rope = False` (full, window; SepLLM in its training-free setting): keys are rotated at
   their original positions before they are cached, so attention is exactly the masked full
   forward.
-- `pre_rope = True` (attention sinks, SepLLM streaming): keys are cached unrotated and rotated
-  by their slot in the cache when read, so positions never exceed the cache size however long
-  the stream. The attention mixer asks the policy which one applies.
+- `pre_rope = True` (SepLLM streaming): keys are cached unrotated and rotated by their slot in
+  the cache when read, so positions never exceed the cache size however long the stream. The
+  attention mixer asks the policy which one applies.
+- `shift_head = True` (attention sinks): the same positions as rotation by slot (the sinks at
+  slots 0..s-1, the window after them), reached without rotating every key on every token.
+  RoPE sees only differences of positions, and the window's keys sit at their original
+  distances from the query; so the cache keeps keys rotated at their original positions and
+  only the sinks are re-rotated, to sit right before the window (the `rotate` the attention
+  mixer gives the cache, applied to a copy of the sinks taken before they first moved): O(sinks)
+  per token instead of O(cache).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from speedlm.cache.buffer import TokenBuffer
+from speedlm.cache.buffer import HeadAndTail, TokenBuffer
+from speedlm.errors import SpeedlmError
 
 
 def token_positions(positions: int | torch.Tensor, t: int, device) -> torch.Tensor:
@@ -33,12 +41,15 @@ def token_positions(positions: int | torch.Tensor, t: int, device) -> torch.Tens
 
 class KVPolicy:
     pre_rope: ClassVar[bool] = False
+    shift_head: ClassVar[bool] = False  # the kept head is rotated to sit right before the window
     bounded: ClassVar[bool] = False  # the cache stops growing: generation has no length limit
     marks_keys: ClassVar[bool] = False  # `mark` returns per-key flags, which the cache stores
 
     def keep(self, length: int, positions: int | torch.Tensor, marks: torch.Tensor | None = None):
         """Slots to retain out of `length` (positions, and the stored marks (B, L) when the
-        policy marks keys): a suffix slice, or slot indices (L',) / (B, L')."""
+        policy marks keys): a suffix slice, a `HeadAndTail` (the first slots and a suffix, which
+        the buffer keeps without compacting), or slot indices (L',) / (B, L') on the device of
+        the positions or marks, which is the cache's."""
         raise NotImplementedError
 
     def retained(self, context_len: int) -> int:
@@ -111,20 +122,20 @@ class WindowPolicy(KVPolicy):
 @dataclass(frozen=True)
 class SinkPolicy(KVPolicy):
     """Attention sinks (StreamingLLM, Xiao et al. 2023, arXiv:2309.17453): the first `sinks`
-    tokens and the last window - 1, keys stored before RoPE and rotated by their slot in the
-    cache, so positions stay below sinks + window however long the stream."""
+    tokens and the last window - 1, at positions within the cache (the sinks first, the window
+    right after them), so positions stay below sinks + window however long the stream
+    (`shift_head`: the module docstring says how)."""
 
     sinks: int = 4
     window: int = 1020
-    pre_rope: ClassVar[bool] = True
+    shift_head: ClassVar[bool] = True
     bounded: ClassVar[bool] = True
     marks_keys: ClassVar[bool] = True
 
     def keep(self, length, positions, marks=None):
         if length <= self.retained(length):
             return slice(0, length)
-        recent = torch.arange(length - (self.window - 1), length)
-        return torch.cat([torch.arange(self.sinks), recent])
+        return HeadAndTail(self.sinks, length - (self.window - 1))
 
     def retained(self, context_len):
         return min(context_len, self.sinks + self.window - 1)
@@ -148,8 +159,9 @@ class PrefixWindowPolicy(KVPolicy):
     def keep(self, length, positions, marks=None):
         if length <= self.retained(length):
             return slice(0, length)
-        pos = token_positions(positions, length, None if isinstance(positions, int) else positions.device)
-        kept = (pos < self.prefix).any(0)
+        if isinstance(positions, int):  # contiguous: the prefix positions are the first slots
+            return HeadAndTail(min(length, max(0, self.prefix - positions)), length - (self.window - 1))
+        kept = (positions < self.prefix).any(0)
         kept[length - (self.window - 1) :] = True
         return kept.nonzero()[:, 0]
 
@@ -169,10 +181,17 @@ class Keys(NamedTuple):
 
 class KVCache(TokenBuffer):
     """Retained keys/values (B, Hkv, L, Dh) are `self.k`, `self.v`, with their positions (and
-    per-slot marks (B, L) when the policy marks keys, stored beside them as a third entry)."""
+    per-slot marks (B, L) when the policy marks keys, stored beside them as a third entry).
 
-    def __init__(self, policy: KVPolicy = FullPolicy()):
+    `rotate(keys (B, H, L, Dh), positions (B|1, L)) -> keys rotated by those positions` is the
+    attention mixer's RoPE, which a `shift_head` policy needs to move its sinks."""
+
+    def __init__(self, policy: KVPolicy = FullPolicy(), rotate=None):
         super().__init__(policy, n_entries=3 if policy.marks_keys else 2)
+        if policy.shift_head and rotate is None:
+            raise SpeedlmError(f"{type(policy).__name__} moves its first keys: its cache needs the mixer's rotation")
+        self._rotate = rotate
+        self._sinks: torch.Tensor | None = None  # the head's keys at their own positions, before any move
 
     @property
     def k(self) -> torch.Tensor | None:
@@ -206,6 +225,29 @@ class KVCache(TokenBuffer):
 
     def _keep(self, positions):
         return self.policy.keep(self.length, positions, self.marks())
+
+    # ----- shift_head: the sinks re-rotated to sit right before the window -----
+    def _retain(self, keep) -> None:
+        moves_head = self.policy.shift_head and isinstance(keep, HeadAndTail) and 0 < keep.head < keep.tail
+        if moves_head and self._sinks is None:  # the first eviction: the head is still where it was written
+            self._sinks = self._bufs[0].narrow(-2, self._begin, keep.head).clone()
+        super()._retain(keep)
+        if moves_head and self._drop == 0:  # compacted at once (under autograd): re-rotate now, out of place
+            k = self._bufs[0]
+            self._bufs[0] = torch.cat([self._shifted_sinks(), k[..., keep.head :, :]], dim=-2)
+
+    def _settle(self) -> None:
+        moved = self._drop and self.policy.shift_head
+        super()._settle()
+        if moved:
+            self._bufs[0].narrow(-2, self._begin, self._sinks.shape[-2]).copy_(self._shifted_sinks())
+
+    def _shifted_sinks(self) -> torch.Tensor:
+        """The sinks rotated from their own positions to the ones right before the window."""
+        s = self._sinks.shape[-2]
+        pos = self._bufs[-1][:, self._begin : self._begin + s + 1, 0]  # the sinks' and the first window slot's
+        shift = (pos[:, s:] - s - pos[:, :1]).expand(-1, s)  # same for every sink: (B, s)
+        return self._rotate(self._sinks, shift)
 
 
 def kv_slots(cache) -> list[int]:

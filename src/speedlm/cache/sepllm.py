@@ -15,8 +15,12 @@ Two settings:
   positions stay below the cap for streams of any length. After a compression the cache holds
   at most initial + separator_cache + window - 1 slots, never more than cap.
 
-A batch shares one selection of slots (the union of what each row keeps): every row still
-sees exactly its own separators through its marks, and the union is what the cap bounds.
+A batch shares one selection of slots (the union of what each row keeps). Without a cap every
+row still sees exactly its own separators through its marks (the window and the marks mask the
+rest), so a batch decodes as its rows would alone. Under a cap every cached key is visible and
+each key is rotated by its slot, so a shared selection would show a row the other rows'
+separators at positions it would not have alone: the streaming cache refuses to compress a batch
+of more than one row (until it first reaches the cap, a batch is exact).
 """
 
 from __future__ import annotations
@@ -91,9 +95,14 @@ class SepLLMPolicy(KVPolicy):
         else:
             if length <= self.cap:
                 return slice(0, length)
+            if marks.shape[0] > 1:
+                raise SpeedlmError(
+                    "the streaming SepLLM cache (a cap) keeps one set of slots for the whole batch, so rows would see "
+                    "each other's separators once it compresses; stream one row at a time (batch size 1)"
+                )
             initial = (token_positions(positions, length, marks.device) < self.initial).any(0)
             older_separators = (marks.any(0) & ~initial & ~recent).nonzero()[:, 0]
-            newest = older_separators[older_separators.numel() - self.separator_cache :]
+            newest = older_separators[max(0, older_separators.numel() - self.separator_cache) :]
             kept = initial | recent
             kept[newest] = True
         if bool(kept.all()):

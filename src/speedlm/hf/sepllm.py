@@ -14,9 +14,12 @@ Qwen2), through the library's public extension points, without editing its files
 Positions follow the policy, as in speedlm (DESIGN.md, "Positions in lossy caches"):
 - original positions (SepLLM training-free, window): keys are cached rotated, as the model
   rotated them; decoding equals the full forward under the SepLLM mask;
-- shifted positions (sinks, SepLLM streaming with a cap): the decoder is given the tokens' slots
-  in the cache as positions, the cache un-rotates the keys it receives and rotates all of them by
-  their slot when read, so positions stay below the cache size for streams of any length.
+- shifted positions (SepLLM streaming with a cap): the decoder is given the tokens' slots in the
+  cache as positions, the cache un-rotates the keys it receives and rotates all of them by their
+  slot when read, so positions stay below the cache size for streams of any length;
+- attention sinks: the same positions within the cache, reached as speedlm's cache does
+  (cache/kv.py, `shift_head`): keys cached as the model rotated them, the sinks re-rotated with
+  the model's rotary embedding to sit right before the window.
 
 `sepllm(model, ...)` wraps a loaded model in place and returns the handle (`SepLLM`): its
 `generate()` and `perplexity()` run with the policy, `kv_ratio` reports the cache's size against
@@ -62,9 +65,9 @@ class PolicyLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, policy: KVPolicy):
+    def __init__(self, policy: KVPolicy, rotate=None):
         super().__init__()
-        self.kv = KVCache(policy)
+        self.kv = KVCache(policy, rotate)
         self.read: _Read | None = None
         self.is_initialized = True
 
@@ -84,7 +87,7 @@ class PolicyLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.kv = KVCache(self.kv.policy)
+        self.kv = KVCache(self.kv.policy, self.kv._rotate)
         self.read = None
 
 
@@ -94,15 +97,29 @@ class PolicyCache(Cache):
     unshifted positions continue correctly); each layer's `kv.length` is what it holds."""
 
     def __init__(self, policy: KVPolicy, n_layers: int, rotary=None):
-        super().__init__(layers=[PolicyLayer(policy) for _ in range(n_layers)])
+        if (policy.pre_rope or policy.shift_head) and rotary is None:
+            raise SpeedlmError("a policy that shifts positions needs the model's rotary embedding")
+        super().__init__(layers=[PolicyLayer(policy, self._rotate_keys) for _ in range(n_layers)])
         self.policy = policy
         self.rotary = rotary  # the model's rotary embedding: (x, position_ids) -> cos, sin
-        if policy.pre_rope and rotary is None:
-            raise SpeedlmError("a policy that shifts positions needs the model's rotary embedding")
         self.seen = 0
         self._ids: torch.Tensor | None = None
         self.slot_sum = 0.0  # sum over calls of held slots / tokens seen (for the mean KV ratio)
         self.calls = 0
+
+    def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor):
+        """The model's rotation for `positions` (B|1, L), as (B|1, 1, L, Dh) in at least float32,
+        without the rotary's attention scaling (cos^2 + sin^2 = scaling^2): keys the cache
+        re-rotates were already scaled once."""
+        dt = torch.promote_types(x.dtype, torch.float32)
+        cos, sin = self.rotary(x.to(dt), positions)
+        scale = (cos.pow(2) + sin.pow(2)).sqrt()
+        return (cos / scale)[:, None].to(dt), (sin / scale)[:, None].to(dt)
+
+    def _rotate_keys(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self._cos_sin(k, positions)
+        kk = k.to(cos.dtype)
+        return (kk * cos + _rotate_half(kk) * sin).to(k.dtype)
 
     # ----- the call -----
     def begin(self, input_ids: torch.Tensor) -> torch.Tensor | None:

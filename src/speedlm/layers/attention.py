@@ -56,6 +56,10 @@ class AttentionBase(HeadsMixer):
     def _rope_table(self, positions, length: int, like: torch.Tensor):
         return rope_for(positions, length, self.head_dim, self.rope_theta, like.device, like.dtype)
 
+    def rotate_keys(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """k (B, Hkv, L, Dh) rotated by (B|1, L) positions: what a cache that moves keys asks for."""
+        return apply_rope(k, *self._rope_table(positions, k.shape[-2], k))
+
     def mix(self, x, meta: SeqMeta, cache: KVCache | None = None):
         q, k, v = self.project(x)
         t = x.shape[1]
@@ -131,7 +135,7 @@ class AttentionBase(HeadsMixer):
         return self.reference_output(attention_reference(q, k, v, per_head))
 
     def init_cache(self, kv_policy: KVPolicy | None = None) -> KVCache:
-        return KVCache(kv_policy or self.default_policy())
+        return KVCache(kv_policy or self.default_policy(), rotate=self.rotate_keys)
 
     def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
         kept = self.default_policy().retained(context_len)

@@ -88,7 +88,7 @@ class LongformerAttention(AttentionBase):
         # the global projections' keys and values of the prefix: not a KV cache a policy trims
         # (a plain token buffer that keeps the global positions), beside the local KV cache
         prefix = TokenBuffer(PrefixWindowPolicy(len(self.globals), 1), n_entries=2)
-        return CompositeCache(kv=KVCache(kv_policy or self.default_policy()), global_kv=prefix)
+        return CompositeCache(kv=super().init_cache(kv_policy), global_kv=prefix)
 
     def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
         prefix = min(context_len, len(self.globals))
