@@ -29,6 +29,7 @@ from speedlm.layers.dims import ModelDims
 from speedlm.layers.mixer import SeqMeta, linear_flops
 from speedlm.layers.recurrent_heads import GatedHeadsMixer
 from speedlm.layers.short_conv import ShortConv
+from speedlm.ops.conv import causal_conv1d_reference
 from speedlm.ops.delta_rule import DELTA_RULE, delta_rule_recurrent
 from speedlm.registry import Range
 
@@ -103,9 +104,22 @@ class DeltaNet(GatedHeadsMixer):
         return self.gated_output(o, x)
 
     def reference(self, x, meta: SeqMeta):
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], dim=0)
-        projected = torch.einsum("btd,ed->bte", x, w)
-        q, k, v = self._qkv(x, self.conv.reference(projected))
+        """The paper's layer (the module doc) without the fast path's `_qkv`: each of
+        q, k, v is its own projection, its own depthwise causal conv (the conv's channels are q | k
+        | v, naive op) and silu, split into heads of consecutive channels; q and k divided by
+        their L2 norm per head, sqrt(|q|^2 + 1e-12) as the fast path; beta = sigmoid(W_beta x)."""
+        b, t, _ = x.shape
+        h, dk, dv = self.n_heads, self.key_dim, self.value_dim
+        conv_lo = {"q": 0, "k": h * dk, "v": 2 * h * dk}
+        heads = {}
+        for name, proj, width in (("q", self.q_proj, dk), ("k", self.k_proj, dk), ("v", self.v_proj, dv)):
+            lo, hi = conv_lo[name], conv_lo[name] + h * width
+            u = causal_conv1d_reference(torch.einsum("btd,ed->bte", x, proj.weight), self.conv.weight[lo:hi])
+            u = u * torch.sigmoid(u)  # silu
+            heads[name] = u.reshape(b, t, h, width).permute(0, 2, 1, 3)  # (B, H, T, width)
+        q, k, v = heads["q"], heads["k"], heads["v"]
+        q = q / torch.sqrt(q.pow(2).sum(-1, keepdim=True) + 1e-12)
+        k = k / torch.sqrt(k.pow(2).sum(-1, keepdim=True) + 1e-12)
         beta = torch.sigmoid(torch.einsum("btd,hd->bht", x, self.beta_proj.weight))
         g = None
         if self.gated_decay:

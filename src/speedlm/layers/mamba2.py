@@ -28,6 +28,7 @@ from speedlm.layers.dims import ModelDims
 from speedlm.layers.mamba import init_dt_bias
 from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
 from speedlm.layers.short_conv import ShortConv
+from speedlm.ops.conv import causal_conv1d_reference
 from speedlm.ops.ssd import SSD, ssd_recurrent
 from speedlm.registry import Range
 
@@ -108,15 +109,31 @@ class Mamba2(Mixer):
         return self.out_proj(self._gated_norm(y, z, lambda v: F.rms_norm(v, (v.shape[-1],), eps=eps)))
 
     def reference(self, x, meta: SeqMeta):
-        zxbcdt = torch.einsum("btd,ed->bte", x, self.in_proj.weight)
-        z, xbc, dt = self._split(zxbcdt)
-        xbc = self.conv.reference(xbc)
-        xs, B, C = self._ssd_inputs(xbc * torch.sigmoid(xbc))
-        dt = torch.log1p(torch.exp(dt + self.dt_bias))
+        """The paper's block (its block design section, as the module doc) written out, none of the fast
+        path's helpers shared: in_proj rows in the order z | x | B | C | dt, the depthwise causal conv
+        (naive op) and silu on x, B, C; dt = softplus(dt + dt_bias), A = -exp(A_log); the naive
+        SSD recurrence plus D x; then, per group of d_inner / G channels, RMSNorm(y * silu(z))."""
+        b, t, _ = x.shape
+        e, g, n, h, p = self.inner, self.n_groups, self.d_state, self.n_heads, self.head_dim
+        w = self.in_proj.weight
+        rows = {"z": (0, e), "x": (e, 2 * e), "B": (2 * e, 2 * e + g * n), "C": (2 * e + g * n, 2 * e + 2 * g * n),
+                "dt": (2 * e + 2 * g * n, 2 * e + 2 * g * n + h)}
+        proj = {name: torch.einsum("btd,ed->bte", x, w[lo:hi]) for name, (lo, hi) in rows.items()}
+        conv_w, conv_b = self.conv.weight, self.conv.bias  # channels in the order x | B | C
+        conv_rows = {"x": (0, e), "B": (e, e + g * n), "C": (e + g * n, e + 2 * g * n)}
+        act = {}
+        for name, (lo, hi) in conv_rows.items():
+            u = causal_conv1d_reference(proj[name], conv_w[lo:hi], conv_b[lo:hi])
+            act[name] = u * torch.sigmoid(u)  # silu
+        xs = act["x"].reshape(b, t, h, p)
+        B, C = act["B"].reshape(b, t, g, n), act["C"].reshape(b, t, g, n)
+        dt = torch.log1p(torch.exp(proj["dt"] + self.dt_bias))  # softplus
         y, _ = ssd_recurrent(xs, dt, -torch.exp(self.A_log), B, C)
-        y = (y + self.D[:, None] * xs).flatten(2)
-        eps = self.dims.norm_eps
-        y = self._gated_norm(y, z, lambda v: v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps))
+        y = (y + self.D[:, None] * xs).reshape(b, t, e)
+        z = proj["z"]
+        gated = (y * z * torch.sigmoid(z)).reshape(b, t, g, e // g)
+        normed = gated / torch.sqrt(gated.pow(2).mean(-1, keepdim=True) + self.dims.norm_eps)
+        y = normed.reshape(b, t, e) * self.norm_weight
         return torch.einsum("bte,de->btd", y, self.out_proj.weight)
 
     # ----- cache and costs -----
