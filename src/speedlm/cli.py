@@ -118,7 +118,8 @@ def cmd_bench_decode(args) -> int:
     from speedlm.bench.decode import run_decode_bench
 
     run_decode_bench(presets=args.presets, contexts=args.contexts, steps=args.steps, device=args.device,
-                     dtype=args.dtype, seed=args.seed, out_dir=args.out)
+                     dtype=args.dtype, seed=args.seed, out_dir=args.out, policies=args.policies, slots=args.slots,
+                     sinks=args.sinks)
     return 0
 
 
@@ -441,6 +442,10 @@ def _add_bench_decode_parser(bsub) -> None:
     p.add_argument("--presets", type=_csv, default=_csv("transformer-tiny,linear-attention-tiny,hgrn-tiny"))
     p.add_argument("--contexts", type=_ints, default=[1024, 16384])
     p.add_argument("--steps", type=int, default=64, help="timed single-token steps per context")
+    p.add_argument("--policies", type=_csv, default=["full"],
+                   help="KV policies to decode under, side by side: full (each mixer's own cache), window, sink")
+    p.add_argument("--slots", type=int, default=1023, help="KV slots every lossy policy holds once full")
+    p.add_argument("--sinks", type=int, default=4, help="of those slots, the attention sinks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16")

@@ -47,7 +47,7 @@ POLICIES = {
 @torch.no_grad()
 def test_policies_and_buffers_build_their_indices_on_the_cache_device(name, explicit):
     policy = POLICIES[name]
-    cache = KVCache(policy, rotate=lambda k, p: apply_rope(k, *rope_for(p, k.shape[-2], 4, 10000.0, k.device, k.dtype)))
+    cache = KVCache(policy, rotate=lambda k, p: apply_rope(k, *rope_for(p, 1, 4, 10000.0, k.device, k.dtype)))
     ids = torch.tensor([[(7 * i) % 10 for i in range(240)]])  # separator id 1 every tenth token
     calls, pos = [], 0
     for t in (3, 1, 1, 5, 1, 2, 1, 1, 6, 1, 1, 1) * 10:  # the inputs, made outside the watched region

@@ -204,12 +204,16 @@ class TokenBuffer(LayerCache):
         if not self._drop:
             return
         head, drop = self._head, self._drop
-        for buf in self._bufs:  # the entries, and the explicit positions
+        for buf in self._moved_with_head():
             src = buf.narrow(-2, self._begin, head).clone()  # it may overlap its destination
             buf.narrow(-2, self._begin + drop, head).copy_(src)
         self._begin += drop
         self._drop = 0
         self._shrink_if_oversized()
+
+    def _moved_with_head(self) -> list[torch.Tensor]:
+        """The buffers whose head a HeadAndTail move copies: the entries and explicit positions."""
+        return self._bufs
 
     def _shrink_if_oversized(self) -> None:
         # after a long prefill into a window cache, give back what the policy will never use

@@ -43,7 +43,11 @@ class KVPolicy:
     pre_rope: ClassVar[bool] = False
     shift_head: ClassVar[bool] = False  # the kept head is rotated to sit right before the window
     bounded: ClassVar[bool] = False  # the cache stops growing: generation has no length limit
-    marks_keys: ClassVar[bool] = False  # `mark` returns per-key flags, which the cache stores
+    marks_keys: ClassVar[bool] = False  # `mark` returns per-key flags
+    # ... that follow from the keys' positions alone (sinks): read back from positions, not stored
+    marks_follow_positions: ClassVar[bool] = False
+    # the next single query sees every slot this policy retains (and itself): decoding needs no mask
+    next_query_sees_all: ClassVar[bool] = False
 
     def keep(self, length: int, positions: int | torch.Tensor, marks: torch.Tensor | None = None):
         """Slots to retain out of `length` (positions, and the stored marks (B, L) when the
@@ -95,6 +99,7 @@ class KVPolicy:
 
 @dataclass(frozen=True)
 class FullPolicy(KVPolicy):
+    next_query_sees_all: ClassVar[bool] = True
     def keep(self, length, positions, marks=None):
         return slice(0, length)
 
@@ -108,6 +113,7 @@ class WindowPolicy(KVPolicy):
 
     window: int
     bounded: ClassVar[bool] = True
+    next_query_sees_all: ClassVar[bool] = True
 
     def keep(self, length, positions, marks=None):
         return slice(length - self.retained(length), length)
@@ -129,8 +135,10 @@ class SinkPolicy(KVPolicy):
     sinks: int = 4
     window: int = 1020
     shift_head: ClassVar[bool] = True
+    next_query_sees_all: ClassVar[bool] = True  # the kept sinks, and the window
     bounded: ClassVar[bool] = True
     marks_keys: ClassVar[bool] = True
+    marks_follow_positions: ClassVar[bool] = True
 
     def keep(self, length, positions, marks=None):
         if length <= self.retained(length):
@@ -183,15 +191,16 @@ class KVCache(TokenBuffer):
     """Retained keys/values (B, Hkv, L, Dh) are `self.k`, `self.v`, with their positions (and
     per-slot marks (B, L) when the policy marks keys, stored beside them as a third entry).
 
-    `rotate(keys (B, H, L, Dh), positions (B|1, L)) -> keys rotated by those positions` is the
+    `rotate(keys (B, H, L, Dh), shift: int) -> every key rotated `shift` positions further` is the
     attention mixer's RoPE, which a `shift_head` policy needs to move its sinks."""
 
     def __init__(self, policy: KVPolicy = FullPolicy(), rotate=None):
-        super().__init__(policy, n_entries=3 if policy.marks_keys else 2)
+        super().__init__(policy, n_entries=3 if policy.marks_keys and not policy.marks_follow_positions else 2)
         if policy.shift_head and rotate is None:
             raise SpeedlmError(f"{type(policy).__name__} moves its first keys: its cache needs the mixer's rotation")
         self._rotate = rotate
         self._sinks: torch.Tensor | None = None  # the head's keys at their own positions, before any move
+        self._shift = 0  # slots dropped between the head and the window so far (each row's positions advance by one per slot)
 
     @property
     def k(self) -> torch.Tensor | None:
@@ -203,9 +212,25 @@ class KVCache(TokenBuffer):
         e = self.entries()
         return e[1] if e else None
 
+    @property
+    def stores_marks(self) -> bool:
+        """Whether `extend` needs the new keys' marks (SepLLM's separators, from token ids)."""
+        return self.n_entries == 3
+
     def marks(self) -> torch.Tensor | None:
+        """The stored marks (B, L) of the retained slots (None where the policy stores none)."""
+        if self.n_entries != 3:
+            return None
         e = self.entries()
-        return e[2][..., 0] if len(e) == 3 else None
+        return e[2][..., 0] if e else None
+
+    def marks_of(self, keys: Keys) -> torch.Tensor | None:
+        """(B, L) marks of what a call reads: the stored ones, or those that follow from the
+        keys' positions (sinks); None for policies that mark nothing."""
+        if keys.marks is not None or not self.policy.marks_follow_positions:
+            return keys.marks
+        b, n = keys.k.shape[0], keys.k.shape[-2]
+        return self.policy.mark(None, keys.positions, n, keys.k.device).expand(b, n)
 
     def tensors(self) -> list[torch.Tensor]:
         return self.entries()[:2]  # marks are index metadata, like positions
@@ -215,9 +240,8 @@ class KVCache(TokenBuffer):
         retained ones), with their marks (B|1, T) when the policy marks keys; return what the
         new queries may read (cache + new). Then retain only what the policy keeps."""
         if self.n_entries == 3:
-            if marks is None:  # marks that follow from positions (sinks); SepLLM's need token ids
-                start = self.next_position() if positions is None else positions
-                marks = self.policy.mark(None, start, k.shape[-2], k.device)
+            if marks is None:
+                raise SpeedlmError(f"{type(self.policy).__name__} stores marks: extend its cache with the new keys' marks")
             out, pos = super().extend(k, v, marks.expand(k.shape[0], -1)[..., None], positions=positions)
             return Keys(out[0], out[1], pos, out[2][..., 0])
         (k_all, v_all), pos = super().extend(k, v, positions=positions)
@@ -233,22 +257,21 @@ class KVCache(TokenBuffer):
             self._sinks = self._bufs[0].narrow(-2, self._begin, keep.head).clone()
         super()._retain(keep)
         if moves_head and self._drop == 0:  # compacted at once (under autograd): re-rotate now, out of place
+            self._shift += keep.tail - keep.head
             k = self._bufs[0]
-            self._bufs[0] = torch.cat([self._shifted_sinks(), k[..., keep.head :, :]], dim=-2)
+            self._bufs[0] = torch.cat([self._rotate(self._sinks, self._shift), k[..., keep.head :, :]], dim=-2)
+
+    def _moved_with_head(self) -> list[torch.Tensor]:
+        # the keys' head is written afresh, rotated, after the move
+        return self._bufs[1:] if self.policy.shift_head else self._bufs
 
     def _settle(self) -> None:
-        moved = self._drop and self.policy.shift_head
+        drop = self._drop if self.policy.shift_head else 0
         super()._settle()
-        if moved:
-            self._bufs[0].narrow(-2, self._begin, self._sinks.shape[-2]).copy_(self._shifted_sinks())
-
-    def _shifted_sinks(self) -> torch.Tensor:
-        """The sinks rotated from their own positions to the ones right before the window."""
-        s = self._sinks.shape[-2]
-        pos = self._bufs[-1][:, self._begin : self._begin + s + 1, 0]  # the sinks' and the first window slot's
-        shift = (pos[:, s:] - s - pos[:, :1]).expand(-1, s)  # same for every sink: (B, s)
-        return self._rotate(self._sinks, shift)
-
+        if drop:
+            # the slots between the sinks and the window are gone: every sink sits `_shift` positions later
+            self._shift += drop
+            self._bufs[0].narrow(-2, self._begin, self._sinks.shape[-2]).copy_(self._rotate(self._sinks, self._shift))
 
 def kv_slots(cache) -> list[int]:
     """Retained KV slots of every KV cache in a model cache (composite layers included), one

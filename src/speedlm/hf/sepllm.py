@@ -116,8 +116,9 @@ class PolicyCache(Cache):
         scale = (cos.pow(2) + sin.pow(2)).sqrt()
         return (cos / scale)[:, None].to(dt), (sin / scale)[:, None].to(dt)
 
-    def _rotate_keys(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self._cos_sin(k, positions)
+    def _rotate_keys(self, k: torch.Tensor, shift: int) -> torch.Tensor:
+        """Every key rotated `shift` positions further (what speedlm's sink cache asks for)."""
+        cos, sin = self._cos_sin(k, torch.full((1, 1), shift, device=k.device))
         kk = k.to(cos.dtype)
         return (kk * cos + _rotate_half(kk) * sin).to(k.dtype)
 
@@ -156,11 +157,11 @@ class PolicyCache(Cache):
             cos, sin = self.rotary(value_states.to(dt), torch.arange(n, device=key_states.device)[None])
             kk = keys.k.to(dt)
             k_all = (kk * cos[:, None].to(dt) + _rotate_half(kk) * sin[:, None].to(dt)).to(key_states.dtype)
-            layer.read = _Read(n - t, 0, None if window is None else keys.marks)
+            layer.read = _Read(n - t, 0, None if window is None else layer.kv.marks_of(keys))
             out = k_all, keys.v
         else:
             keys = layer.kv.extend(key_states, value_states, self.seen, marks)
-            layer.read = _Read(self.seen, keys.positions, None if window is None else keys.marks)
+            layer.read = _Read(self.seen, keys.positions, None if window is None else layer.kv.marks_of(keys))
             out = keys.k, keys.v
         if layer_idx == len(self.layers) - 1:
             self.seen += t

@@ -56,9 +56,10 @@ class AttentionBase(HeadsMixer):
     def _rope_table(self, positions, length: int, like: torch.Tensor):
         return rope_for(positions, length, self.head_dim, self.rope_theta, like.device, like.dtype)
 
-    def rotate_keys(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """k (B, Hkv, L, Dh) rotated by (B|1, L) positions: what a cache that moves keys asks for."""
-        return apply_rope(k, *self._rope_table(positions, k.shape[-2], k))
+    def rotate_keys(self, k: torch.Tensor, shift: int) -> torch.Tensor:
+        """k (B, Hkv, L, Dh) with every key rotated `shift` positions further: what a cache that
+        moves keys asks for (RoPE is relative, so rotating by p then by s is rotating by p + s)."""
+        return apply_rope(k, *self._rope_table(shift, 1, k))
 
     def mix(self, x, meta: SeqMeta, cache: KVCache | None = None):
         q, k, v = self.project(x)
@@ -76,17 +77,20 @@ class AttentionBase(HeadsMixer):
         # the policy's window and marks restrict the pattern: the cache's policy when decoding
         # (sinks, SepLLM on any checkpoint), the mixer's own otherwise (a SepLLM layer)
         policy = cache.policy if cache is not None else self.default_policy()
-        marks = policy.mark(meta.token_ids, pos, t, x.device)
-        if marks is not None:
-            marks = marks.expand(x.shape[0], t)
         window = policy.attend_window()  # marks only matter beyond a window (the cache keeps them anyway)
+        if cache is not None and t == 1 and policy.next_query_sees_all:
+            window = None  # a decoding query sees every slot the policy kept: no mask row to build
+        marks = None
+        if window is not None or (cache is not None and cache.stores_marks):
+            marks = policy.mark(meta.token_ids, pos, t, x.device)
+            marks = None if marks is None else marks.expand(x.shape[0], t)
         if cache is not None and policy.pre_rope:
             # keys are cached unrotated and rotated by their slot: positions stay within the cache
             keys = cache.extend(k, v, pos, marks)
             n = keys.k.shape[-2]
             cos, sin = self._rope_table(0, n, q)
             q, k_all = apply_rope(q, cos[n - t :], sin[n - t :]), apply_rope(keys.k, cos, sin)
-            k_mark = None if window is None else keys.marks
+            k_mark = None if window is None else cache.marks_of(keys)
             mask = AttentionMask(self.pattern(), t, n, n - t, 0, True, window=window, k_mark=k_mark)
             return self.output(self._attend(q, k_all, keys.v, mask))
         cos, sin = self._rope_table(pos, t, q)
@@ -94,8 +98,9 @@ class AttentionBase(HeadsMixer):
         if cache is None:
             k_all, v_all, k_pos, k_mark = k, v, pos, None if window is None else marks
         else:
-            k_all, v_all, k_pos, k_mark = cache.extend(k, v, pos, marks)
-            k_mark = None if window is None else k_mark
+            keys = cache.extend(k, v, pos, marks)
+            k_all, v_all, k_pos = keys.k, keys.v, keys.positions
+            k_mark = None if window is None else cache.marks_of(keys)
         mask = AttentionMask(
             self.pattern(), t, k_all.shape[-2], pos, k_pos, meta.causal, meta.doc_ids, meta.doc_ids,
             window=window, k_mark=k_mark,
