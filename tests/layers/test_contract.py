@@ -6,6 +6,7 @@ for the mechanism to matter at these lengths (e.g. a window shorter than the seq
 """
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +22,18 @@ from support.parts import TEST_MIXERS, PreRopeFull, SinkWindowPolicy
 
 DIMS = ModelDims(d_model=32, n_heads=4, max_seq_len=128)
 LENGTHS = [37, 75]  # deliberately not multiples of chunk or block sizes
-ENTRIES = {**MIXERS, **TEST_MIXERS}
+# registered mixers once more with an option that changes what they compute, on top of their
+# contract_spec: every such option runs the whole suite
+OPTION_VARIANTS = {
+    "attention[positions=none]": ("attention", {"positions": "none"}),
+    "sliding_window[positions=none]": ("sliding_window", {"positions": "none"}),
+    "mamba[inner_norms]": ("mamba", {"inner_norms": True}),
+}
+VARIANTS = {
+    name: replace(MIXERS[base], name=name, contract_spec={**MIXERS[base].contract_spec, **options})
+    for name, (base, options) in OPTION_VARIANTS.items()
+}
+ENTRIES = {**MIXERS, **TEST_MIXERS, **VARIANTS}
 CAUSAL = [n for n, e in ENTRIES.items() if e.cls.supports_causal]
 DECODING = [n for n in CAUSAL if ENTRIES[n].cls.supports_decoding]
 BIDIRECTIONAL = [n for n, e in ENTRIES.items() if e.cls.supports_bidirectional]
@@ -325,3 +337,9 @@ def test_registry_entry_is_documented(name):
     assert e.description and e.paper and e.family
     assert e.cls.supports_causal or e.cls.supports_bidirectional
     MIXERS.check({"name": name, **e.contract_spec}, "contract_spec")  # the suite's options are valid options
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_option_variants_are_valid_options(name):
+    base, _ = OPTION_VARIANTS[name]
+    MIXERS.check({"name": base, **VARIANTS[name].contract_spec}, "contract_spec")

@@ -19,12 +19,18 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("top_k, shared", [(1, 0), (2, 0), (3, 2)])
-def test_moe_ffn_equals_its_dense_reference(top_k, shared):
-    f = MoE(DIMS, experts=6, top_k=top_k, hidden=16, shared=shared).double()
+@pytest.mark.parametrize(
+    "top_k, shared, renormalize", [(1, 0, True), (2, 0, True), (3, 2, True), (2, 0, False), (1, 0, False)]
+)
+def test_moe_ffn_equals_its_dense_reference(top_k, shared, renormalize):
+    f = MoE(DIMS, experts=6, top_k=top_k, hidden=16, shared=shared, renormalize=renormalize).double()
     x = torch.randn(3, 19, 32, dtype=torch.float64)
     flat = x.reshape(-1, 32)
-    _, weights, experts, _ = f.route(flat)
+    _, weights, experts, probs = f.route(flat)
+    if top_k == 1 or not renormalize:  # the chosen experts' softmax probabilities as they are (Switch, Jamba)
+        assert torch.equal(weights, probs.gather(1, experts)) and (weights.sum(-1) < 1).all()
+    else:  # Mixtral: renormalised over the chosen experts
+        assert torch.allclose(weights.sum(-1), torch.ones(len(flat), dtype=weights.dtype))
     ref = moe_swiglu_reference(flat, weights, experts, f.w_gate, f.w_up, f.w_down).view_as(x)
     if f.shared is not None:
         ref = ref + f.shared(x)
@@ -35,12 +41,28 @@ def test_moe_ffn_equals_its_dense_reference(top_k, shared):
 
 
 def test_auxiliary_losses_are_named_weighted_and_summed_over_layers():
+    """Each layer's balance term 0.01 * E * sum_i f_i P_i (f over the N * k assignments) and z
+    term 0.001 * mean logsumexp^2, recomputed from the router inputs each MoE layer saw and
+    summed over the layers. Catches a wrong coefficient, a layer counted twice or dropped, or
+    a loss computed from the renormalised top-k weights instead of the full softmax."""
     model = build_model(preset_config("mixtral-tiny"))
     ids = torch.randint(0, 256, (2, 33))
+    inputs = []
+    hooks = [b.ffn.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0].detach()))) for b in model.blocks]
     loss = model.loss(ids[:, :-1], ids[:, 1:])
-    assert set(loss.parts) == {"lm", "moe_balance", "moe_z"}
-    # two MoE layers, coefficient 0.01, each balance term >= 1 (1 only when perfectly balanced)
-    assert 0.02 <= loss.parts["moe_balance"].item() < 0.2
+    for h in hooks:
+        h.remove()
+    assert set(loss.parts) == {"lm", "moe_balance", "moe_z"} and len(inputs) == 2
+    balance = z = 0.0
+    for ffn, x in inputs:
+        logits = x.reshape(-1, x.shape[-1]).double() @ ffn.router.weight.double().t()  # (N, 8)
+        probs = torch.softmax(logits, -1)
+        chosen = probs.topk(2, -1).indices  # top-2 of 8
+        f = torch.stack([(chosen == i).sum() for i in range(8)]) / chosen.numel()
+        balance += 0.01 * 8 * (f * probs.mean(0)).sum().item()
+        z += 0.001 * torch.logsumexp(logits, -1).pow(2).mean().item()
+    assert loss.parts["moe_balance"].item() == pytest.approx(balance, rel=1e-5)
+    assert loss.parts["moe_z"].item() == pytest.approx(z, rel=1e-5)
     assert loss.total.item() == pytest.approx(sum(v.item() for v in loss.parts.values()), rel=1e-6)
     grads = torch.autograd.grad(loss.parts["moe_balance"], [b.ffn.router.weight for b in model.blocks])
     assert all(g.abs().sum() > 0 for g in grads)  # the balance loss trains the routers

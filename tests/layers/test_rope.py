@@ -68,3 +68,25 @@ def test_large_positions_stay_exact_in_float32():
     x = torch.randn(1, 1, 4, DH, dtype=torch.float64)
     pos = torch.arange(1_000_000, 1_000_004)[None]
     assert rel_rms_error(rope(x.float(), 1_000_000), rope_reference(x, pos, THETA)) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["attention", "sliding_window"])
+def test_attention_without_positions_sees_only_order(name):
+    """positions="none" (Jamba's attention): bidirectional full attention is then equivariant to
+    permutations of the sequence, which RoPE breaks; the option changes nothing else."""
+    from speedlm.layers.dims import ModelDims
+    from speedlm.layers.mixer import SeqMeta
+    from speedlm.models.registry import MIXERS
+
+    dims = ModelDims(d_model=32, n_heads=4, max_seq_len=64)
+    spec = {"window": 64} if name == "sliding_window" else {}
+    torch.manual_seed(0)
+    plain = MIXERS[name].cls(dims, **spec).double()
+    nope = MIXERS[name].cls(dims, **spec, positions="none").double()
+    nope.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 21, 32, dtype=torch.float64)
+    perm = torch.randperm(21)
+    bidi = SeqMeta(causal=False)
+    assert rel_rms_error(nope(x[:, perm], bidi), nope(x, bidi)[:, perm]) < 1e-12
+    assert rel_rms_error(plain(x[:, perm], bidi), plain(x, bidi)[:, perm]) > 1e-3
+    assert rel_rms_error(nope(x[:, :1], SeqMeta()), plain(x[:, :1], SeqMeta())) < 1e-12  # position 0: no rotation

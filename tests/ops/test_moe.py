@@ -1,6 +1,8 @@
 """MoE routing and the sorted grouped dispatch (speedlm/ops/moe.py) against the dense
 all-experts reference, in float64 (padded batched path) and float32 (grouped_mm where it runs)."""
 
+import math
+
 import pytest
 import torch
 
@@ -67,15 +69,34 @@ def test_router_weights_renormalise_over_the_chosen_experts_in_float32():
     assert torch.equal(experts, probs.topk(2, -1).indices)
 
 
-def test_balance_loss_is_one_for_a_balanced_router_and_grows_with_imbalance():
+def test_balance_loss_is_the_switch_definition_on_hand_cases():
+    """Switch (Fedus et al. 2021, eq. 4-6): E * sum_i f_i * P_i, P_i the mean router probability,
+    f_i the fraction of the N * k assignments that go to expert i (so 1 when balanced, for any
+    k). Catches f counted per token (k times larger), P from the chosen weights, a missing E."""
+    # top-1, two tokens: f = (1/2, 1/2, 0), P = ((0.4 + 0) / 2, (0.3 + 0.5) / 2, (0.3 + 0.5) / 2);
+    # = 0.9: below 1, so a per-layer balance term has no floor at 1
+    probs = torch.tensor([[0.4, 0.3, 0.3], [0.0, 0.5, 0.5]], dtype=torch.float64)
+    assert balance_loss(probs, torch.tensor([[0], [1]])).item() == pytest.approx(3 * (1 / 2 * 0.2 + 1 / 2 * 0.4))
+    # top-2 over four experts: assignments {0, 1} and {0, 3}: f = (2/4, 1/4, 0, 1/4), P = (0.45, 0.2, 0.1, 0.25)
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.4, 0.1, 0.1, 0.4]], dtype=torch.float64)
+    expected = 4 * (2 / 4 * 0.45 + 1 / 4 * 0.2 + 0 * 0.1 + 1 / 4 * 0.25)
+    assert balance_loss(probs, torch.tensor([[0, 1], [0, 3]])).item() == pytest.approx(expected)  # 1.35
     n, e = 64, 8
-    for k in (1, 2, 4):
-        uniform = torch.full((n, e), 1.0 / e)
+    for k in (1, 2, 4):  # uniform probabilities and every expert taking N k / E assignments: exactly 1
         balanced = (torch.arange(n * k) % e).view(n, k)
-        assert balance_loss(uniform, balanced).item() == pytest.approx(1.0)
-    skewed_probs = torch.softmax(torch.tensor([4.0] + [0.0] * (e - 1)).expand(n, e), -1)
-    assert balance_loss(skewed_probs, torch.zeros(n, 1, dtype=torch.long)).item() > 4
-    assert z_loss(torch.zeros(3, e)).item() == pytest.approx(torch.log(torch.tensor(8.0)).item() ** 2)
+        assert balance_loss(torch.full((n, e), 1.0 / e), balanced).item() == pytest.approx(1.0)
+    # everything to expert 0 with P_0 = e^4 / (e^4 + 7): E * P_0
+    skewed = torch.softmax(torch.tensor([4.0] + [0.0] * (e - 1), dtype=torch.float64).expand(n, e), -1)
+    p0 = math.exp(4) / (math.exp(4) + 7)
+    assert balance_loss(skewed, torch.zeros(n, 1, dtype=torch.long)).item() == pytest.approx(8 * p0)
+
+
+def test_z_loss_is_the_mean_squared_logsumexp_on_a_hand_case():
+    """ST-MoE (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2. Catches a
+    missing square, a sum over tokens, or a logsumexp over the token axis."""
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [math.log(7.0), 0.0]], dtype=torch.float64)
+    ln2 = math.log(2.0)  # logsumexp per row: ln 2, ln 4 = 2 ln 2, ln 8 = 3 ln 2
+    assert z_loss(logits).item() == pytest.approx((ln2**2 + (2 * ln2) ** 2 + (3 * ln2) ** 2) / 3)
 
 
 def test_the_padded_fallback_equals_grouped_mm():

@@ -4,7 +4,7 @@ KV-cache + mask plumbing that sparse patterns reuse (layers/sparse_attention.py)
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 
@@ -18,6 +18,10 @@ from speedlm.ops.attention import attention, attention_reference
 from speedlm.ops.masks import AttentionMask, Full
 from speedlm.registry import Range
 
+# how queries and keys carry positions: rotated (RoPE), or not at all ("none": order comes from
+# the causal mask and from other layers, as in Jamba's attention layers, which sit among Mamba's)
+Positions = Literal["rope", "none"]
+
 
 class AttentionBase(HeadsMixer):
     """Attention restricted by a pattern (ops/masks.py). Subclasses choose `pattern()`, the
@@ -27,9 +31,12 @@ class AttentionBase(HeadsMixer):
     supports_doc_ids = True
     backend: str = "auto"  # sparse-attention backend (ops/dispatch.py)
 
-    def __init__(self, dims: ModelDims, kv_heads: Annotated[int | None, Range(min=1)] = None):
+    def __init__(
+        self, dims: ModelDims, kv_heads: Annotated[int | None, Range(min=1)] = None, positions: Positions = "rope"
+    ):
         super().__init__(dims, kv_heads)
         self.rope_theta = dims.rope_theta
+        self.positions = positions
 
     def pattern(self):
         return Full()
@@ -59,7 +66,10 @@ class AttentionBase(HeadsMixer):
     def rotate_keys(self, k: torch.Tensor, shift: int) -> torch.Tensor:
         """k (B, Hkv, L, Dh) with every key rotated `shift` positions further: what a cache that
         moves keys asks for (RoPE is relative, so rotating by p then by s is rotating by p + s)."""
-        return apply_rope(k, *self._rope_table(shift, 1, k))
+        return self._rotate(k, *self._rope_table(shift, 1, k))
+
+    def _rotate(self, x, cos, sin):
+        return apply_rope(x, cos, sin) if self.positions == "rope" else x
 
     def mix(self, x, meta: SeqMeta, cache: KVCache | None = None):
         q, k, v = self.project(x)
@@ -67,7 +77,7 @@ class AttentionBase(HeadsMixer):
         pos = meta.query_positions()
         if isinstance(cache, PrefixCache):  # bidirectional, full attention only (supports_prefix_cache)
             cos, sin = self._rope_table(pos, t, q)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             if cache.frozen:
                 k, v = cache.read(k, v)
             else:
@@ -89,12 +99,12 @@ class AttentionBase(HeadsMixer):
             keys = cache.extend(k, v, pos, marks)
             n = keys.k.shape[-2]
             cos, sin = self._rope_table(0, n, q)
-            q, k_all = apply_rope(q, cos[n - t :], sin[n - t :]), apply_rope(keys.k, cos, sin)
+            q, k_all = self._rotate(q, cos[n - t :], sin[n - t :]), self._rotate(keys.k, cos, sin)
             k_mark = None if window is None else cache.marks_of(keys)
             mask = AttentionMask(self.pattern(), t, n, n - t, 0, True, window=window, k_mark=k_mark)
             return self.output(self._attend(q, k_all, keys.v, mask))
         cos, sin = self._rope_table(pos, t, q)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         if cache is None:
             k_all, v_all, k_pos, k_mark = k, v, pos, None if window is None else marks
         else:
@@ -114,7 +124,8 @@ class AttentionBase(HeadsMixer):
         b, t, _ = x.shape
         q, k, v = self.reference_project(x)
         pos = meta.positions if meta.positions is not None else torch.arange(meta.start, meta.start + t, device=x.device)[None]
-        q, k = rope_reference(q, pos, self.rope_theta), rope_reference(k, pos, self.rope_theta)
+        if self.positions == "rope":
+            q, k = rope_reference(q, pos, self.rope_theta), rope_reference(k, pos, self.rope_theta)
         qp, kp = pos[:, :, None], pos[:, None, :]
         idx = torch.arange(t, device=x.device)
         policy = policy or self.default_policy()
@@ -168,6 +179,8 @@ class Attention(AttentionBase):
 
     supports_prefix_cache = True
 
-    def __init__(self, dims: ModelDims, kv_heads: Annotated[int | None, Range(min=1)] = None):
-        super().__init__(dims, kv_heads)
+    def __init__(
+        self, dims: ModelDims, kv_heads: Annotated[int | None, Range(min=1)] = None, positions: Positions = "rope"
+    ):
+        super().__init__(dims, kv_heads, positions)
         self.reset_parameters()

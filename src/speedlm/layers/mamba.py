@@ -3,6 +3,7 @@
     x, z  = W_in h                                   (two streams of d_inner = expand * d)
     x     = silu(causal_conv(x))                     (depthwise, kernel 4, with bias)
     dt_r, B, C = W_x x                               (dt_rank, N, N per token)
+    dt_r, B, C = RMSNorm(dt_r), RMSNorm(B), RMSNorm(C)   (inner_norms: Jamba, arXiv:2403.19887 sec. 6)
     delta = softplus(W_dt dt_r + dt_bias)            (per channel)
     y     = selective_scan(x, delta, A = -exp(A_log), B, C) + D * x     (ops/selective_scan.py)
     out   = W_out( y * silu(z) )
@@ -29,6 +30,7 @@ from speedlm.cache.recurrent import RecurrentState
 from speedlm.layers.deltanet import inverse_softplus
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
+from speedlm.layers.norm import RMSNorm
 from speedlm.layers.short_conv import ShortConv
 from speedlm.ops.selective_scan import SELECTIVE_SCAN, selective_scan_recurrent
 from speedlm.registry import Range
@@ -54,11 +56,17 @@ class Mamba(Mixer):
         conv_kernel: Annotated[int, Range(min=1)] = 4,
         dt_rank: Annotated[int | None, Range(min=1)] = None,
         chunk_size: Annotated[int, Range(min=1)] = 32,
+        inner_norms: bool = False,
     ):
         super().__init__(dims)
         d = dims.d_model
         self.inner, self.d_state, self.chunk_size = expand * d, d_state, chunk_size
         self.dt_rank = math.ceil(d / 16) if dt_rank is None else dt_rank
+        # Jamba (Lieber et al. 2024, section 6) RMS-normalises dt, B and C: it stabilised training at scale
+        self.inner_norms = inner_norms
+        if inner_norms:
+            norms = (RMSNorm(n, dims.norm_eps) for n in (self.dt_rank, d_state, d_state))
+            self.dt_norm, self.b_norm, self.c_norm = norms
         self.in_proj = nn.Linear(d, 2 * self.inner, bias=False)
         self.conv = ShortConv(self.inner, conv_kernel, bias=True)
         self.x_proj = nn.Linear(self.inner, self.dt_rank + 2 * d_state, bias=False)
@@ -71,6 +79,8 @@ class Mamba(Mixer):
     def reset_parameters(self) -> None:
         super().reset_parameters()  # N(0, init_std) projections, zero biases
         self.conv.reset_parameters()
+        for norm in self._inner_norms():
+            norm.reset_parameters()
         bound = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -bound, bound)
         init_dt_bias(self.dt_proj.bias)
@@ -79,8 +89,13 @@ class Mamba(Mixer):
             self.D.fill_(1.0)
 
     # ----- the scan's inputs -----
+    def _inner_norms(self) -> tuple[RMSNorm, ...]:
+        return (self.dt_norm, self.b_norm, self.c_norm) if self.inner_norms else ()
+
     def _scan_inputs(self, x_conv):
         dt_r, B, C = self.x_proj(x_conv).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.inner_norms:
+            dt_r, B, C = self.dt_norm(dt_r), self.b_norm(B), self.c_norm(C)
         delta = F.softplus(self.dt_proj(dt_r))
         return delta, B, C
 
@@ -105,6 +120,10 @@ class Mamba(Mixer):
         xs = xs * torch.sigmoid(xs)
         dbc = torch.einsum("bte,fe->btf", xs, self.x_proj.weight)
         dt_r, B, C = dbc[..., : self.dt_rank], dbc[..., self.dt_rank : -self.d_state], dbc[..., -self.d_state :]
+        if self.inner_norms:
+            eps = self.dims.norm_eps
+            dt_r, B, C = (v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps) * norm.weight
+                          for norm, v in zip(self._inner_norms(), (dt_r, B, C)))
         delta = torch.log1p(torch.exp(torch.einsum("btr,er->bte", dt_r, self.dt_proj.weight) + self.dt_proj.bias))
         y, _ = selective_scan_recurrent(xs, delta, -torch.exp(self.A_log), B, C)
         y = (y + self.D * xs) * z * torch.sigmoid(z)
@@ -122,4 +141,6 @@ class Mamba(Mixer):
         # the chunked scan as run: per channel and state element, the decay (2), the input (1) and
         # the update (2) in each of its two passes, and the read-out (2); softplus, D skip and gate
         scan = 12.0 * self.inner * self.d_state + 10.0 * self.inner
+        if self.inner_norms:  # square, mean, scale, gain per element
+            scan += 4.0 * (self.dt_rank + 2 * self.d_state)
         return linear_flops(self.in_proj, self.x_proj, self.dt_proj, self.out_proj) + self.conv.flops_per_token() + scan

@@ -3,8 +3,10 @@ token (token choice; Shazeer et al. 2017, arXiv:1701.06538; Mixtral's renormalis
 arXiv:2401.04088), optionally beside always-on `shared` experts, with fine-grained experts by
 choosing many small ones (DeepSeekMoE, Dai et al. 2024, arXiv:2401.06066).
 
-- Weights: top-k > 1 renormalises the softmax over the chosen experts (Mixtral); top-1 keeps the
-  raw probability (Switch), so the router still gets the language-model gradient.
+- Weights: top-k > 1 renormalises the softmax over the chosen experts (Mixtral), or with
+  `renormalize=False` keeps the chosen experts' softmax probabilities as they are (DeepSeekMoE,
+  Jamba); top-1 always keeps the raw probability (Switch), so the router still gets the
+  language-model gradient.
 - Auxiliary losses, through the forward context (`meta.aux`), already weighted: `moe_balance`
   (Switch load balancing, 1 for a balanced router, times `balance_coef`) and `moe_z` (router
   z-loss times `z_coef`), summed over layers.
@@ -66,13 +68,14 @@ class MoE(FFN):
         balance_coef: Annotated[float, Range(min=0)] = 0.01,
         z_coef: Annotated[float, Range(min=0)] = 0.001,
         routing: Literal["token", "expert"] = "token",
+        renormalize: bool = True,
     ):
         super().__init__(dims)
         d = dims.d_model
         self.n_experts, self.top_k = experts, top_k
         self.hidden = dims.hidden_dim if hidden is None else hidden
         self.capacity_factor, self.balance_coef, self.z_coef = capacity_factor, balance_coef, z_coef
-        self.routing = routing
+        self.routing, self.renormalize = routing, renormalize
         self.router = nn.Linear(d, experts, bias=False)
         self.w_gate = nn.Parameter(torch.empty(experts, d, self.hidden))
         self.w_up = nn.Parameter(torch.empty(experts, d, self.hidden))
@@ -96,9 +99,8 @@ class MoE(FFN):
         dt = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 activations route in float32
         with torch.autocast(x.device.type, enabled=False):  # autocast would run the linear in bf16
             logits = F.linear(x.to(dt), self.router.weight.to(dt))
-        weights, experts, probs = route_topk(logits, self.top_k)
-        if self.top_k == 1:
-            weights = probs.gather(1, experts)  # Switch: the raw probability keeps the router trained
+        # top-1 (Switch) keeps the raw probability: renormalised it would be 1, and the router untrained
+        weights, experts, probs = route_topk(logits, self.top_k, self.renormalize and self.top_k > 1)
         return logits, weights, experts, probs
 
     def forward(self, x: torch.Tensor, meta: SeqMeta | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from speedlm.cache.buffer import TokenBuffer
 from speedlm.cache.composite import CompositeCache
 from speedlm.cache.kv import FullPolicy, WindowPolicy
 from speedlm.errors import SpeedlmError
-from speedlm.layers.attention import AttentionBase
+from speedlm.layers.attention import AttentionBase, Positions
 from speedlm.layers.dims import ModelDims
 from speedlm.ops.dilated_attention import DilatedWindow
 from speedlm.ops.logsparse_attention import LogSparse
@@ -36,8 +36,9 @@ class SlidingWindowAttention(AttentionBase):
         dims: ModelDims,
         window: Annotated[int, Range(min=1)] = 256,
         kv_heads: Annotated[int | None, Range(min=1)] = None,
+        positions: Positions = "rope",
     ):
-        super().__init__(dims, kv_heads)
+        super().__init__(dims, kv_heads, positions)
         self.window = window
         self._pattern = SlidingWindow(window)
         self.reset_parameters()

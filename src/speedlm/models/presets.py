@@ -288,16 +288,18 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "jamba",
-            "Jamba: one attention layer per eight (the fifth), Mamba elsewhere; MoE FFNs (16 experts, top-2) on every "
-            "other layer, dense SwiGLU on the rest; 8 layers at tiny and small",
+            "Jamba: one attention layer per eight (the fifth, GQA without positional encoding), Mamba with RMS-normed "
+            "dt, B, C elsewhere; MoE FFNs (16 experts, top-2, softmax weights not renormalised) on every other layer, "
+            "dense SwiGLU on the rest; 8 layers at tiny and small",
             "Lieber et al. 2024, Jamba: A Hybrid Transformer-Mamba Language Model (arXiv:2403.19887)",
             lambda s: dict(
                 n_layers=_jamba_layers(s),
                 pattern="MEMEAEME",
                 layers={
-                    "M": {"mixer": {"name": "mamba"}},
-                    "E": {"mixer": {"name": "mamba"}, "ffn": {"name": "moe", "experts": 16, "top_k": 2}},
-                    "A": {"mixer": {"name": "attention", "kv_heads": max(1, s["n_heads"] // 4)}},
+                    "M": {"mixer": {"name": "mamba", "inner_norms": True}},
+                    "E": {"mixer": {"name": "mamba", "inner_norms": True},
+                          "ffn": {"name": "moe", "experts": 16, "top_k": 2, "renormalize": False}},
+                    "A": {"mixer": {"name": "attention", "kv_heads": max(1, s["n_heads"] // 4), "positions": "none"}},
                 },
             ),
         ),
@@ -314,14 +316,14 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "deepseek-moe",
-            "DeepSeekMoE: fine-grained experts (16 of a quarter of the FFN width, top-4) beside 2 always-on shared "
-            "experts, attention in every layer",
+            "DeepSeekMoE: fine-grained experts (16 of a quarter of the FFN width, top-4, softmax weights not "
+            "renormalised) beside 2 always-on shared experts, attention in every layer",
             "Dai et al. 2024, DeepSeekMoE: Towards Ultimate Expert Specialization in Mixture-of-Experts Language Models "
             "(arXiv:2401.06066)",
             lambda s: dict(
                 pattern="A",
                 layers={"A": {"mixer": {"name": "attention"}}},
-                ffn={"name": "moe", "experts": 16, "top_k": 4, "shared": 2, "hidden": _quarter_ffn(s)},
+                ffn={"name": "moe", "experts": 16, "top_k": 4, "shared": 2, "hidden": _quarter_ffn(s), "renormalize": False},
             ),
         ),
         Preset(

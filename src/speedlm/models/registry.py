@@ -270,7 +270,8 @@ register_mixer(
     "mamba",
     Mamba,
     family="state space",
-    description="selective SSM: input-dependent delta, B, C, S4D-real A, short conv, SiLU gate; chunk-parallel scan",
+    description="selective SSM: input-dependent delta, B, C, S4D-real A, short conv, SiLU gate; chunk-parallel scan; "
+    "optional RMSNorms on dt, B, C (Jamba)",
     paper="Gu & Dao 2023, Mamba: Linear-Time Sequence Modeling with Selective State Spaces (arXiv:2312.00752)",
     contract_spec={"d_state": 4, "chunk_size": 16},
 )
@@ -307,7 +308,8 @@ register_ffn(
     "moe",
     MoE,
     family="sparse FFN",
-    description="Mixture-of-Experts SwiGLU: float32 router, token-choice top-k (renormalised), optional shared and "
+    description="Mixture-of-Experts SwiGLU: float32 router, token-choice top-k (renormalised, or the raw softmax "
+    "weights), optional shared and "
     "fine-grained experts, Switch balance + z-loss, capacity with token dropping in training; sorted grouped dispatch",
     paper="Shazeer et al. 2017 (arXiv:1701.06538); Jiang et al. 2024, Mixtral (arXiv:2401.04088); Dai et al. 2024, "
     "DeepSeekMoE (arXiv:2401.06066)",

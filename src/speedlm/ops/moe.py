@@ -3,10 +3,12 @@ stacked SwiGLU expert weights (E, D, H) / (E, H, D).
 
 Routing (logits in float32 at least, whatever the activations' dtype):
 - `route_topk`: token choice, each token takes its k highest-scoring experts, weights = the
-  softmax renormalised over the chosen k (Mixtral, Jiang et al. 2024, arXiv:2401.04088).
+  softmax renormalised over the chosen k (Mixtral, Jiang et al. 2024, arXiv:2401.04088), or the
+  chosen softmax probabilities as they are (`renormalize=False`: Switch, DeepSeekMoE, Jamba).
 - `balance_loss`: the Switch Transformer load-balancing loss E * sum_e f_e * P_e (Fedus et al.
   2021, arXiv:2101.03961), with f_e the fraction of the N * k assignments that go to expert e,
-  so a perfectly balanced router scores exactly 1 for any k.
+  so a perfectly balanced router scores exactly 1 for any k. (Hugging Face's Mixtral
+  `load_balancing_loss_func` counts f_e per token, summing to k: k times this value.)
 - `z_loss`: mean squared log-sum-exp of the router logits (ST-MoE, Zoph et al. 2022,
   arXiv:2202.08906).
 
@@ -30,11 +32,13 @@ import torch
 import torch.nn.functional as F
 
 
-def route_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def route_topk(
+    logits: torch.Tensor, k: int, renormalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (N, E) -> (weights (N, k), experts (N, k), probs (N, E)), in at least float32."""
     probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     top, experts = probs.topk(k, dim=-1)
-    return top / top.sum(-1, keepdim=True), experts, probs
+    return (top / top.sum(-1, keepdim=True) if renormalize else top), experts, probs
 
 
 def balance_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
