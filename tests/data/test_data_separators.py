@@ -7,11 +7,13 @@ from speedlm.data.corpus import text_corpus
 from speedlm.data.separators import SEPARATOR_CHARS, resolve_separators, separator_ids
 from speedlm.data.tokenizers import ByteTokenizer, train_bpe
 from speedlm.errors import SpeedlmError
+from speedlm.separators import BYTE_SEPARATORS
 
 
 def test_byte_separators_are_exactly_the_nine_characters():
     tok = ByteTokenizer()
     assert separator_ids(tok) == sorted(ord(c) for c in SEPARATOR_CHARS)
+    assert tuple(separator_ids(tok)) == BYTE_SEPARATORS  # the SepLLM layer's default without a tokenizer
 
 
 def test_bpe_separators_include_merged_tokens_and_only_separator_text(sample_folder, tmp_path):

@@ -40,14 +40,14 @@ def selection(m, x):
     q, k, _ = m.reference_project(x)
     pos = torch.arange(x.shape[1])[None]
     q, k = rope_reference(q, pos, m.rope_theta), rope_reference(k, pos, m.rope_theta)
-    return block_topk_mask(q, k, pos, pos, m.block_size, m.top_k)
+    return block_topk_mask(q, k, pos, pos, m.block_size, m.top_k - 1)  # the own block is one of the top_k
 
 
 def test_the_gate_restricts_what_a_late_query_reads():
-    """Query 51 (block 12 of 4 positions, top_k=1) reads its own block and one earlier block: a
-    token in a skipped block does not reach it (while the selection stays), one in the
-    selected block does."""
-    m, x = make(block_size=4, top_k=1), x_of(52, b=1)
+    """Query 51 (block 12 of 4 positions, top_k=2: MoBA's count, the own block included) reads its
+    own block and one earlier block: a token in a skipped block does not reach it (while the
+    selection stays), one in the selected block does."""
+    m, x = make(block_size=4, top_k=2), x_of(52, b=1)
     mask = selection(m, x)[0, :, 51]  # (H, T)
     assert (mask.sum(-1) == 8).all()
     skipped = [s for s in range(48) if not mask[:, s].any()][0]
@@ -84,12 +84,12 @@ def test_decoding_token_by_token_equals_the_forward_and_keeps_block_sums():
 def test_mean_keys_follow_the_blocks_touched():
     m = make(block_size=8, top_k=3)
     assert m._mean_keys(8) == pytest.approx(4.5)  # within one block: causal attention
-    assert m._mean_keys(100_000) < 4 * 8 + 1  # at most the own block and three earlier ones
+    assert 3 * 8 - 4 < m._mean_keys(100_000) < 3 * 8 + 1  # three blocks, as MoBA's top-3: the own and two earlier
     assert m.flops_per_token(4096) < make(block_size=8, top_k=100).flops_per_token(4096)
 
 
 def test_bad_options_and_unsupported_calls_are_one_line():
-    for spec, needle in [({"block_size": 0}, "block_size"), ({"top_k": -1}, "top_k"), ({"kv_heads": 3}, "kv_heads")]:
+    for spec, needle in [({"block_size": 0}, "block_size"), ({"top_k": 0}, "top_k"), ({"kv_heads": 3}, "kv_heads")]:
         with pytest.raises(SpeedlmError, match=needle) as e:
             ModelConfig(layers={"A": {"mixer": {"name": "block_topk", **spec}}}).validate()
         assert "\n" not in str(e.value)

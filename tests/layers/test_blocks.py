@@ -62,13 +62,17 @@ def test_block_gradients_are_finite_and_reach_every_parameter(block, ffn, m):
 def test_block_accounting_is_the_sum_of_its_parts(block, ffn, m):
     blk = make(block, ffn, m)
     ffn_flops = blk.ffn.flops_per_token() if blk.ffn is not None else 0.0
-    own = blk.own_flops_per_token() if hasattr(blk, "own_flops_per_token") else 0.0  # the parts beside mixer and FFN
     if block == "mod":  # the router on every token, the block on the capacity's share, over the routed length
         routed = math.ceil(blk.capacity * 100)
         inner = blk.mixer.flops_per_token(routed) + ffn_flops
+        inner_bidirectional = blk.mixer.bidirectional_flops_per_token(routed) + ffn_flops
         assert blk.flops_per_token(100) == pytest.approx(2 * DIMS.d_model + blk.capacity * inner)
+        assert blk.bidirectional_flops_per_token(100) == pytest.approx(2 * DIMS.d_model + blk.capacity * inner_bidirectional)
     else:
+        own = blk.own_flops_per_token()  # the parts beside mixer and FFN, counted in both directions
         assert blk.flops_per_token(100) == pytest.approx(blk.mixer.flops_per_token(100) + ffn_flops + own)
+        bidirectional = blk.mixer.bidirectional_flops_per_token(100) + ffn_flops + own
+        assert blk.bidirectional_flops_per_token(100) == pytest.approx(bidirectional)
     res = blk.residual_weights()  # the mixer's output projection, and the FFN's (an MoE: experts and shared)
     assert len(res) >= 1 + (blk.ffn is not None) and all(DIMS.d_model in (w.shape[0], w.shape[-1]) for w in res)
     with torch.no_grad():  # NaN trap: every parameter is initialised by some module's own reset

@@ -114,3 +114,19 @@ def test_the_model_logs_the_router_loss_and_agreement_and_flops_follow_capacity(
     assert rec["loss/mod_router"] > 0 and 0 <= rec["metric/mod_agreement"] <= 1
     assert rec["loss"] == pytest.approx(rec["loss/lm"] + rec["loss/mod_router"], rel=1e-5)  # metrics are not losses
     assert math.isfinite(rec["val_loss"])
+
+
+@torch.no_grad()
+def test_routed_caches_report_their_kv_slots_so_the_kv_ratio_counts_mod_layers():
+    """A MoD layer's KV cache holds only the routed tokens; the model cache's KV slots list it
+    beside the plain attention layers (generate's and stream's KV ratio read that list)."""
+    model = build_model("mod-tiny").eval()
+    with torch.no_grad():
+        model.blocks[1].router.weight.copy_(torch.randn_like(model.blocks[1].router.weight))
+    ids = torch.randint(0, model.config.vocab_size, (2, 30))
+    cache = model.init_cache()
+    assert cache.kv_slots() == [0, 0]  # before any call: one entry per attention layer
+    model(ids, cache)
+    routed = cache.layers[1].counts
+    assert 0 < sum(routed) < 60
+    assert cache.kv_slots() == [30, sum(routed) / 2]  # the MoD layer: the mean over the rows

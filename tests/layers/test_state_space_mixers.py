@@ -46,6 +46,18 @@ def test_mamba2_initialisation_follows_the_paper():
     assert torch.all(m.D == 1) and torch.all(m.norm_weight == 1)
 
 
+def test_gated_deltanet_decay_initialises_as_mamba2():
+    from speedlm.layers.deltanet import GatedDeltaNet
+    from speedlm.layers.init import inverse_softplus
+
+    m = GatedDeltaNet(ModelDims(d_model=256, n_heads=64))
+    a, dt = torch.exp(m.A_log), F.softplus(m.dt_bias)
+    assert a.min() >= 1.0 and a.max() <= 16.0 and a.std() > 2.0  # U[1, 16]
+    assert dt.min() >= 1e-4 - 1e-9 and dt.max() <= 0.1 + 1e-6
+    y = torch.tensor([1e-4, 1e-2, 1.0, 20.0], dtype=torch.float64)
+    torch.testing.assert_close(F.softplus(inverse_softplus(y)), y, rtol=1e-12, atol=0)
+
+
 def test_mamba2_refuses_a_head_dim_that_does_not_divide_the_inner_width():
     from speedlm.errors import SpeedlmError
 

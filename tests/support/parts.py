@@ -14,7 +14,7 @@ from torch import nn
 from speedlm.cache import CompositeCache, FullPolicy, TokenBuffer
 from speedlm.cache.kv import SinkPolicy
 from speedlm.layers.attention import Attention
-from speedlm.layers.block import Block
+from speedlm.layers.block import LayerBlock
 from speedlm.layers.mixer import Mixer, SeqMeta
 from speedlm.layers.norm import RMSNorm
 from speedlm.layers.short_conv import ShortConv
@@ -218,7 +218,7 @@ TEST_MIXERS = {
 
 
 # ----- blocks --------------------------------------------------------------------------
-class ConvPreNormBlock(Block):
+class ConvPreNormBlock(LayerBlock):
     """A pre-norm block with a short causal convolution of its own in front of the mixer, the
     smallest block kind with state and FLOPs that its mixer does not know about (like
     Conformer's convolution module): its cache is a CompositeCache of the conv state and the
@@ -248,8 +248,8 @@ class ConvPreNormBlock(Block):
     def own_flops_per_token(self):
         return self.conv.flops_per_token()
 
-    def flops_per_token(self, context_len):
-        return self.own_flops_per_token() + super().flops_per_token(context_len)
+    def own_reach(self):
+        return self.conv.kernel - 1
 
 
 def block_entry(name, cls) -> Entry:

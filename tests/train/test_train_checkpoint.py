@@ -7,7 +7,7 @@ import torch
 
 from speedlm.errors import SpeedlmError
 from speedlm.train import build_optimizer, capture_rng, list_checkpoints, load_checkpoint, load_model, save_checkpoint
-from speedlm.train import checkpoint as ckpt_mod
+from speedlm.checkpoint import files as ckpt_files
 
 
 def _trained(make_model, steps=2):
@@ -89,17 +89,17 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, make_model, monkeypa
     good = save_checkpoint(tmp_path, 1, model, opt)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
 
-    real = ckpt_mod.write_json
+    real = ckpt_files.write_json
 
     def crash(path, obj):  # model/optimizer/rng files are already written by now
         raise OSError("disk full (simulated)")
 
     with torch.no_grad():
         model.embed.weight.add_(1.0)
-    monkeypatch.setattr(ckpt_mod, "write_json", crash)
+    monkeypatch.setattr(ckpt_files, "write_json", crash)
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint(tmp_path, 2, model, opt)
-    monkeypatch.setattr(ckpt_mod, "write_json", real)
+    monkeypatch.setattr(ckpt_files, "write_json", real)
 
     assert (tmp_path / "latest").read_text().strip() == "step_0000001"
     assert not (tmp_path / "step_0000002").exists()

@@ -66,7 +66,7 @@ def _plot(rows: list[dict], path: str, title: str) -> str:
 def run_diffusion_bench(diffusion_ckpt: str, judge_ckpt: str, length: int = 64, divisors=(1, 2, 4, 8), block: int | None = None,
                         prompts: int = 8, prompt_len: int = 32, temperature: float = 1.0, seed: int = 0, device="auto",
                         out_dir: str = "runs/bench") -> dict:
-    from speedlm.commands.common import load_trained
+    from speedlm.checkpoint import load_pretrained
     from speedlm.data import encode_split, load_corpus
     from speedlm.device import resolve_device
     from speedlm.generate import generate
@@ -75,8 +75,9 @@ def run_diffusion_bench(diffusion_ckpt: str, judge_ckpt: str, length: int = 64, 
     length, prompts, prompt_len = check_int("length", length, 1), check_int("prompts", prompts, 1), check_int("prompt_len", prompt_len, 1)
     divisors = check_ints("divisors", divisors)
     dev = resolve_device(device)
-    dm, tok, state = load_trained(diffusion_ckpt, dev)
-    judge, judge_tok, _ = load_trained(judge_ckpt, dev)
+    diffusion, judged = load_pretrained(diffusion_ckpt, dev), load_pretrained(judge_ckpt, dev)
+    dm, tok, state = diffusion.model, diffusion.tokenizer, diffusion.trainer_state
+    judge, judge_tok = judged.model, judged.tokenizer
     if getattr(dm, "mask_id", None) is None:
         raise SpeedlmError(f"{diffusion_ckpt} is not a diffusion checkpoint (objective {dm.config.objective!r})")
     if getattr(judge, "mask_id", None) is not None or not hasattr(judge, "init_cache"):

@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 
 class LayerCache:
-    """State one layer carries between calls. Subclasses hold tensors; `nbytes` reports them."""
+    """State one layer carries between calls. Subclasses hold tensors; `nbytes` reports them,
+    `kv_slots` the key/value slots among them."""
+
+    # bidirectional calls may pass this cache (a frozen prefix's keys: masked diffusion's
+    # PrefixCache), to mixers and blocks that declare `supports_prefix_cache`
+    serves_bidirectional: ClassVar[bool] = False
 
     def tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def kv_slots(self) -> list[float]:
+        """Key/value slots held, one entry per KV cache inside this layer's state (none for a
+        recurrent or convolution state): what a KV ratio counts."""
+        return []
+
+    def bidirectional_keys(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a bidirectional call over (rotated) keys and values: what its queries read."""
+        raise NotImplementedError
 
     def detach(self) -> None:
         """Cut the autograd history of the held state (segment memory in training: the next
@@ -37,6 +52,10 @@ class ModelCache:
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers)
+
+    def kv_slots(self) -> list[float]:
+        """KV slots held by every KV cache of every layer (composite and routed layers included)."""
+        return [n for c in self.layers for n in c.kv_slots()]
 
     def detach(self) -> None:
         for c in self.layers:

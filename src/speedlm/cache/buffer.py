@@ -33,6 +33,13 @@ from speedlm.cache.base import LayerCache
 _MIN_CAPACITY = 64
 
 
+def token_positions(positions: int | torch.Tensor, t: int, device) -> torch.Tensor:
+    """(B|1, T) positions of T tokens from an int start or a tensor."""
+    if isinstance(positions, int):
+        return torch.arange(positions, positions + t, device=device)[None]
+    return positions
+
+
 @dataclass(frozen=True)
 class HeadAndTail:
     """A policy's selection: the first `head` slots and every slot from `tail` on (tail >= head)."""
@@ -110,9 +117,7 @@ class TokenBuffer(LayerCache):
         else:
             if self._pos_start is not None:  # switch to explicit positions
                 self._materialise_positions(b, new[0].device)
-            if isinstance(positions, int):
-                positions = torch.arange(positions, positions + t, device=new[0].device)[None]
-            extra = [positions.expand(b, t)[..., None].to(torch.long)]
+            extra = [token_positions(positions, t, new[0].device).expand(b, t)[..., None].to(torch.long)]
         items = list(new) + extra
         if torch.is_grad_enabled() and any(x.requires_grad for x in new):
             self._concat(items)

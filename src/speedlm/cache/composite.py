@@ -19,6 +19,9 @@ class CompositeCache(LayerCache):
     def tensors(self) -> list[torch.Tensor]:
         return [t for p in self.parts.values() for t in p.tensors()]
 
+    def kv_slots(self) -> list[float]:
+        return [n for p in self.parts.values() for n in p.kv_slots()]
+
     def detach(self) -> None:
         for p in self.parts.values():
             p.detach()

@@ -28,15 +28,8 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from speedlm.cache.buffer import HeadAndTail, TokenBuffer
+from speedlm.cache.buffer import HeadAndTail, TokenBuffer, token_positions
 from speedlm.errors import SpeedlmError
-
-
-def token_positions(positions: int | torch.Tensor, t: int, device) -> torch.Tensor:
-    """(B|1, T) positions of T tokens from an int start or a tensor."""
-    if isinstance(positions, int):
-        return torch.arange(positions, positions + t, device=device)[None]
-    return positions
 
 
 class KVPolicy:
@@ -235,6 +228,9 @@ class KVCache(TokenBuffer):
     def tensors(self) -> list[torch.Tensor]:
         return self.entries()[:2]  # marks are index metadata, like positions
 
+    def kv_slots(self) -> list[float]:
+        return [self.length]
+
     def extend(self, k, v, positions: int | torch.Tensor = None, marks: torch.Tensor | None = None) -> Keys:
         """Append keys/values of the new tokens at `positions` (default: right after the
         retained ones), with their marks (B|1, T) when the policy marks keys; return what the
@@ -272,14 +268,3 @@ class KVCache(TokenBuffer):
             # the slots between the sinks and the window are gone: every sink sits `_shift` positions later
             self._shift += drop
             self._bufs[0].narrow(-2, self._begin, self._sinks.shape[-2]).copy_(self._rotate(self._sinks, self._shift))
-
-def kv_slots(cache) -> list[int]:
-    """Retained KV slots of every KV cache in a model cache (composite layers included), one
-    entry per attention layer."""
-    found = []
-    for layer in cache.layers:
-        parts = getattr(layer, "parts", None)
-        for c in parts.values() if parts is not None else [layer]:
-            if isinstance(c, KVCache):
-                found.append(c.length)
-    return found

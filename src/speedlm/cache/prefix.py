@@ -17,6 +17,8 @@ from speedlm.cache.base import LayerCache
 
 
 class PrefixCache(LayerCache):
+    serves_bidirectional = True
+
     def __init__(self):
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
@@ -26,16 +28,20 @@ class PrefixCache(LayerCache):
     def length(self) -> int:
         return 0 if self.k is None else self.k.shape[-2]
 
-    def record(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k, self.v = k, v
-
     def keep_prefix(self, n: int) -> None:
         self.k, self.v = self.k[..., :n, :], self.v[..., :n, :]
         self.frozen = True
 
-    def read(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frozen prefix's keys and values followed by this call's."""
+    def bidirectional_keys(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recording: store this call's keys and values and read them. Frozen: the prefix's keys
+        and values followed by this call's."""
+        if not self.frozen:
+            self.k, self.v = k, v
+            return k, v
         return torch.cat([self.k, k], dim=-2), torch.cat([self.v, v], dim=-2)
+
+    def kv_slots(self) -> list[float]:
+        return [self.length]
 
     def tensors(self) -> list[torch.Tensor]:
         return [] if self.k is None else [self.k, self.v]

@@ -30,6 +30,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,6 +118,74 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
             kept[name] = t
     return kept, tied
 
+
+
+def publish_step(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    state: dict | None = None,
+    keep: int = 3,
+    write_files: Callable[[Path], None] | None = None,
+) -> Path:
+    """Atomically write `run_dir/step_{step:07d}`: the model's weights and config, then
+    `write_files(folder)` (more files: the optimizer and RNG states of a training run, a
+    tokenizer), then the state JSON (`step` and the format version added), whose presence marks
+    the folder complete. Points `run_dir/latest` at it and prunes all but the newest `keep` step
+    folders. Returns the new folder. `speedlm.train.checkpoint.save_checkpoint` is this plus the
+    training state; an imported model needs nothing more."""
+    if keep < 1:
+        raise SpeedlmError(f"keep={keep} would delete every checkpoint; keep at least 1")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = step_folder_name(step)
+    final = run_dir / name
+    tmp = run_dir / f"{TMP_PREFIX}{name}-{os.getpid()}"
+    # leftovers of saves that crashed earlier: never published, safe to delete
+    for p in run_dir.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        weights, tied = model_tensors(model)
+        write_safetensors(tmp / MODEL_FILE, weights, {TIED_KEY: json.dumps(tied)})
+        config = getattr(model, "config", None)
+        if config is not None:
+            write_text(tmp / CONFIG_FILE, config.to_json() + "\n")
+        if write_files is not None:
+            write_files(tmp)
+        # the state file last: its presence marks the folder as complete
+        write_json(tmp / STATE_FILE, {**(state or {}), "step": step, "format_version": FORMAT_VERSION})
+        fsync_dir(tmp)
+        if final.exists():
+            # re-saving the same step (e.g. interrupted right after a save): swap the old
+            # folder out first, since os.replace cannot overwrite a non-empty directory
+            trash = run_dir / f"{TMP_PREFIX}old-{name}-{os.getpid()}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _point_latest(run_dir, name)
+    _prune(run_dir, keep, protect=final)
+    return final
+
+
+def _point_latest(run_dir: Path, name: str) -> None:
+    tmp = run_dir / f"{TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"
+    write_text(tmp, name + "\n")
+    os.replace(tmp, run_dir / LATEST_FILE)
+    fsync_dir(run_dir)
+
+
+def _prune(run_dir: Path, keep: int, protect: Path) -> None:
+    folders = list_checkpoints(run_dir)
+    for p in folders[: max(0, len(folders) - keep)]:
+        if p != protect:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

@@ -15,8 +15,9 @@ from collections.abc import Iterable
 
 from speedlm.data.tokenizers import Tokenizer
 from speedlm.errors import SpeedlmError
+from speedlm.separators import SEPARATOR_CHARS
 
-SEPARATOR_CHARS = ".,?!;:\n\t "
+__all__ = ["SEPARATOR_CHARS", "parse_separators", "record_separators", "resolve_separators", "separator_ids"]
 
 
 def separator_ids(tokenizer: Tokenizer, chars: str = SEPARATOR_CHARS) -> list[int]:
@@ -67,9 +68,8 @@ def parse_separators(text: str | None) -> str | list[int] | None:
 def record_separators(config, tokenizer: Tokenizer, spec: str | Iterable[int] | None = None):
     """The model config with the tokenizer's separator ids recorded (`spec` overrides; a config
     that already has its own keeps them unless `spec` is given), so SepLLM layers and
-    `--attention sepllm` later find the ids the model was trained with."""
-    from speedlm.models import resolve_config
-
+    `--attention sepllm` later find the ids the model was trained with. Rebuilt through the
+    config's own `from_dict`, so it is validated again (and this layer needs nothing of models)."""
     if config.separators is not None and spec is None:
         return config
-    return resolve_config(config, separators=resolve_separators(tokenizer, spec))
+    return type(config).from_dict({**config.to_dict(), "separators": resolve_separators(tokenizer, spec)})

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from speedlm.cache.kv import kv_slots
 from speedlm.errors import SpeedlmError
 from speedlm.generate.sampling import check_sampling, sample_next
 
@@ -73,7 +72,7 @@ def generate(
     t1 = time.perf_counter()
     usage = []  # (KV slots per layer, tokens seen) after each model call
     for i in range(max_new_tokens):
-        if cache is not None and (slots := kv_slots(cache)):
+        if cache is not None and (slots := cache.kv_slots()):
             usage.append((sum(slots) / len(slots), cache.seen))
         nxt = sample_next(logits, temperature, top_k, top_p, gen)[:, None]
         ids = torch.cat([ids, nxt], dim=1)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from speedlm.cache.kv import kv_slots
 from speedlm.errors import SpeedlmError
 from speedlm.progress import progress_bar
 
@@ -97,7 +96,7 @@ def stream_tokens(
             y = ids[s + 1 : e + 1].to(device)
             logits = model(x, cache)
             nll = float(F.cross_entropy(logits[0].float(), y, reduction="sum"))
-            slots = kv_slots(cache)
+            slots = cache.kv_slots()
             total.add(nll, e - s, slots)
             seg.add(nll, e - s, slots)
             bar.update(e - s)

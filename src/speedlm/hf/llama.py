@@ -167,7 +167,7 @@ def import_llama(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from speedlm.data.tokenizers import BPE_FILE, BPETokenizer
-    from speedlm.train.checkpoint import save_checkpoint
+    from speedlm.checkpoint.files import publish_step
 
     source, out = Path(source), Path(out)
     tok_file = source / BPE_FILE
@@ -185,4 +185,4 @@ def import_llama(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     model = from_llama(hf_model)
     tokenizer = BPETokenizer.from_file(tok_file, model.config.vocab_size)
     state = {"tokenizer": tokenizer.spec(), "imported_from": str(source)}
-    return save_checkpoint(out, 0, model, trainer_state=state, extra_files_writer=tokenizer.save)
+    return publish_step(out, 0, model, state, write_files=tokenizer.save)

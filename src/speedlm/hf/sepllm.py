@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, Cache
 from transformers.cache_utils import CacheLayerMixin
 
-from speedlm.cache.kv import KVCache, KVPolicy
+from speedlm.cache.kv import KVCache, KVPolicy, token_positions
 from speedlm.cache.policies import make_policy
 from speedlm.errors import SpeedlmError
 from speedlm.ops.attention import attention
@@ -130,7 +130,7 @@ class PolicyCache(Cache):
         if not self.policy.pre_rope:
             return None
         start = self.layers[0].kv.length  # the slots the new tokens will occupy
-        return torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
+        return token_positions(start, input_ids.shape[1], input_ids.device)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self._ids is None:
@@ -146,7 +146,7 @@ class PolicyCache(Cache):
             # the decoder rotated these keys at their slots; cache them unrotated
             # rotations in float32 at least: half-precision keys would lose bits un-rotating
             dt = torch.promote_types(key_states.dtype, torch.float32)
-            slots = torch.arange(layer.kv.length, layer.kv.length + t, device=key_states.device)[None]
+            slots = token_positions(layer.kv.length, t, key_states.device)
             cos, sin = self.rotary(value_states.to(dt), slots)
             cos, sin = cos[:, None].to(dt), sin[:, None].to(dt)
             ks = key_states.to(dt)

@@ -34,6 +34,7 @@ from speedlm.layers.dims import ModelDims
 from speedlm.layers.mixer import SeqMeta
 from speedlm.layers.rope import rope_reference
 from speedlm.ops.adaptive_span_attention import adaptive_span_attention, adaptive_span_attention_reference
+from speedlm.ops.masks import window_mean_keys
 from speedlm.registry import Range
 
 
@@ -136,7 +137,7 @@ class AdaptiveSpanAttention(AttentionBase):
         the same document, and (given a `policy`) what that lossy cache keeps; no trimming."""
         b, t, _ = x.shape
         q, k, v = self.reference_project(x)
-        pos = meta.positions if meta.positions is not None else torch.arange(meta.start, meta.start + t, device=x.device)[None]
+        pos = meta.position_tensor(t, x.device)
         q, k = rope_reference(q, pos, self.rope_theta), rope_reference(k, pos, self.rope_theta)
         qp, kp = pos[:, :, None], pos[:, None, :]
         idx = torch.arange(t, device=x.device)
@@ -153,6 +154,4 @@ class AdaptiveSpanAttention(AttentionBase):
         return self.reference_output(y)
 
     def _mean_keys(self, context_len: int) -> float:
-        w, n = self.span_window(), context_len
-        ramp = min(n, w)  # positions 0..w-1 see i + 1 keys, the rest w
-        return (ramp * (ramp + 1) / 2 + max(0, n - w) * w) / n
+        return window_mean_keys(context_len, self.span_window())

@@ -9,7 +9,6 @@ from typing import Annotated, Literal
 import torch
 
 from speedlm.cache.kv import FullPolicy, KVCache, KVPolicy
-from speedlm.cache.prefix import PrefixCache
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.heads import HeadsMixer
 from speedlm.layers.mixer import SeqMeta
@@ -75,13 +74,10 @@ class AttentionBase(HeadsMixer):
         q, k, v = self.project(x)
         t = x.shape[1]
         pos = meta.query_positions()
-        if isinstance(cache, PrefixCache):  # bidirectional, full attention only (supports_prefix_cache)
+        if not meta.causal and cache is not None:  # a frozen prefix (check_call: supports_prefix_cache)
             cos, sin = self._rope_table(pos, t, q)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            if cache.frozen:
-                k, v = cache.read(k, v)
-            else:
-                cache.record(k, v)
+            k, v = cache.bidirectional_keys(k, v)
             mask = AttentionMask(Full(), t, k.shape[-2], 0, 0, causal=False)
             return self.output(self._attend(q, k, v, mask))
         # the policy's window and marks restrict the pattern: the cache's policy when decoding
@@ -123,7 +119,7 @@ class AttentionBase(HeadsMixer):
         mixer's own) restricts the keys further: the mask a lossy cache policy emulates."""
         b, t, _ = x.shape
         q, k, v = self.reference_project(x)
-        pos = meta.positions if meta.positions is not None else torch.arange(meta.start, meta.start + t, device=x.device)[None]
+        pos = meta.position_tensor(t, x.device)
         if self.positions == "rope":
             q, k = rope_reference(q, pos, self.rope_theta), rope_reference(k, pos, self.rope_theta)
         qp, kp = pos[:, :, None], pos[:, None, :]
@@ -175,7 +171,7 @@ class AttentionBase(HeadsMixer):
 
 class Attention(AttentionBase):
     """Full softmax attention, causal or bidirectional; kv_heads < n_heads gives GQA, kv_heads
-    == 1 MQA. Bidirectional calls can read a frozen prefix (PrefixCache)."""
+    == 1 MQA. Bidirectional calls can read a frozen prefix (a cache that `serves_bidirectional`)."""
 
     supports_prefix_cache = True
 

@@ -48,5 +48,8 @@ class BaseConv(Mixer):
     def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
         return self.conv.state_bytes(context_len, batch_size, bytes_per_elem)
 
+    def reach(self) -> int:
+        return self.conv.kernel - 1  # the causal convolution: nothing else mixes positions
+
     def flops_per_token(self, context_len: int) -> float:
         return linear_flops(self.p_proj, self.c_proj, self.o_proj) + self.conv.flops_per_token()

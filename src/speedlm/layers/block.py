@@ -11,26 +11,49 @@ from torch import nn
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.mixer import SeqMeta
 from speedlm.layers.norm import RMSNorm
+from speedlm.layers.part import LayerPart
 from speedlm.registry import FFNS, MIXERS
 
 
-class Block(nn.Module):
-    """Base: builds the layer's mixer and FFN from their specs. Subclasses add norms and wiring
-    (`forward`), and any extra parts; if those carry state, they override `init_cache` with a
-    CompositeCache. A block that is two residual branches (`mix_branch`, `ffn_branch`,
-    `branch_parameters`) sets `supports_reversible` and can run in reversible models."""
+class Block(LayerPart):
+    """The contract every block kind satisfies: `LayerPart` (caches, state, FLOPs both ways,
+    context limit, reach, residual weights) and the flags below. A block kind that wraps others
+    (Mixture-of-Depths) is a Block too, so no caller needs to know which kind it holds."""
 
     supports_reversible = False
 
+    def forward(self, x: torch.Tensor, meta: SeqMeta, cache=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def supports_decoding(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def data_dependent_state(self) -> bool:
+        """The state after T tokens depends on which tokens they are (`state_bytes` estimates)."""
+        raise NotImplementedError
+
+    @property
+    def supports_prefix_cache(self) -> bool:
+        """Bidirectional calls may pass this block a cache that reads a frozen prefix (a layer
+        cache with `serves_bidirectional`, e.g. masked diffusion's PrefixCache)."""
+        return False
+
+
+class LayerBlock(Block):
+    """A block built from its layer's mixer and FFN specs. Subclasses add norms and wiring
+    (`forward`) and any extra parts: their state (override `init_cache` with a CompositeCache
+    and `state_bytes`), their FLOPs (`own_flops_per_token`, counted in both directions) and how
+    far back they look (`own_reach`, added to the mixer's). A block that is two residual branches
+    (`mix_branch`, `ffn_branch`, `branch_parameters`) sets `supports_reversible` and can run in
+    reversible models."""
+
     def __init__(self, dims: ModelDims, mixer: dict, ffn: dict):
-        super().__init__()
-        self.dims = dims
+        super().__init__(dims)
         self.mixer = MIXERS.build(mixer, dims)
         built = FFNS.build(ffn, dims)
         self.ffn = None if built.is_empty else built
-
-    def forward(self, x: torch.Tensor, meta: SeqMeta, cache=None) -> torch.Tensor:
-        raise NotImplementedError
 
     # ----- what the model asks -----
     @property
@@ -39,7 +62,6 @@ class Block(nn.Module):
 
     @property
     def data_dependent_state(self) -> bool:
-        """The state after T tokens depends on which tokens they are (`state_bytes` estimates)."""
         return self.mixer.data_dependent_state
 
     def init_cache(self, kv_policy=None):
@@ -49,13 +71,13 @@ class Block(nn.Module):
         return self.mixer.state_bytes(context_len, batch_size, bytes_per_elem)
 
     def flops_per_token(self, context_len: int) -> float:
-        ffn = self.ffn.flops_per_token() if self.ffn is not None else 0.0
-        return self.mixer.flops_per_token(context_len) + ffn
+        return self.mixer.flops_per_token(context_len) + self._ffn_flops() + self.own_flops_per_token()
 
     def bidirectional_flops_per_token(self, context_len: int) -> float:
-        """`flops_per_token` of the block in an encoder or diffusion LM (queries see both sides)."""
-        ffn = self.ffn.flops_per_token() if self.ffn is not None else 0.0
-        return self.mixer.bidirectional_flops_per_token(context_len) + ffn + self.own_flops_per_token()
+        return self.mixer.bidirectional_flops_per_token(context_len) + self._ffn_flops() + self.own_flops_per_token()
+
+    def _ffn_flops(self) -> float:
+        return self.ffn.flops_per_token() if self.ffn is not None else 0.0
 
     def own_flops_per_token(self) -> float:
         """FLOPs of the block's parts beside its mixer and FFN (none in the base block)."""
@@ -64,11 +86,19 @@ class Block(nn.Module):
     def max_context(self, kv_policy=None) -> int | None:
         return self.mixer.max_context(kv_policy)
 
+    def reach(self) -> int | None:
+        mixer = self.mixer.reach()
+        return None if mixer is None else mixer + self.own_reach()
+
+    def own_reach(self) -> int:
+        """Positions back that the block's own parts look (a causal convolution: kernel - 1)."""
+        return 0
+
     def residual_weights(self) -> list[torch.Tensor]:
         return self.mixer.residual_weights() + (self.ffn.residual_weights() if self.ffn is not None else [])
 
 
-class PreNormBlock(Block):
+class PreNormBlock(LayerBlock):
     """x + mixer(norm(x)), then x + ffn(norm(x)) (GPT-2 / Llama). Its two branches also serve
     the reversible residual (models/reversible.py). The FFN runs over `dims.ffn_chunks` pieces
     of the sequence (Reformer's chunked FFN: a position-wise FFN gives the same result). It
@@ -82,6 +112,10 @@ class PreNormBlock(Block):
         super().__init__(dims, mixer, ffn)
         self.mixer_norm = RMSNorm(dims.d_model, dims.norm_eps)
         self.ffn_norm = RMSNorm(dims.d_model, dims.norm_eps) if self.ffn is not None else None
+
+    @property
+    def supports_prefix_cache(self) -> bool:
+        return self.mixer.supports_prefix_cache  # the block has no state beside its mixer's
 
     def forward(self, x, meta: SeqMeta, cache=None):
         x = x + self.mix_branch(x, meta, cache)

@@ -1,6 +1,7 @@
 """Block top-k attention, MoBA-style (Lu et al. 2025, arXiv:2502.13189): each causal query
-attends to its own block of `block_size` positions (up to itself) and to the `top_k` earlier
-blocks whose mean key scores highest against it (ops/block_topk_attention.py).
+attends to `top_k` blocks of `block_size` positions, as in MoBA: its own block (up to itself),
+always selected, and the top_k - 1 earlier blocks whose mean key scores highest against it
+(ops/block_topk_attention.py, whose `earlier` count is top_k - 1).
 
 The cache keeps every key and value (a later query may pick any earlier block, as in MoBA) plus
 the running key sum of every block, so a decode step scores the blocks from those summaries
@@ -54,9 +55,10 @@ class BlockKeySums(LayerCache):
 
 
 class BlockTopkAttention(AttentionBase):
-    """Each causal query attends to its own block of `block_size` positions (up to itself) and the
-    `top_k` earlier blocks with the highest q . mean(block keys) per KV head; a query reads
-    about (top_k + 1) * block_size keys at any context length, from a full cache."""
+    """Each causal query attends to `top_k` blocks of `block_size` positions (MoBA's top-k): its own
+    block (up to itself) and the top_k - 1 earlier blocks with the highest q . mean(block keys)
+    per KV head; a query reads about top_k * block_size keys at any context length, from a full
+    cache."""
 
     supports_bidirectional = False  # MoBA's gate picks among past blocks: a causal rule
     supports_doc_ids = False  # a selected block may lie in another document
@@ -65,11 +67,12 @@ class BlockTopkAttention(AttentionBase):
         self,
         dims: ModelDims,
         block_size: Annotated[int, Range(min=1)] = 64,
-        top_k: Annotated[int, Range(min=0)] = 3,
+        top_k: Annotated[int, Range(min=1)] = 3,
         kv_heads: Annotated[int | None, Range(min=1)] = None,
     ):
         super().__init__(dims, kv_heads)
         self.block_size, self.top_k = block_size, top_k
+        self.earlier = top_k - 1  # the own block is always one of the top_k
         self.reset_parameters()
 
     @staticmethod
@@ -100,7 +103,7 @@ class BlockTopkAttention(AttentionBase):
             sums = cache["blocks"].add(k, q_pos)
             (k_all, v_all), kp = cache["kv"].extend(k, v, positions=pos)
             k_pos = token_positions(kp, k_all.shape[2], x.device)
-        y = block_topk_attention(q, k_all, v_all, q_pos, k_pos, sums, self.block_size, self.top_k)
+        y = block_topk_attention(q, k_all, v_all, q_pos, k_pos, sums, self.block_size, self.earlier)
         return self.output(y)
 
     def reference(self, x, meta: SeqMeta, policy=None):
@@ -109,9 +112,9 @@ class BlockTopkAttention(AttentionBase):
         self._refuse_lossy(policy)
         t = x.shape[1]
         q, k, v = self.reference_project(x)
-        pos = meta.positions if meta.positions is not None else torch.arange(meta.start, meta.start + t, device=x.device)[None]
+        pos = meta.position_tensor(t, x.device)
         q, k = rope_reference(q, pos, self.rope_theta), rope_reference(k, pos, self.rope_theta)
-        allowed = block_topk_mask(q, k, pos, pos, self.block_size, self.top_k)
+        allowed = block_topk_mask(q, k, pos, pos, self.block_size, self.earlier)
         return self.reference_output(attention_reference(q, k, v, allowed))
 
     def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
@@ -129,6 +132,6 @@ class BlockTopkAttention(AttentionBase):
     def _mean_keys(self, context_len: int) -> float:
         i = torch.arange(context_len, dtype=torch.float64, device="cpu")
         own = torch.remainder(i, self.block_size) + 1  # the own block up to the query
-        past = torch.clamp(torch.div(i, self.block_size, rounding_mode="floor"), max=self.top_k) * self.block_size
+        past = torch.clamp(torch.div(i, self.block_size, rounding_mode="floor"), max=self.earlier) * self.block_size
         return (own + past).mean().item()
 

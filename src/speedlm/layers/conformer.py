@@ -27,7 +27,7 @@ from torch import nn
 
 from speedlm.cache.composite import CompositeCache
 from speedlm.errors import SpeedlmError
-from speedlm.layers.block import Block
+from speedlm.layers.block import LayerBlock
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.mixer import SeqMeta
 from speedlm.layers.norm import RMSNorm
@@ -59,7 +59,7 @@ class ConvModule(nn.Module):
         return 2.0 * (2 * d * d + d * d) + self.depthwise.flops_per_token()
 
 
-class ConformerBlock(Block):
+class ConformerBlock(LayerBlock):
     supports_reversible = False
 
     @classmethod
@@ -110,8 +110,8 @@ class ConformerBlock(Block):
         """FLOPs beyond the mixer and the (first) FFN: the convolution module and the second FFN."""
         return self.conv.flops_per_token() + (self.ffn2.flops_per_token() if self.ffn2 is not None else 0.0)
 
-    def flops_per_token(self, context_len: int) -> float:
-        return super().flops_per_token(context_len) + self.own_flops_per_token()
+    def own_reach(self) -> int:
+        return self.conv.depthwise.kernel - 1  # the causal convolution after the mixer
 
     def residual_weights(self) -> list[torch.Tensor]:
         extra = [self.conv.pointwise_out.weight] + (self.ffn2.residual_weights() if self.ffn2 is not None else [])

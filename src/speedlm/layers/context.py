@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from speedlm.cache.kv import token_positions
+
 
 class AuxLosses:
     """Named auxiliary losses accumulated during one forward pass (MoE balance, router z-loss,
@@ -41,7 +43,8 @@ class SeqMeta:
     start: index of x[:, 0] in the whole sequence (== tokens already in the cache); also the
         position of x[:, 0] when `positions` is None.
     causal: False only for bidirectional models (encoders, diffusion LMs); such calls take no cache,
-        except a frozen-prefix PrefixCache where the mixer supports it (diffusion's approximate cache).
+        except a cache that serves bidirectional calls (a frozen prefix: diffusion's approximate
+        cache) where the mixer supports it.
     token_ids: (B, T) ids, for mixers that look at tokens (e.g. separator detection).
     positions: (B, T) absolute positions per row (left-padded batches, packed documents whose
         positions restart); None means start + arange(T) for every row.
@@ -61,3 +64,8 @@ class SeqMeta:
         """The positions of this call's tokens: an int start (contiguous, shared by every row)
         or a (B, T) long tensor."""
         return self.start if self.positions is None else self.positions
+
+    def position_tensor(self, t: int, device) -> torch.Tensor:
+        """The positions of this call's T tokens as a (B|1, T) long tensor: `positions`, or
+        start + arange(T) shared by every row."""
+        return token_positions(self.query_positions(), t, device)

@@ -16,7 +16,6 @@ output gate and, as in its paper, values twice as wide as keys.
 
 from __future__ import annotations
 
-import math
 from typing import Annotated
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 from speedlm.cache.composite import CompositeCache
 from speedlm.cache.recurrent import RecurrentState
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.init import init_a_log, init_dt_bias
 from speedlm.layers.mixer import SeqMeta, linear_flops
 from speedlm.layers.recurrent_heads import GatedHeadsMixer
 from speedlm.layers.short_conv import ShortConv
@@ -38,10 +38,6 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / |x| over the last dim (head channels). Written out rather than F.normalize, whose norm
     kernel is several times slower on the strided head views it gets here."""
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps * eps)
-
-
-def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
-    return y + torch.log(-torch.expm1(-y))
 
 
 class DeltaNet(GatedHeadsMixer):
@@ -70,11 +66,8 @@ class DeltaNet(GatedHeadsMixer):
         super().reset_parameters()  # N(0, init_std) projections
         self.conv.reset_parameters()
         if self.gated_decay:
-            with torch.no_grad():
-                self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(1.0, 16.0)))
-                lo, hi = math.log(1e-3), math.log(1e-1)
-                dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(lo, hi)).clamp_min(1e-4)
-                self.dt_bias.copy_(inverse_softplus(dt))
+            init_a_log(self.A_log)
+            init_dt_bias(self.dt_bias)
 
     # ----- inputs of the recurrence -----
     def _qkv(self, x, conv_out):

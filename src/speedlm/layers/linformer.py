@@ -81,7 +81,7 @@ class Linformer(HeadsMixer):
         t = x.shape[1]
         e, f = self._projections(t)
         q, k, v = self.reference_project(x)
-        pos = meta.positions if meta.positions is not None else torch.arange(meta.start, meta.start + t, device=x.device)[None]
+        pos = meta.position_tensor(t, x.device)
         q, k = rope_reference(q, pos, self.rope_theta), rope_reference(k, pos, self.rope_theta)
         per_kv = self.n_heads // self.kv_heads
         k = torch.einsum("hkt,bhtd->bhkd", e.expand(self.kv_heads, -1, -1), k).repeat_interleave(per_kv, 1)

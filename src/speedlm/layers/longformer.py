@@ -29,7 +29,7 @@ from speedlm.layers.mixer import SeqMeta
 from speedlm.layers.rope import apply_rope, rope_reference
 from speedlm.ops.attention import attention, attention_reference
 from speedlm.ops.longformer import LongformerLocal, UpToPosition
-from speedlm.ops.masks import AttentionMask, Full
+from speedlm.ops.masks import AttentionMask, Full, window_mean_keys
 from speedlm.registry import Range
 
 
@@ -95,17 +95,15 @@ class LongformerAttention(AttentionBase):
         return super().state_bytes(context_len, batch_size, bytes_per_elem) + 2 * batch_size * self.kv_heads * self.head_dim * prefix * bytes_per_elem
 
     def _mean_keys(self, context_len: int) -> float:
-        n, w, g = context_len, self.window, len(self.globals)
-        ramp = min(n, w)
-        local = (ramp * (ramp + 1) / 2 + max(0, n - w) * w) / n
-        return local + 2 * g  # the globals as keys, and g global rows over every key (g per token)
+        g = len(self.globals)
+        return window_mean_keys(context_len, self.window) + 2 * g  # the globals as keys, and g global rows over every key (g per token)
 
     # ----- forward -----
     def mix(self, x, meta: SeqMeta, cache: CompositeCache | None = None):
         y = super().mix(x, meta, None if cache is None else cache["kv"])
         b, t, _ = x.shape
         pos = meta.query_positions()
-        pos_t = (torch.arange(pos, pos + t, device=x.device)[None] if isinstance(pos, int) else pos).expand(b, t)
+        pos_t = meta.position_tensor(t, x.device).expand(b, t)
         g_query = self._pattern.is_global(pos_t)  # (B, T): this call's global queries
         rows = g_query.any(0).nonzero()[:, 0]  # their union over the batch
         if rows.numel() == 0:
@@ -138,7 +136,7 @@ class LongformerAttention(AttentionBase):
     def reference(self, x, meta: SeqMeta, policy=None):
         y = super().reference(x, meta, policy)
         b, t, _ = x.shape
-        pos = meta.positions if meta.positions is not None else torch.arange(meta.start, meta.start + t, device=x.device)[None]
+        pos = meta.position_tensor(t, x.device)
         is_global = self._pattern.is_global(pos).expand(b, t)
         if not is_global.any():
             return y

@@ -27,23 +27,13 @@ from torch import nn
 
 from speedlm.cache.composite import CompositeCache
 from speedlm.cache.recurrent import RecurrentState
-from speedlm.layers.deltanet import inverse_softplus
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.init import init_dt_bias
 from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
 from speedlm.layers.norm import RMSNorm
 from speedlm.layers.short_conv import ShortConv
 from speedlm.ops.selective_scan import SELECTIVE_SCAN, selective_scan_recurrent
 from speedlm.registry import Range
-
-DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
-
-
-def init_dt_bias(bias: torch.Tensor) -> None:
-    """softplus^-1 of dt ~ logU[DT_MIN, DT_MAX] floored at DT_FLOOR (Mamba and Mamba-2)."""
-    with torch.no_grad():
-        u = torch.rand(bias.shape, dtype=torch.float64) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
-        bias.copy_(inverse_softplus(torch.exp(u).clamp_min(DT_FLOOR)))
-
 
 class Mamba(Mixer):
     residual_out = ("out_proj",)

@@ -25,7 +25,7 @@ from speedlm.cache.composite import CompositeCache
 from speedlm.cache.recurrent import RecurrentState
 from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
-from speedlm.layers.mamba import init_dt_bias
+from speedlm.layers.init import init_a_log, init_dt_bias
 from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
 from speedlm.layers.short_conv import ShortConv
 from speedlm.ops.conv import causal_conv1d_reference
@@ -73,8 +73,8 @@ class Mamba2(Mixer):
         super().reset_parameters()
         self.conv.reset_parameters()
         init_dt_bias(self.dt_bias)
+        init_a_log(self.A_log)
         with torch.no_grad():
-            self.A_log.copy_(torch.log(torch.empty(self.n_heads, dtype=torch.float64).uniform_(1.0, 16.0)))
             self.D.fill_(1.0)
             self.norm_weight.fill_(1.0)
 

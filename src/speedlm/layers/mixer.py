@@ -19,7 +19,7 @@ from torch import nn
 from speedlm.cache.base import LayerCache
 from speedlm.errors import SpeedlmError
 from speedlm.layers.context import AuxLosses, SeqMeta
-from speedlm.layers.dims import ModelDims
+from speedlm.layers.part import LayerPart
 
 __all__ = ["AuxLosses", "Mixer", "SeqMeta", "check_call", "linear_flops", "init_linears"]
 
@@ -33,9 +33,7 @@ def check_call(module: nn.Module, meta: SeqMeta, cache) -> None:
         raise SpeedlmError(f"{name} is causal-only; it cannot run with causal=False (bidirectional)")
     if cache is not None:
         if not meta.causal:
-            from speedlm.cache.prefix import PrefixCache
-
-            if isinstance(cache, PrefixCache) and module.supports_prefix_cache:
+            if cache.serves_bidirectional and module.supports_prefix_cache:
                 return  # a frozen prefix for bidirectional calls (masked diffusion's approximate cache)
             raise SpeedlmError(f"{name}: a bidirectional call takes no cache (other than a prefix cache, where supported)")
         if not module.supports_decoding:
@@ -55,15 +53,17 @@ def init_linears(module: nn.Module, std: float) -> None:
                 nn.init.zeros_(m.bias)
 
 
-class Mixer(nn.Module):
-    """Base class. Subclasses set the capability flags, implement `mix` and the methods below,
-    and call `self.reset_parameters()` at the end of `__init__`."""
+class Mixer(LayerPart):
+    """Base class. Subclasses set the capability flags, implement `mix`, `reference` and the
+    `LayerPart` methods (cache, state, FLOPs; context limit and reach where they have one), and
+    call `self.reset_parameters()` at the end of `__init__`."""
 
     supports_causal: ClassVar[bool] = True
     supports_bidirectional: ClassVar[bool] = False
     supports_decoding: ClassVar[bool] = True
     supports_doc_ids: ClassVar[bool] = False
-    # bidirectional calls may read a frozen prefix's keys from a PrefixCache (cache/prefix.py)
+    # bidirectional calls may read a frozen prefix's keys from a cache that `serves_bidirectional`
+    # (`LayerCache.bidirectional_keys`)
     supports_prefix_cache: ClassVar[bool] = False
     # the state after T tokens depends on which tokens they are (SepLLM keeps separators);
     # `state_bytes` is then an estimate at a typical rate, between a window and the full cache
@@ -71,10 +71,6 @@ class Mixer(nn.Module):
     # submodules whose output enters the residual stream: the model scales their weights by
     # 1/sqrt(2 n_layers) after init (GPT-2)
     residual_out: ClassVar[tuple[str, ...]] = ("o_proj",)
-
-    def __init__(self, dims: ModelDims):
-        super().__init__()
-        self.dims = dims
 
     def forward(self, x: torch.Tensor, meta: SeqMeta, cache: LayerCache | None = None) -> torch.Tensor:
         check_call(self, meta, cache)
@@ -86,34 +82,6 @@ class Mixer(nn.Module):
     def reference(self, x: torch.Tensor, meta: SeqMeta) -> torch.Tensor:
         """The same function through the naive op (dense mask / loop over time), no cache."""
         raise NotImplementedError
-
-    def init_cache(self, kv_policy=None) -> LayerCache:
-        """An empty cache. `kv_policy` overrides the retention of KV caches (e.g. attention sinks
-        on a full-attention model); mixers without a KV cache ignore it."""
-        raise NotImplementedError
-
-    def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
-        """Inference state held after `context_len` tokens (KV entries or recurrent state)."""
-        raise NotImplementedError
-
-    def flops_per_token(self, context_len: int) -> float:
-        """Forward FLOPs per token (2 per multiply-add), averaged over a sequence of context_len."""
-        raise NotImplementedError
-
-    def bidirectional_flops_per_token(self, context_len: int) -> float:
-        """Forward FLOPs per token when every query may see both sides (encoders, diffusion
-        LMs); the same as the causal count unless a mixer's work grows with the keys it sees."""
-        return self.flops_per_token(context_len)
-
-    def max_context(self, kv_policy=None) -> int | None:
-        """How many tokens this mixer can process in one sequence; None = no limit (a bounded
-        cache or a recurrent state generates as long as asked)."""
-        return None
-
-    def reach(self) -> int | None:
-        """How many positions back one query can see (None: the whole context). A stack of
-        layers reaches the sum of its layers' reaches (Transformer-XL: mem_len x layers)."""
-        return None
 
     def reset_parameters(self) -> None:
         """Initialise every parameter of this mixer (overridden where the paper prescribes more

@@ -33,6 +33,7 @@ from torch import nn
 
 from speedlm.cache.base import LayerCache
 from speedlm.errors import SpeedlmError
+from speedlm.layers.block import Block
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.mixer import SeqMeta
 from speedlm.registry import BLOCKS, Range
@@ -58,6 +59,14 @@ class RoutedCache(LayerCache):
     def tensors(self) -> list[torch.Tensor]:
         return [t for c in self.rows or [] for t in c.tensors()]
 
+    def kv_slots(self) -> list[float]:
+        """Per KV cache of the inner block, the slots a row holds (the mean over the rows, which
+        route different numbers of tokens; zeros before the first call)."""
+        if self.rows is None:
+            return self._make().kv_slots()
+        per_row = [c.kv_slots() for c in self.rows]
+        return [sum(col) / len(col) for col in zip(*per_row)]
+
     def detach(self) -> None:
         for c in self.rows or []:
             c.detach()
@@ -68,7 +77,7 @@ def _gather_rows(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | No
     return None if t is None else t.expand(idx.shape[0], -1).gather(1, idx)
 
 
-class MoDBlock(nn.Module):
+class MoDBlock(Block):
     @classmethod
     def check_options(cls, dims: ModelDims, inner: str = "prenorm", **options) -> None:
         if inner == "mod" or inner not in BLOCKS:
@@ -84,8 +93,8 @@ class MoDBlock(nn.Module):
         causal_rule: Literal["aux", "predictor"] = "aux",
         aux_coef: Annotated[float, Range(min=0)] = 0.01,
     ):
-        super().__init__()
-        self.dims, self.capacity, self.causal_rule, self.aux_coef = dims, capacity, causal_rule, aux_coef
+        super().__init__(dims)
+        self.capacity, self.causal_rule, self.aux_coef = capacity, causal_rule, aux_coef
         self.inner = BLOCKS.build({"name": inner}, dims, mixer=mixer, ffn=ffn)
         d = dims.d_model
         self.router = nn.Linear(d, 1, bias=False)
@@ -142,9 +151,7 @@ class MoDBlock(nn.Module):
 
     def _sub_meta(self, meta: SeqMeta, idx: torch.Tensor, t: int, start: int) -> SeqMeta:
         """The selected tokens' metadata: their original positions, ids and documents."""
-        pos = meta.positions
-        if pos is None:
-            pos = torch.arange(meta.start, meta.start + t, device=idx.device)[None]
+        pos = meta.position_tensor(t, idx.device)
         return SeqMeta(
             start=start, causal=meta.causal, token_ids=_gather_rows(meta.token_ids, idx),
             positions=_gather_rows(pos, idx), doc_ids=_gather_rows(meta.doc_ids, idx), aux=meta.aux,
@@ -210,14 +217,24 @@ class MoDBlock(nn.Module):
     def flops_per_token(self, context_len: int) -> float:
         """The router (and predictor) on every token; the inner block on the capacity's
         fraction of them, over the selected sequence's length."""
-        d = self.dims.d_model
-        routing = 2.0 * d
+        return self._routing_flops() + self.capacity * self.inner.flops_per_token(self._routed(context_len))
+
+    def bidirectional_flops_per_token(self, context_len: int) -> float:
+        """As `flops_per_token`, with the inner block's queries seeing both sides (encoders route
+        by top-k over the sequence at the capacity too)."""
+        return self._routing_flops() + self.capacity * self.inner.bidirectional_flops_per_token(self._routed(context_len))
+
+    def _routing_flops(self) -> float:
+        routing = 2.0 * self.dims.d_model
         if self.predictor is not None:
             routing += sum(2.0 * m.weight.numel() for m in self.predictor if isinstance(m, nn.Linear))
-        return routing + self.capacity * self.inner.flops_per_token(self._routed(context_len))
+        return routing
 
     def max_context(self, kv_policy=None) -> int | None:
         return self.inner.max_context(kv_policy)
+
+    def reach(self) -> int | None:
+        return self.inner.reach()  # routed tokens keep their positions: the inner block's reach
 
     def residual_weights(self) -> list[torch.Tensor]:
         return self.inner.residual_weights()

@@ -85,7 +85,7 @@ class LSHAttention(Mixer):
     def reference(self, x, meta: SeqMeta, policy=None):
         b, t, d = x.shape
         heads = lambda w: torch.einsum("btd,hed->bhte", x, w.view(self.n_heads, -1, d))  # noqa: E731
-        pos = meta.positions if meta.positions is not None else torch.arange(meta.start, meta.start + t, device=x.device)[None]
+        pos = meta.position_tensor(t, x.device)
         qk = rope_reference(heads(self.qk_proj.weight), pos, self.rope_theta)
         v = heads(self.v_proj.weight)
         rot = self.rotations.to(qk.dtype)

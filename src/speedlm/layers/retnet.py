@@ -51,9 +51,6 @@ class MultiScaleRetention(GatedHeadsMixer):
         with torch.no_grad():
             self.log_decay.copy_(retention_decays(self.n_heads).to(self.log_decay.dtype))
 
-    def _positions(self, meta: SeqMeta, t: int, device):
-        return meta.positions if meta.positions is not None else torch.arange(meta.start, meta.start + t, device=device)[None]
-
     def _gates(self, like: torch.Tensor) -> torch.Tensor:
         b, h, t, _ = like.shape
         return self.log_decay.to(like.dtype).view(1, h, 1, 1).expand(b, h, t, 1)
@@ -73,7 +70,7 @@ class MultiScaleRetention(GatedHeadsMixer):
 
     def reference(self, x, meta: SeqMeta):
         q, k, v = self.reference_project(x)
-        pos = self._positions(meta, x.shape[1], x.device)
+        pos = meta.position_tensor(x.shape[1], x.device)
         q, k = rope_reference(q, pos, self.rope_theta), rope_reference(k, pos, self.rope_theta)
         o, _ = gla_recurrent(q, k, v, self._gates(q))
         return self.reference_gated_output(o, x)

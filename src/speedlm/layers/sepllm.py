@@ -19,13 +19,12 @@ from typing import Annotated, Literal
 
 from speedlm.cache.kv import FullPolicy
 from speedlm.cache.sepllm import TYPICAL_SEPARATOR_RATE, SepLLMPolicy
-from speedlm.data.separators import SEPARATOR_CHARS
 from speedlm.errors import SpeedlmError
 from speedlm.layers.attention import AttentionBase
 from speedlm.layers.dims import ModelDims
+from speedlm.ops.masks import window_mean_keys
 from speedlm.registry import Range
-
-BYTE_SEPARATORS = tuple(sorted(ord(c) for c in SEPARATOR_CHARS))
+from speedlm.separators import BYTE_SEPARATORS
 
 
 def layer_window(dims: ModelDims, window: int | list[int]) -> int:
@@ -72,7 +71,6 @@ class SepLLMAttention(AttentionBase):
         if self.full:
             return super()._mean_keys(context_len)
         n, w = context_len, self.window
-        ramp = min(n, w)
-        local = (ramp * (ramp + 1) / 2 + max(0, n - w) * w) / n
+        local = window_mean_keys(n, w)
         far = max(0, n - w)  # queries i >= w see the separators among their first i - w + 1 keys
         return local + min(self.initial, n) + TYPICAL_SEPARATOR_RATE * far * (far + 1) / 2 / n

@@ -22,7 +22,7 @@ from speedlm.layers.attention import AttentionBase, Positions
 from speedlm.layers.dims import ModelDims
 from speedlm.ops.dilated_attention import DilatedWindow
 from speedlm.ops.logsparse_attention import LogSparse
-from speedlm.ops.masks import SlidingWindow
+from speedlm.ops.masks import SlidingWindow, window_mean_keys
 from speedlm.registry import Range
 
 
@@ -56,10 +56,7 @@ class SlidingWindowAttention(AttentionBase):
         return self.window - 1
 
     def _mean_keys(self, context_len: int) -> float:
-        w, n = self.window, context_len
-        # positions 0..w-1 see i+1 keys, the rest see w
-        ramp = min(n, w)
-        return (ramp * (ramp + 1) / 2 + max(0, n - w) * w) / n
+        return window_mean_keys(context_len, self.window)
 
 
 class DilatedWindowAttention(AttentionBase):
@@ -194,6 +191,13 @@ class LogSparseAttention(AttentionBase):
         if self.restart is not None:
             return None  # no query looks before its segment
         return super().max_context(kv_policy)
+
+    def reach(self) -> int | None:
+        """Within its segment under `restart` (None: the powers of two reach any distance), plus
+        the convolution of queries and keys."""
+        if self.restart is None:
+            return None
+        return max(self._pattern.distances(self.restart)) + self.conv_kernel - 1
 
     # ----- convolutional queries and keys -----
     def init_cache(self, kv_policy=None):

@@ -91,7 +91,7 @@ class TransformerXLAttention(HeadsMixer):
     def mix(self, x, meta: SeqMeta, cache: TokenBuffer | None = None):
         b, t, _ = x.shape
         q, k, v = self.project(x)
-        q_pos = token_positions(meta.query_positions(), t, x.device)
+        q_pos = meta.position_tensor(t, x.device)
         if cache is not None:
             (k, v), k_pos = cache.extend(k, v, positions=meta.query_positions())
             k_pos = token_positions(k_pos, k.shape[-2], x.device)
@@ -106,7 +106,7 @@ class TransformerXLAttention(HeadsMixer):
         q, k, v = self.reference_project(x)
         per_kv = self.n_heads // self.kv_heads
         k, v = k.repeat_interleave(per_kv, 1), v.repeat_interleave(per_kv, 1)
-        pos = meta.positions if meta.positions is not None else torch.arange(meta.start, meta.start + t, device=x.device)[None]
+        pos = meta.position_tensor(t, x.device)
         y = relative_attention_reference(q, k, v, self.r_proj.weight, self.u, self.v_bias, pos, self.segment, self.mem_len,
                                          meta.doc_ids)
         return self.reference_output(y)

@@ -120,7 +120,7 @@ class CausalLM(nn.Module):
     def context_reach(self) -> int | None:
         """How far back the last layer's output can depend on the input: the sum of the layers'
         reaches (None when a layer sees its whole context)."""
-        reaches = [getattr(getattr(b, "mixer", None), "reach", lambda: None)() for b in self.blocks]
+        reaches = [b.reach() for b in self.blocks]
         return None if any(r is None for r in reaches) else sum(reaches)
 
     # ----- accounting -----

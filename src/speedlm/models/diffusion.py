@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedlm.cache.prefix import PrefixCache
-from speedlm.layers.block import PreNormBlock
 from speedlm.layers.context import AuxLosses, SeqMeta
 from speedlm.layers.norm import RMSNorm
 from speedlm.models.causal_lm import Loss
@@ -109,9 +108,7 @@ class DiffusionLM(nn.Module):
     # ----- the approximate prefix cache of parallel decoding -----
     @property
     def supports_prefix_cache(self) -> bool:
-        return not self.config.reversible and all(
-            isinstance(b, PreNormBlock) and b.mixer.supports_prefix_cache for b in self.blocks
-        )
+        return not self.config.reversible and all(b.supports_prefix_cache for b in self.blocks)
 
     def init_prefix_cache(self) -> list[PrefixCache]:
         if not self.supports_prefix_cache:
@@ -129,7 +126,7 @@ class DiffusionLM(nn.Module):
         return self.num_params()
 
     def flops_per_token(self, context_len: int, training: bool = True) -> float:
-        fwd = sum(getattr(b, "bidirectional_flops_per_token", b.flops_per_token)(context_len) for b in self.blocks) + 2.0 * self.config.d_model * self.config.vocab_size
+        fwd = sum(b.bidirectional_flops_per_token(context_len) for b in self.blocks) + 2.0 * self.config.d_model * self.config.vocab_size
         return 3.0 * fwd if training else fwd
 
     def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:

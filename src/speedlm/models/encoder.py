@@ -94,6 +94,6 @@ class Encoder(nn.Module):
         return next_tokens[:, 0] % self.config.num_classes
 
     def flops_per_token(self, context_len: int, training: bool = True) -> float:
-        fwd = sum(getattr(b, "bidirectional_flops_per_token", b.flops_per_token)(context_len) for b in self.blocks)
+        fwd = sum(b.bidirectional_flops_per_token(context_len) for b in self.blocks)
         fwd += 2.0 * self.front.weight.numel() if isinstance(self.front, nn.Linear) else 0.0
         return 3.0 * fwd if training else fwd

@@ -132,8 +132,9 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "block-topk",
-            "MoBA block top-k attention: blocks of half the size's window; each query sees its own block and the 3 "
-            "earlier blocks whose mean key scores highest against it; full KV cache plus block key sums",
+            "MoBA block top-k attention: blocks of half the size's window; each query sees 3 blocks (MoBA's top-k: "
+            "its own, and the 2 earlier blocks whose mean key scores highest against it); full KV cache plus block key "
+            "sums",
             "Lu et al. 2025, MoBA: Mixture of Block Attention for Long-Context LLMs (arXiv:2502.13189)",
             lambda s: dict(pattern="B", layers={"B": {"mixer": {"name": "block_topk", "block_size": s["window"] // 2, "top_k": 3}}}),
         ),

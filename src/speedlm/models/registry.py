@@ -132,10 +132,10 @@ register_mixer(
     "block_topk",
     BlockTopkAttention,
     family="dynamic sparse attention",
-    description="MoBA block top-k: each query sees its own block and the top_k earlier blocks whose mean key scores "
-    "highest (hard gate, later block on ties); O(T (top_k + 1) block_size); full KV cache plus running block key sums",
+    description="MoBA block top-k: each query sees top_k blocks, its own and the top_k - 1 earlier blocks whose mean "
+    "key scores highest (hard gate, later block on ties); O(T top_k block_size); full KV cache plus running block key sums",
     paper="Lu et al. 2025, MoBA: Mixture of Block Attention for Long-Context LLMs (arXiv:2502.13189)",
-    contract_spec={"block_size": 5, "top_k": 2, "kv_heads": 2},
+    contract_spec={"block_size": 5, "top_k": 3, "kv_heads": 2},
 )
 register_mixer(
     "reformer",

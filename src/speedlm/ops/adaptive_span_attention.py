@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from speedlm.ops.attention import repeat_kv
+from speedlm.ops.common import query_scale
 from speedlm.ops.masks import AttentionMask
 
 QUERY_BLOCK = 128
@@ -42,7 +43,7 @@ def adaptive_span_attention_reference(q, k, v, allowed, distance, spans, ramp: i
     (Bm, Tq, Tk) q_pos - k_pos."""
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = query_scale(q, scale)
     scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
     probs = probs * span_mask(distance, spans, ramp)
@@ -78,7 +79,7 @@ def adaptive_span_attention(q, k, v, mask: AttentionMask, spans, ramp: int, reac
     hkv, tk = k.shape[1], k.shape[2]
     g = h // hkv
     shift = tk - tq
-    scale = dh**-0.5 if scale is None else scale
+    scale = query_scale(q, scale)
     banded = _index_bound_holds(mask)
     outs = []
     for s in range(0, tq, block):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from speedlm.ops.common import query_scale
 from speedlm.ops.marked_attention import marked_window_attention
 from speedlm.ops.masks import AttentionMask, Full
 from speedlm.ops.sparse_attention import sparse_attention
@@ -35,7 +36,7 @@ def attention_reference(
     """
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = query_scale(q, scale)
     scores = (q @ k.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~(mask if mask.dim() in (2, 4) else mask[:, None]), float("-inf"))

@@ -2,14 +2,15 @@
 
 Keys fall into blocks of `block_size` positions (block = position // block_size, counted from
 position 0). A causal query attends, in one softmax, to the keys of its own block up to itself
-and to every key of the `top_k` earlier blocks whose mean key has the largest dot product with
-it (fewer earlier blocks: all of them; equal scores: the later block wins). The gate is a hard
+and to every key of the `earlier` earlier blocks whose mean key has the largest dot product with
+it (fewer earlier blocks: all of them; equal scores: the later block wins). MoBA's top-k counts
+the own block, which it always selects: its top_k is earlier + 1. The gate is a hard
 top-k on detached tensors, as in MoBA: gradients reach q, k and v only through attention.
 
 The block summaries are running key sums (`block_key_sums`), so a cache can keep them and a
 decode step scores the blocks without re-pooling the keys. The fast form runs each (query,
 block) pair, its own block and the selected ones, grouped by block into dense tiles, and merges
-a query's pairs by log-sum-exp: O(T * (top_k + 1) * block_size) work, plus the gate's
+a query's pairs by log-sum-exp: O(T * (earlier + 1) * block_size) work, plus the gate's
 O(T * blocks) scores (in query chunks), never a T x T matrix. `block_topk_mask` is the rule as a
 dense mask, for tests.
 
@@ -21,6 +22,8 @@ in order); the queries are among the keys (self-attention), so every query sees 
 from __future__ import annotations
 
 import torch
+
+from speedlm.ops.common import query_scale
 
 _CHUNK_ELEMENTS = 1 << 24  # gate scores (queries x heads x blocks) per query chunk
 
@@ -41,15 +44,15 @@ def block_key_sums(k: torch.Tensor, k_pos: torch.Tensor, block_size: int, out: t
     return out.scatter_add_(2, ids[:, None, :, None].expand(b, hkv, tk, dh), k.detach().to(out.dtype))
 
 
-def _select(q, means, eligible, top_k):
-    """(B, H, Tq, k) indices of each query's top_k eligible blocks and whether each is real
+def _select(q, means, eligible, earlier):
+    """(B, H, Tq, k) indices of each query's `earlier` best eligible blocks and whether each is real
     (eligible); ties go to the later block."""
     b, h, tq, dh = q.shape
     hkv, nb = means.shape[1], means.shape[2]
     qg = q.detach().to(means.dtype).view(b, hkv, h // hkv, tq, dh)
     scores = torch.einsum("bkgtd,bknd->bkgtn", qg, means).reshape(b, h, tq, nb)
     scores = scores.masked_fill(~eligible[:, None], float("-inf"))
-    k = min(top_k, nb)
+    k = min(earlier, nb)
     vals, idx = torch.topk(scores, min(k + 1, nb), dim=-1)
     idx = idx[..., :k]
     if 0 < k < nb:
@@ -62,7 +65,7 @@ def _select(q, means, eligible, top_k):
     return idx, scores.gather(-1, idx) > float("-inf")
 
 
-def block_topk_attention(q, k, v, q_pos, k_pos, block_sums, block_size: int, top_k: int,
+def block_topk_attention(q, k, v, q_pos, k_pos, block_sums, block_size: int, earlier: int,
                          scale: float | None = None, chunk: int | None = None) -> torch.Tensor:
     """Block top-k attention of q over k, v given every block's key sums (B, Hkv, NB, Dh) with
     NB = max(k_pos) // block_size + 1; `chunk` queries at a time (default: by a memory budget
@@ -82,13 +85,13 @@ def block_topk_attention(q, k, v, q_pos, k_pos, block_sums, block_size: int, top
         c = qc.shape[2]
         own = qpc // bs  # (B, C)
         eligible = (torch.arange(nb, device=q.device) < own[..., None]) & (counts > 0)[:, None, :]
-        idx, real = _select(qc, means, eligible, top_k)
+        idx, real = _select(qc, means, eligible, earlier)
         blocks = torch.cat([own[:, None, :, None].expand(b, h, c, 1), idx], dim=-1)  # (B, H, C, S): own first
         bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
         first = starts[bi, blocks]
         end = torch.minimum(starts[bi, blocks + 1], upto[:, c0 : c0 + chunk][:, None, :, None])
         lim = (end - first).masked_fill(~torch.cat([real.new_ones(b, h, c, 1), real], -1), 0)
-        outs.append(_attend_pairs(qc, k, v, blocks, starts, lim, bs, dh**-0.5 if scale is None else scale))
+        outs.append(_attend_pairs(qc, k, v, blocks, starts, lim, bs, query_scale(q, scale)))
     return torch.cat(outs, dim=2)
 
 
@@ -134,7 +137,7 @@ def _attend_pairs(q, k, v, blocks, starts, lim, bs, scale):
     return (torch.softmax(lse, dim=-1)[..., None] * out).sum(-2).to(v.dtype)
 
 
-def block_topk_mask(q, k, q_pos, k_pos, block_size: int, top_k: int) -> torch.Tensor:
+def block_topk_mask(q, k, q_pos, k_pos, block_size: int, earlier: int) -> torch.Tensor:
     """(B, H, Tq, Tk) bool: the keys each query attends to, from the rule on dense float64
     scores (a block's rank: the blocks scoring higher plus the later ones scoring the same)."""
     b, h, tq, _ = q.shape
@@ -151,7 +154,7 @@ def block_topk_mask(q, k, q_pos, k_pos, block_size: int, top_k: int) -> torch.Te
     s = (q.double() @ means.transpose(-1, -2)).masked_fill(~eligible[:, None], float("-inf"))
     a, c = s[..., :, None], s[..., None, :]  # block a against block c
     before = (c > a) | ((c == a) & (blk[None, :] > blk[:, None]))
-    chosen = eligible[:, None] & (before.sum(-1) < top_k)  # (B, H, Tq, NB)
+    chosen = eligible[:, None] & (before.sum(-1) < earlier)  # (B, H, Tq, NB)
     past = chosen.gather(-1, kb[:, None, None, :].expand(b, h, tq, tk))
     own = (qb[:, :, None] == kb[:, None, :]) & (kp[:, None, :] <= qp[:, :, None])
     return past | own[:, None]

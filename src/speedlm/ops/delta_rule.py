@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from speedlm.ops.chunking import num_chunks, to_chunks
+from speedlm.ops.common import query_scale, zero_matrix_state
 
 from speedlm.ops import fla
 from speedlm.ops.dispatch import Dispatch
@@ -39,19 +40,10 @@ from speedlm.ops.dispatch import Dispatch
 State = torch.Tensor
 
 
-def _scale(q, scale):
-    return q.shape[-1] ** -0.5 if scale is None else scale
-
-
-def _zero_state(q, v) -> State:
-    b, h, _, dk = q.shape
-    return q.new_zeros(b, h, dk, v.shape[-1])
-
-
 def delta_rule_recurrent(q, k, v, beta, g=None, scale=None, initial_state: State | None = None):
     """Naive reference: the recurrence, one token at a time (run it in float64)."""
-    scale = _scale(q, scale)
-    s = _zero_state(q, v) if initial_state is None else initial_state
+    scale = query_scale(q, scale)
+    s = zero_matrix_state(q, v) if initial_state is None else initial_state
     outs = []
     for t in range(q.shape[2]):
         if g is not None:
@@ -65,8 +57,8 @@ def delta_rule_recurrent(q, k, v, beta, g=None, scale=None, initial_state: State
 
 def delta_rule_step(q, k, v, beta, g=None, scale=None, initial_state: State | None = None):
     """One token (T == 1), for decoding."""
-    scale = _scale(q, scale)
-    s = _zero_state(q, v) if initial_state is None else initial_state
+    scale = query_scale(q, scale)
+    s = zero_matrix_state(q, v) if initial_state is None else initial_state
     if g is not None:
         s = torch.exp(g[:, :, 0])[..., None, None] * s
     kt, vt, bt = k[:, :, 0], v[:, :, 0], beta[:, :, 0]
@@ -84,7 +76,7 @@ def delta_rule_chunked(q, k, v, beta, g=None, scale=None, initial_state: State |
 
     if q.shape[2] == 1:
         return delta_rule_step(q, k, v, beta, g, scale, initial_state)
-    scale = _scale(q, scale)
+    scale = query_scale(q, scale)
     bsz, h, t, dk = q.shape
     dv = v.shape[-1]
     c, n = num_chunks(t, chunk_size)
@@ -119,7 +111,7 @@ def delta_rule_chunked(q, k, v, beta, g=None, scale=None, initial_state: State |
     inject = k_end_t @ u  # (B, H, N, Dk, Dv)
     reads = q_decayed - a_qk @ w  # how each output reads the state entering its chunk
     out = a_qk @ u
-    s = _zero_state(q, v) if initial_state is None else initial_state
+    s = zero_matrix_state(q, v) if initial_state is None else initial_state
     inter = []
     # the carried state: S' = M S + R, and what the chunk's outputs read of S (unbind, not
     # indexing: each indexed slice's backward would write a zero tensor the size of the whole)

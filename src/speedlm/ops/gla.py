@@ -31,6 +31,7 @@ import torch
 
 from speedlm.ops import fla
 from speedlm.ops.chunking import to_chunks
+from speedlm.ops.common import query_scale, zero_matrix_state
 from speedlm.ops.dispatch import Dispatch
 
 LOG_DECAY_FLOOR = 5.0  # per-channel chunked form: exact while g >= -5 per step (see module doc)
@@ -39,19 +40,10 @@ SUB_BLOCK = 16
 State = torch.Tensor
 
 
-def _scale(q: torch.Tensor, scale: float | None) -> float:
-    return q.shape[-1] ** -0.5 if scale is None else scale
-
-
-def _zero_state(q, v) -> State:
-    b, h, _, dk = q.shape
-    return q.new_zeros(b, h, dk, v.shape[-1])
-
-
 def gla_recurrent(q, k, v, g, scale=None, initial_state: State | None = None):
     """Naive reference: the recurrence above, one token at a time (run it in float64)."""
-    scale = _scale(q, scale)
-    s = _zero_state(q, v) if initial_state is None else initial_state
+    scale = query_scale(q, scale)
+    s = zero_matrix_state(q, v) if initial_state is None else initial_state
     outs = []
     for t in range(q.shape[2]):
         s = torch.exp(g[:, :, t, :, None]) * s + k[:, :, t, :, None] * v[:, :, t, None, :]
@@ -63,7 +55,7 @@ def gla_parallel(q, k, v, g, scale=None):
     """Quadratic reference for one decay per head (RetNet's parallel form): o = (Q K^T * D) V with
     D[t, s] = exp(b_t - b_s) for s <= t and 0 above the diagonal, b the cumulative log decay."""
     assert g.shape[-1] == 1, "the parallel form takes one decay per head"
-    scale = _scale(q, scale)
+    scale = query_scale(q, scale)
     b = torch.cumsum(g[..., 0], dim=-1)  # (B, H, T)
     t = q.shape[2]
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
@@ -73,8 +65,8 @@ def gla_parallel(q, k, v, g, scale=None):
 
 def gla_step(q, k, v, g, scale=None, initial_state: State | None = None):
     """One token (T == 1): the recurrence itself, no chunk machinery."""
-    scale = _scale(q, scale)
-    s = _zero_state(q, v) if initial_state is None else initial_state
+    scale = query_scale(q, scale)
+    s = zero_matrix_state(q, v) if initial_state is None else initial_state
     s = torch.exp(g[:, :, 0, :, None]) * s + k[:, :, 0, :, None] * v[:, :, 0, None, :]
     return scale * torch.einsum("bhk,bhkv->bhv", q[:, :, 0], s)[:, :, None], s
 
@@ -118,7 +110,7 @@ def gla_chunked(q, k, v, g, scale=None, initial_state: State | None = None, chun
     O(T * C) for the intra-chunk scores plus O(T / C * Dk * Dv) for the chunk states."""
     if q.shape[2] == 1:
         return gla_step(q, k, v, g, scale, initial_state)
-    scale = _scale(q, scale)
+    scale = query_scale(q, scale)
     bsz, h, t, dk = q.shape
     dv = v.shape[-1]
     per_channel = g.shape[-1] != 1
@@ -145,7 +137,7 @@ def gla_chunked(q, k, v, g, scale=None, initial_state: State | None = None, chun
     chunk_kv = k_to_end.transpose(-1, -2) @ vc  # (B, H, N, Dk, Dv)
     chunk_decay = torch.exp(b_last[:, :, :, 0, :])[..., None]  # (B, H, N, Dk|1, 1)
     q_decayed = qc * torch.exp(b)
-    s = _zero_state(q, v) if initial_state is None else initial_state
+    s = zero_matrix_state(q, v) if initial_state is None else initial_state
     inter = []
     # the carried state: one product and one update per chunk (unbind: see ops/chunking.py)
     for qd, decay_i, kv in zip(q_decayed.unbind(2), chunk_decay.unbind(2), chunk_kv.unbind(2)):

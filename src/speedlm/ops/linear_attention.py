@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from speedlm.ops.chunking import num_chunks, to_chunks
+from speedlm.ops.common import zero_matrix_state
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -26,7 +27,7 @@ def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
 
 def zero_state(q: torch.Tensor, v: torch.Tensor) -> State:
     b, h, _, dk = q.shape
-    return (q.new_zeros(b, h, dk, v.shape[-1]), q.new_zeros(b, h, dk))
+    return (zero_matrix_state(q, v), q.new_zeros(b, h, dk))
 
 
 def linear_attention_recurrent(q, k, v, initial_state: State | None = None, normalize: bool = True, eps: float = 1e-6):

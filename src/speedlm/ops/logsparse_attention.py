@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from speedlm.ops.common import query_scale
+
 
 TILE = 512  # queries per tile of the distance walk (measured at 16k: 184 ms against 207 untiled)
 
@@ -65,7 +67,7 @@ def logsparse_attention(q, k, v, mask, scale=None, backend: str = "auto") -> tor
     hkv = k.shape[1]
     qg = q.view(b, hkv, h // hkv, tq, dh)
     kg, vg = k[:, :, None], v[:, :, None]
-    scale = dh ** -0.5 if scale is None else scale
+    scale = query_scale(q, scale)
     reach = tk + off  # the largest distance any query can have, plus one
     dists = pattern.distances(reach)
     if not mask.causal:

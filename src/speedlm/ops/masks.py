@@ -55,6 +55,14 @@ class SlidingWindow:
         return (q_pos - k_pos).abs() < self.window
 
 
+def window_mean_keys(context_len: int, window: int) -> float:
+    """Mean number of keys a causal query sees under a window of `window` over `context_len`
+    tokens: positions 0..window-1 see i + 1 keys (the ramp), the rest see `window`."""
+    n, w = context_len, window
+    ramp = min(n, w)
+    return (ramp * (ramp + 1) / 2 + max(0, n - w) * w) / n
+
+
 def _gather(pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """pos (Bp, T) at idx (Bi, *s) -> (max(Bp, Bi), *s)."""
     b = max(pos.shape[0], idx.shape[0])

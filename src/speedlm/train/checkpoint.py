@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,29 +17,21 @@ from torch import nn
 
 from speedlm.checkpoint.files import (
     CONFIG_FILE,
-    FORMAT_VERSION,
     LATEST_FILE,
-    MODEL_FILE,
     OPTIMIZER_FILE,
     RNG_FILE,
     STATE_FILE,
-    TIED_KEY,
-    TMP_PREFIX,
     corrupt,
-    fsync_dir,
     full_state_dict,
     list_checkpoints,
     load_weights_into,
-    model_tensors,
+    publish_step,
     read_config,
     read_json,
     read_safetensors,
     read_weights,
     resolve_checkpoint,
-    step_folder_name,
-    write_json,
     write_safetensors,
-    write_text,
 )
 from speedlm.errors import SpeedlmError
 
@@ -141,66 +132,19 @@ def save_checkpoint(
     the checkpoint before it is published (e.g. `tokenizer.save`), so the checkpoint is
     self-contained. `rng_state` defaults to the current RNG states (`capture_rng()`).
     """
-    if keep < 1:
-        raise SpeedlmError(f"keep={keep} would delete every checkpoint; keep at least 1")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    name = step_folder_name(step)
-    final = run_dir / name
-    tmp = run_dir / f"{TMP_PREFIX}{name}-{os.getpid()}"
-    # leftovers of saves that crashed earlier: never published, safe to delete
-    for p in run_dir.glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(p, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        weights, tied = model_tensors(model)
-        write_safetensors(tmp / MODEL_FILE, weights, {TIED_KEY: json.dumps(tied)})
-        config = getattr(model, "config", None)
-        if config is not None:
-            write_text(tmp / CONFIG_FILE, config.to_json() + "\n")
-        state = dict(trainer_state or {})
-        state["step"] = step
-        state["format_version"] = FORMAT_VERSION
-        if optimizer is not None:
-            opt_tensors, opt_rest = _optimizer_split(optimizer)
-            write_safetensors(tmp / OPTIMIZER_FILE, opt_tensors)
-            state["optimizer"] = opt_rest
-        write_safetensors(tmp / RNG_FILE, rng_state if rng_state is not None else capture_rng())
+    state = dict(trainer_state or {})
+    opt_tensors = None
+    if optimizer is not None:
+        opt_tensors, state["optimizer"] = _optimizer_split(optimizer)
+
+    def write_training_state(folder: Path) -> None:
+        if opt_tensors is not None:
+            write_safetensors(folder / OPTIMIZER_FILE, opt_tensors)
+        write_safetensors(folder / RNG_FILE, rng_state if rng_state is not None else capture_rng())
         if extra_files_writer is not None:
-            extra_files_writer(tmp)
-        # trainer_state.json last: its presence marks the folder as complete
-        write_json(tmp / STATE_FILE, state)
-        fsync_dir(tmp)
-        if final.exists():
-            # re-saving the same step (e.g. interrupted right after a save): swap the old
-            # folder out first, since os.replace cannot overwrite a non-empty directory
-            trash = run_dir / f"{TMP_PREFIX}old-{name}-{os.getpid()}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _point_latest(run_dir, name)
-    _prune(run_dir, keep, protect=final)
-    return final
+            extra_files_writer(folder)
 
-
-def _point_latest(run_dir: Path, name: str) -> None:
-    tmp = run_dir / f"{TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"
-    write_text(tmp, name + "\n")
-    os.replace(tmp, run_dir / LATEST_FILE)
-    fsync_dir(run_dir)
-
-
-def _prune(run_dir: Path, keep: int, protect: Path) -> None:
-    folders = list_checkpoints(run_dir)
-    for p in folders[: max(0, len(folders) - keep)]:
-        if p != protect:
-            shutil.rmtree(p, ignore_errors=True)
+    return publish_step(run_dir, step, model, state, keep, write_training_state)
 
 
 
