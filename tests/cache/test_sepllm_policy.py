@@ -144,3 +144,11 @@ def test_keys_seen_counts_what_the_mask_lets_each_query_see(policy):
     visible = policy.visible(pos[None, :, None], pos[None, None, :], None if marks is None else marks[:, None, :])
     causal = pos[None, :] <= pos[:, None]
     assert torch.equal(policy.keys_seen(ids), (visible & causal).sum(-1).expand(2, -1))
+
+
+def test_a_capped_cache_keeps_every_older_separator_when_it_has_fewer_than_its_separator_cache():
+    """The review's reproduction: 2 older separators and room for 3 kept only one of them (the
+    slice start went negative)."""
+    p = SepLLMPolicy((9,), initial=1, window=3, separator_cache=3, cap=8)
+    kept = p.keep(9, 0, p.mark(torch.tensor([[0, 1, 9, 1, 9, 1, 1, 1, 1]]), 0, 9, None))
+    assert kept.tolist() == [0, 2, 4, 7, 8]
