@@ -217,13 +217,18 @@ class KVCache(TokenBuffer):
         e = self.entries()
         return e[2][..., 0] if e else None
 
-    def marks_of(self, keys: Keys) -> torch.Tensor | None:
-        """(B, L) marks of what a call reads: the stored ones, or those that follow from the
-        keys' positions (sinks); None for policies that mark nothing."""
-        if keys.marks is not None or not self.policy.marks_follow_positions:
-            return keys.marks
+    def mask_terms(self, keys: Keys, positions: int | torch.Tensor, t: int, window: int | None):
+        """(query positions, key positions, key marks) for the mask of a call of `t` tokens at
+        `positions` that read `keys`. Where the policy shifts positions into the cache (sinks:
+        the sinks first, the window right after them; streaming SepLLM), a slot is a position:
+        int offsets, the sinks marked by slot. Otherwise the original positions and the stored
+        marks. Marks only matter beyond a window (None without one)."""
         b, n = keys.k.shape[0], keys.k.shape[-2]
-        return self.policy.mark(None, keys.positions, n, keys.k.device).expand(b, n)
+        if self.policy.shift_head:
+            return n - t, 0, None if window is None else self.policy.mark(None, 0, n, keys.k.device).expand(b, n)
+        if self.policy.pre_rope:
+            return n - t, 0, None if window is None else keys.marks
+        return positions, keys.positions, None if window is None else keys.marks
 
     def tensors(self) -> list[torch.Tensor]:
         return self.entries()[:2]  # marks are index metadata, like positions

@@ -157,11 +157,11 @@ class PolicyCache(Cache):
             cos, sin = self.rotary(value_states.to(dt), torch.arange(n, device=key_states.device)[None])
             kk = keys.k.to(dt)
             k_all = (kk * cos[:, None].to(dt) + _rotate_half(kk) * sin[:, None].to(dt)).to(key_states.dtype)
-            layer.read = _Read(n - t, 0, None if window is None else layer.kv.marks_of(keys))
+            layer.read = _Read(*layer.kv.mask_terms(keys, self.seen, t, window))
             out = k_all, keys.v
         else:
             keys = layer.kv.extend(key_states, value_states, self.seen, marks)
-            layer.read = _Read(self.seen, keys.positions, None if window is None else layer.kv.marks_of(keys))
+            layer.read = _Read(*layer.kv.mask_terms(keys, self.seen, t, window))
             out = keys.k, keys.v
         if layer_idx == len(self.layers) - 1:
             self.seen += t

@@ -96,19 +96,19 @@ class AttentionBase(HeadsMixer):
             n = keys.k.shape[-2]
             cos, sin = self._rope_table(0, n, q)
             q, k_all = self._rotate(q, cos[n - t :], sin[n - t :]), self._rotate(keys.k, cos, sin)
-            k_mark = None if window is None else cache.marks_of(keys)
-            mask = AttentionMask(self.pattern(), t, n, n - t, 0, True, window=window, k_mark=k_mark)
+            q_pos, k_pos, k_mark = cache.mask_terms(keys, pos, t, window)
+            mask = AttentionMask(self.pattern(), t, n, q_pos, k_pos, True, window=window, k_mark=k_mark)
             return self.output(self._attend(q, k_all, keys.v, mask))
         cos, sin = self._rope_table(pos, t, q)
         q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         if cache is None:
-            k_all, v_all, k_pos, k_mark = k, v, pos, None if window is None else marks
+            k_all, v_all, q_pos, k_pos, k_mark = k, v, pos, pos, None if window is None else marks
         else:
             keys = cache.extend(k, v, pos, marks)
-            k_all, v_all, k_pos = keys.k, keys.v, keys.positions
-            k_mark = None if window is None else cache.marks_of(keys)
+            k_all, v_all = keys.k, keys.v
+            q_pos, k_pos, k_mark = cache.mask_terms(keys, pos, t, window)
         mask = AttentionMask(
-            self.pattern(), t, k_all.shape[-2], pos, k_pos, meta.causal, meta.doc_ids, meta.doc_ids,
+            self.pattern(), t, k_all.shape[-2], q_pos, k_pos, meta.causal, meta.doc_ids, meta.doc_ids,
             window=window, k_mark=k_mark,
         )
         return self.output(self._attend(q, k_all, v_all, mask))
