@@ -27,23 +27,30 @@ def stream_ids(corpus, tokenizer, split: str, n: int) -> torch.Tensor:
     return torch.from_numpy(np.tile(ids, reps)[: n + 1].astype(np.int64))
 
 
-def _plot(segments: list[dict], title: str, path: Path) -> None:
-    import matplotlib
+def plot_stream(segments: list[dict], title: str, path: Path) -> None:
+    """Perplexity, KV slots and process memory per segment. Slots and memory start at zero, so
+    a flat line reads as flat (not as growth at the scale of a few kilobytes); the title, the
+    policy's description, wraps inside the figure. Drawn on an Agg canvas: the global
+    matplotlib backend is untouched."""
+    import textwrap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    x = [s["tokens"] for s in segments]
-    fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
+    fig = Figure(figsize=(7, 7), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, 1, sharex=True)
+    x = [s["tokens"] / 1000 for s in segments]
     for ax, key, label in zip(axes, ("ppl", "kv_mean", "rss_mb"), ("perplexity per segment", "KV slots per layer", "process RSS (MiB)")):
         ax.plot(x, [s[key] for s in segments], marker=".")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_title(title)
-    axes[-1].set_xlabel("tokens streamed")
-    fig.tight_layout()
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+        if key != "ppl":
+            ax.set_ylim(bottom=0, top=1.1 * max(s[key] for s in segments))
+    fig.suptitle("\n".join(textwrap.wrap(title, 70)), fontsize=10)
+    axes[-1].set_xlabel("tokens streamed (thousands)")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run_stream(args) -> dict:
@@ -77,7 +84,7 @@ def run_stream(args) -> dict:
         result = stream_tokens(model, ids, policy, chunk=args.chunk, segment=args.segment, on_segment=write)
     result["policy"] = describe_policy(policy)
     (out / f"stream-{name}.json").write_text(json.dumps({k: v for k, v in result.items() if k != "segments"}, indent=2) + "\n")
-    _plot(result["segments"], f"{name}: {describe_policy(policy)}", out / f"stream-{name}.png")
+    plot_stream(result["segments"], f"{name}: {describe_policy(policy)}", out / f"stream-{name}.png")
     ppls = [s["ppl"] for s in result["segments"]]
     print(
         f"perplexity {result['ppl']:.3f} over {result['tokens']:,} tokens (segments {min(ppls):.2f}-{max(ppls):.2f}); "
