@@ -7,6 +7,8 @@ and channel i of the second half form the pair rotated by angle pos * theta^(-2i
 
 import torch
 
+from speedlm.ops.caches import register
+
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (*positions.shape, head_dim / 2) for integer positions. The angles are
@@ -21,6 +23,7 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
 # beyond (long streams) are computed directly.
 _TABLES: dict = {}
 _MAX_TABLE = 1 << 15
+register("rope.tables", _TABLES.clear, lambda: len(_TABLES))
 
 
 def rope_table(start: int, length: int, head_dim: int, theta: float, device, dtype=torch.float64):

@@ -31,6 +31,12 @@ class DilatedWindow:
     def max_distance(self) -> int:
         return (self.window - 1) * self.dilation
 
+    def may_attend(self, q_min, q_max, k_min, k_max) -> torch.Tensor:
+        """Some distance of the ranges is a multiple of the dilation within the reach (ops/masks.py)."""
+        reach = self.max_distance()
+        lo, hi = (q_min - k_max).clamp(min=-reach), (q_max - k_min).clamp(max=reach)
+        return (lo <= hi) & (torch.div(hi, self.dilation, rounding_mode="floor") * self.dilation >= lo)
+
     def plan(self, q, k, v, mask: AttentionMask, scale=None, backend: str = "auto"):
         """The residue-class plan (see the module docstring), for contiguous masks."""
         return dilated_window_attention(q, k, v, mask, scale, backend)

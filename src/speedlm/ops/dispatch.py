@@ -4,7 +4,8 @@ FlexAttention, later fla / mamba-ssm Triton kernels) are preferred where they ca
 `auto` tries the preferred implementations that declare themselves usable for the inputs
 (e.g. CUDA tensors), in registration order, and falls back to the torch form. It falls back
 only when an implementation *cannot be compiled* on this machine (no Triton, an old GPU, a
-broken C++ toolchain); that is remembered, with one warning, for the rest of the process.
+broken C++ toolchain); that is remembered, with one warning, until `clear_process_caches()`
+(ops/caches.py: then the next call tries again, so every model pays the failed compile alike).
 Every other error (out of memory, wrong shapes, a bug) propagates: switching backends would
 hide it. Naming a backend explicitly runs it with no fallback.
 """
@@ -15,6 +16,8 @@ import warnings
 from typing import Callable
 
 import torch
+
+from speedlm.ops.caches import register as register_cache
 
 
 def _chain(exc: BaseException):
@@ -57,6 +60,7 @@ class Dispatch:
         self._impls: dict[str, tuple[Callable, Callable]] = {}
         self.failed: dict[str, str] = {}  # name -> why it could not compile
         self.register(fallback, fallback_fn)
+        register_cache(f"dispatch.{family}.failed", self.failed.clear, lambda: len(self.failed))
 
     def register(self, name: str, fn: Callable, usable: Callable[..., bool] = lambda *a, **k: True) -> None:
         self._impls[name] = (fn, usable)

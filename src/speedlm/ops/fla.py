@@ -17,10 +17,15 @@ import importlib.util
 
 import torch
 
+from speedlm.ops.caches import register_functools_cache
+
 
 @functools.cache
 def fla_installed() -> bool:
     return importlib.util.find_spec("fla") is not None
+
+
+register_functools_cache("fla.installed", fla_installed)  # clearing looks again
 
 
 def fla_usable(q: torch.Tensor, *args, **kwargs) -> bool:

@@ -50,6 +50,22 @@ class LogSparse:
     def max_distance(self) -> int | None:
         return None if self.restart is None else self.restart - 1
 
+    def may_attend(self, q_min, q_max, k_min, k_max) -> torch.Tensor:
+        """Some |distance| of the ranges is below `local` or a power of two, and the ranges share
+        a restart segment (ops/masks.py)."""
+        lo, hi = q_min - k_max, q_max - k_min
+        near = torch.where(lo > 0, lo, torch.where(hi < 0, -hi, 0))  # smallest |distance|, largest below
+        far = torch.maximum(lo.abs(), hi.abs())
+        p = torch.ones_like(far)  # the largest power of two <= far (far >= 1), by doubling
+        for _ in range(max(1, int(far.max()).bit_length()) if far.numel() else 0):
+            p = torch.where(p * 2 <= far, p * 2, p)
+        ok = (near < self.local) | (p >= near)
+        if self.restart is not None:
+            r = self.restart
+            seg = lambda x: torch.div(x, r, rounding_mode="floor")  # noqa: E731
+            ok = ok & (seg(q_min) <= seg(k_max)) & (seg(k_min) <= seg(q_max))
+        return ok
+
     def plan(self, q, k, v, mask, scale=None, backend: str = "auto"):
         return logsparse_attention(q, k, v, mask, scale, backend)
 

@@ -31,6 +31,13 @@ class LongformerLocal:
     def __call__(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         return ((q_pos - k_pos).abs() < self.window) | self.is_global(k_pos)
 
+    def may_attend(self, q_min, q_max, k_min, k_max) -> torch.Tensor:
+        """The band meets the ranges, or a global position lies in the key range (ops/masks.py)."""
+        out = (q_min - k_max < self.window) & (k_min - q_max < self.window)
+        for g in self.global_positions:
+            out = out | ((k_min <= g) & (g <= k_max))
+        return out
+
     def plan(self, q, k, v, mask, scale=None, backend: str = "auto"):
         """Causal: the band plus the global key columns is a local window plus marked keys,
         which ops/marked_attention.py runs in one softmax per query block over the window span
@@ -60,6 +67,12 @@ class UpToPosition:
 
     def __call__(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         return k_pos <= q_pos
+
+    def distance_range(self) -> tuple[int, None]:
+        return 0, None
+
+    def may_attend(self, q_min, q_max, k_min, k_max) -> torch.Tensor:
+        return k_min <= q_max
 
 
 def banded_prefix_attention(q, k, v, window: int, n_global: int, scale=None, block: int = BLOCK) -> torch.Tensor:

@@ -18,10 +18,15 @@ import importlib.util
 
 import torch
 
+from speedlm.ops.caches import register_functools_cache
+
 
 @functools.cache
 def mamba_ssm_installed() -> bool:
     return importlib.util.find_spec("mamba_ssm") is not None
+
+
+register_functools_cache("mamba_kernels.installed", mamba_ssm_installed)  # clearing looks again
 
 
 def selective_scan_usable(u: torch.Tensor, *args, initial_state=None, **kwargs) -> bool:

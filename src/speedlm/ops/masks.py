@@ -27,6 +27,18 @@ positions, or the non-contiguous key positions of a lossy KV cache. Causality is
 
 Index tensors passed to an `AttentionMask` carry a leading batch dimension (1 when shared by
 every row); its result has a leading dimension of 1 (batch-independent) or B.
+
+Block plans (ops/sparse_attention.py) find the key blocks each query block touches without
+evaluating the pattern over every query x key pair, from two optional pattern methods:
+
+- `distance_range() -> (lo, hi)`: the pattern is exactly the band lo <= q - k <= hi (None: no
+  bound on that side). With contiguous positions each query block's keys are then one range of
+  key blocks, computed in O(T / block).
+- `may_attend(q_min, q_max, k_min, k_max) -> bool`: on broadcastable tensors of position ranges
+  (a query block's, a key block's), True wherever some pair in the ranges may be allowed. It may
+  say True too often (the plan then gathers a block it masks out), never too rarely.
+
+A pattern with neither is evaluated over every pair, one slab of queries at a time.
 """
 
 from __future__ import annotations
@@ -43,6 +55,12 @@ class Full:
     def __call__(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(q_pos - k_pos, dtype=torch.bool)
 
+    def distance_range(self) -> tuple[None, None]:
+        return None, None
+
+    def may_attend(self, q_min, q_max, k_min, k_max) -> torch.Tensor:
+        return torch.ones_like(q_min - k_max, dtype=torch.bool)
+
 
 @dataclass(frozen=True)
 class SlidingWindow:
@@ -53,6 +71,13 @@ class SlidingWindow:
 
     def __call__(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         return (q_pos - k_pos).abs() < self.window
+
+    def distance_range(self) -> tuple[int, int]:
+        return 1 - self.window, self.window - 1
+
+    def may_attend(self, q_min, q_max, k_min, k_max) -> torch.Tensor:
+        # the distances q - k of the ranges span [q_min - k_max, q_max - k_min]: do they meet the band?
+        return (q_min - k_max < self.window) & (k_min - q_max < self.window)
 
 
 def window_mean_keys(context_len: int, window: int) -> float:

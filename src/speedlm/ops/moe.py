@@ -31,6 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from speedlm.ops.caches import register
+
 
 def route_topk(
     logits: torch.Tensor, k: int, renormalize: bool = True
@@ -58,7 +60,10 @@ def expert_capacity(n_tokens: int, k: int, n_experts: int, factor: float | None)
 
 
 # ----- grouped matmul -----
+# whether torch._grouped_mm works, per (device type, dtype): a capability probe, registered with
+# the process caches (ops/caches.py); clearing it makes the next MoE call probe again
 _GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+register("moe.grouped_mm_works", _GROUPED_MM_WORKS.clear, lambda: len(_GROUPED_MM_WORKS))
 
 
 def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:

@@ -16,13 +16,16 @@ convention).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from speedlm.ops.caches import register
 from speedlm.ops.dispatch import Dispatch
 from speedlm.ops.masks import AttentionMask
 
@@ -43,7 +46,91 @@ def active_kv_blocks(mask: AttentionMask, block: int, device) -> tuple[torch.Ten
     Returns kv_idx (Bm, nQb, K) long: for each query block, the key blocks it touches (padded),
     and valid (Bm, nQb, K) bool marking real entries. K is the largest count over query blocks;
     Bm is the mask's batch (1 when every row shares it).
+
+    Found without the mask's T x T pairs where the pattern allows (ops/masks.py): a band on
+    contiguous positions in O(T / block), exactly; any other mask with a `may_attend` pattern
+    from each block's position, document and index ranges in O(Bm * nQb * nKb), a superset whose
+    extra blocks the plan masks out; a pattern with neither by evaluating every pair.
     """
+    bounds = _band_bounds(mask)
+    if bounds is not None:
+        return _band_blocks(mask, block, device, *bounds)
+    if hasattr(mask.pattern, "may_attend"):
+        return _compact(_blockwise_active(mask, block, device), device)
+    return _compact(evaluated_active_blocks(mask, block, device), device)
+
+
+def _band_bounds(mask: AttentionMask) -> tuple[int, int] | None:
+    """(c1, c2) such that query i may see exactly the key indices i + c1 .. i + c2 (within
+    0 .. Tk - 1), for a band pattern on contiguous positions; None for any other mask."""
+    band = getattr(mask.pattern, "distance_range", None)
+    if band is None or not mask.contiguous:
+        return None
+    lo, hi = band()
+    off = mask.q_pos - mask.k_pos  # q_pos - k_pos of query i and key j is i - j + off
+    unbounded = mask.tq + mask.tk  # beyond any index difference
+    c1 = max(-unbounded if hi is None else off - hi, -unbounded if mask.window is None else off - mask.window + 1)
+    c2 = min(unbounded if lo is None else off - lo, mask.tk - mask.tq if mask.causal else unbounded)
+    return c1, c2
+
+
+def _band_blocks(mask: AttentionMask, block: int, device, c1: int, c2: int):
+    """Each query block's keys are the union of its queries' ranges [i + c1, i + c2], whose ends
+    both grow with i: one range, from its first query's start to its last query's end."""
+    nqb, nkb = -(-mask.tq // block), -(-mask.tk // block)
+    q_lo = torch.arange(nqb, device=device) * block
+    q_hi = (q_lo + block).clamp(max=mask.tq) - 1
+    lo, hi = (q_lo + c1).clamp(min=0), (q_hi + c2).clamp(max=mask.tk - 1)
+    first, last = lo // block, hi // block
+    counts = torch.where((lo <= hi) & (c1 <= c2), last - first + 1, 0)
+    k_max = max(1, int(counts.max()))
+    slot = torch.arange(k_max, device=device)
+    kv_idx = (first.clamp(max=nkb - 1)[:, None] + slot).clamp(max=nkb - 1)  # padding: any real block
+    return kv_idx[None], (slot < counts[:, None])[None]
+
+
+def _block_ranges(values: int | torch.Tensor, t: int, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of `block` indices, the smallest and largest value: (B|1, nb) each. `values` is
+    a (B|1, T) tensor, or an int start s for the values s + index."""
+    nb = -(-t // block)
+    if isinstance(values, int):
+        lo = torch.arange(nb, device=device) * block
+        return (values + lo)[None], (values + (lo + block).clamp(max=t) - 1)[None]
+    pad = nb * block - t  # repeat the last value: it changes neither end of the last block
+    v = torch.cat([values, values[:, -1:].expand(-1, pad)], dim=1) if pad else values
+    v = v.reshape(v.shape[0], nb, block)
+    return v.amin(dim=-1), v.amax(dim=-1)
+
+
+def _blockwise_active(mask: AttentionMask, block: int, device) -> torch.Tensor:
+    """(Bm, nQb, nKb) bool: the blocks where some pair may be allowed, term by term of the mask
+    (ops/masks.py) on each block's ranges: positions through the pattern's `may_attend`, index
+    order for causality, document ids (a shared id lies in both ranges), the window or a mark."""
+    tq, tk = mask.tq, mask.tk
+    qi_lo, qi_hi = _block_ranges(0, tq, block, device)
+    kj_lo, _ = _block_ranges(0, tk, block, device)
+    q_min, q_max = (x[:, :, None] for x in _block_ranges(mask.q_pos, tq, block, device))
+    k_min, k_max = (x[:, None, :] for x in _block_ranges(mask.k_pos, tk, block, device))
+    active = mask.pattern.may_attend(q_min, q_max, k_min, k_max)
+    if mask.causal:
+        active = active & (kj_lo[:, None, :] <= qi_hi[:, :, None] + (tk - tq))
+    if mask.q_doc is not None:
+        dq_min, dq_max = (x[:, :, None] for x in _block_ranges(mask.q_doc, tq, block, device))
+        dk_min, dk_max = (x[:, None, :] for x in _block_ranges(mask.k_doc, tk, block, device))
+        active = active & (dq_min <= dk_max) & (dk_min <= dq_max)
+    if mask.window is not None:
+        near = q_min - k_max < mask.window
+        if mask.k_mark is not None:
+            near = near | _block_ranges(mask.k_mark.to(torch.int8), tk, block, device)[1].bool()[:, None, :]
+        active = active & near
+    nqb, nkb = qi_lo.shape[1], kj_lo.shape[1]
+    return active.expand(max(active.shape[0], mask.batch), nqb, nkb)
+
+
+def evaluated_active_blocks(mask: AttentionMask, block: int, device) -> torch.Tensor:
+    """(Bm, nQb, nKb) bool: the blocks holding an allowed pair, by evaluating the mask over every
+    query x key pair (one slab of queries at a time): the definition the faster forms are
+    tested against, and the path for patterns that say nothing about their blocks."""
     tq, tk = mask.tq, mask.tk
     nqb, nkb = -(-tq // block), -(-tk // block)
     kj = torch.arange(nkb * block, device=device)
@@ -55,7 +142,11 @@ def active_kv_blocks(mask: AttentionMask, block: int, device) -> tuple[torch.Ten
         rows = torch.arange(r0, min(r0 + rows_per_slab, nqb * block), device=device)
         m = mask(rows.clamp(max=tq - 1).view(1, -1, 1), kj) & k_real & (rows < tq)[:, None]
         active.append(m.view(m.shape[0], -1, block, nkb, block).any(dim=4).any(dim=2))
-    active = torch.cat(active, dim=1)  # (Bm, nQb, nKb)
+    return torch.cat(active, dim=1)
+
+
+def _compact(active: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Bm, nQb, nKb) bool -> kv_idx, valid as `active_kv_blocks` returns them."""
     counts = active.sum(dim=-1)
     k_max = max(1, int(counts.max()))
     # stable sort puts the active block ids first, in increasing order
@@ -75,10 +166,41 @@ class BlockPlan:
 
 
 _PLANS: OrderedDict = OrderedDict()
+# host seconds spent building plans and block masks, and how many, since the last clear: what a
+# benchmark reports as each model's first-call cost (a per-row mask builds one every call)
+_PLAN_STATS = {"built": 0, "seconds": 0.0}
+
+
+def plan_stats() -> dict:
+    """{"built": plans and block masks built, "seconds": host seconds spent building them} since
+    the last `clear_process_caches()` (ops/caches.py)."""
+    return dict(_PLAN_STATS)
+
+
+@contextlib.contextmanager
+def _building():
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _PLAN_STATS["built"] += 1
+        _PLAN_STATS["seconds"] += time.perf_counter() - t0
+
+
+def _clear_plans() -> None:
+    _PLANS.clear()
+    _PLAN_STATS.update(built=0, seconds=0.0)
 
 
 def _make_plan(mask: AttentionMask, block: int, device) -> BlockPlan:
+    with _building():
+        return _build_plan(mask, block, device)
+
+
+def _build_plan(mask: AttentionMask, block: int, device) -> BlockPlan:
     kv_idx, valid = active_kv_blocks(mask, block, device)
+    if _band_bounds(mask) is None:  # block ranges may hold empty tiles: keep the tiles with a pair
+        kv_idx, valid = _drop_empty_tiles(mask, block, kv_idx, valid)
     bm, nqb, kmax = kv_idx.shape
     qi = torch.arange(nqb * block, device=device).view(1, nqb, block, 1)
     kj = (kv_idx[..., None] * block + torch.arange(block, device=device)).view(bm, nqb, 1, kmax * block)
@@ -88,9 +210,41 @@ def _make_plan(mask: AttentionMask, block: int, device) -> BlockPlan:
     return BlockPlan(block, kv_idx, allowed | ~seen_any, seen_any)
 
 
+def _row(mask: AttentionMask, b: int) -> AttentionMask:
+    """Row b of a per-row mask, as a mask of batch 1."""
+    fields = ("q_pos", "k_pos", "q_doc", "k_doc", "k_mark")
+    return replace(mask, **{f: getattr(mask, f)[b : b + 1] for f in fields
+                            if isinstance(getattr(mask, f), torch.Tensor) and getattr(mask, f).shape[0] > 1})
+
+
+def _drop_empty_tiles(mask: AttentionMask, block: int, kv_idx, valid):
+    """Evaluate the mask on each candidate (query block, key block) tile alone and keep the tiles
+    holding an allowed pair: O(candidate tiles * block^2), and the plan's K shrinks to the exact
+    count (a block that straddles two documents whose positions restart would otherwise widen
+    every query block's gather to the longest document)."""
+    tq, tk = mask.tq, mask.tk
+    ar = torch.arange(block, device=kv_idx.device)
+    keep = torch.zeros_like(valid)
+    per_chunk = max(1, _MAX_SLAB_ELEMENTS // (block * block))
+    for b in range(kv_idx.shape[0]):
+        row = _row(mask, b) if kv_idx.shape[0] > 1 else mask
+        qb, slot = valid[b].nonzero(as_tuple=True)
+        for c in range(0, qb.numel(), per_chunk):
+            qbc, sc = qb[c : c + per_chunk], slot[c : c + per_chunk]
+            qi, kj = qbc[:, None] * block + ar, kv_idx[b, qbc, sc][:, None] * block + ar  # (P, block) each
+            m = row(qi.clamp(max=tq - 1)[None, :, :, None], kj.clamp(max=tk - 1)[None, :, None, :])[0]
+            m = m & (qi < tq)[:, :, None] & (kj < tk)[:, None, :]
+            keep[b, qbc, sc] = m.flatten(1).any(dim=1)
+    counts = keep.sum(dim=-1)
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., : max(1, int(counts.max()))]
+    return kv_idx.gather(-1, order), torch.arange(order.shape[-1], device=keep.device) < counts[..., None]
+
+
 def block_plan(mask: AttentionMask, block: int, device) -> BlockPlan:
-    """The plan for this mask. Contiguous masks are cached: every layer of a model and every
-    training step sees the same shapes, so the pattern is evaluated once, not per call."""
+    """The plan for this mask. Contiguous masks are cached until `clear_process_caches()`: every
+    layer of a model and every training step sees the same shapes. Per-row masks (positions,
+    documents, marks) are planned per call, from block ranges (`active_kv_blocks`): the exact
+    mask is evaluated only inside the gathered tiles, never over T x T pairs."""
     block = min(block, max(mask.tq, mask.tk))  # short inputs need no padding to a full block
     if mask.plan_key is None:
         return _make_plan(mask, block, device)
@@ -156,12 +310,30 @@ def _block_mask(mask: AttentionMask, device):
         _BLOCK_MASKS.move_to_end(key)
         return _BLOCK_MASKS[key]
     batch = mask.batch if mask.batch > 1 else None
-    bm = create_block_mask(mask.mask_mod(device), batch, None, mask.tq, mask.tk, device=device)
+    with _building():
+        bm = create_block_mask(mask.mask_mod(device), batch, None, mask.tq, mask.tk, device=device)
     if key is not None:
         _BLOCK_MASKS[key] = bm
         while len(_BLOCK_MASKS) > 16:
             _BLOCK_MASKS.popitem(last=False)
     return bm
+
+
+register("sparse_attention.plans", _clear_plans, lambda: len(_PLANS))
+register("sparse_attention.block_masks", _BLOCK_MASKS.clear, lambda: len(_BLOCK_MASKS))
+
+
+def _clear_compiled_flex() -> None:
+    """Forget the compiled FlexAttention function and what dynamo compiled for it, so the next
+    model compiles afresh, as the first one did (other compiled functions recompile too)."""
+    if _compiled_flex.cache_info().currsize:
+        import torch._dynamo
+
+        _compiled_flex.cache_clear()
+        torch._dynamo.reset()
+
+
+register("sparse_attention.compiled_flex", _clear_compiled_flex, lambda: _compiled_flex.cache_info().currsize)
 
 
 def flex_sparse_attention(q, k, v, mask: AttentionMask, scale=None):
