@@ -62,12 +62,12 @@ def test_block_gradients_are_finite_and_reach_every_parameter(block, ffn, m):
 def test_block_accounting_is_the_sum_of_its_parts(block, ffn, m):
     blk = make(block, ffn, m)
     ffn_flops = blk.ffn.flops_per_token() if blk.ffn is not None else 0.0
-    if block == "mod":  # the router on every token, the block on the capacity's share, over the routed length
+    if block == "mod":  # the router on every token, the block on the k = ceil(capacity T) routed ones, over their length
         routed = math.ceil(blk.capacity * 100)
         inner = blk.mixer.flops_per_token(routed) + ffn_flops
         inner_bidirectional = blk.mixer.bidirectional_flops_per_token(routed) + ffn_flops
-        assert blk.flops_per_token(100) == pytest.approx(2 * DIMS.d_model + blk.capacity * inner)
-        assert blk.bidirectional_flops_per_token(100) == pytest.approx(2 * DIMS.d_model + blk.capacity * inner_bidirectional)
+        assert blk.flops_per_token(100) == pytest.approx(2 * DIMS.d_model + routed / 100 * inner)
+        assert blk.bidirectional_flops_per_token(100) == pytest.approx(2 * DIMS.d_model + routed / 100 * inner_bidirectional)
     else:
         own = blk.own_flops_per_token()  # the parts beside mixer and FFN, counted in both directions
         assert blk.flops_per_token(100) == pytest.approx(blk.mixer.flops_per_token(100) + ffn_flops + own)

@@ -6,6 +6,7 @@ import torch
 
 from speedlm.device import cpu_supports_bf16
 from speedlm.errors import SpeedlmError
+from speedlm.models import CausalLM
 from speedlm.train import TrainConfig, evaluate, load_checkpoint, load_model, read_metrics, train
 
 
@@ -306,3 +307,32 @@ def test_auxiliary_losses_are_trained_logged_by_name_and_left_out_of_evaluation(
     g_total = torch.autograd.grad(total, model.embed.weight, retain_graph=True)[0]
     g_lm = torch.autograd.grad(parts["lm"], model.embed.weight)[0]
     assert (g_total - g_lm).abs().max() > 1e-6
+
+
+def test_a_flop_budget_counts_each_step_at_the_cost_it_ran_at(data, make_cfg, helpers):
+    """Adaptive span's cost follows its learned spans: the budget is spent step by step at the
+    cost of the spans each step ran with, and training stops before a step that would pass it."""
+    torch.manual_seed(0)
+    model = CausalLM(helpers.tiny_model_config(layers={"A": {"mixer": {"name": "adaptive_span", "max_span": 64,
+                                                                      "ramp": 4, "init_span": 0.2}}}))
+    assert model.data_dependent_flops
+    seq, batch = 32, 4
+    costs = [model.flops_per_token(seq, training=True)]  # the cost each step runs at: before its update
+    first = costs[0] * seq * batch
+    cfg = make_cfg(steps=40, lr=0.3, warmup_steps=1, eval_every=0, save_every=0, log_every=1, flop_budget=6.5 * first)
+    summary = train(model, cfg, helpers.StandInStream(data[0]), progress=False,
+                    on_step=lambda _: costs.append(model.flops_per_token(seq, training=True)))
+    steps = summary["step"]
+    spent = [r["flops"] for r in summary["history"]]
+    assert spent == pytest.approx([sum(costs[:k]) * seq * batch for k in range(1, steps + 1)], rel=1e-12)
+    assert len(set(costs)) > 1  # the spans moved, and the count with them
+    assert summary["flops_spent"] <= cfg.flop_budget < summary["flops_spent"] + costs[steps] * seq * batch
+    assert steps < cfg.steps
+
+
+def test_a_fixed_cost_model_spends_whole_steps_of_its_budget(data, make_model, make_cfg, helpers):
+    model = make_model()
+    per_step = model.flops_per_token(32, training=True) * 32 * 4
+    summary = train(model, make_cfg(steps=12, eval_every=0, save_every=0, flop_budget=5.5 * per_step),
+                    helpers.StandInStream(data[0]), progress=False)
+    assert summary["step"] == 5 and summary["flops_spent"] == pytest.approx(5 * per_step)

@@ -27,6 +27,11 @@ class LayerCache:
         recurrent or convolution state): what a KV ratio counts."""
         return []
 
+    def summary(self) -> dict:
+        """What the tokens seen so far made of this state, where that depends on the tokens
+        (Mixture-of-Depths: the share it routed), for reports; empty otherwise."""
+        return {}
+
     def bidirectional_keys(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For a bidirectional call over (rotated) keys and values: what its queries read."""
         raise NotImplementedError

@@ -22,6 +22,9 @@ class CompositeCache(LayerCache):
     def kv_slots(self) -> list[float]:
         return [n for p in self.parts.values() for n in p.kv_slots()]
 
+    def summary(self) -> dict:
+        return {k: v for p in self.parts.values() for k, v in p.summary().items()}
+
     def detach(self) -> None:
         for p in self.parts.values():
             p.detach()

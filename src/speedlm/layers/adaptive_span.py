@@ -57,6 +57,7 @@ class _ClampToUnit(torch.autograd.Function):
 class AdaptiveSpanAttention(AttentionBase):
     supports_bidirectional = False  # a span is a distance into the past (the paper's causal LM)
     supports_doc_ids = True
+    data_dependent_flops = True  # cost follows the learned spans
 
     @classmethod
     def reversible_problem(cls, **options) -> str | None:
@@ -111,6 +112,14 @@ class AdaptiveSpanAttention(AttentionBase):
         """Positions back a query can see (the `Mixer.reach` contract): the window less itself."""
         return self.span_window() - 1
 
+    def learned_summary(self) -> dict:
+        """Each head's span in tokens, as learned, and the window the cache keeps for them."""
+        with torch.no_grad():
+            spans = self.spans()
+        if spans.is_meta:
+            return {}
+        return {"spans": [round(float(z), 1) for z in spans], "span_window": self.span_window()}
+
     # ----- attention -----
     def default_policy(self):
         return WindowPolicy(self.span_window())
@@ -153,5 +162,17 @@ class AdaptiveSpanAttention(AttentionBase):
         y = adaptive_span_attention_reference(q, k, v, allowed, (qp - kp).expand(b, t, t), self.spans(), self.ramp)
         return self.reference_output(y)
 
+    def head_windows(self) -> list[int]:
+        """How many distances each head reads now, ceil(z_h) + ramp (its soft mask is > 0 below
+        z_h + R), at most max_span: the keys each head's queries see, for FLOPs."""
+        if self.span.is_meta:  # built on the meta device (planning) there are no values: the initial spans
+            spans = [f * self.max_span for f in self.init_span]
+        else:
+            spans = (self.span.detach().clamp(0, 1) * self.max_span).tolist()
+        return [min(self.max_span, math.ceil(z) + self.ramp) for z in spans]
+
     def _mean_keys(self, context_len: int) -> float:
-        return window_mean_keys(context_len, self.span_window())
+        # each head's visible keys at its current span, averaged over the heads (the blocked op
+        # reads every head's keys up to the largest reach: executed/counted shows that)
+        windows = self.head_windows()
+        return sum(window_mean_keys(context_len, w) for w in windows) / len(windows)

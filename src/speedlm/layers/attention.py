@@ -10,6 +10,7 @@ import torch
 
 from speedlm.cache.kv import FullPolicy, KVCache, KVPolicy
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops, attention_flops, causal_keys
 from speedlm.layers.heads import HeadsMixer
 from speedlm.layers.mixer import SeqMeta
 from speedlm.layers.rope import apply_rope, rope_for, rope_reference
@@ -153,20 +154,21 @@ class AttentionBase(HeadsMixer):
         kept = self.default_policy().retained(context_len)
         return 2 * batch_size * self.kv_heads * self.head_dim * kept * bytes_per_elem
 
-    def flops_per_token(self, context_len: int) -> float:
-        return self.projection_flops() + 4.0 * self.n_heads * self.head_dim * self._mean_keys(context_len)
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        keys = self._mean_keys(context_len) if causal else self._bidirectional_keys(context_len)
+        return Flops(linear=self.projection_flops(), matmul=attention_flops(self.n_heads, keys, self.head_dim, self.head_dim))
 
-    def bidirectional_flops_per_token(self, context_len: int) -> float:
+    def _bidirectional_keys(self, context_len: int) -> float:
         # a symmetric pattern sees its causal keys on both sides, itself once (full attention: T)
-        keys = min(context_len, 2 * self._mean_keys(context_len) - 1)
-        return self.projection_flops() + 4.0 * self.n_heads * self.head_dim * keys
+        return min(context_len, 2 * self._mean_keys(context_len) - 1)
 
     def max_context(self, kv_policy: KVPolicy | None = None) -> int | None:
         # positions beyond the training length are only safe when no query looks that far back
         return None if (kv_policy or self.default_policy()).bounded else self.dims.max_seq_len
 
     def _mean_keys(self, context_len: int) -> float:
-        return (context_len + 1) / 2
+        """Mean keys a causal query sees (its visible pairs, the FLOP convention's unit)."""
+        return causal_keys(context_len)
 
 
 class Attention(AttentionBase):

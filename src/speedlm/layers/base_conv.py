@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops
 from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
 from speedlm.layers.short_conv import ShortConv
 from speedlm.registry import Range
@@ -51,5 +52,5 @@ class BaseConv(Mixer):
     def reach(self) -> int:
         return self.conv.kernel - 1  # the causal convolution: nothing else mixes positions
 
-    def flops_per_token(self, context_len: int) -> float:
-        return linear_flops(self.p_proj, self.c_proj, self.o_proj) + self.conv.flops_per_token()
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        return Flops(linear=linear_flops(self.p_proj, self.c_proj, self.o_proj)) + self.conv.flops_breakdown()

@@ -17,6 +17,7 @@ import torch
 
 from speedlm.cache.recurrent import RecurrentState
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops, attention_flops, chunk_visible_keys
 from speedlm.layers.heads import HeadsMixer
 from speedlm.layers.mixer import SeqMeta
 from speedlm.ops.linear_attention import (
@@ -85,7 +86,13 @@ class BasedLinearAttention(HeadsMixer):
         elems = batch_size * self.n_heads * (self.n_features * self.value_dim + self.n_features)
         return elems * RecurrentState.bytes_per_elem(bytes_per_elem)
 
-    def flops_per_token(self, context_len: int) -> float:
-        f, dv, c = self.n_features, self.value_dim, min(self.chunk_size, context_len)
-        per_head = 2 * f + 2 * c * f + 2 * c * dv + 2 * f * dv + 2 * f * dv
-        return self.projection_flops() + self.n_heads * per_head
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        f, dv = self.n_features, self.value_dim
+        features = self.n_heads * 2 * 2 * f  # the Taylor map of queries and keys (outer product, scale): elementwise
+        if not causal:  # phi(k)^T v, phi(q) times that; the normaliser phi(q) . sum phi(k)
+            return Flops(linear=self.projection_flops(), matmul=self.n_heads * 4 * f * dv,
+                         other=features + self.n_heads * 2 * f)
+        dv += 1  # the normaliser rides along as one more value channel
+        # the causal half of each C x C chunk (scores over the features, mix), state read and chunk state
+        per_head = attention_flops(1, chunk_visible_keys(context_len, self.chunk_size), f, dv) + 4 * f * dv
+        return Flops(linear=self.projection_flops(), matmul=self.n_heads * per_head, other=features)

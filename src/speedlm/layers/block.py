@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops
 from speedlm.layers.mixer import SeqMeta
 from speedlm.layers.norm import RMSNorm
 from speedlm.layers.part import LayerPart
@@ -83,12 +84,27 @@ class LayerBlock(Block):
         """FLOPs of the block's parts beside its mixer and FFN (none in the base block)."""
         return 0.0
 
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        ffn = self.ffn.flops_breakdown() if self.ffn is not None else Flops()
+        return self.mixer.flops_breakdown(context_len, causal) + ffn + self.own_flops_breakdown(causal)
+
+    def own_flops_breakdown(self, causal: bool = True) -> Flops:
+        """`own_flops_per_token` split as layers/flops.py says (by default all of it elementwise)."""
+        return Flops(other=self.own_flops_per_token())
+
     def max_context(self, kv_policy=None) -> int | None:
         return self.mixer.max_context(kv_policy)
 
     def reach(self) -> int | None:
         mixer = self.mixer.reach()
         return None if mixer is None else mixer + self.own_reach()
+
+    def learned_summary(self) -> dict:
+        return self.mixer.learned_summary()
+
+    @property
+    def data_dependent_flops(self) -> bool:
+        return self.mixer.data_dependent_flops
 
     def own_reach(self) -> int:
         """Positions back that the block's own parts look (a causal convolution: kernel - 1)."""

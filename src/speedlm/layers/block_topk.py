@@ -23,6 +23,7 @@ from speedlm.cache.kv import FullPolicy, token_positions
 from speedlm.errors import SpeedlmError
 from speedlm.layers.attention import AttentionBase
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops
 from speedlm.layers.mixer import SeqMeta
 from speedlm.layers.rope import apply_rope, rope_reference
 from speedlm.ops.attention import attention_reference
@@ -123,11 +124,11 @@ class BlockTopkAttention(AttentionBase):
         sums = batch_size * self.kv_heads * self.head_dim * blocks * max(bytes_per_elem, 4)
         return super().state_bytes(context_len, batch_size, bytes_per_elem) + sums
 
-    def flops_per_token(self, context_len: int) -> float:
-        # plus the gate: a query scores each earlier block's mean key
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        # plus the gate: a query scores each earlier block's mean key (its visible blocks)
         i = torch.arange(context_len, dtype=torch.float64, device="cpu")
         scored = torch.div(i, self.block_size, rounding_mode="floor").mean().item()
-        return super().flops_per_token(context_len) + 2.0 * self.n_heads * self.head_dim * scored
+        return super().flops_breakdown(context_len) + Flops(matmul=2.0 * self.n_heads * self.head_dim * scored)
 
     def _mean_keys(self, context_len: int) -> float:
         i = torch.arange(context_len, dtype=torch.float64, device="cpu")

@@ -29,7 +29,8 @@ from speedlm.cache.composite import CompositeCache
 from speedlm.errors import SpeedlmError
 from speedlm.layers.block import LayerBlock
 from speedlm.layers.dims import ModelDims
-from speedlm.layers.mixer import SeqMeta
+from speedlm.layers.flops import Flops
+from speedlm.layers.mixer import SeqMeta, linear_flops
 from speedlm.layers.norm import RMSNorm
 from speedlm.layers.short_conv import ShortConv
 from speedlm.registry import FFNS, Range
@@ -55,8 +56,12 @@ class ConvModule(nn.Module):
         return self.pointwise_out(F.silu(self.conv_norm(h)))
 
     def flops_per_token(self) -> float:
-        d = self.pointwise_out.in_features
-        return 2.0 * (2 * d * d + d * d) + self.depthwise.flops_per_token()
+        return self.flops_breakdown().total
+
+    def flops_breakdown(self, causal: bool = True) -> Flops:
+        # the centred (bidirectional) depthwise conv is one F.conv1d; the causal one the ShortConv op
+        depthwise = self.depthwise.flops_breakdown() if causal else Flops(matmul=self.depthwise.flops_per_token())
+        return Flops(linear=linear_flops(self.pointwise_in, self.pointwise_out)) + depthwise
 
 
 class ConformerBlock(LayerBlock):
@@ -108,7 +113,10 @@ class ConformerBlock(LayerBlock):
 
     def own_flops_per_token(self) -> float:
         """FLOPs beyond the mixer and the (first) FFN: the convolution module and the second FFN."""
-        return self.conv.flops_per_token() + (self.ffn2.flops_per_token() if self.ffn2 is not None else 0.0)
+        return self.own_flops_breakdown().total
+
+    def own_flops_breakdown(self, causal: bool = True) -> Flops:
+        return self.conv.flops_breakdown(causal) + (self.ffn2.flops_breakdown() if self.ffn2 is not None else Flops())
 
     def own_reach(self) -> int:
         return self.conv.depthwise.kernel - 1  # the causal convolution after the mixer

@@ -25,6 +25,7 @@ from torch import nn
 from speedlm.cache.composite import CompositeCache
 from speedlm.cache.recurrent import RecurrentState
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops, attention_flops, chunk_visible_keys
 from speedlm.layers.init import init_a_log, init_dt_bias
 from speedlm.layers.mixer import SeqMeta, linear_flops
 from speedlm.layers.recurrent_heads import GatedHeadsMixer
@@ -130,13 +131,22 @@ class DeltaNet(GatedHeadsMixer):
             context_len, batch_size, bytes_per_elem
         )
 
-    def flops_per_token(self, context_len: int) -> float:
-        extra = linear_flops(self.beta_proj) + (linear_flops(self.a_proj) if self.gated_decay else 0.0)
-        c, dk, dv = min(self.chunk_size, context_len), self.key_dim, self.value_dim
-        # chunked delta rule as run: K K^T and the triangular solve (C x C x (Dk + Dv)), the
-        # pseudo-values' state read (Dk x Dv), output (C keys, state read) and state update
-        per_head = 2 * c * dk + c * (dk + dv) + 2 * dk * dv + 2 * c * dk + 2 * c * dv + 2 * dk * dv + 2 * dk * dv
-        return self.projection_flops() + extra + self.conv.flops_per_token() + self.n_heads * per_head
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        """The chunked delta rule (ops/delta_rule.py), each C x C product at its visible pairs."""
+        n, dk, dv = context_len, self.key_dim, self.value_dim
+        c = max(1, min(self.chunk_size, n))
+        keys = chunk_visible_keys(n, c)  # a query and the keys up to it in its chunk; K K^T: the earlier ones
+        per_head = (
+            2 * dk * (keys - 1)  # K K^T, its strict lower triangle (all the solve reads)
+            + attention_flops(1, keys, dk, dk + dv)  # Q K^T, then A W and A U (the outputs' in-chunk part)
+            + 2 * dk * dk + 2 * dk * dv  # the chunk's transition K^T W and injection K^T U
+            + 2 * dk * dv  # each output's read of the state entering its chunk
+            + 2 * dk * dk * dv * -(-n // c) / max(n, 1)  # the state across each chunk, M S
+        )
+        solve = 2 * (keys - 1) * (dk + dv)  # forward substitution over the earlier rows: no matmul the counter sees
+        linear = self.projection_flops() + linear_flops(self.beta_proj) + (linear_flops(self.a_proj) if self.gated_decay else 0.0)
+        own = Flops(linear=linear, matmul=self.n_heads * per_head, other=self.n_heads * solve)
+        return own + self.conv.flops_breakdown()
 
 
 class GatedDeltaNet(DeltaNet):

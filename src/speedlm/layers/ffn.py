@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops
 from speedlm.layers.mixer import SeqMeta, init_linears
 
 
@@ -28,6 +29,11 @@ class FFN(nn.Module):
         raise NotImplementedError
 
     def flops_per_token(self) -> float:
+        """Forward FLOPs per token (layers/flops.py)."""
+        return self.flops_breakdown().total
+
+    def flops_breakdown(self) -> Flops:
+        """The count split by what FlopCounterMode sees (layers/flops.py)."""
         raise NotImplementedError
 
     def reset_parameters(self) -> None:
@@ -45,5 +51,5 @@ class NoFFN(FFN):
     def forward(self, x, meta):
         return torch.zeros_like(x)
 
-    def flops_per_token(self) -> float:
-        return 0.0
+    def flops_breakdown(self) -> Flops:
+        return Flops()

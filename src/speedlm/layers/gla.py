@@ -24,6 +24,7 @@ from torch import nn
 from speedlm.cache.recurrent import RecurrentState
 from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops
 from speedlm.layers.mixer import SeqMeta, linear_flops
 from speedlm.layers.recurrent_heads import GatedHeadsMixer
 from speedlm.ops.gla import GLA, LOG_DECAY_FLOOR, gla_recurrent
@@ -76,6 +77,6 @@ class GatedLinearAttention(GatedHeadsMixer):
         o, _ = gla_recurrent(q, k, v, g)
         return self.reference_gated_output(o, x)
 
-    def flops_per_token(self, context_len: int) -> float:
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
         gate = linear_flops(self.gate_down, self.gate_up)
-        return self.projection_flops() + gate + self.chunked_flops(context_len)
+        return Flops(linear=self.projection_flops() + gate, matmul=self.chunked_flops(context_len))

@@ -23,6 +23,7 @@ from torch import nn
 
 from speedlm.cache.recurrent import RecurrentState
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops
 from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
 from speedlm.ops.hgrn import HGRN as HGRN_OP, hgrn_recurrent
 from speedlm.registry import Range
@@ -84,6 +85,7 @@ class HGRN(Mixer):
     def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
         return batch_size * self.inner * RecurrentState.bytes_per_elem(bytes_per_elem)
 
-    def flops_per_token(self, context_len: int) -> float:
-        # projections, and a handful of element-wise operations per channel for gates and scan
-        return linear_flops(self.i_proj, self.f_proj, self.g_proj, self.o_proj) + 10.0 * self.inner
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        # projections, and the recurrence's multiply-add per channel in each of the chunked
+        # scan's two passes (elementwise; gates are not counted)
+        return Flops(linear=linear_flops(self.i_proj, self.f_proj, self.g_proj, self.o_proj), other=4.0 * self.inner)

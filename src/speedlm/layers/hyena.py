@@ -51,6 +51,7 @@ from speedlm.cache.composite import CompositeCache
 from speedlm.cache.kv import FullPolicy
 from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops
 from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
 from speedlm.layers.short_conv import ShortConv
 from speedlm.ops.long_conv import direct_causal_conv_reference, fft_causal_conv, fft_size, long_conv_step
@@ -144,9 +145,11 @@ class HyenaFilter(nn.Module):
             self._rev_memo = (full, full.flip(-1))
         return self._rev_memo[1]
 
-    def flops_per_position(self) -> float:
+    def flops_per_position(self) -> Flops:
+        """The MLP (functional F.linear calls: matmul, not Linear modules) and, elementwise,
+        sin(freq * .) and the window."""
         sines = sum(lin.out_features for lin in self.linears[:-1])
-        return linear_flops(*self.linears) + 2.0 * sines + self.channels  # sin(freq * .), window
+        return Flops(matmul=linear_flops(*self.linears), other=2.0 * sines + self.channels)
 
 
 class Hyena(Mixer):
@@ -231,17 +234,17 @@ class Hyena(Mixer):
         inputs = self.order * batch_size * context_len * self.dims.d_model * bytes_per_elem
         return inputs + self.short_conv.state_bytes(context_len, batch_size, bytes_per_elem)
 
-    def flops_per_token(self, context_len: int) -> float:
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
         d, n, c = self.dims.d_model, self.order, max(context_len, 1)
         # the filter MLP runs once per forward over the c positions it needs: its per-position cost
         filt = self.filter.flops_per_position()
         # per channel and order: rfft of the inputs, of the filter, irfft of the product
         # (3 x 2.5 m log2 m at the zero-padded size m) and the spectral product (6 per frequency),
-        # spread over the c tokens; then the skip term and the gate
+        # spread over the c tokens; then the skip term (a multiply-add; the gate is not counted)
         m = fft_size(2 * c)
         fft = 3 * _RFFT_FLOPS_PER_N_LOG2N * m * math.log2(m) + 6 * (m // 2 + 1)
-        conv = n * d * (fft / c + 2.0 + 1.0)
-        return linear_flops(self.in_proj, self.o_proj) + self.short_conv.flops_per_token() + filt + conv
+        conv = Flops(other=n * d * (fft / c + 2.0))
+        return Flops(linear=linear_flops(self.in_proj, self.o_proj)) + self.short_conv.flops_breakdown() + filt + conv
 
     def max_context(self, kv_policy=None) -> int | None:
         return self.dims.max_seq_len

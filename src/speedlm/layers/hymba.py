@@ -27,6 +27,7 @@ from torch import nn
 from speedlm.cache.composite import CompositeCache
 from speedlm.layers.attention import Attention
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops
 from speedlm.layers.mamba import Mamba
 from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
 from speedlm.layers.sparse_attention import SlidingWindowAttention
@@ -93,9 +94,9 @@ class Hymba(Mixer):
             context_len, batch_size, bytes_per_elem
         )
 
-    def flops_per_token(self, context_len: int) -> float:
-        norms = 8.0 * self.dims.d_model
-        return self.attn.flops_per_token(context_len) + self.ssm.flops_per_token(context_len) + linear_flops(self.o_proj) + norms
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        both = self.attn.flops_breakdown(context_len) + self.ssm.flops_breakdown(context_len)
+        return both + Flops(linear=linear_flops(self.o_proj))  # the branch norms are not counted
 
     def max_context(self, kv_policy=None) -> int | None:
         return self.attn.max_context(kv_policy)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from speedlm.cache.recurrent import RecurrentState
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops, attention_flops, chunk_visible_keys
 from speedlm.layers.heads import HeadsMixer
 from speedlm.layers.mixer import SeqMeta
 from speedlm.ops.linear_attention import (
@@ -61,8 +62,13 @@ class LinearAttention(HeadsMixer):
         elems = batch_size * self.n_heads * (self.head_dim * self.head_dim + self.head_dim)
         return elems * RecurrentState.bytes_per_elem(bytes_per_elem)
 
-    def flops_per_token(self, context_len: int) -> float:
-        c, dh = min(self.chunk_size, context_len), self.head_dim
-        # chunked form as run: intra-chunk (C x C) scores and mix, inter-chunk q S, state k^T v
-        per_head = 2 * c * dh + 2 * c * dh + 2 * dh * dh + 2 * dh * dh
-        return self.projection_flops() + self.n_heads * per_head
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        dk = dv = self.head_dim
+        if not causal:  # every query reads the whole state: k^T v, q S, and its normaliser q . sum(k)
+            return Flops(linear=self.projection_flops(), matmul=self.n_heads * 4 * dk * dv,
+                         other=self.n_heads * 2 * dk if self.normalize else 0.0)
+        dv += 1 if self.normalize else 0  # the normaliser rides along as one more value channel
+        # chunked form: the causal half of each C x C chunk (scores, mix), the carried state
+        # read (q S) and the chunk's state (k^T v)
+        per_head = attention_flops(1, chunk_visible_keys(context_len, self.chunk_size), dk, dv) + 4 * dk * dv
+        return Flops(linear=self.projection_flops(), matmul=self.n_heads * per_head)

@@ -20,6 +20,7 @@ from torch import nn
 
 from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops, attention_flops
 from speedlm.layers.heads import HeadsMixer
 from speedlm.layers.mixer import SeqMeta
 from speedlm.layers.rope import apply_rope, rope_for, rope_reference
@@ -93,10 +94,11 @@ class Linformer(HeadsMixer):
     def rope_theta(self) -> float:
         return self.dims.rope_theta
 
-    def flops_per_token(self, context_len: int) -> float:
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
         # the projections along the sequence (2 k per key and value channel) and attention to k rows
         seq = 2.0 * 2 * self.k * self.kv_heads * self.head_dim
-        return self.projection_flops() + seq + 4.0 * self.n_heads * self.head_dim * min(self.k, context_len)
+        attend = attention_flops(self.n_heads, min(self.k, context_len), self.head_dim, self.head_dim)
+        return Flops(linear=self.projection_flops(), matmul=seq + attend)
 
     def init_cache(self, kv_policy=None):
         raise SpeedlmError("Linformer is bidirectional-only: it has no cache and cannot decode")

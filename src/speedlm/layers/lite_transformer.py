@@ -28,6 +28,7 @@ from speedlm.cache.kv import WindowPolicy
 from speedlm.errors import SpeedlmError
 from speedlm.layers.attention import Attention
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops
 from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
 from speedlm.registry import Range
 
@@ -136,14 +137,11 @@ class LiteTransformerLSRA(Mixer):
         conv = batch_size * min(context_len, self.kernel - 1) * self.half * bytes_per_elem
         return self.attn.state_bytes(context_len, batch_size, bytes_per_elem) + conv
 
-    def flops_per_token(self, context_len: int) -> float:
-        conv = linear_flops(self.conv_in, self.conv_out) + 2.0 * self.kernel * self.half
-        if self.kernel_proj is not None:
-            conv += linear_flops(self.kernel_proj)
-        return self.attn.flops_per_token(context_len) + conv + linear_flops(self.o_proj)
-
-    def bidirectional_flops_per_token(self, context_len: int) -> float:
-        return self.flops_per_token(context_len) - self.attn.flops_per_token(context_len) + self.attn.bidirectional_flops_per_token(context_len)
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        # the convolution branch: its projections (and the dynamic kernels'), and the taps (an einsum)
+        linears = [self.conv_in, self.conv_out, self.o_proj] + ([self.kernel_proj] if self.kernel_proj is not None else [])
+        conv = Flops(linear=linear_flops(*linears), matmul=2.0 * self.kernel * self.half)
+        return self.attn.flops_breakdown(context_len, causal) + conv
 
     def max_context(self, kv_policy=None):
         return self.attn.max_context(kv_policy)

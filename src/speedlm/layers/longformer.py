@@ -25,11 +25,12 @@ from speedlm.cache.kv import KVCache, PrefixWindowPolicy, token_positions
 from speedlm.errors import SpeedlmError
 from speedlm.layers.attention import AttentionBase
 from speedlm.layers.dims import ModelDims
-from speedlm.layers.mixer import SeqMeta
+from speedlm.layers.flops import Flops, attention_flops
+from speedlm.layers.mixer import SeqMeta, linear_flops
 from speedlm.layers.rope import apply_rope, rope_reference
 from speedlm.ops.attention import attention, attention_reference
 from speedlm.ops.longformer import LongformerLocal, UpToPosition
-from speedlm.ops.masks import AttentionMask, Full, window_mean_keys
+from speedlm.ops.masks import AttentionMask, Full
 from speedlm.registry import Range
 
 
@@ -94,9 +95,29 @@ class LongformerAttention(AttentionBase):
         prefix = min(context_len, len(self.globals))
         return super().state_bytes(context_len, batch_size, bytes_per_elem) + 2 * batch_size * self.kv_heads * self.head_dim * prefix * bytes_per_elem
 
-    def _mean_keys(self, context_len: int) -> float:
-        g = len(self.globals)
-        return window_mean_keys(context_len, self.window) + 2 * g  # the globals as keys, and g global rows over every key (g per token)
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        """Every query over its band and the global keys outside it (one softmax); each global
+        row over what it sees with the global projections: causally the keys up to itself (row p:
+        p + 1 keys, the prefix's own global keys and values), bidirectionally every key (global
+        keys and values for every token, global queries for the global rows)."""
+        n, w = context_len, self.window
+        pos = torch.arange(n, dtype=torch.float64, device="cpu")
+        rows = [p for p in self.globals if p < n]
+        g = torch.tensor(rows, dtype=torch.float64, device="cpu")
+        share = len(rows) / max(n, 1)  # global rows per token
+        if causal:  # the globals are a prefix (causal_problem): those left of the band
+            local = torch.clamp(pos + 1, max=w) + torch.clamp(pos - w + 1, min=0, max=len(rows))
+            global_keys = (g + 1).sum().item() / max(n, 1)
+            projections = linear_flops(self.q_global, self.k_global, self.v_global) * share
+        else:
+            band = torch.clamp(pos + w, max=n) - torch.clamp(pos - w + 1, min=0)
+            outside = ((pos[:, None] - g[None, :]).abs() >= w).sum(1) if rows else 0
+            local = band + outside
+            global_keys = share * n
+            projections = linear_flops(self.k_global, self.v_global) + linear_flops(self.q_global) * share
+        keys = local.mean().item() + global_keys
+        return Flops(linear=self.projection_flops() + projections,
+                     matmul=attention_flops(self.n_heads, keys, self.head_dim, self.head_dim))
 
     # ----- forward -----
     def mix(self, x, meta: SeqMeta, cache: CompositeCache | None = None):

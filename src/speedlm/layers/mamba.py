@@ -28,6 +28,7 @@ from torch import nn
 from speedlm.cache.composite import CompositeCache
 from speedlm.cache.recurrent import RecurrentState
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops
 from speedlm.layers.init import init_dt_bias
 from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
 from speedlm.layers.norm import RMSNorm
@@ -127,10 +128,9 @@ class Mamba(Mixer):
         ssm = batch_size * self.inner * self.d_state * RecurrentState.bytes_per_elem(bytes_per_elem)
         return self.conv.state_bytes(context_len, batch_size, bytes_per_elem) + ssm
 
-    def flops_per_token(self, context_len: int) -> float:
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
         # the chunked scan as run: per channel and state element, the decay (2), the input (1) and
-        # the update (2) in each of its two passes, and the read-out (2); softplus, D skip and gate
-        scan = 12.0 * self.inner * self.d_state + 10.0 * self.inner
-        if self.inner_norms:  # square, mean, scale, gain per element
-            scan += 4.0 * (self.dt_rank + 2 * self.d_state)
-        return linear_flops(self.in_proj, self.x_proj, self.dt_proj, self.out_proj) + self.conv.flops_per_token() + scan
+        # the update (2) in each of its two passes (elementwise), and the read-out h C (a bmm)
+        scan = Flops(matmul=2.0 * self.inner * self.d_state, other=10.0 * self.inner * self.d_state)
+        linear = linear_flops(self.in_proj, self.x_proj, self.dt_proj, self.out_proj)
+        return Flops(linear=linear) + self.conv.flops_breakdown() + scan

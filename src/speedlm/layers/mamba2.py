@@ -25,6 +25,7 @@ from speedlm.cache.composite import CompositeCache
 from speedlm.cache.recurrent import RecurrentState
 from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops, chunk_visible_keys
 from speedlm.layers.init import init_a_log, init_dt_bias
 from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
 from speedlm.layers.short_conv import ShortConv
@@ -144,10 +145,9 @@ class Mamba2(Mixer):
         ssm = batch_size * self.n_heads * self.head_dim * self.d_state * RecurrentState.bytes_per_elem(bytes_per_elem)
         return self.conv.state_bytes(context_len, batch_size, bytes_per_elem) + ssm
 
-    def flops_per_token(self, context_len: int) -> float:
-        # the chunked SSD as run, per token: C B^T within the chunk (per group), its mix of the
-        # head's inputs (per head), the chunk state (P x N per head), the state read (P x N)
-        c, n, p = min(self.chunk_size, context_len), self.d_state, self.head_dim
-        ssd = self.n_groups * 2 * c * n + self.n_heads * (2 * c * p + 2 * p * n + 2 * p * n)
-        gates = 10.0 * self.inner
-        return linear_flops(self.in_proj, self.out_proj) + self.conv.flops_per_token() + ssd + gates
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        # the chunked SSD, per token: C B^T over the causal half of each chunk (per group), its
+        # mix of the head's inputs (per head), the chunk state (P x N per head), the state read (P x N)
+        keys, n, p = chunk_visible_keys(context_len, self.chunk_size), self.d_state, self.head_dim
+        ssd = self.n_groups * 2 * keys * n + self.n_heads * (2 * keys * p + 2 * p * n + 2 * p * n)
+        return Flops(linear=linear_flops(self.in_proj, self.out_proj), matmul=ssd) + self.conv.flops_breakdown()

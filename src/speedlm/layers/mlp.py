@@ -7,6 +7,7 @@ from torch import nn
 
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.ffn import FFN
+from speedlm.layers.flops import Flops
 from speedlm.registry import Range
 
 
@@ -27,5 +28,5 @@ class SwiGLU(FFN):
     def forward(self, x, meta=None):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
-    def flops_per_token(self) -> float:
-        return 2.0 * 3 * self.gate.in_features * self.gate.out_features
+    def flops_breakdown(self) -> Flops:
+        return Flops(linear=2.0 * 3 * self.gate.in_features * self.gate.out_features)

@@ -35,6 +35,7 @@ from speedlm.cache.base import LayerCache
 from speedlm.errors import SpeedlmError
 from speedlm.layers.block import Block
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops
 from speedlm.layers.mixer import SeqMeta
 from speedlm.registry import BLOCKS, Range
 
@@ -47,6 +48,7 @@ class RoutedCache(LayerCache):
         self._make = make
         self.rows: list | None = None
         self.counts: list[int] = []
+        self.seen = 0  # tokens each row has offered the router
 
     def row(self, b: int, batch: int):
         if self.rows is None:
@@ -58,6 +60,12 @@ class RoutedCache(LayerCache):
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for c in self.rows or [] for t in c.tensors()]
+
+    def summary(self) -> dict:
+        """The share of the tokens seen that the rows routed through the block."""
+        if not self.seen or not self.counts:
+            return {}
+        return {"routed_fraction": sum(self.counts) / (len(self.counts) * self.seen)}
 
     def kv_slots(self) -> list[float]:
         """Per KV cache of the inner block, the slots a row holds (the mean over the rows, which
@@ -193,6 +201,9 @@ class MoDBlock(Block):
             if cache is not None:
                 cache.counts[r] += idx.numel()
             rows.append(x[r].index_add(0, idx, gate[r, idx, None].to(x.dtype) * delta[0]))
+        if cache is not None:
+            cache.row(0, b)  # made even when nothing was routed, so that it counts what it saw
+            cache.seen += x.shape[1]
         return torch.stack(rows)
 
     # ----- what the model asks -----
@@ -215,14 +226,22 @@ class MoDBlock(Block):
         return self.inner.state_bytes(self._routed(context_len), batch_size, bytes_per_elem)
 
     def flops_per_token(self, context_len: int) -> float:
-        """The router (and predictor) on every token; the inner block on the capacity's
-        fraction of them, over the selected sequence's length."""
-        return self._routing_flops() + self.capacity * self.inner.flops_per_token(self._routed(context_len))
+        """The router (and predictor) on every token; the inner block on the k = ceil(capacity T)
+        tokens top-k routes (k / T of them), over the selected sequence's length."""
+        k = self._routed(context_len)
+        return self._routing_flops() + k / max(context_len, 1) * self.inner.flops_per_token(k)
 
     def bidirectional_flops_per_token(self, context_len: int) -> float:
         """As `flops_per_token`, with the inner block's queries seeing both sides (encoders route
         by top-k over the sequence at the capacity too)."""
-        return self._routing_flops() + self.capacity * self.inner.bidirectional_flops_per_token(self._routed(context_len))
+        k = self._routed(context_len)
+        return self._routing_flops() + k / max(context_len, 1) * self.inner.bidirectional_flops_per_token(k)
+
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        # the router and predictor are functional F.linear calls (in float32): matmul
+        k = self._routed(context_len)
+        inner = self.inner.flops_breakdown(k, causal).scaled(k / max(context_len, 1))
+        return Flops(matmul=self._routing_flops()) + inner
 
     def _routing_flops(self) -> float:
         routing = 2.0 * self.dims.d_model
@@ -232,6 +251,13 @@ class MoDBlock(Block):
 
     def max_context(self, kv_policy=None) -> int | None:
         return self.inner.max_context(kv_policy)
+
+    def learned_summary(self) -> dict:
+        return {"capacity": self.capacity, **self.inner.learned_summary()}
+
+    @property
+    def data_dependent_flops(self) -> bool:
+        return self.inner.data_dependent_flops  # training routes exactly the capacity
 
     def reach(self) -> int | None:
         return self.inner.reach()  # routed tokens keep their positions: the inner block's reach

@@ -31,6 +31,7 @@ from torch import nn
 from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.ffn import FFN
+from speedlm.layers.flops import Flops
 from speedlm.layers.mlp import SwiGLU
 from speedlm.layers.mixer import SeqMeta
 from speedlm.ops.moe import balance_loss, expert_capacity, expert_choice_swiglu, moe_swiglu, route_topk, z_loss
@@ -131,11 +132,12 @@ class MoE(FFN):
             y = y + self.shared(x)
         return y
 
-    def flops_per_token(self) -> float:
-        """Active FLOPs: the router, k experts and the shared experts."""
+    def flops_breakdown(self) -> Flops:
+        """Active FLOPs: the router (a functional F.linear, in float32) and the k experts (matrix
+        products on the sorted tokens), and the shared experts (a SwiGLU of Linear layers)."""
         d = self.dims.d_model
-        shared = self.shared.flops_per_token() if self.shared is not None else 0.0
-        return 2.0 * d * self.n_experts + self.top_k * 6.0 * d * self.hidden + shared
+        shared = self.shared.flops_breakdown() if self.shared is not None else Flops()
+        return Flops(matmul=2.0 * d * self.n_experts + self.top_k * 6.0 * d * self.hidden) + shared
 
     def num_active_params(self) -> int:
         """Parameters a token passes through (router, k experts, shared experts)."""

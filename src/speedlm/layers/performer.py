@@ -20,6 +20,7 @@ import torch
 
 from speedlm.cache.recurrent import RecurrentState
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops, attention_flops, chunk_visible_keys
 from speedlm.layers.heads import HeadsMixer
 from speedlm.layers.mixer import SeqMeta
 from speedlm.layers.step_hooks import AfterOptimizerStep
@@ -104,7 +105,13 @@ class Performer(HeadsMixer, AfterOptimizerStep):
         elems = batch_size * self.n_heads * (self.features * self.head_dim + self.features + 1)
         return elems * RecurrentState.bytes_per_elem(bytes_per_elem)
 
-    def flops_per_token(self, context_len: int) -> float:
-        m, dh, c = self.features, self.head_dim, min(self.chunk_size, context_len)
-        per_head = 2 * 2 * m * dh + 2 * c * m + 2 * c * dh + 2 * m * dh + 2 * m * dh  # features, intra, state
-        return self.projection_flops() + self.n_heads * per_head
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        m, dh = self.features, self.head_dim
+        features = 2 * 2 * m * dh  # queries and keys through the random projection
+        if not causal:  # phi(k)^T v, phi(q) times that; the normaliser phi(q) . sum phi(k)
+            return Flops(linear=self.projection_flops(), matmul=self.n_heads * (features + 4 * m * dh),
+                         other=self.n_heads * 2 * m)
+        dv = dh + 1  # the normaliser rides along as one more value channel
+        # the causal half of each C x C chunk (scores over m features, mix), the chunk's sums and the carried state read
+        per_head = features + attention_flops(1, chunk_visible_keys(context_len, self.chunk_size), m, dv) + 4 * m * dv
+        return Flops(linear=self.projection_flops(), matmul=self.n_heads * per_head)

@@ -18,6 +18,7 @@ from torch import nn
 
 from speedlm.cache.recurrent import RecurrentState
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import attention_flops, chunk_visible_keys
 from speedlm.layers.heads import HeadsMixer
 
 
@@ -99,7 +100,8 @@ class GatedHeadsMixer(HeadsMixer):
         return super().projection_flops() + extra
 
     def chunked_flops(self, context_len: int) -> float:
-        """Per token and head, the chunked form as run: intra-chunk scores and mix (C keys of
-        Dk, C values of Dv), the carried state read (Dk x Dv) and the chunk state update."""
-        c, dk, dv = min(self.chunk_size, context_len), self.key_dim, self.value_dim
-        return self.n_heads * (2 * c * dk + 2 * c * dv + 2 * dk * dv + 2 * dk * dv)
+        """Per token, the chunked form (ops/gla.py): scores and mix over the causal half of each
+        C x C chunk (its visible pairs: Dk per score, Dv per value), the carried state read
+        (Dk x Dv) and the chunk's contribution to the state (Dk x Dv)."""
+        keys, dk, dv = chunk_visible_keys(context_len, self.chunk_size), self.key_dim, self.value_dim
+        return self.n_heads * (attention_flops(1, keys, dk, dv) + 2 * dk * dv + 2 * dk * dv)

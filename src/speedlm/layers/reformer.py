@@ -22,6 +22,7 @@ from speedlm.cache.buffer import TokenBuffer
 from speedlm.cache.kv import FullPolicy
 from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops, attention_flops
 from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
 from speedlm.layers.rope import apply_rope, rope_for, rope_reference
 from speedlm.ops.lsh_attention import lsh_attention, lsh_attention_decode, lsh_attention_reference, lsh_buckets, shared_keys
@@ -106,12 +107,27 @@ class LSHAttention(Mixer):
         per_token = self.n_heads * (2 * self.head_dim * bytes_per_elem + 4 * self.n_hashes)
         return batch_size * context_len * per_token
 
-    def flops_per_token(self, context_len: int) -> float:
-        proj = linear_flops(self.qk_proj, self.v_proj, self.o_proj)
-        hashing = 2.0 * self.n_heads * self.head_dim * self.n_buckets // 2 * self.n_hashes
-        # a causal query scores its chunk and the previous one, about 1.5 chunks on average
-        keys = min(context_len, 1.5 * self.chunk)
-        return proj + hashing + 4.0 * self.n_heads * self.head_dim * keys * self.n_hashes
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        """The efficient algorithm is the chunked band of each hash round: a query's candidates
+        are its bucket's keys in its own chunk and the previous one (chunks aligned per bucket,
+        ops/lsh_attention.py). Its visible pairs, which this counts, are those keys: same bucket,
+        rank from the previous chunk's start up to itself (causal) or to its own chunk's end
+        (bidirectional), itself included. The buckets are data: counted as the rotations spread
+        them in expectation, n_buckets buckets as even as T tokens allow. The band's pairs of
+        other buckets, and the band's padding, are masked work (executed / counted shows them)."""
+        n, c = context_len, min(self.chunk, max(context_len, 1))
+
+        def pairs(size: int) -> float:  # summed over the ranks of one bucket of `size` tokens
+            rank = torch.arange(size, device="cpu")
+            start = torch.clamp((torch.div(rank, c, rounding_mode="floor") - 1) * c, min=0)
+            end = rank if causal else torch.clamp((torch.div(rank, c, rounding_mode="floor") + 1) * c - 1, max=size - 1)
+            return float((end - start + 1).sum())
+
+        size, larger = divmod(n, self.n_buckets)
+        keys = (larger * pairs(size + 1) + (self.n_buckets - larger) * pairs(size)) / max(n, 1)
+        hashing = 2.0 * self.n_heads * self.head_dim * (self.n_buckets // 2) * self.n_hashes  # x R per round
+        attend = attention_flops(self.n_heads, keys * self.n_hashes, self.head_dim, self.head_dim)
+        return Flops(linear=linear_flops(self.qk_proj, self.v_proj, self.o_proj), matmul=hashing + attend)
 
     def max_context(self, kv_policy=None) -> int | None:
         return self.dims.max_seq_len

@@ -19,6 +19,7 @@ import torch
 
 from speedlm.cache.recurrent import RecurrentState
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops
 from speedlm.layers.mixer import SeqMeta
 from speedlm.layers.recurrent_heads import GatedHeadsMixer
 from speedlm.layers.rope import apply_rope, rope_for, rope_reference
@@ -82,6 +83,6 @@ class MultiScaleRetention(GatedHeadsMixer):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return self.gated_output(gla_parallel(q, k, v, self._gates(q)), x)
 
-    def flops_per_token(self, context_len: int) -> float:
-        return self.projection_flops() + self.chunked_flops(context_len)
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        return Flops(linear=self.projection_flops(), matmul=self.chunked_flops(context_len))
 

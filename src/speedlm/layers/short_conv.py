@@ -13,7 +13,8 @@ from torch import nn
 from speedlm.cache.buffer import TokenBuffer
 from speedlm.cache.kv import WindowPolicy
 from speedlm.errors import SpeedlmError
-from speedlm.ops.conv import causal_conv1d, causal_conv1d_reference
+from speedlm.layers.flops import Flops
+from speedlm.ops.conv import SHIFTED_MAX_TAPS, causal_conv1d, causal_conv1d_reference
 
 
 class ShortConv(nn.Module):
@@ -52,3 +53,8 @@ class ShortConv(nn.Module):
 
     def flops_per_token(self) -> float:
         return 2.0 * self.weight.numel()
+
+    def flops_breakdown(self) -> Flops:
+        # up to SHIFTED_MAX_TAPS taps the op is shifted multiply-adds (elementwise); beyond, F.conv1d
+        short = self.kernel <= SHIFTED_MAX_TAPS
+        return Flops(other=self.flops_per_token()) if short else Flops(matmul=self.flops_per_token())

@@ -20,6 +20,7 @@ from speedlm.cache.kv import FullPolicy, WindowPolicy
 from speedlm.errors import SpeedlmError
 from speedlm.layers.attention import AttentionBase, Positions
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops
 from speedlm.ops.dilated_attention import DilatedWindow
 from speedlm.ops.logsparse_attention import LogSparse
 from speedlm.ops.masks import SlidingWindow, window_mean_keys
@@ -238,6 +239,13 @@ class LogSparseAttention(AttentionBase):
     def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
         conv = batch_size * min(context_len, self.conv_kernel - 1) * self.dims.d_model * bytes_per_elem
         return super().state_bytes(context_len, batch_size, bytes_per_elem) + conv
+
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        # the same visible pairs as any pattern, but the distance walk (ops/logsparse_attention.py)
+        # scores and mixes them with elementwise products, one distance at a time: the counter
+        # sees only the projections
+        f = super().flops_breakdown(context_len, causal)
+        return Flops(linear=f.linear, other=f.matmul)
 
     def _mean_keys(self, context_len: int) -> float:
         seg = context_len if self.restart is None else min(context_len, self.restart)

@@ -25,6 +25,7 @@ from speedlm.cache.buffer import TokenBuffer
 from speedlm.cache.kv import KVPolicy, token_positions
 from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
+from speedlm.layers.flops import Flops, attention_flops
 from speedlm.layers.heads import HeadsMixer
 from speedlm.layers.mixer import SeqMeta, linear_flops
 from speedlm.ops.relative_attention import first_visible, relative_attention, relative_attention_reference, sinusoid
@@ -120,12 +121,18 @@ class TransformerXLAttention(HeadsMixer):
     def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
         return 2 * batch_size * self.kv_heads * self.head_dim * self.policy().retained(context_len) * bytes_per_elem
 
-    def flops_per_token(self, context_len: int) -> float:
-        n, reach = context_len, self.reach() + 1
-        keys = min(n, self.mem_len + (self.segment + 1) / 2)  # memory plus half a segment on average
-        rel = linear_flops(self.r_proj) * reach / max(n, 1)  # the position projection, shared by the call
-        # scores and weighted values over the keys, plus each query's product with every distance
-        return self.projection_flops() + rel + self.n_heads * self.head_dim * (4.0 * keys + 2.0 * min(n, reach))
+    def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
+        n = context_len
+        p = torch.arange(n, device="cpu")
+        # visible keys: from the start of the query's segment less the memory (clamped at the
+        # sequence start) up to itself; at T <= mem_len + segment that is plain causal attention
+        first = torch.clamp(first_visible(p, self.segment, self.mem_len), min=0)
+        keys = (p - first + 1).double().mean().item()
+        rel = linear_flops(self.r_proj) * (self.reach() + 1) / max(n, 1)  # the position projection, once per call
+        # content scores and weighted values over the visible keys, and each query's product with
+        # the position embedding of each visible key's distance (the same visible pairs)
+        return Flops(linear=self.projection_flops() + rel,
+                     matmul=attention_flops(self.n_heads, keys, 2 * self.head_dim, self.head_dim))
 
     def max_context(self, kv_policy=None) -> int | None:
         return None  # bounded memory: nothing older than mem_len + segment positions is read

@@ -15,7 +15,7 @@ from speedlm.errors import SpeedlmError
 from speedlm.layers.context import AuxLosses, SeqMeta
 from speedlm.layers.norm import RMSNorm
 from speedlm.models.config import ModelConfig
-from speedlm.models.stack import build_blocks, reset_children, run_blocks, scale_residuals
+from speedlm.models.stack import build_blocks, data_dependent_flops, reset_children, run_blocks, scale_residuals
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,21 @@ class CausalLM(nn.Module):
         reaches = [b.reach() for b in self.blocks]
         return None if any(r is None for r in reaches) else sum(reaches)
 
+    def learned_summary(self, cache: ModelCache | None = None) -> list[dict]:
+        """Per layer, the data-dependent values the model has now (spans as learned) and, given a
+        cache that has seen tokens, how those tokens were routed (Mixture-of-Depths: the share
+        that went through the routed block, against its capacity)."""
+        return [
+            {**block.learned_summary(), **(cache.layers[i].summary() if cache is not None else {})}
+            for i, block in enumerate(self.blocks)
+        ]
+
     # ----- accounting -----
+    @property
+    def data_dependent_flops(self) -> bool:
+        """Its FLOPs per token follow values it learns (a training budget recounts them)."""
+        return data_dependent_flops(self.blocks)
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         if non_embedding:

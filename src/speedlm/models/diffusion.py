@@ -25,7 +25,7 @@ from speedlm.layers.context import AuxLosses, SeqMeta
 from speedlm.layers.norm import RMSNorm
 from speedlm.models.causal_lm import Loss
 from speedlm.models.config import ModelConfig
-from speedlm.models.stack import build_blocks, reset_children, run_blocks, scale_residuals
+from speedlm.models.stack import build_blocks, data_dependent_flops, reset_children, run_blocks, scale_residuals
 
 MASK_FLOOR = 1e-3  # LLaDA's eps: p = (1 - eps) t + eps
 EVAL_SEED = 1234  # validation's masks: the same for every evaluation
@@ -118,6 +118,11 @@ class DiffusionLM(nn.Module):
         return [PrefixCache() for _ in self.blocks]
 
     # ----- what the trainer and benchmarks ask -----
+    @property
+    def data_dependent_flops(self) -> bool:
+        """Its FLOPs per token follow values it learns (a training budget recounts them)."""
+        return data_dependent_flops(self.blocks)
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n

@@ -20,7 +20,7 @@ from speedlm.layers.context import AuxLosses, SeqMeta
 from speedlm.layers.norm import RMSNorm
 from speedlm.models.causal_lm import Loss
 from speedlm.models.config import ModelConfig
-from speedlm.models.stack import build_blocks, reset_children, run_blocks, scale_residuals
+from speedlm.models.stack import build_blocks, data_dependent_flops, reset_children, run_blocks, scale_residuals
 
 
 class Encoder(nn.Module):
@@ -77,6 +77,11 @@ class Encoder(nn.Module):
         return Loss(ce + aux.total(), {"ce": ce, **aux.parts}, aux.metrics)
 
     # ----- accounting -----
+    @property
+    def data_dependent_flops(self) -> bool:
+        """Its FLOPs per token follow values it learns (a training budget recounts them)."""
+        return data_dependent_flops(self.blocks)
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and isinstance(self.front, nn.Embedding):

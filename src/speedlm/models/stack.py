@@ -39,6 +39,11 @@ def reset_children(model: nn.Module) -> None:
             m.reset_parameters()
 
 
+def data_dependent_flops(blocks) -> bool:
+    """Whether some block's FLOPs follow values it learns (adaptive span): budgets recount them."""
+    return any(b.data_dependent_flops for b in blocks)
+
+
 def run_blocks(blocks, x: torch.Tensor, meta: SeqMeta, caches=None, reversible: bool = False) -> torch.Tensor:
     """x through every block (with its cache, if any): the residual stream, or the two-stream
     reversible stack (models/reversible.py)."""

@@ -42,6 +42,10 @@ class TrainConfig(Schema):
     # stateful segment mode (train/segments.py): 0 = independent windows; K = groups of K
     # consecutive windows of the same streams, the model's cache carried (detached) between them
     segments: int = 0
+    # training FLOPs the run may spend: it stops before a step that would exceed them (None: the
+    # steps alone decide). Counted step by step at the model's FLOPs per token as they are then,
+    # so a model whose cost follows what it learns (adaptive span) spends what it actually ran
+    flop_budget: float | None = None
     out_dir: str = "runs/default"
 
     @property
@@ -66,6 +70,10 @@ class TrainConfig(Schema):
         need(
             self.peak_flops is None or (is_number(self.peak_flops) and self.peak_flops > 0),
             f"peak_flops must be a positive number of FLOP/s, got {self.peak_flops!r}",
+        )
+        need(
+            self.flop_budget is None or (is_number(self.flop_budget) and self.flop_budget > 0),
+            f"flop_budget must be a positive number of FLOPs, got {self.flop_budget!r}",
         )
         need(isinstance(self.out_dir, str) and self.out_dir.strip() != "", "out_dir must be a non-empty path")
         need(isinstance(self.device, str), f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")

@@ -46,7 +46,7 @@ PLOT_FILE = "loss.png"
 
 # Train-config fields that change which batches or updates a step sees: changing them on
 # resume gives a valid run, but not the one the checkpoint was part of.
-_TRAJECTORY_FIELDS = ("batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "steps", "weight_decay", "grad_clip", "seed", "segments")
+_TRAJECTORY_FIELDS = ("batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "steps", "weight_decay", "grad_clip", "seed", "segments", "flop_budget")
 
 __all__ = ["TrainConfig", "Trainer", "train", "evaluate", "METRICS_FILE", "PLOT_FILE"]
 
@@ -243,7 +243,10 @@ class Trainer:
             self._start()
 
         self.end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
-        self.flops_tok = model.flops_per_token(cfg.seq_len, training=True)
+        self.flops_tok = model.flops_per_token(cfg.seq_len, training=True)  # as the model is now
+        self.dynamic_flops = model.data_dependent_flops
+        if self.flops_spent is None:
+            self.flops_spent = self.start * cfg.tokens_per_step * self.flops_tok
         self.peak, self.peak_source = peak_flops(self.device, self.amp_dtype or torch.float32, given=cfg.peak_flops)
         if cfg.peak_flops is None:
             self.peak *= parallel.world_size  # tokens/s counts every rank's tokens: so does the peak
@@ -305,6 +308,7 @@ class Trainer:
                                                 given, self.parallel)
         self.start = int(state["step"])
         self.tokens = int(state.get("tokens", self.start * self.cfg.tokens_per_step))
+        self.flops_spent = state.get("flops_spent")  # None in checkpoints from before budgets: recounted
         self.prior_elapsed = float(state.get("elapsed_s", 0.0))
         self.last_metrics = dict(state.get("metrics", {}))
         # steps after the checkpoint are trained again: drop their stale records
@@ -321,6 +325,7 @@ class Trainer:
             )
         _seed_everything(self.cfg.seed)
         self.start, self.tokens, self.prior_elapsed, self.last_metrics = 0, 0, 0.0, {}
+        self.flops_spent = 0.0
         self.resumed_from = None
 
     # ----- the loop
@@ -337,7 +342,7 @@ class Trainer:
                                unit="step", desc="train")
             with (MetricsWriter(self.metrics_path if self.writes else os.devnull, append=self.resume) as writer,
                   _DeferredInterrupt() as interrupt):
-                while self.steps_done < self.end:
+                while self.steps_done < self.end and not self.budget_spent():
                     sums = self.step()
                     self._log_and_save(sums, writer, bar)
                     if interrupt.requested:
@@ -365,6 +370,7 @@ class Trainer:
         """One optimizer step: the scheduled lr, `grad_accum` micro-batches, clipping, the update
         and the modules' after-step hooks."""
         cfg = self.cfg
+        self._recount_flops()  # this step runs at the model's cost as it is now
         lr = lr_at(self.steps_done, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -393,8 +399,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.rng_at_step = capture_rng()
         self.tokens += cfg.tokens_per_step
+        self.flops_spent += self.flops_tok * cfg.tokens_per_step
         self.windows.add(cfg.tokens_per_step)
         return sums
+
+    def _recount_flops(self) -> None:
+        if self.dynamic_flops:
+            self.flops_tok = self.model.flops_per_token(self.cfg.seq_len, training=True)
+
+    def budget_spent(self) -> bool:
+        """Whether the next step, at the model's cost as it is now, would pass the FLOP budget."""
+        if self.cfg.flop_budget is None:
+            return False
+        self._recount_flops()
+        return self.flops_spent + self.flops_tok * self.cfg.tokens_per_step > self.cfg.flop_budget
+
+    def _is_last(self, step: int) -> bool:
+        return step == self.end or self.budget_spent()
 
     def _log_and_save(self, sums: _StepSums, writer, bar) -> None:
         """After a step: progress, then a log record, validation and a checkpoint when due."""
@@ -402,10 +423,11 @@ class Trainer:
         bar.update(1)
         if self.on_step is not None:
             self.on_step(step)
-        do_eval = self.val_ids is not None and ((cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == self.end)
-        if do_eval or step % cfg.log_every == 0 or step == self.end:
+        last = self._is_last(step)
+        do_eval = self.val_ids is not None and ((cfg.eval_every > 0 and step % cfg.eval_every == 0) or last)
+        if do_eval or step % cfg.log_every == 0 or last:
             self.log(sums, do_eval, writer, bar)
-        if cfg.save_every > 0 and step % cfg.save_every == 0 and step < self.end:
+        if cfg.save_every > 0 and step % cfg.save_every == 0 and not last:
             t_save = time.perf_counter()
             self.save(step)
             self.windows.exclude(time.perf_counter() - t_save)  # saving is not training time
@@ -431,6 +453,7 @@ class Trainer:
             "lr": sums.lr,
             "grad_norm": sums.grad_norm.item(),
             "tokens": self.tokens,
+            "flops": self.flops_spent,  # training FLOPs so far, at the cost each step ran at
             "tok_per_s": tok_s,
             "flops_per_s": flops_s,
             "mfu": mfu(self.flops_tok, tok_s, self.peak),
@@ -482,6 +505,7 @@ class Trainer:
             "step": at_step,
             "data_step": at_step * cfg.grad_accum,  # next micro-batch index of train_stream
             "tokens": self.tokens,
+            "flops_spent": self.flops_spent,
             "seed": cfg.seed,
             "schedule": {
                 "name": "warmup_cosine",
@@ -514,6 +538,8 @@ class Trainer:
             "start_step": self.start,
             "step": self.steps_done,
             "tokens": self.tokens,
+            "flops_spent": self.flops_spent,
+            "flops_per_token": self.flops_tok,  # at the end (it moves for data-dependent models)
             "loss": self.last_metrics.get("loss"),
             "val_loss": self.last_metrics.get("val_loss"),
             "val_ppl": self.last_metrics.get("val_ppl"),
@@ -571,7 +597,8 @@ def train(
     Writes to `cfg.out_dir`: step_*/ checkpoints + `latest`, `metrics.jsonl`, `loss.png`.
     On KeyboardInterrupt a checkpoint of the last completed step is saved, then it re-raises.
 
-    Summary keys: out_dir, checkpoint, start_step, step, tokens, loss, val_loss, val_ppl,
+    Summary keys: out_dir, checkpoint, start_step, step, tokens, flops_spent (training FLOPs, each
+    step at the cost it ran at), flops_per_token (at the end), loss, val_loss, val_ppl,
     best_val_loss, tok_per_s, flops_per_s (achieved model FLOP/s), mfu, peak_flops, peak_source,
     dtype, elapsed_s, metrics_path,
     plot_path, history (the metric records written by this call).
