@@ -43,7 +43,9 @@ def _plot(rows: list[dict], path: str, title: str) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), dpi=100)
+    from speedlm.bench.styles import plain_numbers
+
+    fig = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")  # labels and title inside the image
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     diff = [r for r in rows if r["model"] == "diffusion"]
@@ -54,11 +56,12 @@ def _plot(rows: list[dict], path: str, title: str) -> str:
         if r["model"] == "autoregressive":
             ax.plot([r["tokens_per_s"]], [r["judge_ppl"]], "s", markersize=8, label="autoregressive (KV cache)")
     ax.set_xscale("log")
-    ax.set_xlabel("generation throughput (new tokens/s, batch of prompts)")
+    ax.set_xlabel("generation throughput (new tokens/s, batch of prompts; log scale)")
     ax.set_ylabel("judge perplexity of the continuation (lower is better)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
+    plain_numbers(ax)
     fig.savefig(path)
     return path
 
