@@ -81,7 +81,7 @@ def cmd_compare(args) -> int:
     import shlex
 
     from speedlm.bench.recall import RecallSetting
-    from speedlm.compare import DEFAULT_BUDGET, DEFAULT_MQAR, DEFAULT_PRESETS, CompareOptions, run_compare
+    from speedlm.compare import DEFAULT_MQAR, DEFAULT_PRESETS, CompareOptions, run_compare
 
     mqar = None
     if not args.no_mqar:
@@ -91,8 +91,8 @@ def cmd_compare(args) -> int:
         )
     run_compare(
         CompareOptions(
-            presets=args.presets or list(DEFAULT_PRESETS), budget=DEFAULT_BUDGET if args.budget is None else args.budget,
-            data=args.data, tokenizer=args.tokenizer,
+            presets=args.presets or list(DEFAULT_PRESETS), budget=args.budget, time_budget=args.time_budget,
+            resume=args.resume, data=args.data, tokenizer=args.tokenizer,
             vocab_size=args.vocab_size, out_dir=args.out, seq_len=args.seq_len, batch_size=args.batch_size,
             lr=args.lr, seed=args.seed, device=args.device, dtype=args.dtype, peak_flops=args.peak_flops,
             match=args.match_params, mqar=mqar, contexts=args.contexts, decode_tokens=args.decode_tokens,
@@ -134,6 +134,16 @@ def cmd_bench_mixers(args) -> int:
     from speedlm.bench.mixers import run_mixers_bench
 
     run_mixers_bench(args.presets, lengths=args.lengths, repeats=args.repeats, device=args.device, out_dir=args.out)
+    return 0
+
+
+def cmd_bench_flops(args) -> int:
+    from speedlm.bench.flops import run_flops_bench
+    from speedlm.models.presets import PRESETS
+
+    presets = list(PRESETS) if args.presets == ["all"] else args.presets
+    run_flops_bench(presets, lengths=args.lengths, training=not args.inference, batch_size=args.batch_size,
+                    device=args.device, out_dir=args.out)
     return 0
 
 
@@ -350,6 +360,10 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--presets", type=_csv, default=None, help="comma-separated presets or config JSON paths "
                    "(default: one per family, see README)")
     p.add_argument("--budget", type=float, default=None, help="training FLOPs per model (default 5e11: the twelve default models in about 10 min on 2 CPU cores)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="instead of --budget: seconds of training per model on this machine (steps calibrated per model)")
+    p.add_argument("--resume", action="store_true", help="continue the compare run in --out (a rerun with the same "
+                   "arguments into the same --out does so anyway); its finished models and stages are reused")
     p.add_argument("--data", default="stdlib", help="'stdlib' (default), files/folders (comma-separated) or hf:NAME")
     p.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size")
@@ -398,6 +412,7 @@ def _add_bench_parser(sub) -> None:
     _add_bench_decode_parser(bsub)
     _add_bench_ops_parser(bsub)
     _add_bench_mixers_parser(bsub)
+    _add_bench_flops_parser(bsub)
     _add_bench_diffusion_parser(bsub)
     _add_bench_depth_parser(bsub)
     _add_bench_moe_parser(bsub)
@@ -472,6 +487,17 @@ def _add_bench_mixers_parser(bsub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/bench")
     p.set_defaults(func=cmd_bench_mixers)
+
+
+def _add_bench_flops_parser(bsub) -> None:
+    p = bsub.add_parser("flops", help="counted (analytic) vs executed FLOPs per token (FlopCounterMode), per layer kind")
+    p.add_argument("--presets", type=_csv, default=["all"], help="comma-separated presets, or all (every preset, tiny)")
+    p.add_argument("--lengths", type=_ints, default=[256, 1024])
+    p.add_argument("--inference", action="store_true", help="one inference forward instead of a training step")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(func=cmd_bench_flops)
 
 
 def _add_bench_diffusion_parser(bsub) -> None:

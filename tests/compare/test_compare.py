@@ -7,24 +7,11 @@ import os
 import pytest
 import torch
 
-from speedlm.bench.recall import RecallSetting
 from speedlm.cli import main
-from speedlm.compare import TIMING_FIELDS, CompareOptions, plan_model, run_compare, steps_for_budget
+from speedlm.compare import plan_model, run_compare, steps_for_budget
 from speedlm.compare.plan import BudgetTooSmall, count_params, match_width
 from speedlm.models import build_model, resolve_config
-
-TINY_MQAR = RecallSetting(seq_len=16, num_kv_pairs=2, vocab_size=16, steps=3, batch_size=4, lr=1e-3, test_examples=16)
-
-
-def tiny_options(tmp_path, name="run", **kw) -> CompareOptions:
-    base = dict(
-        presets=["transformer-tiny", "sliding-window-tiny"], budget=3e9, seq_len=64, batch_size=4,
-        eval_points=2, eval_batches=1, final_eval_batches=2, mqar=TINY_MQAR, contexts=(32, 64), decode_tokens=2,
-        device="cpu", peak_flops=1e11, out_dir=str(tmp_path / name), command="speedlm compare (test)",
-    )
-    base.update(kw)
-    return CompareOptions(**base)
-
+from support.compare import _strip_timings, tiny_options
 
 # ----- fair compute --------------------------------------------------------------------
 def test_the_budget_scheduler_gives_each_model_the_steps_its_cost_implies():
@@ -71,14 +58,6 @@ def test_a_budget_below_one_step_is_refused():
 
 
 # ----- the job -------------------------------------------------------------------------
-def _strip_timings(obj):
-    if isinstance(obj, dict):
-        return {k: _strip_timings(v) for k, v in obj.items() if k not in TIMING_FIELDS and k not in ("date", "checkpoint")}
-    if isinstance(obj, list):
-        return [_strip_timings(v) for v in obj]
-    return obj
-
-
 def test_a_tiny_compare_completes_with_every_model_and_column_and_repeats_exactly(tmp_path):
     first = run_compare(tiny_options(tmp_path, "a"), progress=False)
     models = {m["name"]: m for m in first["models"]}
@@ -168,6 +147,10 @@ def test_ctrl_c_writes_the_report_of_the_models_finished_so_far(tmp_path, monkey
         (["--budget=-5e12"], "--budget must be a positive"),
         (["--budget", "1e6"], "too small for one training step"),
         (["--seq-len", "4096"], "longer than transformer-tiny can hold"),
+        (["--budget", "1e12", "--time-budget", "60"], "not both"),
+        (["--time-budget", "0"], "--time-budget must be a positive"),
+        (["--time-budget=-3"], "--time-budget must be a positive"),
+        (["--resume"], "holds no earlier compare run"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
@@ -207,3 +190,46 @@ def test_a_diffusion_lm_joins_the_comparison_with_its_bound_and_without_next_tok
     assert abs(dm["params_non_embedding"] / ar["params_non_embedding"] - 1) < 0.05  # matched like any other model
     md = (tmp_path / "run" / "report.md").read_text()
     assert "(bound)" in md and "≤ " in md
+
+
+def test_inference_state_and_mqar_columns_are_measured_on_the_trained_models(tmp_path):
+    """A fresh mod-tiny routes about half of all tokens, a trained one what its router learned:
+    the row's caches, state and learned values are the trained checkpoint's (loaded here again,
+    independently), not a fresh model's."""
+    from speedlm.checkpoint import load_pretrained
+    from speedlm.data import encode_corpus, load_corpus, make_tokenizer
+
+    report = run_compare(tiny_options(tmp_path, presets=["mod-tiny", "adaptive-span-tiny"], budget=2e10), progress=False)
+    corpus = load_corpus("stdlib")
+    _, val = encode_corpus(corpus, make_tokenizer("byte", corpus))
+    for row in report["models"]:
+        assert row["status"] == "ok", row.get("reason")
+        trained = load_pretrained(row["checkpoint"]).model
+        ids = torch.as_tensor(val[:80], dtype=torch.long)[None]
+        for n in (32, 64):  # what the trained model's cache holds after n tokens of the same text
+            cache = trained.init_cache()
+            with torch.no_grad():
+                trained(ids[:, :n], cache)
+            assert row["cache_bytes"][n] == cache.nbytes()
+            assert row["state_bytes"][n] == trained.state_bytes(n, 1, 4)  # declared at the learned values
+        summary = trained.learned_summary()
+        if row["name"] == "adaptive-span-tiny":
+            assert [layer["spans"] for layer in row["learned"]] == [layer["spans"] for layer in summary]
+        else:
+            assert 0 <= row["learned"][1]["routed_fraction"] <= 1 and row["learned"][1]["capacity"] == 0.125
+        assert row["mqar_cache_bytes"] is not None and row["mqar_state_bytes"] > 0
+    md = open(os.path.join(tmp_path / "run", "report.md")).read()
+    assert "## Data-dependent models as trained" in md and "spans" in md
+
+
+def test_an_equal_time_compare_calibrates_steps_and_resumes_with_them(tmp_path):
+    opts = dict(presets=["transformer-tiny", "linear-attention-tiny"], budget=None, time_budget=1.5, mqar=None)
+    report = run_compare(tiny_options(tmp_path, "t", **opts), progress=False)
+    plan = json.loads((tmp_path / "t" / "compare_plan.json").read_text())["plans"]
+    for m in report["models"]:
+        assert m["status"] == "ok" and m["steps"] == plan[m["name"]]["steps"] >= 1
+        assert m["train_flops"] == pytest.approx(m["steps"] * 4 * 64 * m["planned_flops_per_token"])
+    md = (tmp_path / "t" / "report.md").read_text()
+    assert "1.5 s of training on this machine" in md
+    again = run_compare(tiny_options(tmp_path, "t", **opts), progress=False)  # the calibrated steps are reused
+    assert [m["steps"] for m in again["models"]] == [m["steps"] for m in report["models"]]

@@ -111,24 +111,49 @@ def recall_accuracy(model, setting: RecallSetting, seed: int = 0, device=None, c
     return correct / total
 
 
+@torch.no_grad()
+def recall_cache_bytes(model, setting: RecallSetting, seed: int = 0) -> int | None:
+    """Bytes the trained model's caches hold after one held-out MQAR sequence (what it keeps to
+    answer: a window, the keys its spans reach, the tokens its router kept), in the model's
+    dtype; None for models without caches."""
+    if not hasattr(model, "init_cache"):
+        return None
+    g = torch.Generator().manual_seed(TEST_SEED_OFFSET + seed)
+    x, _ = mqar_batch(1, setting.seq_len, setting.num_kv_pairs, setting.vocab_size, g)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.init_cache()
+        model(x.to(next(model.parameters()).device), cache)
+        return cache.nbytes()
+    finally:
+        model.train(was_training)
+
+
 def train_recall(cfg: ModelConfig, setting: RecallSetting, *, seed: int = 0, device="auto", dtype: str = "auto",
-                 peak_flops: float | None = None, on_step=None) -> dict:
-    """Train a fresh model of `cfg` on MQAR (nothing is written to disk) and score it."""
+                 peak_flops: float | None = None, on_step=None, out_dir: str | None = None) -> dict:
+    """Train a fresh model of `cfg` on MQAR and score it. Nothing is written to disk unless
+    `out_dir` is given: then the run checkpoints there and continues from its last checkpoint
+    when called again (a killed `speedlm compare` resumes its MQAR stage)."""
     from speedlm.train import train
 
     torch.manual_seed(seed)
     model = build_model(cfg)
+    persist = out_dir is not None
     tcfg = TrainConfig(
         steps=setting.steps, batch_size=setting.batch_size, seq_len=setting.seq_len, lr=setting.lr,
-        warmup_steps=max(1, setting.steps // 10), weight_decay=0.0, eval_every=0, save_every=0,
-        seed=seed, device=str(device), dtype=dtype, peak_flops=peak_flops, out_dir=tempfile.gettempdir(),
+        warmup_steps=max(1, setting.steps // 10), weight_decay=0.0, eval_every=0,
+        save_every=max(1, setting.steps // 4) if persist else 0, keep=1,
+        seed=seed, device=str(device), dtype=dtype, peak_flops=peak_flops, out_dir=out_dir or tempfile.gettempdir(),
     )
+    resume = persist and os.path.exists(os.path.join(out_dir, "latest"))
     summary = train(model, tcfg, MQARStream(setting.vocab_size, setting.num_kv_pairs), progress=False,
-                    on_step=on_step, persist=False)
+                    on_step=on_step, persist=persist, resume=resume)
     accuracy = recall_accuracy(model, setting, seed)
     return {
         "accuracy": accuracy,
-        "state_bytes": int(model.state_bytes(setting.seq_len, 1, 4)),
+        "state_bytes": int(model.state_bytes(setting.seq_len, 1, 4)),  # analytic, at the learned values
+        "cache_bytes": recall_cache_bytes(model, setting, seed),  # measured
         "params": model.num_params(),
         "steps": summary["step"],
         "final_loss": summary["loss"],
@@ -236,32 +261,49 @@ def recall_markdown(result: dict) -> str:
 
 
 def plot_recall(rows: list[dict], path: str) -> str:
-    """Accuracy vs state bytes (log x), one panel per number of pairs, one colour per preset."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """Accuracy vs state bytes (log x), one panel per number of pairs, one style per preset
+    (bench/styles.py); a point that another covers is drawn larger, and points of different
+    presets that coincide are named on the plot."""
+    from speedlm.bench.styles import figure, grow_hidden, label_points, legend, plain_numbers, settle, styles_for
 
     ok = [r for r in rows if r["status"] == "ok"]
     pair_counts = sorted({r["pairs"] for r in rows}) or [0]
-    fig = Figure(figsize=(4.4 * len(pair_counts), 3.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(pair_counts), squeeze=False)[0]
+    fig, axes = figure(4.6 * len(pair_counts) + 2, 4.0, len(pair_counts))
     presets = list(dict.fromkeys(r["preset"] for r in rows))
-    colours = {p: f"C{i % 10}" for i, p in enumerate(presets)}
+    styles = styles_for({p: p for p in presets})
+    panels = []
     for ax, n in zip(axes, pair_counts):
+        points = []
         for p in presets:
-            pts = sorted((r["state_bytes"], r["accuracy"]) for r in ok if r["pairs"] == n and r["preset"] == p)
-            if pts:
-                ax.plot([a for a, _ in pts], [b for _, b in pts], "o", color=colours[p], label=p, alpha=0.8)
+            for x, y in sorted((r["state_bytes"], r["accuracy"]) for r in ok if r["pairs"] == n and r["preset"] == p):
+                points += ax.plot([x], [y], label=p, markersize=7, alpha=0.85, **{**styles[p].kw(), "linestyle": "none"})
         ax.set_xscale("log")
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.05)
+        if not points:
+            ax.text(0.5, 0.5, "no finished setting", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"{n} key-value pairs")
-        ax.set_xlabel("inference state (bytes, float32)")
+        ax.set_xlabel("inference state (bytes, float32; log scale)")
         ax.set_ylabel("MQAR accuracy")
         ax.grid(True, which="both", alpha=0.3)
+        plain_numbers(ax)
+        panels.append((ax, points))
     if ok:
-        axes[0].legend(fontsize=8)
+        legend(fig, styles, [r["preset"] for r in ok])
+    settle(fig)
+    for ax, points in panels:
+        grow_hidden(ax, points)
+        if _coinciding(points):
+            label_points(ax, _coinciding(points))
     fig.savefig(path, dpi=110)
     return path
+
+
+def _coinciding(points: list) -> list:
+    """The points that lie exactly on a point of another preset."""
+    at: dict[tuple, set] = {}
+    for line in points:
+        at.setdefault(tuple(line.get_xydata()[0]), set()).add(line.get_label())
+    return [line for line in points if len(at[tuple(line.get_xydata()[0])]) > 1]
 
 
 def chance_accuracy(setting: RecallSetting) -> float:

@@ -1,10 +1,16 @@
-"""Inference measurements of one architecture: prefill throughput and per-token decode latency
-at several context lengths, the cache each context leaves behind, and the analytic state size.
+"""Inference measurements of one trained model: prefill throughput and per-token decode latency
+at several context lengths, the cache each context leaves behind, and the state the model
+declares (analytic) beside it.
 
-Latency does not depend on the weights' values, so these run on a fresh model of the trained
-architecture whose `max_seq_len` is raised to the longest context (full attention's limit is a
-training-time bound; a mixer with a bounded cache has none). Everything runs in one process, one
-model after another, on the same token ids.
+Everything is measured on the trained weights: latency and cache size depend on them where a
+mechanism is data-dependent (Mixture-of-Depths routes as its router learned; adaptive span reads
+and keeps as far back as its learned spans). The model runs with its `max_seq_len` raised to the
+longest context (full attention's limit is a training-time bound; a mixer with a bounded cache
+has none), the trained weights loaded into it. Everything runs in one process, one model after
+another, on the same token ids. First calls are treated alike for every model: the caller
+clears the process-wide caches before each model, a short untimed warm-up starts the thread
+pool and the allocator, and each context's timed prefill includes what its own first call
+builds (sparse-attention plans, RoPE tables at that length).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import time
 
 import torch
 
-from speedlm.bench.common import build_seeded, one_line
+from speedlm.bench.common import one_line
 from speedlm.bench.memory import is_oom
 from speedlm.bench.timing import synchronize
 from speedlm.models import ModelConfig, build_model
@@ -28,20 +34,32 @@ def inference_config(cfg: ModelConfig, longest: int) -> ModelConfig:
     return ModelConfig.from_dict(fields)
 
 
+def inference_model(trained, longest: int, device: torch.device, dtype: torch.dtype):
+    """The trained model's weights in a model whose `max_seq_len` admits `longest` tokens, in
+    eval mode on `device` and `dtype`."""
+    model = build_model(inference_config(trained.config, longest))
+    model.load_state_dict(trained.state_dict())
+    return model.to(device=device, dtype=dtype).eval()
+
+
 @torch.no_grad()
-def measure_inference(cfg: ModelConfig, contexts, decode_tokens: int, device: torch.device, dtype: torch.dtype,
-                      seed: int = 0, on_context=None) -> dict:
+def measure_inference(trained, contexts, decode_tokens: int, device: torch.device, dtype: torch.dtype,
+                      text: torch.Tensor, seed: int = 0, on_context=None) -> dict:
     """{"prefill_tok_s": {n: ...}, "decode_ms": {n: ...}, "cache_bytes": {n: measured},
-    "errors": {n: reason}} for each context length n (tokens in the cache before decoding).
-    Decode latency is the median over `decode_tokens` single-token steps after two untimed ones."""
+    "errors": {n: reason}} for each context length n (tokens in the cache before decoding), on
+    the trained model `trained`, reading `text` (1-D token ids, repeated where shorter than a
+    context): routing and separators behave as on the data the model learned, not as on random
+    ids. Decode latency is the median over `decode_tokens` single-token steps after two untimed
+    ones."""
     longest = max(contexts) + decode_tokens + 2
-    model = build_seeded(inference_config(cfg, longest), seed, device, dtype).eval()
-    gen = torch.Generator().manual_seed(seed)
-    vocab = cfg.vocab_size
+    model = inference_model(trained, longest, device, dtype)
+    vocab = model.config.vocab_size
+    text = torch.as_tensor(text, dtype=torch.long).flatten()
+    ids_all = text.repeat(-(-longest // text.numel()))[:longest][None].to(device)
     out = {"prefill_tok_s": {}, "decode_ms": {}, "cache_bytes": {}, "errors": {}}
     # a diffusion LM (no init_cache) has no decoding: its prefill is one denoising step's forward
     decodes = hasattr(model, "init_cache") and all(b.supports_decoding for b in model.blocks)
-    # untimed warm-up: first calls pay for kernel selection, thread-pool start and allocations
+    # untimed warm-up: the thread pool, the allocator, kernel selection
     warm = torch.randint(0, vocab, (1, 40), generator=torch.Generator().manual_seed(seed + 1)).to(device)
     cache = model.init_cache() if decodes else None
     model(warm[:, :37], cache)
@@ -50,7 +68,7 @@ def measure_inference(cfg: ModelConfig, contexts, decode_tokens: int, device: to
             model(warm[:, i : i + 1], cache)
     del cache
     for n in contexts:
-        ids = torch.randint(0, vocab, (1, n + decode_tokens + 2), generator=gen).to(device)
+        ids = ids_all[:, : n + decode_tokens + 2]
         try:
             cache = model.init_cache() if decodes else None
             synchronize(device)
@@ -77,11 +95,26 @@ def measure_inference(cfg: ModelConfig, contexts, decode_tokens: int, device: to
     return out
 
 
-def state_curve(cfg: ModelConfig, bytes_per_elem: int, contexts=STATE_CONTEXTS) -> dict[int, int]:
-    """Analytic inference-state bytes (batch 1) after each context length."""
-    with torch.device("meta"):
-        model = build_model(cfg)
+def state_curve(model, bytes_per_elem: int, contexts=STATE_CONTEXTS) -> dict[int, int]:
+    """The inference state (batch 1) the trained model declares after each context length
+    (analytic: at its learned spans; Mixture-of-Depths at its capacity)."""
     return {n: int(model.state_bytes(n, 1, bytes_per_elem)) for n in contexts}
+
+
+@torch.no_grad()
+def learned_on(trained, ids: torch.Tensor) -> list[dict]:
+    """Per layer, the trained model's data-dependent values and how it treats `ids` (1, T) of
+    real text through its caches: spans as learned, the share of tokens routed."""
+    was_training = trained.training
+    trained.eval()
+    try:
+        if not hasattr(trained, "init_cache"):
+            return [b.learned_summary() for b in trained.blocks]
+        cache = trained.init_cache()
+        trained(ids, cache)
+        return trained.learned_summary(cache)
+    finally:
+        trained.train(was_training)
 
 
 def inference_flops(cfg: ModelConfig, contexts, decode_tokens: int) -> float:

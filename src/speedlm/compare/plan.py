@@ -43,7 +43,9 @@ class ModelPlan:
     flops_per_token: float  # training FLOPs per token at the training length
     steps: int
     tokens: int
-    train_flops: float  # what the steps actually cost (<= the budget, within one step)
+    train_flops: float  # what the steps cost at the planned FLOPs per token (<= the budget, within one step)
+    # the FLOP budget training spends (None: a time budget fixed the steps)
+    train_flops_budget: float | None = None
 
     @property
     def width(self) -> int:
@@ -63,6 +65,8 @@ class ModelPlan:
             "steps": self.steps,
             "tokens": self.tokens,
             "train_flops": self.train_flops,
+            "planned_steps": self.steps,
+            "planned_flops_per_token": self.flops_per_token,
         }
 
 
@@ -105,7 +109,10 @@ def steps_for_budget(budget: float, flops_per_token: float, tokens_per_step: int
     return int(budget // (flops_per_token * tokens_per_step))
 
 
-def plan_model(name: str, cfg: ModelConfig, budget: float, batch_size: int, seq_len: int, target: int | None) -> ModelPlan:
+def plan_model(name: str, cfg: ModelConfig, budget: float | None, batch_size: int, seq_len: int,
+               target: int | None) -> ModelPlan:
+    """Width and steps of one model. `budget` None: only the width and cost (a time budget sets
+    the steps by calibration)."""
     preset_width = cfg.d_model
     if target is not None:
         cfg = match_width(cfg, target)
@@ -113,14 +120,14 @@ def plan_model(name: str, cfg: ModelConfig, budget: float, batch_size: int, seq_
     with torch.device("meta"):
         fpt = build_model(cfg).flops_per_token(seq_len, training=True)
     tokens_per_step = batch_size * seq_len
-    steps = steps_for_budget(budget, fpt, tokens_per_step)
-    if steps < 1:
+    steps = 0 if budget is None else steps_for_budget(budget, fpt, tokens_per_step)
+    if budget is not None and steps < 1:
         raise BudgetTooSmall(
             f"budget {budget:.3g} FLOPs is too small for one training step of {name} "
             f"({fpt * tokens_per_step:.3g} FLOPs per step of {batch_size} x {seq_len} tokens); raise --budget"
         )
     return ModelPlan(name, cfg, preset_width, params, non_emb, active, fpt, steps, steps * tokens_per_step,
-                     steps * tokens_per_step * fpt)
+                     steps * tokens_per_step * fpt, budget)
 
 
 def check_match(match: str) -> str:

@@ -52,6 +52,8 @@ def leaderboard_markdown(report: dict) -> str:
         + " | ".join(f"state @{_ctx(n)}" for n in TABLE_STATE_CONTEXTS)
         + " |"
     )
+    # a state column holds what the trained model's cache held where that context was measured,
+    # else what the trained model declares (analytic); `state_note` says which
     lines = [head, "|" + "---|" * (12 + len(TABLE_STATE_CONTEXTS))]
     for i, m in enumerate(ranked(report["models"]), 1):
         if m["status"] != "ok":
@@ -65,9 +67,61 @@ def leaderboard_markdown(report: dict) -> str:
             f"{_num(m.get('mqar_accuracy'), '.3f')} | "
             f"{_num(m['train_tok_per_s'], ',.0f')} | {_num(_get(m['prefill_tok_s'], long), ',.0f')} | "
             f"{_num(_get(m['decode_ms'], short), '.2f')} | {_num(_get(m['decode_ms'], long), '.2f')} | "
-            + " | ".join(human_bytes(_get(m["state_bytes"], n)) for n in TABLE_STATE_CONTEXTS)
+            + " | ".join(human_bytes(state_at(m, n)) for n in TABLE_STATE_CONTEXTS)
             + " |"
         )
+    return "\n".join(lines)
+
+
+def state_at(m: dict, n: int):
+    """The cache the trained model held after n tokens where it was measured, else its declared
+    (analytic) state."""
+    held = _get(m.get("cache_bytes"), n)
+    return held if held is not None else _get(m.get("state_bytes"), n)
+
+
+def state_note(report: dict) -> str:
+    contexts = set(report["meta"]["options"]["contexts"])
+    held = [f"@{_ctx(n)}" for n in TABLE_STATE_CONTEXTS if n in contexts]
+    declared = [f"@{_ctx(n)}" for n in TABLE_STATE_CONTEXTS if n not in contexts]
+    parts = []
+    if held:
+        parts.append(f"state {', '.join(held)} is what the trained model's caches held after that many tokens (measured)")
+    if declared:
+        parts.append(f"state {', '.join(declared)} is what the trained model declares (analytic, `state_bytes`)")
+    return "; ".join(parts)
+
+
+def learned_markdown(report: dict) -> str:
+    """The data-dependent models as trained: their learned values, and their state declared
+    against held where the two differ."""
+    lines = []
+    for m in report["models"]:
+        if m["status"] != "ok":
+            continue
+        layers = [(i, d) for i, d in enumerate(m.get("learned") or []) if d]
+        gaps = [
+            (n, _get(m.get("state_bytes"), n), _get(m.get("cache_bytes"), n)) for n in sorted(
+                int(k) for k in (m.get("cache_bytes") or {}))
+        ]
+        gaps = [(n, d, h) for n, d, h in gaps if d is not None and h is not None and d != h]
+        if not layers and not gaps:
+            continue
+        lines.append(f"- **{m['name']}**")
+        for i, d in layers:
+            parts = []
+            if "spans" in d:
+                parts.append(f"spans {', '.join(f'{z:g}' for z in d['spans'])} tokens (window {d['span_window']})")
+            if "routed_fraction" in d:
+                parts.append(f"routes {d['routed_fraction']:.1%} of the tokens of a validation sequence "
+                             f"(capacity {d.get('capacity', 0):.1%})")
+            if parts:
+                lines.append(f"  - layer {i}: " + "; ".join(parts))
+        for n, declared, held in gaps:
+            lines.append(f"  - after {n:,} tokens: declared {human_bytes(declared)}, held {human_bytes(held)}")
+        if m.get("mqar_cache_bytes") is not None and m.get("mqar_cache_bytes") != m.get("mqar_state_bytes"):
+            lines.append(f"  - MQAR model: declared {human_bytes(m['mqar_state_bytes'])}, held "
+                         f"{human_bytes(m['mqar_cache_bytes'])}")
     return "\n".join(lines)
 
 
@@ -88,6 +142,7 @@ def _plan_markdown(report: dict) -> str:
     lines = [
         "| model | d_model (preset) | params | non-embedding (active) | vs first | train MFLOP/token | steps | tokens | train FLOPs |",
         "|---|---|---|---|---|---|---|---|---|",
+        # (steps, tokens and FLOPs as trained: a data-dependent model may stop before its planned steps)
     ]
     for m in models:
         ratio = f"{_active_non_embedding(m) / first:.3f}" if first and match == "first" else "-"
@@ -111,7 +166,7 @@ def report_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
         f"Machine: {meta['machine']}; device {meta['device']}, training dtype {meta['train_dtype']}; Python {meta['python']}, torch {meta['torch']}, speedlm {meta['speedlm']}; {meta['date']}.",
         "",
         f"Data: {data['name']} ({data['files']} files, fingerprint `{data['fingerprint']}`), "
-        f"{opts['tokenizer']} tokenizer. Every model: {opts['budget']:.3g} training FLOPs, batches of "
+        f"{opts['tokenizer']} tokenizer. Every model: {_budget_text(opts)}, batches of "
         f"{opts['batch_size']} x {opts['seq_len']} tokens in the same order, seed {opts['seed']}, peak lr {opts['lr']} "
         f"with {opts['warmup_fraction']:.0%} warmup then cosine to {opts['min_lr_ratio']} x.",
         "",
@@ -124,16 +179,21 @@ def report_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
         leaderboard_markdown(report),
         "",
         f"Validation loss: nats per token over {opts['final_eval_batches']} x {opts['batch_size']} x {opts['seq_len']} "
-        "held-out tokens. Decode: median ms per token after a prefill of that many tokens, batch 1. State: the "
-        f"analytic inference cache after that many tokens, batch 1, in {_state_dtype(report)}.",
+        "held-out tokens. Decode: median ms per token after a prefill of that many tokens, batch 1, on the trained "
+        f"model. State, batch 1, in {_state_dtype(report)}: {state_note(report)}.",
         "",
         "## Fair compute",
         "",
         "The first model keeps its preset's width; each other model takes the width (in steps that keep its "
         "heads even) whose non-embedding parameters are closest to the first model's"
         + (" (`--match-params none`: every preset kept its width)." if opts["match"] == "none" else ".")
-        + " Each then trains for as many steps as the budget pays for at its own analytic cost per token "
-        "(`flops_per_token`), so a cheaper model sees more tokens.",
+        + (" Each then trains for as many steps as the budget pays for at its own analytic cost per token "
+           "(`flops_per_token`), so a cheaper model sees more tokens; a model whose cost follows what it learns "
+           "(adaptive span's spans) spends the budget step by step at the cost each step ran at, and stops when it "
+           "is spent (its steps and FLOPs per token below are the ones it ran)."
+           if opts.get("time_budget") is None else
+           f" Each then trains for {opts['time_budget']:g} s on this machine: its steps were calibrated on a few "
+           "steps of a throwaway copy and fixed before training (the FLOPs below are what those steps cost)."),
         "",
         _plan_markdown(report),
         "",
@@ -148,6 +208,17 @@ def report_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
             f"{1 / (mqar['vocab_size'] - mqar['vocab_size'] // 2):.3f}. `speedlm bench recall` sweeps lengths, pairs and widths.",
             "",
         ]
+    learned = learned_markdown(report)
+    if learned:
+        lines += [
+            "## Data-dependent models as trained",
+            "",
+            "What the trained weights do where cost and state depend on them (inference and MQAR columns are measured "
+            "on these weights), and where the declared state differs from what the caches held:",
+            "",
+            learned,
+            "",
+        ]
     failed = [m for m in report["models"] if m["status"] != "ok"]
     if failed:
         lines += ["## Models that did not finish", ""]
@@ -158,6 +229,12 @@ def report_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
         lines += [f"![{key}]({os.path.basename(path)})" for key, path in plots.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _budget_text(opts: dict) -> str:
+    if opts.get("time_budget") is not None:
+        return f"{opts['time_budget']:g} s of training on this machine (equal wall-clock; FLOPs spent and tokens seen in the plan)"
+    return f"{opts['budget']:.3g} training FLOPs"
 
 
 def _state_dtype(report: dict) -> str:

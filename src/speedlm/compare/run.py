@@ -27,10 +27,12 @@ import torch
 import speedlm
 from speedlm.bench.common import check_int, check_ints, check_presets, one_line
 from speedlm.bench.recall import RecallSetting, recall_config, train_recall
-from speedlm.compare.inference import STATE_CONTEXTS, inference_flops, measure_inference, state_curve
+from speedlm.checkpoint import load_pretrained
+from speedlm.compare.inference import STATE_CONTEXTS, inference_flops, learned_on, measure_inference, state_curve
 from speedlm.compare.plan import BudgetTooSmall, ModelPlan, check_match, plan_model
 from speedlm.compare.plots import write_plots
 from speedlm.compare.report import REPORT_JSON, REPORT_MD, leaderboard_markdown, write_report
+from speedlm.compare.resume import STAGES, load_plans, load_stages, open_plan, save_plan, save_stage
 from speedlm.data.cachedir import is_writable_dir
 from speedlm.data.separators import record_separators
 from speedlm.device import resolve_device
@@ -38,6 +40,7 @@ from speedlm.errors import SpeedlmError
 from speedlm.models import build_model, resolve_config
 from speedlm.models.build import require_language_model
 from speedlm.models.presets import split_preset_name
+from speedlm.ops.caches import clear_process_caches
 from speedlm.progress import progress_bar, progress_write
 from speedlm.schema import is_number
 from speedlm.train.config import TrainConfig
@@ -87,7 +90,8 @@ TIMING_FIELDS = ("train_tok_per_s", "train_flops_per_s", "mfu", "prefill_tok_s",
 @dataclass
 class CompareOptions:
     presets: list = field(default_factory=lambda: list(DEFAULT_PRESETS))
-    budget: float = DEFAULT_BUDGET  # training FLOPs per model
+    budget: float | None = None  # training FLOPs per model (None: DEFAULT_BUDGET, unless time_budget)
+    time_budget: float | None = None  # seconds of training per model on this machine, instead of FLOPs
     data: str = "stdlib"
     tokenizer: str = "byte"
     vocab_size: int | None = None  # BPE vocabulary
@@ -109,6 +113,7 @@ class CompareOptions:
     contexts: tuple = DEFAULT_CONTEXTS
     decode_tokens: int = 16
     command: str = ""
+    resume: bool = False  # continue the run in out_dir (a rerun with the same arguments does anyway)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -119,7 +124,14 @@ def _check_options(o: CompareOptions) -> None:
     for name in o.presets:
         if not (name.endswith(".json") and os.path.isfile(name)):
             split_preset_name(name)  # unknown preset: one line, before any work
-    if not (is_number(o.budget) and o.budget > 0 and o.budget != float("inf")):
+    if o.time_budget is not None:
+        if o.budget is not None:
+            raise SpeedlmError("give either --budget (training FLOPs) or --time-budget (seconds), not both")
+        if not (is_number(o.time_budget) and 0 < o.time_budget < float("inf")):
+            raise SpeedlmError(f"--time-budget must be a positive number of seconds per model, got {o.time_budget!r}")
+    elif o.budget is None:
+        o.budget = DEFAULT_BUDGET
+    elif not (is_number(o.budget) and o.budget > 0 and o.budget != float("inf")):
         raise SpeedlmError(f"--budget must be a positive number of training FLOPs per model (e.g. 1e12), got {o.budget!r}")
     for name in ("seq_len", "batch_size", "eval_points", "eval_batches", "final_eval_batches", "decode_tokens"):
         check_int(name, getattr(o, name), 1)
@@ -138,6 +150,32 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(name).removesuffix(".json"))
 
 
+def _options_dict(o: CompareOptions) -> dict:
+    """The options that decide the numbers (not the command line, where the report goes, or
+    whether it was resumed), JSON-able."""
+    return {
+        k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else list(v) if isinstance(v, tuple) else v)
+        for k, v in dataclasses.asdict(o).items()
+        if k not in ("command", "out_dir", "resume")
+    }
+
+
+def calibrate_steps(plan: ModelPlan, o: CompareOptions, data: dict) -> int:
+    """The optimizer steps `plan`'s model takes in `o.time_budget` seconds of training on this
+    machine: a few untimed-then-timed steps of a throwaway copy (the first window is warm-up)."""
+    from speedlm.data import TokenStream
+    from speedlm.train import train
+
+    clear_process_caches()
+    torch.manual_seed(o.seed)
+    probe = dataclasses.replace(plan, steps=4, train_flops_budget=None)
+    cfg = dataclasses.replace(_train_config(o, probe, os.path.join(o.out_dir, "calibration")), eval_every=0,
+                              save_every=0, log_every=1, warmup_steps=1)
+    summary = train(build_model(plan.config), cfg, TokenStream(data["train_ids"]), progress=False, persist=False)
+    step_s = o.batch_size * o.seq_len / summary["tok_per_s"]
+    return max(1, int(o.time_budget / step_s))
+
+
 def _environment(o: CompareOptions, dev: torch.device, train_dtype: torch.dtype | None, corpus) -> dict:
     return {
         "command": o.command,
@@ -150,11 +188,7 @@ def _environment(o: CompareOptions, dev: torch.device, train_dtype: torch.dtype 
         "speedlm": speedlm.__version__,
         "threads": torch.get_num_threads(),
         "data": {"spec": o.data, "name": corpus.name, "files": corpus.files, "fingerprint": corpus.fingerprint},
-        "options": {
-            k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else list(v) if isinstance(v, tuple) else v)
-            for k, v in dataclasses.asdict(o).items()
-            if k != "command"
-        },
+        "options": {**_options_dict(o), "out_dir": o.out_dir},
     }
 
 
@@ -163,6 +197,7 @@ def _environment(o: CompareOptions, dev: torch.device, train_dtype: torch.dtype 
 
 def _train_config(o: CompareOptions, plan: ModelPlan, out_dir: str) -> TrainConfig:
     steps = plan.steps
+    eval_every = max(1, steps // o.eval_points)
     return TrainConfig(
         steps=steps,
         batch_size=o.batch_size,
@@ -170,85 +205,139 @@ def _train_config(o: CompareOptions, plan: ModelPlan, out_dir: str) -> TrainConf
         lr=o.lr,
         warmup_steps=min(steps, max(1, round(o.warmup_fraction * steps))),
         min_lr_ratio=o.min_lr_ratio,
-        eval_every=max(1, steps // o.eval_points),
+        eval_every=eval_every,
         eval_batches=o.eval_batches,
-        save_every=0,
+        save_every=eval_every,  # a killed compare continues from here (compare/resume.py)
         keep=1,
         seed=o.seed,
         device=o.device,
         dtype=o.dtype,
         peak_flops=o.peak_flops,
         log_every=max(1, min(10, steps)),
+        # FLOP budgets are spent at the cost each step ran at (adaptive span: its spans as they
+        # grow); a time budget fixed the steps when it planned them
+        flop_budget=plan.train_flops_budget,
         out_dir=out_dir,
     )
 
 
-def _run_model(o: CompareOptions, plan: ModelPlan, data: dict, dev, infer_dtype, advance) -> dict:
-    from speedlm.data import TokenStream
-    from speedlm.train import evaluate, train
-
-    row: dict = {"seconds": {}}
-    t0 = time.perf_counter()
+def _run_model(o: CompareOptions, plan: ModelPlan, data: dict, dev, infer_dtype, advance, reuse: bool) -> dict:
+    """Train, score on MQAR and measure one model, stage by stage; the stages an earlier run of
+    the same plan finished (`reuse`) are read back instead of run again."""
+    clear_process_caches()  # no model pays for, or profits from, another's plans and tables
     run_dir = os.path.join(o.out_dir, "models", _safe_name(plan.name))
-    if os.path.isdir(run_dir):
+    if not reuse and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)  # compare's own run folder from an earlier report: start afresh
+    stages = load_stages(run_dir) if reuse else {}
+    trained = None
+    if "train" in stages:
+        advance(plan.train_flops)
+    else:
+        trained, results = _train_stage(o, plan, data, dev, run_dir, advance)
+        save_stage(run_dir, stages, "train", results)
+
+    if o.mqar is not None and plan.config.objective == "ar":  # MQAR scores next-token recall
+        if "mqar" in stages:
+            advance(_mqar_work(plan, o))
+        else:
+            save_stage(run_dir, stages, "mqar", _mqar_stage(o, plan, dev, run_dir, advance))
+
+    if "inference" in stages:
+        advance(inference_flops(plan.config, o.contexts, o.decode_tokens))
+    else:
+        if trained is None:
+            trained = load_pretrained(stages["train"]["checkpoint"], dev, tokenizer=False).model
+        save_stage(run_dir, stages, "inference", _inference_stage(o, plan, trained, data, dev, infer_dtype, advance))
+    del trained
+
+    row: dict = {"bound": plan.config.objective == "diffusion"}  # a diffusion LM's val loss is the NELBO bound
+    seconds = {}
+    for stage in STAGES:
+        if stage in stages:
+            results = dict(stages[stage])
+            seconds[stage] = results.pop("seconds")
+            row.update(results)
+    row["seconds"] = {**seconds, "total": sum(seconds.values())}
+    return row
+
+
+def _train_stage(o: CompareOptions, plan: ModelPlan, data: dict, dev, run_dir: str, advance):
+    """Train (continuing from the last checkpoint a killed run left), then the final validation
+    and the learned values on the trained weights: (the trained model, the stage's results)."""
+    from speedlm.data import TokenStream
+    from speedlm.train import evaluate, read_metrics, train
+
+    t0 = time.perf_counter()
     torch.manual_seed(o.seed)
     model = build_model(plan.config)
     cfg = _train_config(o, plan, run_dir)
     per_step = plan.flops_per_token * o.batch_size * o.seq_len
+    resume = os.path.exists(os.path.join(run_dir, "latest"))
     summary = train(
         model, cfg, TokenStream(data["train_ids"]), data["val_ids"], tokenizer=data["tokenizer"], progress=False,
-        data_info=data["info"], on_step=lambda _: advance(per_step),
+        data_info=data["info"], on_step=lambda _: advance(per_step), resume=resume,
     )
-    tokens_per_step = o.batch_size * o.seq_len
-    row["curve"] = [
-        {"step": r["step"], "train_flops": r["step"] * tokens_per_step * plan.flops_per_token, "val_loss": r["val_loss"]}
-        for r in summary["history"]
-        if r.get("val_loss") is not None
-    ]
+    records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))  # every step's, across a resume
+    curve = [{"step": r["step"], "train_flops": r["flops"], "val_loss": r["val_loss"]} for r in records
+             if r.get("val_loss") is not None]
     final = evaluate(model, data["val_ids"], o.batch_size, o.seq_len, o.final_eval_batches, dev, cfg.autocast_dtype(dev))
-    row.update(
+    text = torch.as_tensor(data["val_ids"][: o.seq_len], dtype=torch.long)[None].to(dev)
+    results = dict(
         checkpoint=summary["checkpoint"],
+        curve=curve,
         train_loss=summary["loss"],
         val_loss=final["loss"],
         val_ppl=final["ppl"],
         val_tokens=final["tokens"],
+        steps=summary["step"],
+        tokens=summary["tokens"],
+        train_flops=summary["flops_spent"],
+        # the mean cost per token it ran at (the plan's, unless its cost follows what it learns)
+        train_flops_per_token=summary["flops_spent"] / summary["tokens"],
         train_tok_per_s=summary["tok_per_s"],
         train_flops_per_s=summary["flops_per_s"],
         mfu=summary["mfu"],
         peak_flops=summary["peak_flops"],
         peak_source=summary["peak_source"],
+        train_resumed=resume,
+        learned=learned_on(model, text),
+        seconds=time.perf_counter() - t0,
     )
-    row["seconds"]["train"] = time.perf_counter() - t0
-    del model
+    return model, results
 
-    row["bound"] = plan.config.objective == "diffusion"  # its val loss is the NELBO, an upper bound
-    if o.mqar is not None and plan.config.objective == "ar":  # MQAR scores next-token recall
-        t1 = time.perf_counter()
-        mcfg = recall_config(plan.config, o.mqar)
-        mqar_step = _train_flops_per_token(mcfg, o.mqar.seq_len) * o.mqar.batch_size * o.mqar.seq_len
-        recall = train_recall(mcfg, o.mqar, seed=o.seed, device=dev, dtype=o.dtype, peak_flops=o.peak_flops,
-                              on_step=lambda _: advance(mqar_step))
-        row.update(mqar_accuracy=recall["accuracy"], mqar_state_bytes=recall["state_bytes"],
-                   mqar_tok_per_s=recall["train_tok_per_s"])
-        row["seconds"]["mqar"] = time.perf_counter() - t1
 
-    t2 = time.perf_counter()
+def _mqar_work(plan: ModelPlan, o: CompareOptions) -> float:
+    mcfg = recall_config(plan.config, o.mqar)
+    return _train_flops_per_token(mcfg, o.mqar.seq_len) * o.mqar.batch_size * o.mqar.seq_len * o.mqar.steps
+
+
+def _mqar_stage(o: CompareOptions, plan: ModelPlan, dev, run_dir: str, advance) -> dict:
+    t0 = time.perf_counter()
+    mcfg = recall_config(plan.config, o.mqar)
+    mqar_step = _train_flops_per_token(mcfg, o.mqar.seq_len) * o.mqar.batch_size * o.mqar.seq_len
+    recall = train_recall(mcfg, o.mqar, seed=o.seed, device=dev, dtype=o.dtype, peak_flops=o.peak_flops,
+                          on_step=lambda _: advance(mqar_step), out_dir=os.path.join(run_dir, "mqar"))
+    return dict(mqar_accuracy=recall["accuracy"], mqar_state_bytes=recall["state_bytes"],
+                mqar_cache_bytes=recall["cache_bytes"], mqar_tok_per_s=recall["train_tok_per_s"],
+                seconds=time.perf_counter() - t0)
+
+
+def _inference_stage(o: CompareOptions, plan: ModelPlan, trained, data: dict, dev, infer_dtype, advance) -> dict:
+    t0 = time.perf_counter()
+    clear_process_caches()  # this model builds its own plans and tables, in its own timings
     elem = torch.tensor([], dtype=infer_dtype).element_size()
     per_context = {n: inference_flops(plan.config, [n], o.decode_tokens) for n in o.contexts}
-    inf = measure_inference(plan.config, o.contexts, o.decode_tokens, dev, infer_dtype, seed=o.seed,
+    inf = measure_inference(trained, o.contexts, o.decode_tokens, dev, infer_dtype, data["val_ids"], seed=o.seed,
                             on_context=lambda n: advance(per_context[n]))
-    row.update(
+    return dict(
         prefill_tok_s=inf["prefill_tok_s"],
         decode_ms=inf["decode_ms"],
-        cache_bytes=inf["cache_bytes"],
+        cache_bytes=inf["cache_bytes"],  # measured: what the trained model's caches hold
         inference_errors=inf["errors"],
-        state_bytes=state_curve(plan.config, elem, sorted(set(STATE_CONTEXTS) | set(o.contexts))),
+        state_bytes=state_curve(trained, elem, sorted(set(STATE_CONTEXTS) | set(o.contexts))),  # analytic, trained
         state_dtype=str(infer_dtype).removeprefix("torch."),
+        seconds=time.perf_counter() - t0,
     )
-    row["seconds"]["inference"] = time.perf_counter() - t2
-    row["seconds"]["total"] = time.perf_counter() - t0
-    return row
 
 
 def _train_flops_per_token(cfg, seq_len: int) -> float:
@@ -299,6 +388,12 @@ def run_compare(o: CompareOptions, progress: bool = True) -> dict:
     print(f"data: {corpus.name}: {corpus.files} files, fingerprint {corpus.fingerprint}; "
           f"{tokenizer.spec()['kind']} tokenizer ({tokenizer.vocab_size} tokens): "
           f"{len(train_ids):,} train / {len(val_ids):,} validation tokens")
+    fingerprint = {"options": _options_dict(o), "data": corpus.fingerprint, "tokenizer": tokenizer.spec(),
+                   "speedlm": speedlm.__version__}
+    reuse = open_plan(o.out_dir, fingerprint, o.resume)  # refuses other arguments before touching anything
+    saved_steps = {name: p["steps"] for name, p in load_plans(o.out_dir).items()} if reuse else {}
+    if reuse:
+        print(f"resuming the compare run in {o.out_dir}: finished stages are reused")
 
     # ----- plans: widths and steps; bad arguments fail here, broken configs become rows -----
     rows: dict[str, dict] = {}
@@ -327,6 +422,11 @@ def run_compare(o: CompareOptions, progress: bool = True) -> dict:
             continue
         if first:
             target = plan.params_active_non_embedding
+        if o.time_budget is not None:  # the steps this model takes in that many seconds here
+            steps = saved_steps.get(name) or calibrate_steps(plan, o, data)
+            plan = dataclasses.replace(plan, steps=steps, tokens=steps * o.batch_size * o.seq_len,
+                                       train_flops=steps * o.batch_size * o.seq_len * plan.flops_per_token,
+                                       train_flops_budget=None)
         plans.append(plan)
         rows[name] = {"name": name, "status": "pending", **plan.to_dict()}
     if too_small:
@@ -335,9 +435,9 @@ def run_compare(o: CompareOptions, progress: bool = True) -> dict:
     _print_plan(plans, o, target)
     env = _environment(o, dev, train_dtype, corpus)
     env["train_dtype"] = str(train_dtype or torch.float32).removeprefix("torch.")
-    os.makedirs(o.out_dir, exist_ok=True)
+    save_plan(o.out_dir, fingerprint, {p.name: {"d_model": p.width, "steps": p.steps} for p in plans})
     errors_log = os.path.join(o.out_dir, "errors.log")
-    if os.path.exists(errors_log):
+    if os.path.exists(errors_log) and not reuse:
         os.remove(errors_log)
 
     def work_of(plan: ModelPlan) -> float:
@@ -360,7 +460,7 @@ def run_compare(o: CompareOptions, progress: bool = True) -> dict:
                 _bar.update(amount)
 
             try:
-                row.update(_run_model(o, plan, data, dev, infer_dtype, advance))
+                row.update(_run_model(o, plan, data, dev, infer_dtype, advance, reuse))
                 row["status"] = "ok"
             except KeyboardInterrupt:
                 row.update(status="interrupted", reason="Ctrl-C")
@@ -394,15 +494,23 @@ def run_compare(o: CompareOptions, progress: bool = True) -> dict:
 
 def _print_plan(plans: list[ModelPlan], o: CompareOptions, target: int | None) -> None:
     tokens_per_step = o.batch_size * o.seq_len
-    print(f"plan: {o.budget:.3g} training FLOPs per model, batches of {o.batch_size} x {o.seq_len} tokens "
+    budget = f"{o.time_budget:g} s of training" if o.time_budget is not None else f"{o.budget:.3g} training FLOPs"
+    print(f"plan: {budget} per model, batches of {o.batch_size} x {o.seq_len} tokens "
           f"({tokens_per_step:,} per step), lr {o.lr}, seed {o.seed}")
     width = max([len(p.name) for p in plans] + [5])
     print(f"  {'model':<{width}}  d_model  params     active non-emb  vs first  MFLOP/token  steps   tokens")
     for p in plans:
         ratio = f"{p.params_active_non_embedding / target:.3f}" if target else "-"
+        # a model whose cost follows what it learns spends its FLOP budget at the cost it runs at
+        dynamic = " (cost follows its learned values: counted as it trains)" if _data_dependent(p.config) else ""
         print(f"  {p.name:<{width}}  {p.width:<7}  {p.params:<9,}  {p.params_active_non_embedding:<14,}  {ratio:<8}  "
-              f"{p.flops_per_token / 1e6:<11.3f}  {p.steps:<6}  {p.tokens:,}")
+              f"{p.flops_per_token / 1e6:<11.3f}  {p.steps:<6}  {p.tokens:,}{dynamic}")
     sys.stdout.flush()
+
+
+def _data_dependent(cfg) -> bool:
+    with torch.device("meta"):
+        return build_model(cfg).data_dependent_flops
 
 
 __all__ = ["CompareOptions", "DEFAULT_BUDGET", "DEFAULT_CONTEXTS", "DEFAULT_MQAR", "DEFAULT_PRESETS", "REPORT_JSON",
