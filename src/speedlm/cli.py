@@ -78,17 +78,16 @@ def cmd_hf(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    import dataclasses
     import shlex
 
-    from speedlm.bench.recall import RecallSetting
     from speedlm.compare import DEFAULT_MQAR, DEFAULT_PRESETS, CompareOptions, run_compare
 
     mqar = None
     if not args.no_mqar:
-        mqar = RecallSetting(
-            seq_len=args.mqar_len, num_kv_pairs=args.mqar_pairs, vocab_size=args.mqar_vocab, steps=args.mqar_steps,
-            batch_size=DEFAULT_MQAR.batch_size, lr=DEFAULT_MQAR.lr, test_examples=DEFAULT_MQAR.test_examples,
-        )
+        given = {"seq_len": args.mqar_len, "num_kv_pairs": args.mqar_pairs, "vocab_size": args.mqar_vocab,
+                 "steps": args.mqar_steps}
+        mqar = dataclasses.replace(DEFAULT_MQAR, **{k: v for k, v in given.items() if v is not None})
     run_compare(
         CompareOptions(
             presets=args.presets or list(DEFAULT_PRESETS), budget=args.budget, time_budget=args.time_budget,
@@ -376,10 +375,11 @@ def _add_compare_parser(sub) -> None:
                    help="first: widths chosen so non-embedding parameters match the first model's; none: preset widths")
     p.add_argument("--eval-points", type=int, default=8, help="validations along training (the loss-vs-FLOPs curve)")
     p.add_argument("--eval-batches", type=int, default=40, help="batches of the final validation loss")
-    p.add_argument("--mqar-len", type=int, default=64)
-    p.add_argument("--mqar-pairs", type=int, default=4)
-    p.add_argument("--mqar-vocab", type=int, default=32)
-    p.add_argument("--mqar-steps", type=int, default=800)
+    # MQAR defaults: speedlm.compare.DEFAULT_MQAR (one place)
+    p.add_argument("--mqar-len", type=int, help="MQAR sequence length (default 48)")
+    p.add_argument("--mqar-pairs", type=int, help="MQAR key-value pairs (default 4)")
+    p.add_argument("--mqar-vocab", type=int, help="MQAR vocabulary (default 32)")
+    p.add_argument("--mqar-steps", type=int, help="MQAR training steps (default 800)")
     p.add_argument("--no-mqar", action="store_true", help="skip the associative-recall column")
     p.add_argument("--contexts", type=_ints, default=[1024, 4096, 16384], help="decode-latency context lengths")
     p.add_argument("--decode-tokens", type=int, default=16)

@@ -72,14 +72,22 @@ def test_a_tiny_compare_completes_with_every_model_and_column_and_repeats_exactl
         assert m["state_bytes"][4096] > 0 and m["state_bytes"][65536] >= m["state_bytes"][4096]
         assert m["cache_bytes"][64] == m["state_bytes"][64]  # the measured cache is what was promised
         assert len(m["curve"]) >= 2 and m["curve"][-1]["train_flops"] == pytest.approx(m["train_flops"])
+        # counted and executed FLOPs of a training step on the trained model, side by side
+        assert m["counted_flops_per_token"] == pytest.approx(m["train_flops_per_token"])
+        assert 0 < m["counted_visible_flops_per_token"] <= m["counted_flops_per_token"]
+        assert m["executed_flops_per_token"] >= 0.99 * m["counted_visible_flops_per_token"]
     full, window = models["transformer-tiny"], models["sliding-window-tiny"]
     assert window["steps"] > full["steps"]
+    # full attention executes what it counts; the window reads whole 64-key blocks around its 32 keys
+    assert full["executed_flops_per_token"] == pytest.approx(full["counted_visible_flops_per_token"], rel=0.1)
+    assert window["executed_flops_per_token"] > 1.05 * window["counted_visible_flops_per_token"]
     assert full["state_bytes"][65536] == 16 * full["state_bytes"][4096]  # full KV cache: linear in context
     assert window["state_bytes"][65536] == window["state_bytes"][4096]  # window: bounded
     out = tmp_path / "a"
     md = (out / "report.md").read_text()
     assert "speedlm compare (test)" in md and first["meta"]["data"]["fingerprint"] in md
     assert "measured in one process" in md and "| 1 |" in md and "| 2 |" in md
+    assert "## Counted and executed FLOPs" in md
     for name in ("compare_loss_vs_flops.png", "compare_decode_latency.png", "compare_cache_bytes.png", "compare_mqar_vs_state.png"):
         assert (out / name).stat().st_size > 1000
     saved = json.loads((out / "report.json").read_text())

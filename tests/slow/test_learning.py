@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def _recall(mixer: dict) -> float:
     """Accuracy of a 2-layer, 64-wide model with this mixer on `speedlm compare`'s MQAR setting
-    (T=64, 4 pairs, vocabulary 32, 800 steps)."""
+    (T=48, 4 pairs, vocabulary 32, 800 steps of 24 sequences)."""
     cfg = ModelConfig(vocab_size=32, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, layers={"A": {"mixer": mixer}})
     setting = DEFAULT_MQAR
     return train_recall(recall_config(cfg, setting), setting, device="cpu")["accuracy"]

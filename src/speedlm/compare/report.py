@@ -125,6 +125,20 @@ def learned_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def executed_markdown(report: dict) -> str:
+    """Counted against executed training FLOPs per token, per finished model that measured them."""
+    rows = [m for m in report["models"] if m["status"] == "ok" and m.get("executed_flops_per_token") is not None]
+    if not rows:
+        return ""
+    lines = ["| model | counted MFLOP/token | visible MFLOP/token | executed MFLOP/token | executed / visible |",
+             "|---|---|---|---|---|"]
+    for m in rows:
+        visible = m["counted_visible_flops_per_token"]
+        lines.append(f"| {m['name']} | {m['counted_flops_per_token'] / 1e6:.3f} | {visible / 1e6:.3f} | "
+                     f"{m['executed_flops_per_token'] / 1e6:.3f} | {m['executed_flops_per_token'] / visible:.2f} |")
+    return "\n".join(lines)
+
+
 def _params(m: dict) -> str:
     """Total parameters, and the active ones where a token passes through fewer (MoE)."""
     active = m.get("params_active", m["params"])
@@ -198,6 +212,20 @@ def report_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
         _plan_markdown(report),
         "",
     ]
+    executed = executed_markdown(report)
+    if executed:
+        lines += [
+            "## Counted and executed FLOPs",
+            "",
+            f"One training step (forward + backward) of each trained model on a {opts['seq_len']}-token validation "
+            "sequence under `torch.utils.flop_counter.FlopCounterMode`, per token. Counted: what the budget spends "
+            "(README, \"How FLOPs are counted\"); visible: the part of that count made of matrix products, which the "
+            "counter sees (scans, FFTs and solves are elementwise to it); executed / visible above 1 is what the "
+            "implementation computes beyond the mechanism's visible pairs (whole key blocks, dense chunks, padding).",
+            "",
+            executed,
+            "",
+        ]
     if mqar:
         lines += [
             "## Associative recall (MQAR)",
