@@ -13,7 +13,7 @@ install:
 
 # The main job: one representative of every family trained on Python's own stdlib sources for
 # the same training FLOPs, then validation loss, associative recall (MQAR), speed and cache size
-# side by side in $(COMPARE_DIR)/report.md (about 8 minutes on 2 CPU cores).
+# side by side in $(COMPARE_DIR)/report.md (about 8 minutes on 2 CPU cores of an AMD EPYC).
 compare: install
 	$(PYTHON) -m speedlm compare --out $(COMPARE_DIR)
 

@@ -89,7 +89,8 @@ def run_mixers_bench(presets, lengths=(4096, 16384), repeats: int = 3, device="a
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['preset']} ({r['mixer']}) | {r['length']} | {r['fwd_ms']:.1f} | {r['fwd_ratio']:.3f}x | "
               f"{r['peak_mem_mib']:.1f} | {r['plan_build_s']:.3f} |" for r in rows]
-    lines += ["", "| preset | forward time exponent | peak memory exponent |", "|---|---|---|"]
-    lines += [f"| {p} | {e['fwd']:.2f} | {e['mem']:.2f} |" for p, e in exponents.items()]
+    if len(lengths) > 1:  # a slope needs two lengths
+        lines += ["", "| preset | forward time exponent | peak memory exponent |", "|---|---|---|"]
+        lines += [f"| {p} | {e['fwd']:.2f} | {e['mem']:.2f} |" for p, e in exponents.items()]
     files = {"json": os.path.join(out_dir, "bench_mixers.json"), "md": os.path.join(out_dir, "bench_mixers.md")}
     return write_results(result, "\n".join(lines) + "\n", files)

@@ -70,14 +70,14 @@ DEFAULT_PRESETS = (
     "mixtral-tiny",
     "mod-tiny",
     # dynamic sparse attention (issue 12): adaptive span, the lowest loss of the sparse and memory
-    # compare and full MQAR recall with a 31 KiB cache; and the masked diffusion LM (issue 14),
+    # compare, and full MQAR recall; and the masked diffusion LM (issue 14),
     # whose row is its NELBO bound (it has no MQAR or decode rows)
     "adaptive-span-tiny",
     "mdlm-tiny",
 )
-# Training FLOPs per model; with the defaults above the whole report takes about 10 minutes
-# on 2 CPU cores of the AMD EPYC we measured (BENCHMARKS.md has the runs). Every model
-# also pays a fixed 23-56 s of MQAR, so each family that joins lowers this.
+# Training FLOPs per model; with the defaults above the whole report takes about 8 minutes
+# on 2 CPU cores of the AMD EPYC we measured (README, "The defaults, measured"). Every model
+# also pays a fixed 13-48 s of MQAR, so each family that joins lowers this.
 DEFAULT_BUDGET = 0.5e12
 # One MQAR setting per model: long enough that a 32-token window cannot see every pair, small
 # enough (vocabulary 32) that attention learns it in the steps given (tests/slow). 48 tokens x 24
