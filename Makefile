@@ -4,18 +4,26 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= runs/demo
 COMPARE_DIR ?= runs/compare
+SCALING_DIR ?= runs/scaling
 
-.PHONY: install compare demo test test-slow bench recall clean
+.PHONY: install compare scaling demo test test-slow bench recall clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
-	@$(PYTHON) -m pip install -q -e ".[test,hf,tasks]"
+	@$(PYTHON) -m pip install -q -e ".[test,hf,tasks,sweep]"
 
 # The main job: one representative of every family trained on Python's own stdlib sources for
 # the same training FLOPs, then validation loss, associative recall (MQAR), speed and cache size
 # side by side in $(COMPARE_DIR)/report.md (about 8 minutes on 2 CPU cores of an AMD EPYC).
 compare: install
 	$(PYTHON) -m speedlm compare --out $(COMPARE_DIR)
+
+# A scaling study: four families at four budgets, two seeds each, the first model sized for 20
+# tokens per parameter at each budget; means with 95% intervals, a fitted L = E + A C^-alpha per
+# model and its prediction at 1e13 FLOPs, in $(SCALING_DIR)/sweep.md (about 30 minutes on 2 CPU cores).
+scaling: install
+	$(PYTHON) -m speedlm compare --presets transformer-tiny,sliding-window-tiny,hgrn-tiny,mamba2-tiny \
+		--budgets 2.5e11,5e11,1e12,2e12 --seeds 2 --no-mqar --contexts 1024,4096 --target-budget 1e13 --out $(SCALING_DIR)
 
 # Train a tiny model on the embedded corpus (Python's own stdlib sources) for a few minutes,
 # evaluate it, and generate from it through the KV cache. Each run starts a fresh $(DEMO_DIR).

@@ -23,6 +23,13 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -82,23 +89,31 @@ def cmd_compare(args) -> int:
     import shlex
 
     from speedlm.compare import DEFAULT_MQAR, DEFAULT_PRESETS, CompareOptions, run_compare
+    from speedlm.compare.sweep import SweepOptions, is_sweep, run_sweep
 
     mqar = None
     if not args.no_mqar:
         given = {"seq_len": args.mqar_len, "num_kv_pairs": args.mqar_pairs, "vocab_size": args.mqar_vocab,
                  "steps": args.mqar_steps}
         mqar = dataclasses.replace(DEFAULT_MQAR, **{k: v for k, v in given.items() if v is not None})
-    run_compare(
-        CompareOptions(
-            presets=args.presets or list(DEFAULT_PRESETS), budget=args.budget, time_budget=args.time_budget,
-            resume=args.resume, data=args.data, tokenizer=args.tokenizer,
-            vocab_size=args.vocab_size, out_dir=args.out, seq_len=args.seq_len, batch_size=args.batch_size,
-            lr=args.lr, seed=args.seed, device=args.device, dtype=args.dtype, peak_flops=args.peak_flops,
-            match=args.match_params, mqar=mqar, contexts=args.contexts, decode_tokens=args.decode_tokens,
-            eval_points=args.eval_points, final_eval_batches=args.eval_batches,
-            command="speedlm " + " ".join(shlex.quote(a) for a in args.argv),
-        )
+    options = CompareOptions(
+        presets=args.presets or list(DEFAULT_PRESETS), budget=args.budget, time_budget=args.time_budget,
+        resume=args.resume, data=args.data, tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size, out_dir=args.out, seq_len=args.seq_len, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, device=args.device, dtype=args.dtype, peak_flops=args.peak_flops,
+        match=args.match_params, tokens_per_param=args.tokens_per_param, mqar=mqar, contexts=args.contexts,
+        decode_tokens=args.decode_tokens, eval_points=args.eval_points, final_eval_batches=args.eval_batches,
+        command="speedlm " + " ".join(shlex.quote(a) for a in args.argv),
     )
+    sweep = SweepOptions(
+        compare=options, budgets=args.budgets, time_budgets=args.time_budgets, seeds=args.seeds,
+        target_budget=args.target_budget, executor=args.executor, cpus_per_run=args.cpus_per_run,
+        gpus_per_run=args.gpus_per_run, ray_address=args.ray_address,
+    )
+    if is_sweep(sweep):
+        run_sweep(sweep)
+    else:
+        run_compare(options)
     return 0
 
 
@@ -363,6 +378,24 @@ def _add_compare_parser(sub) -> None:
                    help="instead of --budget: seconds of training per model on this machine (steps calibrated per model)")
     p.add_argument("--resume", action="store_true", help="continue the compare run in --out (a rerun with the same "
                    "arguments into the same --out does so anyway); its finished models and stages are reused")
+    # a scaling sweep (compare/sweep.py): several budgets and seeds, statistics and fitted laws
+    p.add_argument("--budgets", type=_floats, default=None, metavar="A,B,C",
+                   help="a ladder of training-FLOP budgets (increasing): every model at each; 3+ fit L = E + A C^-alpha")
+    p.add_argument("--time-budgets", type=_floats, default=None, metavar="S1,S2,S3",
+                   help="a ladder of seconds of training per model, instead of --budgets")
+    p.add_argument("--seeds", type=int, default=1, help="train every model this many times (seeds --seed, --seed+1, ...): "
+                   "means and 95%% intervals, ties, rank stability")
+    p.add_argument("--tokens-per-param", type=float, default=None,
+                   help="size the first model at each budget for this many training tokens per active non-embedding "
+                   "parameter (the others are matched to it); 20 is Chinchilla's compute-efficient ratio")
+    p.add_argument("--target-budget", type=float, default=None,
+                   help="predict every model's loss at this budget from its fitted law (needs 3+ budgets)")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="run a sweep's trainings one after another here (local) or as Ray tasks (extra 'sweep')")
+    p.add_argument("--cpus-per-run", type=float, default=None, help="Ray: CPUs per training task (default 1)")
+    p.add_argument("--gpus-per-run", type=float, default=None, help="Ray: GPUs per training task (default 0)")
+    p.add_argument("--ray-address", default=None, help="Ray: a cluster's address (default: RAY_ADDRESS, else a "
+                   "local instance)")
     p.add_argument("--data", default="stdlib", help="'stdlib' (default), files/folders (comma-separated) or hf:NAME")
     p.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size")

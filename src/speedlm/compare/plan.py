@@ -1,7 +1,7 @@
 """Fair compute: comparable parameter counts, then the same training FLOPs for every model.
 
 Widths. The first model keeps its preset's width; every other model gets the width (d_model,
-in steps that keep its heads even-sized, within 1/2x..2x of its preset's width, the FFN
+in steps that keep its heads even-sized, within 1/4x..4x of its preset's width, the FFN
 following the width) whose active non-embedding parameter count is closest to the first
 model's. Active: the parameters a token passes through, so a Mixture-of-Experts model is
 matched on its router and top-k experts (like its FLOPs), not on every expert; for dense models
@@ -90,15 +90,37 @@ def _with_width(cfg: ModelConfig, width: int) -> ModelConfig | None:
 
 def match_width(cfg: ModelConfig, target_non_embedding: int) -> ModelConfig:
     """The width of `cfg`'s architecture whose active non-embedding parameters are closest to
-    the target (log distance), searched in steps of 2 x n_heads within [d/2, 2d]."""
+    the target (log distance), searched in steps of 2 x n_heads within [d/4, 4d] (a budget
+    ladder sizes the first model from a quarter to four times its preset)."""
     step = 2 * cfg.n_heads
     d0 = cfg.d_model
     best, best_gap = cfg, abs(math.log(count_params(cfg)[2] / target_non_embedding))
-    for width in range(max(step, (d0 // 2) // step * step), 2 * d0 + 1, step):
+    for width in range(max(step, (d0 // 4) // step * step), 4 * d0 + 1, step):
         candidate = _with_width(cfg, width) if width != d0 else None
         if candidate is None:
             continue
         gap = abs(math.log(count_params(candidate)[2] / target_non_embedding))
+        if gap < best_gap - 1e-12:
+            best, best_gap = candidate, gap
+    return best
+
+
+def width_for_tokens_per_param(cfg: ModelConfig, budget: float, tokens_per_param: float, seq_len: int) -> ModelConfig:
+    """The width of `cfg`'s architecture whose training tokens under `budget` per active
+    non-embedding parameter come closest to `tokens_per_param` (log distance), in steps of
+    2 x n_heads from one step up to 4x the preset's width: a compute-efficient size for that
+    budget by a fixed ratio (Hoffmann et al. 2022 find about 20 tokens per parameter; the
+    ladder's first model follows it and the others are matched to it)."""
+    step = 2 * cfg.n_heads
+    best, best_gap = cfg, math.inf
+    for width in range(step, 4 * cfg.d_model + 1, step):
+        candidate = _with_width(cfg, width) if width != cfg.d_model else cfg
+        if candidate is None:
+            continue
+        active = count_params(candidate)[2]
+        with torch.device("meta"):
+            fpt = build_model(candidate).flops_per_token(seq_len, training=True)
+        gap = abs(math.log(budget / fpt / active / tokens_per_param))
         if gap < best_gap - 1e-12:
             best, best_gap = candidate, gap
     return best
@@ -110,10 +132,10 @@ def steps_for_budget(budget: float, flops_per_token: float, tokens_per_step: int
 
 
 def plan_model(name: str, cfg: ModelConfig, budget: float | None, batch_size: int, seq_len: int,
-               target: int | None) -> ModelPlan:
+               target: int | None, preset_width: int | None = None) -> ModelPlan:
     """Width and steps of one model. `budget` None: only the width and cost (a time budget sets
-    the steps by calibration)."""
-    preset_width = cfg.d_model
+    the steps by calibration). `preset_width`: the preset's width where `cfg` was resized before."""
+    preset_width = preset_width or cfg.d_model
     if target is not None:
         cfg = match_width(cfg, target)
     params, non_emb, active = count_params(cfg)

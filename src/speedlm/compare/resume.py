@@ -41,15 +41,15 @@ def _first_difference(saved, now, path: str = "") -> str | None:
     return None
 
 
-def open_plan(out_dir: str, fingerprint: dict, resume: bool) -> bool:
+def open_plan(out_dir: str, fingerprint: dict, resume: bool, plan_file: str = PLAN_FILE) -> bool:
     """Check `out_dir`'s plan against this run's fingerprint (JSON-able). Returns True when an
     earlier run with the same arguments is there (its finished stages are reused); raises a
     one-line SpeedlmError when its arguments differ, or when `resume` asks for a run that is not
     there. A new plan is written by `save_plan`."""
-    path = os.path.join(out_dir, PLAN_FILE)
+    path = os.path.join(out_dir, plan_file)
     if not os.path.exists(path):
         if resume:
-            raise SpeedlmError(f"--resume: {out_dir} holds no earlier compare run ({PLAN_FILE} is missing)")
+            raise SpeedlmError(f"--resume: {out_dir} holds no earlier compare run ({plan_file} is missing)")
         return False
     try:
         with open(path, encoding="utf-8") as f:
@@ -63,9 +63,9 @@ def open_plan(out_dir: str, fingerprint: dict, resume: bool) -> bool:
     return True
 
 
-def save_plan(out_dir: str, fingerprint: dict, plans: dict) -> None:
+def save_plan(out_dir: str, fingerprint: dict, plans: dict, plan_file: str = PLAN_FILE) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write_text(os.path.join(out_dir, PLAN_FILE), json.dumps({"fingerprint": fingerprint, "plans": plans}, indent=2) + "\n")
+    atomic_write_text(os.path.join(out_dir, plan_file), json.dumps({"fingerprint": fingerprint, "plans": plans}, indent=2) + "\n")
 
 
 def load_plans(out_dir: str) -> dict:

@@ -30,7 +30,7 @@ from speedlm.bench.flops import compare_model
 from speedlm.bench.recall import RecallSetting, recall_config, train_recall
 from speedlm.checkpoint import load_pretrained
 from speedlm.compare.inference import STATE_CONTEXTS, inference_flops, learned_on, measure_inference, state_curve
-from speedlm.compare.plan import BudgetTooSmall, ModelPlan, check_match, plan_model
+from speedlm.compare.plan import BudgetTooSmall, ModelPlan, check_match, plan_model, width_for_tokens_per_param
 from speedlm.compare.plots import write_plots
 from speedlm.compare.report import REPORT_JSON, REPORT_MD, leaderboard_markdown, write_report
 from speedlm.compare.resume import STAGES, load_plans, load_stages, open_plan, save_plan, save_stage
@@ -113,6 +113,9 @@ class CompareOptions:
     dtype: str = "auto"
     peak_flops: float | None = None
     match: str = "first"
+    # the first model's width from a tokens-per-parameter ratio at this budget (None: its preset's);
+    # the others are matched to it (compare/plan.py::width_for_tokens_per_param)
+    tokens_per_param: float | None = None
     mqar: RecallSetting | None = DEFAULT_MQAR
     contexts: tuple = DEFAULT_CONTEXTS
     decode_tokens: int = 16
@@ -144,6 +147,12 @@ def _check_options(o: CompareOptions) -> None:
         raise SpeedlmError(f"--lr must be positive, got {o.lr!r}")
     o.contexts = tuple(check_ints("contexts", o.contexts))
     check_match(o.match)
+    if o.tokens_per_param is not None:
+        if not (is_number(o.tokens_per_param) and 0 < o.tokens_per_param < float("inf")):
+            raise SpeedlmError(f"--tokens-per-param must be a positive number, got {o.tokens_per_param!r}")
+        if o.time_budget is not None or o.match == "none":
+            raise SpeedlmError("--tokens-per-param sizes models for a FLOP budget with --match-params first; "
+                               "it cannot be used with --time-budget or --match-params none")
     if o.mqar is not None:
         o.mqar.check()
     if not is_writable_dir(o.out_dir):
@@ -383,10 +392,14 @@ def _finished_line(i: int, n: int, name: str, row: dict) -> str:
 # ----------------------------------------------------------------------------- the job
 
 
-def run_compare(o: CompareOptions, progress: bool = True) -> dict:
+def run_compare(o: CompareOptions, progress: bool = True, only: list | None = None, write_files: bool = True) -> dict:
     """Run the comparison (see module doc); returns the report dict (report.json's content)
     plus "files". Raises SpeedlmError for bad arguments before any training; re-raises
-    KeyboardInterrupt after writing the report of the models finished so far."""
+    KeyboardInterrupt after writing the report of the models finished so far.
+
+    `only`: plan every model (widths are matched to the first) but run only these, leaving the
+    others' stages to other processes (a sweep executor's task); `write_files=False` writes no
+    report, plots or errors log removal (a later run over the finished stages merges them)."""
     from speedlm.data import encode_corpus, load_corpus, make_tokenizer, require_tokens
 
     _check_options(o)
@@ -430,8 +443,11 @@ def run_compare(o: CompareOptions, progress: bool = True) -> dict:
         if o.seq_len > cfg.max_seq_len:
             raise SpeedlmError(f"--seq-len {o.seq_len} is longer than {name} can hold (max_seq_len={cfg.max_seq_len})")
         first = o.match == "first" and target is None
+        preset_width = cfg.d_model
+        if first and o.tokens_per_param is not None:  # a compute-efficient size for this budget
+            cfg = width_for_tokens_per_param(cfg, o.budget, o.tokens_per_param, o.seq_len)
         try:
-            plan = plan_model(name, cfg, o.budget, o.batch_size, o.seq_len, None if first else target)
+            plan = plan_model(name, cfg, o.budget, o.batch_size, o.seq_len, None if first else target, preset_width)
         except BudgetTooSmall as e:
             too_small.append(str(e))
             continue
@@ -455,8 +471,10 @@ def run_compare(o: CompareOptions, progress: bool = True) -> dict:
     env["train_dtype"] = str(train_dtype or torch.float32).removeprefix("torch.")
     save_plan(o.out_dir, fingerprint, {p.name: {"d_model": p.width, "steps": p.steps} for p in plans})
     errors_log = os.path.join(o.out_dir, "errors.log")
-    if os.path.exists(errors_log) and not reuse:
+    if os.path.exists(errors_log) and not reuse and write_files:
         os.remove(errors_log)
+    if only is not None:
+        plans = [p for p in plans if p.name in only]
 
     def work_of(plan: ModelPlan) -> float:
         w = plan.train_flops
@@ -498,8 +516,12 @@ def run_compare(o: CompareOptions, progress: bool = True) -> dict:
 
     for row in rows.values():
         if row["status"] == "pending":
-            row.update(status="not run", reason="interrupted before it started")
+            row.update(status="not run", reason="interrupted before it started" if only is None else "run elsewhere")
     report = {"meta": env, "models": [rows[n] for n in o.presets]}
+    if not write_files:
+        if interrupted:
+            raise KeyboardInterrupt
+        return report
     plots = write_plots(report, o.out_dir)
     files = {**write_report(report, o.out_dir, plots), **plots}
     report["files"] = files
