@@ -88,6 +88,7 @@ def test_a_tiny_compare_completes_with_every_model_and_column_and_repeats_exactl
     assert "speedlm compare (test)" in md and first["meta"]["data"]["fingerprint"] in md
     assert "measured in one process" in md and "| 1 |" in md and "| 2 |" in md
     assert "## Counted and executed FLOPs" in md
+    assert "What it cost:" in md and all(m["mqar_train_flops"] > 0 for m in models.values())  # the recall probe's cost
     for name in ("compare_loss_vs_flops.png", "compare_decode_latency.png", "compare_cache_bytes.png", "compare_mqar_vs_state.png"):
         assert (out / name).stat().st_size > 1000
     saved = json.loads((out / "report.json").read_text())

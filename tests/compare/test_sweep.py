@@ -60,7 +60,8 @@ def test_the_fit_recovers_a_known_law_and_predicts_it():
     s = fit.summary()
     assert (s["E"], s["A"], s["alpha"]) == pytest.approx((1.7, 300.0, 0.27), rel=1e-3)
     assert fit.prediction(1e13)["loss"] == pytest.approx(1.7 + 300.0 * 1e13 ** -0.27, rel=1e-4)
-    assert "interval" not in fit.prediction(1e13)  # one seed per budget: no bootstrap, no interval
+    three = Fit(_points(1.7, 300.0, 0.27, budgets[:3], 1, 0.0, np.random.default_rng(0)))
+    assert "interval" not in three.prediction(1e13)  # no more points than parameters: no interval
 
 
 def test_intervals_shrink_when_seeds_are_added():
@@ -69,7 +70,7 @@ def test_intervals_shrink_when_seeds_are_added():
     widths = {2: [], 8: []}
     for draw in range(4):  # the width of one small sample is itself noisy: compare averages
         for seeds in widths:
-            fit = Fit(_points(1.7, 300.0, 0.27, budgets, seeds, 0.02, np.random.default_rng(draw)), bootstrap=200)
+            fit = Fit(_points(1.7, 300.0, 0.27, budgets, seeds, 0.02, np.random.default_rng(draw)))
             lo, hi = fit.prediction(3e12)["interval"]
             widths[seeds].append(hi - lo)
     assert np.mean(widths[8]) < 0.7 * np.mean(widths[2]), widths
@@ -119,7 +120,8 @@ def test_a_tiny_ladder_fits_every_model_predicts_and_resumes_without_training(tm
     fits = report["fits"]
     for name in ("transformer-tiny", "hgrn-tiny"):
         f = fits["models"][name]
-        assert f["ok"] and f["points"] == 6 and f["alpha"] > 0 and f["alpha_interval"][0] <= f["alpha"] + 1e-9
+        assert f["ok"] and f["points"] == 6 and f["dof"] == 3 and f["alpha"] > 0
+        assert f["alpha_interval"][0] <= f["alpha"] <= f["alpha_interval"][1]
     target = fits["target"]
     assert target["far"] is (1e11 > FAR_FACTOR * 4e9) and sorted(target["ranking"]) == ["hgrn-tiny", "transformer-tiny"]
     saved = json.loads((tmp_path / "ladder" / "sweep.json").read_text())

@@ -139,6 +139,20 @@ def executed_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def mqar_cost_text(report: dict) -> str:
+    """What the recall probe cost, beside the language-model training it sits next to."""
+    rows = [m for m in report["models"] if m["status"] == "ok" and m.get("mqar_train_flops")]
+    if not rows:
+        return ""
+    flops = sum(m["mqar_train_flops"] for m in rows)
+    train = sum(m["train_flops"] for m in rows)
+    seconds = sum((m.get("seconds") or {}).get("mqar", 0.0) for m in rows)
+    train_s = sum((m.get("seconds") or {}).get("train", 0.0) for m in rows)
+    return (f"What it cost: {flops:.3g} training FLOPs over the {len(rows)} models ({flops / train:.2f}x their "
+            f"language-model training) and {seconds:.0f} s on this machine ({seconds / max(train_s, 1e-9):.2f}x the "
+            f"{train_s:.0f} s of language-model training and its validation).")
+
+
 def _params(m: dict) -> str:
     """Total parameters, and the active ones where a token passes through fewer (MoE)."""
     active = m.get("params_active", m["params"])
@@ -236,6 +250,9 @@ def report_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
             f"{1 / (mqar['vocab_size'] - mqar['vocab_size'] // 2):.3f}. `speedlm bench recall` sweeps lengths, pairs and widths.",
             "",
         ]
+        cost = mqar_cost_text(report)
+        if cost:
+            lines += [cost, ""]
     learned = learned_markdown(report)
     if learned:
         lines += [

@@ -346,6 +346,7 @@ def _mqar_stage(o: CompareOptions, plan: ModelPlan, dev, run_dir: str, advance) 
                           on_step=lambda _: advance(mqar_step), out_dir=os.path.join(run_dir, "mqar"))
     return dict(mqar_accuracy=recall["accuracy"], mqar_state_bytes=recall["state_bytes"],
                 mqar_cache_bytes=recall["cache_bytes"], mqar_tok_per_s=recall["train_tok_per_s"],
+                mqar_train_flops=mqar_step * o.mqar.steps,  # what the probe cost, beside the LM's training
                 seconds=time.perf_counter() - t0)
 
 

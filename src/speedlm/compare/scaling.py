@@ -3,12 +3,16 @@
 E is the irreducible loss the architecture approaches, A and alpha how fast it gets there
 (Kaplan et al. 2020; Hoffmann et al. 2022). The fit is scipy's `curve_fit` (trust-region
 least squares with bounds) on every (budget, seed) point, in the form E + exp(a - alpha * x)
-with x = ln(C / C_ref), which keeps the numbers near 1. Its uncertainty comes from the seeds:
-a bootstrap resamples the seeds at each budget (with replacement, deviations rescaled for the
-small sample) and refits, and the 2.5th and 97.5th percentiles of each quantity are its 95 %
-interval. One seed gives a fit without intervals. With two or three seeds a percentile
-bootstrap cannot show the t distribution's heavy tails: read those intervals as a lower bound
-on the uncertainty.
+with x = ln(C / C_ref), which keeps the numbers near 1.
+
+Intervals. The points at one budget differ only by their seed, so the scatter of the points
+about the law is the seeds' scatter (plus any misfit of the law). `curve_fit`'s covariance scales
+the Jacobian by that residual variance; a 95 % interval is Student's t at the residual degrees of
+freedom (points - 3) times the standard error: for E, alpha and ln A directly, for a predicted
+loss through the gradient of the law (the delta method). Few points give few degrees of freedom
+and wide intervals, as they should; more seeds narrow them. A fit with no more points than
+parameters has no interval. (We tried a bootstrap over the seeds first: with two seeds it
+resamples three distinct means per budget and gave intervals narrower than three seeds' did.)
 
 A target budget beyond the ladder is an extrapolation: FAR_FACTOR (10x, one decade past the
 largest measured budget) is where we warn, because there alpha's uncertainty already moves the
@@ -22,11 +26,10 @@ import math
 import warnings
 
 import numpy as np
-from scipy import optimize
+from scipy import optimize, stats
 
 FAR_FACTOR = 10.0
-BOOTSTRAP = 400
-Z_PERCENTILES = (2.5, 97.5)
+LEVEL = 0.95
 
 
 def law(c, e: float, a_log: float, alpha: float, c_ref: float):
@@ -34,55 +37,38 @@ def law(c, e: float, a_log: float, alpha: float, c_ref: float):
     return e + np.exp(a_log - alpha * np.log(np.asarray(c, dtype=float) / c_ref))
 
 
-def _fit_points(cs: np.ndarray, losses: np.ndarray, c_ref: float) -> tuple[float, float, float] | None:
+def _fit_points(cs: np.ndarray, losses: np.ndarray, c_ref: float):
+    """(params, covariance) of the least-squares law, or None when the fit fails."""
     lo = float(losses.min())
     p0 = (0.5 * lo, math.log(max(float(losses.max()) - 0.5 * lo, 1e-6)), 0.3)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an ill-determined covariance is not our interval
-            popt, _ = optimize.curve_fit(
+            warnings.simplefilter("ignore")  # an infinite covariance (no degrees of freedom) is handled below
+            popt, pcov = optimize.curve_fit(
                 lambda c, e, a, al: law(c, e, a, al, c_ref), cs, losses, p0=p0,
                 bounds=([0.0, -20.0, 0.0], [lo, 20.0, 3.0]), method="trf", maxfev=20000,
             )
     except (RuntimeError, ValueError):
         return None
-    return float(popt[0]), float(popt[1]), float(popt[2])
+    return popt, pcov
 
 
 class Fit:
-    """One architecture's law, with bootstrap draws over its seeds."""
+    """One architecture's law and its t intervals."""
 
-    def __init__(self, points: list[tuple[float, float, int]], seed: int = 0, bootstrap: int = BOOTSTRAP):
+    def __init__(self, points: list[tuple[float, float, int]]):
         # points: (compute, loss, seed index)
         self.points = points
         cs = np.array([p[0] for p in points], dtype=float)
         ls = np.array([p[1] for p in points], dtype=float)
         self.c_ref = float(np.exp(np.log(cs).mean()))
-        self.params = _fit_points(cs, ls, self.c_ref)
-        self.draws: list[tuple[float, float, float]] = []
-        budgets = sorted({p[0] for p in points})
-        by_budget = {b: [p for p in points if p[0] == b] for b in budgets}
-        if self.params is None or max(len(v) for v in by_budget.values()) < 2:
-            return
-        # each budget's seeds resampled with replacement, their deviations from the budget's mean
-        # scaled by sqrt(n / (n - 1)), so that a resample's mean varies as much as the mean of n
-        # seeds does (the plain bootstrap shrinks that variance by (n - 1) / n: half at two seeds)
-        rng = np.random.default_rng(seed)
-        groups = []
-        for v in by_budget.values():
-            xs = np.array([p[0] for p in v])
-            ls = np.array([p[1] for p in v])
-            scale = math.sqrt(len(v) / (len(v) - 1)) if len(v) > 1 else 0.0
-            groups.append((xs, ls.mean(), scale * (ls - ls.mean())))
-        for _ in range(bootstrap):
-            cs_b, ls_b = [], []
-            for xs, mean, dev in groups:
-                pick = rng.integers(0, len(xs), len(xs))
-                cs_b.append(xs[pick])
-                ls_b.append(mean + dev[pick])
-            got = _fit_points(np.concatenate(cs_b), np.concatenate(ls_b), self.c_ref)
-            if got is not None:
-                self.draws.append(got)
+        got = _fit_points(cs, ls, self.c_ref)
+        self.params = None if got is None else tuple(float(v) for v in got[0])
+        self.dof = len(points) - 3
+        self.cov = None
+        if got is not None and self.dof >= 1 and np.all(np.isfinite(got[1])):
+            self.cov = np.asarray(got[1])
+        self.t = float(stats.t.ppf(0.5 + LEVEL / 2, self.dof)) if self.dof >= 1 else None
 
     @property
     def ok(self) -> bool:
@@ -91,26 +77,35 @@ class Fit:
     def predict(self, c) -> np.ndarray:
         return law(c, *self.params, self.c_ref)
 
+    def _gradient(self, c) -> np.ndarray:
+        """d L / d (E, a, alpha) at compute c, one row per c."""
+        x = np.log(np.atleast_1d(np.asarray(c, dtype=float)) / self.c_ref)
+        f = np.exp(self.params[1] - self.params[2] * x)
+        return np.stack([np.ones_like(f), f, -x * f], axis=1)
+
     def band(self, c) -> tuple[np.ndarray, np.ndarray] | None:
-        """The 95 % band of the curve at compute c (None without bootstrap draws)."""
-        if not self.draws:
+        """The 95 % interval of the fitted curve at compute c (None without degrees of freedom)."""
+        if self.cov is None:
             return None
-        curves = np.stack([law(c, *d, self.c_ref) for d in self.draws])
-        lo, hi = np.percentile(curves, Z_PERCENTILES, axis=0)
-        return lo, hi
+        g = self._gradient(c)
+        half = self.t * np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", g, self.cov, g), 0.0))
+        mid = self.predict(np.atleast_1d(c))
+        return np.maximum(mid - half, 0.0), mid + half
 
     def summary(self) -> dict:
         """E, A, alpha (A for C in FLOPs: L = E + A C^-alpha) with their intervals."""
-        def a_of(p):
-            return math.exp(p[1] + p[2] * math.log(self.c_ref))
-
-        out = {"E": self.params[0], "A": a_of(self.params), "alpha": self.params[2], "c_ref": self.c_ref,
-               "points": len(self.points), "bootstrap": len(self.draws)}
-        if self.draws:
-            for key, values in (("E", [d[0] for d in self.draws]), ("A", [a_of(d) for d in self.draws]),
-                                ("alpha", [d[2] for d in self.draws])):
-                lo, hi = np.percentile(values, Z_PERCENTILES)
-                out[f"{key}_interval"] = [float(lo), float(hi)]
+        e, a, alpha = self.params
+        log_c = math.log(self.c_ref)
+        out = {"E": e, "A": math.exp(a + alpha * log_c), "alpha": alpha, "c_ref": self.c_ref,
+               "points": len(self.points), "dof": self.dof}
+        if self.cov is not None:
+            se = np.sqrt(np.maximum(np.diag(self.cov), 0.0))
+            out["E_interval"] = [max(0.0, e - self.t * se[0]), e + self.t * se[0]]
+            out["alpha_interval"] = [max(0.0, alpha - self.t * se[2]), alpha + self.t * se[2]]
+            # ln A = a + alpha ln C_ref
+            g = np.array([0.0, 1.0, log_c])
+            half = self.t * math.sqrt(max(float(g @ self.cov @ g), 0.0))
+            out["A_interval"] = [math.exp(a + alpha * log_c - half), math.exp(a + alpha * log_c + half)]
         return out
 
     def prediction(self, c: float) -> dict:

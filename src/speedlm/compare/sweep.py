@@ -16,7 +16,7 @@ sit near each architecture's compute-efficient frontier instead of on one fixed 
 `--match-params none`, and on a time ladder, every budget keeps the preset sizes.
 
 Statistics and fits: compare/stats.py (means and t intervals, separated neighbours, rank
-stability) and compare/scaling.py (L(C) = E + A C^-alpha, bootstrap over seeds).
+stability) and compare/scaling.py (L(C) = E + A C^-alpha, t intervals from the seeds' scatter).
 """
 
 from __future__ import annotations

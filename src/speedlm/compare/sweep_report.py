@@ -67,15 +67,17 @@ def fits_markdown(report: dict) -> str:
     kind = report["kind"]
     unit = "seconds" if kind == "time" else "FLOPs"
     lines = [f"L(C) = E + A C^-alpha, C in training {unit}; fitted by scipy's curve_fit on every (budget, seed) point; "
-             "95 % intervals from refitting on seeds resampled at each budget (bootstrap).", "",
-             "| model | E | E interval | A | alpha | alpha interval | points |", "|---|---|---|---|---|---|---|"]
+             "95 % intervals: Student's t at the fit's residual degrees of freedom (points - 3) times the standard "
+             "error from curve_fit's covariance, which the seeds' scatter about the law sets (predictions through the "
+             "law's gradient). E is bounded below by 0.", "",
+             "| model | E | E interval | A | A interval | alpha | alpha interval | points |", "|---|---|---|---|---|---|---|---|"]
     for name, f in fits["models"].items():
         if not f.get("ok"):
-            lines.append(f"| {name} | no fit: {f['reason']} | | | | | |")
+            lines.append(f"| {name} | no fit: {f['reason']} | | | | | | |")
             continue
-        ei = f.get("E_interval")
-        ai = f.get("alpha_interval")
+        ei, ai, aa = f.get("E_interval"), f.get("alpha_interval"), f.get("A_interval")
         lines.append(f"| {name} | {f['E']:.3f} | {f'[{ei[0]:.3f}, {ei[1]:.3f}]' if ei else '-'} | {f['A']:.3g} | "
+                     f"{f'[{aa[0]:.3g}, {aa[1]:.3g}]' if aa else '-'} | "
                      f"{f['alpha']:.3f} | {f'[{ai[0]:.3f}, {ai[1]:.3f}]' if ai else '-'} | {f['points']} |")
     target = fits.get("target")
     if target:
