@@ -123,7 +123,8 @@ def cmd_bench_recall(args) -> int:
     run_recall_bench(
         presets=args.presets, lengths=args.lengths, pairs=args.pairs, widths=args.widths, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, vocab_size=args.vocab_size, test_examples=args.test_examples,
-        device=args.device, dtype=args.dtype, seed=args.seed, out_dir=args.out,
+        device=args.device, dtype=args.dtype, seed=args.seed, out_dir=args.out, lrs=args.lrs,
+        checkpoints=args.checkpoints,
     )
     return 0
 
@@ -476,6 +477,10 @@ def _add_bench_recall_parser(bsub) -> None:
     p.add_argument("--steps", type=int, default=1000, help="training steps per setting")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lrs", type=_floats, default=None, metavar="A,B,...",
+                   help="Zoology's sweep: train each setting at every learning rate, report the best (default: --lr)")
+    p.add_argument("--checkpoints", type=int, default=8,
+                   help="held-out scores along training that flag a run still rising or on a plateau (0: none)")
     p.add_argument("--vocab-size", type=int, default=64)
     p.add_argument("--test-examples", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from speedlm.bench.recall import RecallSetting, chance_accuracy, recall_accuracy, recall_config, run_recall_bench
+from speedlm.bench.recall import (
+    RecallSetting, chance_accuracy, learning_flag, recall_accuracy, recall_config, run_recall_bench, train_recall,
+)
 from speedlm.cli import main
 from speedlm.errors import SpeedlmError
 from speedlm.models import build_model
@@ -50,6 +52,8 @@ def test_widths_must_split_into_the_presets_heads():
         (["--presets", "nope"], "unknown preset"),
         (["--widths", "30"], "does not split"),
         (["--vocab-size", "8", "--pairs", "8"], "too few distinct keys"),
+        (["--lrs", "1e-3,-1"], "learning rates must be positive"),
+        (["--checkpoints", "-1"], "checkpoints"),
     ],
 )
 def test_bad_input_is_one_line(args, message, tmp_path, capsys):
@@ -73,3 +77,33 @@ def test_bench_ops_times_every_op_against_its_reference(tmp_path, capsys):
     assert {r["op"] for r in rows} >= {"linear_attention", "gla (per-channel decay)", "delta rule", "hgrn", "performer (FAVOR+)"}
     assert all(r["naive_ms"] > 0 and r["fast_ms"] > 0 and r["speedup"] > 0 for r in rows)
     assert all(len(r["naive_samples_ms"]) == len(r["fast_samples_ms"]) == 1 for r in rows)
+
+
+def test_the_learning_flag_tells_rising_and_plateaus_from_converged_runs():
+    steps = [100 * i for i in range(1, 9)]
+    assert learning_flag(list(zip(steps, [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.97, 1.0]))) == "rising"
+    assert learning_flag(list(zip(steps, [0.1, 0.2, 0.25, 0.25, 0.26, 0.25, 0.25, 0.26]))) == "plateau"
+    assert learning_flag(list(zip(steps, [0.2, 0.6, 0.9, 0.98, 0.99, 1.0, 1.0, 1.0]))) is None  # solved
+    assert learning_flag(list(zip(steps, [0.1, 0.3, 0.5, 0.55, 0.6, 0.62, 0.64, 0.66]))) is None  # slowing, not flat
+    assert learning_flag([(1, 0.1), (2, 0.9)]) is None  # too short to tell
+
+
+def test_a_learning_curve_does_not_change_the_run():
+    s = RecallSetting(seq_len=16, num_kv_pairs=2, vocab_size=16, steps=8, batch_size=4, test_examples=32)
+    cfg = recall_config("transformer-tiny", s, 32)
+    plain = train_recall(cfg, s, device="cpu")
+    traced = train_recall(cfg, s, device="cpu", checkpoints=4)
+    assert traced["accuracy"] == plain["accuracy"] and traced["final_loss"] == plain["final_loss"]
+    assert [k for k, _ in traced["curve"]] == [2, 4, 6, 8] and "flag" in traced and "curve" not in plain
+
+
+def test_each_setting_reports_its_best_learning_rate(tmp_path):
+    result = run_recall_bench(["transformer-tiny"], lengths=[16], pairs=[2], widths=[32], steps=6, batch_size=4,
+                              vocab_size=16, test_examples=16, device="cpu", out_dir=str(tmp_path), progress=False,
+                              lrs=[1e-4, 3e-3], checkpoints=3)
+    (row,) = result["results"]
+    by_lr = {float(k): v for k, v in row["accuracy_by_lr"].items()}
+    assert set(by_lr) == {1e-4, 3e-3}
+    assert row["accuracy"] == max(by_lr.values()) and by_lr[row["lr"]] == row["accuracy"]
+    assert len(row["curve"]) == 3
+    assert "| best lr |" in (tmp_path / "bench_recall.md").read_text()

@@ -17,6 +17,7 @@ state bytes).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -130,15 +131,53 @@ def recall_cache_bytes(model, setting: RecallSetting, seed: int = 0) -> int | No
         model.train(was_training)
 
 
+# The learning curve's held-out examples (a subset of the test set, scored along training) and
+# what counts as still learning: more than RISING accuracy gained over the last quarter of the
+# steps, or a curve flat within FLAT over its second half below SOLVED accuracy (a plateau: MQAR
+# models often sit on one, at about one query in four, before they find the recall circuit, so
+# the number says when training stopped, not what the architecture can hold).
+CURVE_EXAMPLES = 128
+RISING = 0.05
+FLAT = 0.02
+SOLVED = 0.9
+
+
+def learning_flag(curve: list[tuple[int, float]]) -> str | None:
+    """'rising', 'plateau' or None (converged) for a held-out accuracy curve [(step, accuracy)]."""
+    if len(curve) < 4:
+        return None
+    accs = [a for _, a in curve]
+    if accs[-1] - accs[(3 * len(accs)) // 4 - 1] > RISING:
+        return "rising"
+    second_half = accs[len(accs) // 2:]
+    if accs[-1] < SOLVED and max(second_half) - min(second_half) <= FLAT:
+        return "plateau"
+    return None
+
+
 def train_recall(cfg: ModelConfig, setting: RecallSetting, *, seed: int = 0, device="auto", dtype: str = "auto",
-                 peak_flops: float | None = None, on_step=None, out_dir: str | None = None) -> dict:
+                 peak_flops: float | None = None, on_step=None, out_dir: str | None = None,
+                 checkpoints: int = 0) -> dict:
     """Train a fresh model of `cfg` on MQAR and score it. Nothing is written to disk unless
     `out_dir` is given: then the run checkpoints there and continues from its last checkpoint
-    when called again (a killed `speedlm compare` resumes its MQAR stage)."""
+    when called again (a killed `speedlm compare` resumes its MQAR stage). `checkpoints` > 0
+    scores CURVE_EXAMPLES held-out examples at that many evenly spaced steps: the result gets
+    the learning curve and its `learning_flag`."""
     from speedlm.train import train
 
     torch.manual_seed(seed)
     model = build_model(cfg)
+    curve: list[tuple[int, float]] = []
+    if checkpoints:
+        marks = {max(1, round(setting.steps * (i + 1) / checkpoints)) for i in range(checkpoints)}
+        probe = dataclasses.replace(setting, test_examples=min(CURVE_EXAMPLES, setting.test_examples))
+        user_step = on_step
+
+        def on_step(k, _user=user_step):
+            if k in marks:
+                curve.append((k, recall_accuracy(model, probe, seed)))
+            if _user is not None:
+                _user(k)
     persist = out_dir is not None
     tcfg = TrainConfig(
         steps=setting.steps, batch_size=setting.batch_size, seq_len=setting.seq_len, lr=setting.lr,
@@ -158,6 +197,7 @@ def train_recall(cfg: ModelConfig, setting: RecallSetting, *, seed: int = 0, dev
         "steps": summary["step"],
         "final_loss": summary["loss"],
         "train_tok_per_s": summary["tok_per_s"],
+        **({"curve": curve, "flag": learning_flag(curve)} if checkpoints else {}),
     }
 
 
@@ -176,9 +216,21 @@ def run_recall_bench(
     seed: int = 0,
     out_dir: str = "runs/recall",
     progress: bool = True,
+    lrs=None,
+    checkpoints: int = 8,
 ) -> dict:
     """Every preset x width x length x pairs (skipping lengths < 4 x pairs, where the pairs and
-    their queries do not fit); prints the table and writes JSON, Markdown and a plot."""
+    their queries do not fit); prints the table and writes JSON, Markdown and a plot.
+
+    Zoology's protocol: each setting trains once per learning rate in `lrs` (default: `lr`
+    alone) and reports the best held-out accuracy, with every learning rate's beside it; the
+    best run's learning curve (`checkpoints` held-out scores along training) flags a setting
+    still rising at the end or sitting on a plateau (`learning_flag`), so a number that only
+    says when training stopped is not read as the architecture's capacity."""
+    lrs = [lr] if lrs is None else list(lrs)
+    if not lrs or not all(isinstance(v, (int, float)) and v > 0 for v in lrs):
+        raise SpeedlmError(f"learning rates must be positive numbers, got {lrs!r}")
+    check_int("checkpoints", checkpoints, 0)
     presets = check_presets(presets)
     lengths, pairs, widths = check_ints("lengths", lengths), check_ints("pairs", pairs), check_ints("widths", widths)
     dev = resolve_device(device)
@@ -194,25 +246,32 @@ def run_recall_bench(
     os.makedirs(out_dir, exist_ok=True)
 
     rows = []
-    total_steps = len(configs) * steps
+    total_steps = len(configs) * steps * len(lrs)
     bar = progress_bar(total=total_steps, desc="bench recall", disable=not progress, unit="step")
     try:
         for (p, w, s), cfg in configs.items():
             bar.set_postfix_str(f"{p} d={w} {s.describe()}", refresh=False)
-            done_before = bar.n
             row = {"preset": p, "width": w, "seq_len": s.seq_len, "pairs": s.num_kv_pairs}
-            try:
-                row.update(train_recall(cfg, s, seed=seed, device=dev, dtype=dtype,
-                                        on_step=lambda k, base=done_before: bar.update(base + k - bar.n)))
-                row["status"] = "ok"
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # noqa: BLE001 - one failed setting must not lose the others
-                row.update(status="failed", reason=one_line(e))
-            bar.update(done_before + steps - bar.n)
+            runs = {}
+            for rate in lrs:
+                done_before = bar.n
+                try:
+                    runs[rate] = train_recall(
+                        cfg, dataclasses.replace(s, lr=rate), seed=seed, device=dev, dtype=dtype, checkpoints=checkpoints,
+                        on_step=lambda k, base=done_before: bar.update(base + k - bar.n))
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:  # noqa: BLE001 - one failed setting must not lose the others
+                    row.update(status="failed", reason=one_line(e))
+                bar.update(done_before + steps - bar.n)
+            if runs:  # the best learning rate's run, every rate's accuracy beside it
+                best = max(runs, key=lambda r: (runs[r]["accuracy"], -r))
+                row.update(runs[best], status="ok", lr=best, accuracy_by_lr={str(r): v["accuracy"] for r, v in runs.items()})
+                row.pop("reason", None)
             rows.append(row)
-            acc = f"{row['accuracy']:.3f}" if row["status"] == "ok" else row["reason"]
-            progress_write(bar, f"{p:<28} d={w:<4} T={s.seq_len:<4} pairs={s.num_kv_pairs:<3} accuracy {acc}")
+            acc = f"{row['accuracy']:.3f} (lr {row['lr']:g})" if row["status"] == "ok" else row["reason"]
+            flag = f" [{row['flag']}]" if row.get("flag") else ""
+            progress_write(bar, f"{p:<28} d={w:<4} T={s.seq_len:<4} pairs={s.num_kv_pairs:<3} accuracy {acc}{flag}")
     finally:
         bar.close()
 
@@ -220,7 +279,8 @@ def run_recall_bench(
         "meta": {
             "command": "speedlm bench recall",
             "presets": presets, "lengths": lengths, "pairs": pairs, "widths": widths,
-            "steps": steps, "batch_size": batch_size, "lr": lr, "vocab_size": vocab_size,
+            "steps": steps, "batch_size": batch_size, "lr": lr, "lrs": lrs, "checkpoints": checkpoints,
+            "vocab_size": vocab_size,
             "test_examples": test_examples, "device": str(dev), "dtype": str(amp or torch.float32).removeprefix("torch."),
             "seed": seed,
             "torch_version": torch.__version__, "speedlm_version": speedlm.__version__,
@@ -244,19 +304,28 @@ def recall_markdown(result: dict) -> str:
     lines = [
         "# MQAR associative recall",
         "",
-        f"Trained {m['steps']} steps x {m['batch_size']} sequences, lr {m['lr']}, vocab {m['vocab_size']}; "
-        f"accuracy on {m['test_examples']} held-out examples; {m['device']} {m['dtype']}, seed {m['seed']}.",
-        "State KiB: the inference state after the sequence, in float32.",
+        f"Trained {m['steps']} steps x {m['batch_size']} sequences at each learning rate of "
+        f"{', '.join(f'{v:g}' for v in m.get('lrs') or [m['lr']])} (the best held-out accuracy is reported), "
+        f"vocab {m['vocab_size']}; accuracy on {m['test_examples']} held-out examples; {m['device']} {m['dtype']}, "
+        f"seed {m['seed']}.",
+        "State KiB: the inference state after the sequence, in float32. Flag: the best run's held-out accuracy was "
+        f"still rising over the last quarter of training (by more than {RISING}), or sat on a plateau below "
+        f"{SOLVED} (flat within {FLAT} over the second half): that number says when training stopped, not what "
+        "the architecture can hold.",
         "",
-        "| preset | width | length | pairs | accuracy | state KiB | params |",
-        "|---|---|---|---|---|---|---|",
+        "| preset | width | length | pairs | accuracy | best lr | by lr | flag | state KiB | params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
         if r["status"] == "ok":
             acc, state, params = f"{r['accuracy']:.3f}", _kib(r["state_bytes"]), f"{r['params']:,}"
+            lr = f"{r['lr']:g}" if "lr" in r else "-"
+            by_lr = ", ".join(f"{float(k):g}: {v:.3f}" for k, v in (r.get("accuracy_by_lr") or {}).items()) or "-"
+            flag = r.get("flag") or "-"
         else:
-            acc, state, params = f"failed: {r['reason']}", "-", "-"
-        lines.append(f"| {r['preset']} | {r['width']} | {r['seq_len']} | {r['pairs']} | {acc} | {state} | {params} |")
+            acc, state, params, lr, by_lr, flag = f"failed: {r['reason']}", "-", "-", "-", "-", "-"
+        lines.append(f"| {r['preset']} | {r['width']} | {r['seq_len']} | {r['pairs']} | {acc} | {lr} | {by_lr} | "
+                     f"{flag} | {state} | {params} |")
     return "\n".join(lines) + "\n"
 
 
