@@ -86,6 +86,9 @@ def test_the_learning_flag_tells_rising_and_plateaus_from_converged_runs():
     assert learning_flag(list(zip(steps, [0.2, 0.6, 0.9, 0.98, 0.99, 1.0, 1.0, 1.0]))) is None  # solved
     assert learning_flag(list(zip(steps, [0.1, 0.3, 0.5, 0.55, 0.6, 0.62, 0.64, 0.66]))) is None  # slowing, not flat
     assert learning_flag([(1, 0.1), (2, 0.9)]) is None  # too short to tell
+    noisy = list(zip(steps, [0.07, 0.21, 0.21, 0.23, 0.215, 0.236, 0.227, 0.225]))  # 0.021 apart: noise at 512 queries
+    assert learning_flag(noisy) is None and learning_flag(noisy, queries=512) == "plateau"
+    assert learning_flag(noisy, queries=100_000) is None  # that precise, 0.021 is not flat
 
 
 def test_a_learning_curve_does_not_change_the_run():

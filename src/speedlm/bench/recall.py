@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import platform
 import tempfile
@@ -133,7 +134,8 @@ def recall_cache_bytes(model, setting: RecallSetting, seed: int = 0) -> int | No
 
 # The learning curve's held-out examples (a subset of the test set, scored along training) and
 # what counts as still learning: more than RISING accuracy gained over the last quarter of the
-# steps, or a curve flat within FLAT over its second half below SOLVED accuracy (a plateau: MQAR
+# steps, or a curve flat (within FLAT, or the scores' own noise) over its second half below
+# SOLVED accuracy (a plateau: MQAR
 # models often sit on one, at about one query in four, before they find the recall circuit, so
 # the number says when training stopped, not what the architecture can hold).
 CURVE_EXAMPLES = 128
@@ -142,15 +144,22 @@ FLAT = 0.02
 SOLVED = 0.9
 
 
-def learning_flag(curve: list[tuple[int, float]]) -> str | None:
-    """'rising', 'plateau' or None (converged) for a held-out accuracy curve [(step, accuracy)]."""
+def learning_flag(curve: list[tuple[int, float]], queries: int | None = None) -> str | None:
+    """'rising', 'plateau' or None (converged) for a held-out accuracy curve [(step, accuracy)].
+    `queries`: how many queries each point scores; flat then means within FLAT or two binomial
+    standard errors of one point, whichever is wider (128 examples of 4 queries at 0.25 accuracy
+    scatter by 0.019 per point: a flat curve looks no flatter than that)."""
     if len(curve) < 4:
         return None
     accs = [a for _, a in curve]
     if accs[-1] - accs[(3 * len(accs)) // 4 - 1] > RISING:
         return "rising"
     second_half = accs[len(accs) // 2:]
-    if accs[-1] < SOLVED and max(second_half) - min(second_half) <= FLAT:
+    flat = FLAT
+    if queries:
+        p = min(max(accs[-1], 0.0), 1.0)
+        flat = max(FLAT, 2 * math.sqrt(p * (1 - p) / queries))
+    if accs[-1] < SOLVED and max(second_half) - min(second_half) <= flat:
         return "plateau"
     return None
 
@@ -197,7 +206,8 @@ def train_recall(cfg: ModelConfig, setting: RecallSetting, *, seed: int = 0, dev
         "steps": summary["step"],
         "final_loss": summary["loss"],
         "train_tok_per_s": summary["tok_per_s"],
-        **({"curve": curve, "flag": learning_flag(curve)} if checkpoints else {}),
+        **({"curve": curve, "flag": learning_flag(curve, min(CURVE_EXAMPLES, setting.test_examples) * setting.num_kv_pairs)}
+           if checkpoints else {}),
     }
 
 
@@ -310,7 +320,8 @@ def recall_markdown(result: dict) -> str:
         f"seed {m['seed']}.",
         "State KiB: the inference state after the sequence, in float32. Flag: the best run's held-out accuracy was "
         f"still rising over the last quarter of training (by more than {RISING}), or sat on a plateau below "
-        f"{SOLVED} (flat within {FLAT} over the second half): that number says when training stopped, not what "
+        f"{SOLVED} (flat over the second half within {FLAT} or two binomial standard errors of a score, whichever "
+        "is wider): that number says when training stopped, not what "
         "the architecture can hold.",
         "",
         "| preset | width | length | pairs | accuracy | best lr | by lr | flag | state KiB | params |",
