@@ -289,11 +289,13 @@ def _state_dtype(report: dict) -> str:
     return "the inference dtype"
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """A report as JSON: string keys, NaN and infinities as null, and keys starting with "_"
+    (in-memory only: a sweep's fitted curves, an executor's tags) left out."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items() if not str(k).startswith("_")}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
@@ -303,7 +305,7 @@ def write_report(report: dict, out_dir: str, plots: dict[str, str] | None = None
     os.makedirs(out_dir, exist_ok=True)
     files = {"json": os.path.join(out_dir, REPORT_JSON), "md": os.path.join(out_dir, REPORT_MD)}
     with open(files["json"], "w") as f:
-        json.dump(_jsonable(report), f, indent=2)
+        json.dump(jsonable(report), f, indent=2)
     with open(files["md"], "w") as f:
         f.write(report_markdown(report, plots))
     return files

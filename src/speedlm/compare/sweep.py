@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 
 from speedlm.compare.executors import check_executor, run_all
+from speedlm.compare.report import jsonable
 from speedlm.compare.resume import open_plan, save_plan
 from speedlm.compare.run import TIMING_FIELDS, CompareOptions, _check_options, _options_dict
 from speedlm.compare.scaling import FAR_FACTOR, Fit, crossings
@@ -292,26 +292,13 @@ def _run_x(entry: dict, value: float, by_time: bool) -> list[float]:
 # ----------------------------------------------------------------------------- writing
 
 
-def _jsonable(report: dict) -> dict:
-    def strip(obj):
-        if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if not k.startswith("_")}
-        if isinstance(obj, list):
-            return [strip(v) for v in obj]
-        if isinstance(obj, float) and not math.isfinite(obj):
-            return None
-        return obj
-
-    return strip(report)
-
-
 def write_sweep(report: dict, out_dir: str) -> dict[str, str]:
     from speedlm.compare.sweep_report import sweep_markdown
     from speedlm.compare.sweep_plots import write_sweep_plots
 
     plots = write_sweep_plots(report, out_dir)
     files = {"json": os.path.join(out_dir, SWEEP_JSON), "md": os.path.join(out_dir, SWEEP_MD), **plots}
-    atomic_write_text(files["json"], json.dumps(_jsonable(report), indent=2) + "\n")
+    atomic_write_text(files["json"], json.dumps(jsonable(report), indent=2) + "\n")
     atomic_write_text(files["md"], sweep_markdown(report, plots))
     report["files"] = files
     print(f"wrote {', '.join(files.values())}")
