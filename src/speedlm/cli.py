@@ -122,9 +122,10 @@ def cmd_bench_recall(args) -> int:
 
     run_recall_bench(
         presets=args.presets, lengths=args.lengths, pairs=args.pairs, widths=args.widths, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, vocab_size=args.vocab_size, test_examples=args.test_examples,
-        device=args.device, dtype=args.dtype, seed=args.seed, out_dir=args.out, lrs=args.lrs,
-        checkpoints=args.checkpoints,
+        batch_size=args.batch_size, lr=args.lr or 1e-3, vocab_size=args.vocab_size, test_examples=args.test_examples,
+        device=args.device, dtype=args.dtype, seed=args.seed, out_dir=args.out, lrs=args.lrs or ([args.lr] if args.lr is not None else [1e-3, 3e-3]),
+        checkpoints=args.checkpoints, heads=args.heads or None, stop_at=args.stop_at or None,
+        random_non_queries=args.random_filler, workers=args.workers,
     )
     return 0
 
@@ -468,19 +469,35 @@ def _add_bench_speed_parser(bsub) -> None:
     p.set_defaults(func=cmd_bench_speed)
 
 
+RECALL_PRESETS = ("transformer-tiny,sliding-window-tiny,linear-attention-tiny,based-tiny,gla-tiny,gated-deltanet-tiny,"
+                  "mamba2-tiny,hgrn-tiny")
+
+
 def _add_bench_recall_parser(bsub) -> None:
+    # The defaults are the grid in BENCHMARKS.md ("Associative recall by Zoology's protocol"):
+    # Zoology's eight-architecture comparison at two widths, finishing in about 30 minutes on
+    # 2 CPU cores with --workers 2 (`make recall`).
     p = bsub.add_parser("recall", help="MQAR associative recall: accuracy vs length, pairs, width and state size")
-    p.add_argument("--presets", type=_csv, default=_csv("transformer-tiny,sliding-window-tiny,linear-attention-tiny"))
-    p.add_argument("--lengths", type=_ints, default=[64, 128, 256])
-    p.add_argument("--pairs", type=_ints, default=[4, 8, 16])
-    p.add_argument("--widths", type=_ints, default=[64, 128])
-    p.add_argument("--steps", type=int, default=1000, help="training steps per setting")
+    p.add_argument("--presets", type=_csv, default=_csv(RECALL_PRESETS))
+    p.add_argument("--lengths", type=_ints, default=[64])
+    p.add_argument("--pairs", type=_ints, default=[4])
+    p.add_argument("--widths", type=_ints, default=[48, 64],
+                   help="model widths; with one head, attention left the plateau within 2000 steps from 48 up (not at 32)")
+    p.add_argument("--steps", type=int, default=2000, help="training steps per setting (the most; see --stop-at)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="one learning rate instead of the sweep")
     p.add_argument("--lrs", type=_floats, default=None, metavar="A,B,...",
-                   help="Zoology's sweep: train each setting at every learning rate, report the best (default: --lr)")
-    p.add_argument("--checkpoints", type=int, default=8,
+                   help="Zoology's sweep: train each setting at every learning rate, report the best (default 1e-3,3e-3)")
+    p.add_argument("--checkpoints", type=int, default=20,
                    help="held-out scores along training that flag a run still rising or on a plateau (0: none)")
+    p.add_argument("--heads", type=int, default=1,
+                   help="heads in every model (Zoology's figure 2: one); 0 keeps each preset's")
+    p.add_argument("--stop-at", type=float, default=0.99,
+                   help="end a run at the first checkpoint that scores this accuracy (0: train every step)")
+    p.add_argument("--random-filler", action="store_true",
+                   help="random tokens between the queries (the generator's default) instead of Zoology's figure-2 zeros")
+    p.add_argument("--workers", type=int, default=1,
+                   help="trainings at once, each in its own process with its share of the threads")
     p.add_argument("--vocab-size", type=int, default=64)
     p.add_argument("--test-examples", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)

@@ -45,12 +45,70 @@ def test_widths_must_split_into_the_presets_heads():
         recall_config("transformer-tiny", RecallSetting(), 36)
 
 
+def test_heads_are_set_for_every_model_and_grouped_queries_never_outnumber_them():
+    s = RecallSetting()
+    one = recall_config("transformer-tiny", s, 32, heads=1)
+    assert one.n_heads == 1 and one.d_model == 32 and recall_config("transformer-tiny", s, 32).n_heads == 4
+    gqa = recall_config("gqa-tiny", s, 64, heads=2).to_dict()
+    assert gqa["n_heads"] == 2 and gqa["layers"]["A"]["mixer"]["kv_heads"] <= 2
+    build_model(recall_config("mqa-tiny", s, 32, heads=1))  # builds: the sharing fits the one head
+
+
+def test_zoologys_zero_filler_leaves_only_pairs_and_queries():
+    s = RecallSetting(seq_len=32, num_kv_pairs=3, vocab_size=32)
+    import torch
+
+    x, y = s.batch(16, torch.Generator().manual_seed(0))
+    queries = y != -100
+    assert (x[:, 6:][~queries[:, 6:]] == 0).all() and (x[:, :6] > 0).all()
+    noisy, _ = RecallSetting(seq_len=32, num_kv_pairs=3, vocab_size=32, random_non_queries=True).batch(
+        16, torch.Generator().manual_seed(0))
+    assert (noisy[:, 6:] != 0).float().mean() > 0.5  # the generator's default: random tokens between queries
+
+
+def test_a_solved_run_stops_at_the_checkpoint_that_scores_it():
+    s = RecallSetting(seq_len=16, num_kv_pairs=2, vocab_size=16, steps=8, batch_size=4, test_examples=32)
+    cfg = recall_config("transformer-tiny", s, 32, heads=1)
+    run = train_recall(cfg, s, device="cpu", checkpoints=4, stop_at=1e-9)  # any score counts as solved
+    assert run["solved_at"] == 2 and run["steps"] == 2 and run["curve"] == run["curve"][:1] and run["flag"] is None
+    never = train_recall(cfg, s, device="cpu", checkpoints=4, stop_at=1.0 + 1e-9)
+    assert never["solved_at"] is None and never["steps"] == 8 and len(never["curve"]) == 4
+    with pytest.raises(SpeedlmError, match="needs checkpoints"):
+        train_recall(cfg, s, device="cpu", stop_at=0.5)
+
+
+def test_workers_give_the_runs_one_process_gives(tmp_path, monkeypatch):
+    import torch
+
+    kw = dict(presets=["transformer-tiny", "hgrn-tiny"], lengths=[16], pairs=[2], widths=[16, 32], steps=6,
+              batch_size=4, vocab_size=16, test_examples=32, device="cpu", progress=False, lrs=[1e-3, 3e-3],
+              checkpoints=3, heads=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # this process trains on 1 thread, as each of the 2 workers below does
+    try:
+        alone = run_recall_bench(**kw, out_dir=str(tmp_path / "one"))["results"]
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # 2 threads to share: 1 per worker
+        pooled = run_recall_bench(**kw, out_dir=str(tmp_path / "two"), workers=2)["results"]
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(before)
+    drop = {"train_tok_per_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in alone] == [
+        {k: v for k, v in r.items() if k not in drop} for r in pooled]
+    assert json.loads((tmp_path / "two" / "bench_recall.json").read_text())["meta"]["workers"] == 2
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--lengths", "8", "--pairs", "4"], "no length"),
         (["--presets", "nope"], "unknown preset"),
-        (["--widths", "30"], "does not split"),
+        (["--widths", "31"], "does not split"),
+        (["--widths", "30", "--heads", "0"], "does not split into 4 heads"),
+        (["--heads", "-1"], "heads"),
+        (["--workers", "0"], "workers"),
+        (["--stop-at", "1.5"], "stop_at must be an accuracy"),
+        (["--stop-at", "0.9", "--checkpoints", "0"], "needs checkpoints"),
         (["--vocab-size", "8", "--pairs", "8"], "too few distinct keys"),
         (["--lrs", "1e-3,-1"], "learning rates must be positive"),
         (["--checkpoints", "-1"], "checkpoints"),
@@ -110,3 +168,13 @@ def test_each_setting_reports_its_best_learning_rate(tmp_path):
     assert row["accuracy"] == max(by_lr.values()) and by_lr[row["lr"]] == row["accuracy"]
     assert len(row["curve"]) == 3
     assert "| best lr |" in (tmp_path / "bench_recall.md").read_text()
+
+
+def test_rates_after_a_solved_run_are_skipped_and_said_so(tmp_path):
+    result = run_recall_bench(["transformer-tiny"], lengths=[16], pairs=[2], widths=[32], steps=6, batch_size=4,
+                              vocab_size=16, test_examples=16, device="cpu", out_dir=str(tmp_path), progress=False,
+                              lrs=[1e-3, 3e-3], checkpoints=3, heads=1, stop_at=1e-9)
+    (row,) = result["results"]
+    assert row["lr"] == 1e-3 and row["solved_at"] == 2 and row["skipped_lrs"] == [3e-3]
+    assert list(row["accuracy_by_lr"]) == ["0.001"]
+    assert "0.003: skipped" in (tmp_path / "bench_recall.md").read_text()

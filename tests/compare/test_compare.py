@@ -89,6 +89,10 @@ def test_a_tiny_compare_completes_with_every_model_and_column_and_repeats_exactl
     assert "measured in one process" in md and "| 1 |" in md and "| 2 |" in md
     assert "## Counted and executed FLOPs" in md
     assert "What it cost:" in md and all(m["mqar_train_flops"] > 0 for m in models.values())  # the recall probe's cost
+    for m in models.values():  # a probe stops once solved; one that did not is flagged or converged
+        assert 1 <= m["mqar_steps"] <= first["meta"]["options"]["mqar"]["steps"] and "mqar_flag" in m
+        if m["mqar_solved_at"] is not None:
+            assert m["mqar_steps"] == m["mqar_solved_at"] and m["mqar_accuracy"] >= 0.99 and m["mqar_flag"] is None
     for name in ("compare_loss_vs_flops.png", "compare_decode_latency.png", "compare_cache_bytes.png", "compare_mqar_vs_state.png"):
         assert (out / name).stat().st_size > 1000
     saved = json.loads((out / "report.json").read_text())

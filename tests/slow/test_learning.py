@@ -9,6 +9,7 @@ import torch
 
 from speedlm.bench.recall import recall_config, train_recall
 from speedlm.compare import DEFAULT_MQAR
+from speedlm.compare.run import MQAR_CHECKPOINTS, MQAR_HEADS, MQAR_STOP_AT
 from speedlm.data import TokenStream, encode_corpus, make_tokenizer, stdlib_corpus
 from speedlm.models import presets_for, ModelConfig, build_model
 from speedlm.models.registry import MIXERS
@@ -18,11 +19,12 @@ from support.parts import NoMixing
 pytestmark = pytest.mark.slow
 
 def _recall(mixer: dict) -> float:
-    """Accuracy of a 2-layer, 64-wide model with this mixer on `speedlm compare`'s MQAR setting
-    (T=48, 4 pairs, vocabulary 32, 800 steps of 24 sequences)."""
+    """Accuracy of a 2-layer, 64-wide model with this mixer on `speedlm compare`'s MQAR probe
+    (T=48, 4 pairs, vocabulary 32, one head, up to 600 steps of 16 sequences, stopped once solved)."""
     cfg = ModelConfig(vocab_size=32, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, layers={"A": {"mixer": mixer}})
     setting = DEFAULT_MQAR
-    return train_recall(recall_config(cfg, setting), setting, device="cpu")["accuracy"]
+    return train_recall(recall_config(cfg, setting, heads=MQAR_HEADS), setting, device="cpu",
+                        checkpoints=MQAR_CHECKPOINTS, stop_at=MQAR_STOP_AT)["accuracy"]
 
 
 def test_recall_needs_token_mixing():

@@ -45,6 +45,20 @@ def test_resume_reproduces_uninterrupted_losses(data, make_model, make_cfg):
     assert second["tokens"] == a["tokens"] == 12 * 4 * 32
 
 
+def test_a_caller_can_end_training_at_a_step_it_chooses(data, make_model, make_cfg):
+    """`stop_when` ends the run after the step it first returns true for: logged, validated and
+    saved like the schedule's end; the losses before it are the full run's."""
+    train_ids, val_ids = data
+    full = train(make_model(), make_cfg("full"), token_stream(train_ids), val_ids, progress=False)
+    cfg = make_cfg("early")
+    seen = []
+    early = train(make_model(), cfg, token_stream(train_ids), val_ids, progress=False,
+                  on_step=seen.append, stop_when=lambda k: k >= 5)
+    assert early["step"] == 5 and seen == [1, 2, 3, 4, 5] and load_checkpoint(cfg.out_dir).step == 5
+    assert early["history"][-1]["step"] == 5 and "val_loss" in early["history"][-1]
+    torch.testing.assert_close(_losses(early["history"]), _losses(full["history"][:5]), rtol=0, atol=0)
+
+
 class _InterruptAt:
     """Wraps a stream; raises KeyboardInterrupt when asked for micro-batch `index`."""
 

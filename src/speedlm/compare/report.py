@@ -64,7 +64,7 @@ def leaderboard_markdown(report: dict) -> str:
         lines.append(
             f"| {i} | {m['name']} | {_params(m)} | {m['train_flops_per_token'] / 1e6:.3f} | {m['steps']:,} | "
             f"{m['val_loss']:.4f}{' (bound)' if m.get('bound') else ''} | {'≤ ' if m.get('bound') else ''}{m['val_ppl']:.3f} | "
-            f"{_num(m.get('mqar_accuracy'), '.3f')} | "
+            f"{_num(m.get('mqar_accuracy'), '.3f')}{'*' if m.get('mqar_flag') else ''} | "
             f"{_num(m['train_tok_per_s'], ',.0f')} | {_num(_get(m['prefill_tok_s'], long), ',.0f')} | "
             f"{_num(_get(m['decode_ms'], short), '.2f')} | {_num(_get(m['decode_ms'], long), '.2f')} | "
             + " | ".join(human_bytes(state_at(m, n)) for n in TABLE_STATE_CONTEXTS)
@@ -241,15 +241,24 @@ def report_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
             "",
         ]
     if mqar:
+        from speedlm.compare.run import MQAR_CHECKPOINTS, MQAR_STOP_AT
+
         lines += [
             "## Associative recall (MQAR)",
             "",
-            f"Each architecture at its compare width, trained {mqar['steps']} steps x {mqar['batch_size']} fresh sequences "
-            f"(T={mqar['seq_len']}, {mqar['num_kv_pairs']} key-value pairs, vocabulary {mqar['vocab_size']}, lr {mqar['lr']}), "
-            f"scored on {mqar['test_examples']} held-out sequences; chance is "
-            f"{1 / (mqar['vocab_size'] - mqar['vocab_size'] // 2):.3f}. `speedlm bench recall` sweeps lengths, pairs and widths.",
+            f"A probe, not Zoology's full protocol: each architecture at its compare width with one head, trained up to "
+            f"{mqar['steps']} steps x {mqar['batch_size']} fresh sequences (T={mqar['seq_len']}, {mqar['num_kv_pairs']} "
+            f"key-value pairs, vocabulary {mqar['vocab_size']}, {'random' if mqar.get('random_non_queries') else 'zero'} "
+            f"filler, lr {mqar['lr']}), scored on {mqar['test_examples']} held-out sequences at {MQAR_CHECKPOINTS} "
+            f"checkpoints; a run stops at the first that scores {MQAR_STOP_AT:g}. Chance is "
+            f"{1 / (mqar['vocab_size'] - mqar['vocab_size'] // 2):.3f}. * marks a run still rising or on a plateau when "
+            "the probe ended: its number says when training stopped, not what the architecture can hold. "
+            "`speedlm bench recall` runs Zoology's protocol (a learning-rate sweep, widths, accuracy against state size).",
             "",
         ]
+        flagged = [f"{m['name']} ({m['mqar_flag']})" for m in report["models"] if m.get("mqar_flag")]
+        if flagged:
+            lines += ["Still learning when the probe ended: " + ", ".join(flagged) + ".", ""]
         cost = mqar_cost_text(report)
         if cost:
             lines += [cost, ""]

@@ -215,11 +215,12 @@ class Trainer:
 
     def __init__(self, model, cfg: TrainConfig, train_stream, val_ids=None, tokenizer=None,
                  resume: bool | Checkpoint = False, progress: bool = True, stop_at_step: int | None = None,
-                 data_info: dict | None = None, on_step=None, persist: bool = True, parallel=None):
+                 data_info: dict | None = None, on_step=None, persist: bool = True, parallel=None, stop_when=None):
         from speedlm.train.distributed import Parallel
 
         self.model, self.cfg, self.train_stream, self.val_ids = model, cfg, train_stream, val_ids
         self.tokenizer, self.progress, self.data_info, self.on_step = tokenizer, progress, data_info, on_step
+        self.stop_when = stop_when
         self.persist = persist
         self.parallel = parallel = parallel or Parallel()
         _check_options(model, cfg, val_ids, tokenizer, stop_at_step, parallel)
@@ -423,6 +424,8 @@ class Trainer:
         bar.update(1)
         if self.on_step is not None:
             self.on_step(step)
+        if self.stop_when is not None and self.stop_when(step):
+            self.end = step  # the caller has what it needs (e.g. a benchmark's task is solved): this step is the last
         last = self._is_last(step)
         do_eval = self.val_ids is not None and ((cfg.eval_every > 0 and step % cfg.eval_every == 0) or last)
         if do_eval or step % cfg.log_every == 0 or last:
@@ -570,6 +573,7 @@ def train(
     on_step=None,
     persist: bool = True,
     parallel=None,
+    stop_when=None,
 ) -> dict:
     """Train `model` for `cfg.steps` optimizer steps; return a summary dict.
 
@@ -588,6 +592,9 @@ def train(
         still spans `cfg.steps`; for time-boxed runs and resume tests.
     on_step: called with the number of completed steps after every optimizer step (e.g. to
         drive an outer progress bar over several runs).
+    stop_when: called like on_step, after it; a true result makes that step the last (logged
+        and saved like the schedule's end), for callers that stop once they have what they
+        measure. The learning-rate schedule still spans `cfg.steps`.
     persist: False for throw-away runs (benchmarks that train hundreds of small models): no
         checkpoints, metrics file or plot are written; the summary and history are returned.
     parallel: a `speedlm.train.distributed.Parallel` (data parallelism under torchrun): each
@@ -606,4 +613,5 @@ def train(
     return Trainer(
         model, cfg, train_stream, val_ids=val_ids, tokenizer=tokenizer, resume=resume, progress=progress,
         stop_at_step=stop_at_step, data_info=data_info, on_step=on_step, persist=persist, parallel=parallel,
+        stop_when=stop_when,
     ).run()
