@@ -166,6 +166,32 @@ def test_the_ray_executor_merges_the_same_report_as_the_local_one(tmp_path):
     assert (tmp_path / "ray" / "runs").is_dir() and (tmp_path / "ray" / "sweep.md").exists()
 
 
+def test_a_time_ladder_under_ray_trains_the_steps_calibrated_beside_nothing(tmp_path, monkeypatch):
+    """Time budgets under Ray: this process calibrates every run's steps before any task starts
+    (with a task's threads), and each task trains exactly those steps, calibrating nothing."""
+    pytest.importorskip("ray")
+    import speedlm.compare.run as run_module
+    from speedlm.compare.resume import load_plans
+
+    calibrated = []
+    real = run_module.calibrate_steps
+
+    def counted(plan, o, data):
+        calibrated.append((plan.name, o.time_budget, torch.get_num_threads()))
+        return real(plan, o, data)
+
+    monkeypatch.setattr(run_module, "calibrate_steps", counted)
+    s = _sweep_options(tmp_path, "time", time_budgets=[0.5, 1.0], executor="ray", cpus_per_run=1)
+    s.compare.presets = ["hgrn-tiny"]
+    report = run_sweep(s, progress=False)
+    assert sorted(calibrated) == [("hgrn-tiny", 0.5, 1), ("hgrn-tiny", 1.0, 1)]  # here, once per run, 1 thread
+    for run_dir in sorted((tmp_path / "time" / "runs").iterdir()):
+        steps = load_plans(str(run_dir))["hgrn-tiny"]["steps"]
+        saved = json.loads((run_dir / "report.json").read_text())
+        assert saved["models"][0]["status"] == "ok" and saved["models"][0]["steps"] == steps
+    assert [b["budget"] for b in report["budgets"]] == [0.5, 1.0]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -10,7 +10,10 @@ whose workers must see the output folder (a shared filesystem).
 
 Timings under Ray are measured with other runs beside them on the same machine: compare
 them within one run, not between a Ray sweep and a local one. Every other number is the
-local executor's (each task uses as many threads as `--cpus-per-run`).
+local executor's (each task uses as many threads as `--cpus-per-run`). Time budgets need a
+speed measured with nothing beside it, so under Ray this process calibrates every run's steps
+first, one model at a time with a task's threads, and saves them in the run's plan; the tasks
+then train those steps.
 """
 
 from __future__ import annotations
@@ -71,6 +74,22 @@ def _task(o, name: str, threads: int) -> str:
     return name
 
 
+def _calibrate_here(options: list, threads: int) -> None:
+    """Plan every run here (time budgets: each model's steps calibrated with nothing beside it
+    and the threads a task will have), train nothing; the plans are saved for the tasks."""
+    import torch
+
+    from speedlm.compare.run import run_compare
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for o in options:
+            run_compare(o, progress=False, only=[], write_files=False)
+    finally:
+        torch.set_num_threads(before)
+
+
 def _run_ray(options: list, sweep, progress: bool) -> None:
     import ray
 
@@ -83,6 +102,8 @@ def _run_ray(options: list, sweep, progress: bool) -> None:
         ray.init(log_to_driver=False, configure_logging=False, **kw)
     try:
         cpus = sweep.cpus_per_run or 1
+        if any(o.time_budget is not None for o in options):
+            _calibrate_here(options, max(1, int(cpus)))
         task = ray.remote(num_cpus=cpus, num_gpus=sweep.gpus_per_run or 0)(_task)
         # a compare run's plan is written by its first task; later ones find it
         pending = [task.remote(o, name, max(1, int(cpus))) for o in options for name in o.presets]

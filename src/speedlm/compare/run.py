@@ -38,7 +38,7 @@ from speedlm.data.cachedir import is_writable_dir
 from speedlm.data.separators import record_separators
 from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
-from speedlm.models import build_model, resolve_config
+from speedlm.models import ModelConfig, build_model, resolve_config
 from speedlm.models.build import require_language_model
 from speedlm.models.presets import split_preset_name
 from speedlm.ops.caches import clear_process_caches
@@ -338,14 +338,20 @@ def _executed_flops(model, text: torch.Tensor) -> dict:
                 counted_visible_flops_per_token=m["visible"])
 
 
+def _mqar_config(plan: ModelPlan, o: CompareOptions) -> ModelConfig:
+    """The probe's model: this architecture at its compare width with MQAR_HEADS heads."""
+    return recall_config(plan.config, o.mqar, heads=MQAR_HEADS)
+
+
 def _mqar_work(plan: ModelPlan, o: CompareOptions) -> float:
-    mcfg = recall_config(plan.config, o.mqar)
+    """The probe's training FLOPs if it runs every step (the progress bar's share)."""
+    mcfg = _mqar_config(plan, o)
     return _train_flops_per_token(mcfg, o.mqar.seq_len) * o.mqar.batch_size * o.mqar.seq_len * o.mqar.steps
 
 
 def _mqar_stage(o: CompareOptions, plan: ModelPlan, dev, run_dir: str, advance) -> dict:
     t0 = time.perf_counter()
-    mcfg = recall_config(plan.config, o.mqar, heads=MQAR_HEADS)
+    mcfg = _mqar_config(plan, o)
     mqar_step = _train_flops_per_token(mcfg, o.mqar.seq_len) * o.mqar.batch_size * o.mqar.seq_len
     recall = train_recall(mcfg, o.mqar, seed=o.seed, device=dev, dtype=o.dtype, peak_flops=o.peak_flops,
                           on_step=lambda _: advance(mqar_step), out_dir=os.path.join(run_dir, "mqar"),
@@ -488,8 +494,7 @@ def run_compare(o: CompareOptions, progress: bool = True, only: list | None = No
     def work_of(plan: ModelPlan) -> float:
         w = plan.train_flops
         if o.mqar is not None and plan.config.objective == "ar":
-            mcfg = recall_config(plan.config, o.mqar)
-            w += _train_flops_per_token(mcfg, o.mqar.seq_len) * o.mqar.batch_size * o.mqar.seq_len * o.mqar.steps
+            w += _mqar_work(plan, o)
         return w + inference_flops(plan.config, o.contexts, o.decode_tokens)
 
     works = {p.name: work_of(p) for p in plans}

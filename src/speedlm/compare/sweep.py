@@ -110,9 +110,6 @@ def check_sweep(s: SweepOptions) -> None:
     check_executor(s.executor, s.cpus_per_run, s.gpus_per_run, s.ray_address)
     if s.budgets is not None and s.compare.match == "first" and s.compare.tokens_per_param is None:
         s.compare.tokens_per_param = DEFAULT_TOKENS_PER_PARAM
-    if s.executor == "ray" and (s.time_budgets is not None or s.compare.time_budget is not None):
-        raise SpeedlmError("time budgets measure this machine's speed with nothing beside it: run them with "
-                           "--executor local")
     # the compare options of the first run check everything else
     _check_options(run_options(s, s.ladder[0], s.seed_list()[0]))
 
