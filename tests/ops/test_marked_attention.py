@@ -31,8 +31,13 @@ CASES = [  # b, h, hkv, tq, tk, window, mark rate, block
 ]
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("case", CASES)
-def test_matches_the_dense_reference_with_gradients(case):
+def test_matches_the_dense_reference_with_gradients(case, fused, monkeypatch):
+    """Both paths: the fused CPU kernels merged by log-sum-exp, and masked SDPA on gathered keys."""
+    import speedlm.ops.marked_attention as ma
+
+    monkeypatch.setattr(ma, "can_merge", lambda q: fused)
     b, h, hkv, tq, tk, w, rate, block = case
     q, k, v = _qkv(b, h, hkv, tq, tk, grad=True)
     mask = AttentionMask(Full(), tq, tk, tk - tq, 0, True, window=w, k_mark=_marks(b, tk, rate))
@@ -77,21 +82,29 @@ def test_marks_are_seen_beyond_the_window_and_nothing_else():
         assert bool(changed[j : j + w].gt(1e-9).all())  # inside the window either way
 
 
-def test_keys_used_follow_the_marks_not_the_length(monkeypatch):
-    """Each query block attends to about window + block + marked keys, never all T keys."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_keys_used_follow_the_marks_not_the_length(monkeypatch, fused):
+    """Each query block attends to about window + block + marked keys, never all T keys, on the
+    fused CPU path (two key sets per block) and on the masked-SDPA path (one gathered set)."""
     import speedlm.ops.marked_attention as ma
 
     widths = []
-    real = ma.F.scaled_dot_product_attention
+    real_sdpa, real_merged = ma.F.scaled_dot_product_attention, ma.merged_attention
 
-    def spy(q, k, v, **kw):
+    def spy_sdpa(q, k, v, **kw):
         widths.append(k.shape[-2])
-        return real(q, k, v, **kw)
+        return real_sdpa(q, k, v, **kw)
 
-    monkeypatch.setattr(ma.F, "scaled_dot_product_attention", spy)
+    def spy_merged(q, parts, scale=None):
+        widths.append(sum(k.shape[-2] for k, _, _ in parts))
+        return real_merged(q, parts, scale)
+
+    monkeypatch.setattr(ma.F, "scaled_dot_product_attention", spy_sdpa)
+    monkeypatch.setattr(ma, "merged_attention", spy_merged)
+    monkeypatch.setattr(ma, "can_merge", lambda q: fused)
     t, w, block = 2048, 64, 128
     q, k, v = (x.float() for x in _qkv(1, 1, 1, t, t, seed=7))
     marks = torch.zeros(1, t, dtype=torch.bool)
     marks[0, ::32] = True  # 64 marked keys
     marked_window_attention(q, k, v, AttentionMask(Full(), t, t, 0, 0, True, window=w, k_mark=marks), block=block)
-    assert max(widths) <= 64 + w + block
+    assert len(widths) == t // block and max(widths) <= 64 + w + block

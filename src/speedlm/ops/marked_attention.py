@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from speedlm.ops.masks import AttentionMask
+from speedlm.ops.masks import AttentionMask, Full
+from speedlm.ops.merged_attention import can_merge, merged_attention
 
 QUERY_BLOCK = 128
 
@@ -66,6 +67,12 @@ def marked_window_attention(q, k, v, mask: AttentionMask, scale=None, block: int
         if m_max:
             order = torch.argsort((~marks).to(torch.int8), dim=-1, stable=True)[:, :m_max]  # marked first, in order
             marked = (before, order, _gather_keys(k, order), _gather_keys(v, order))
+    fused = can_merge(q)
+    # Marked keys left of a block's window span are before all its queries: with no documents,
+    # positions that are index offsets and no other pattern, every query of the block sees every
+    # one of them, so that part's mask is one row (the kernel broadcasts it), not block x keys
+    query_free = isinstance(mask.pattern, Full) and mask.q_doc is None and isinstance(mask.q_pos, int) \
+        and isinstance(mask.k_pos, int)
     outs = []
     for s in range(0, tq, block):
         e = min(tq, s + block)
@@ -74,6 +81,19 @@ def marked_window_attention(q, k, v, mask: AttentionMask, scale=None, block: int
         qi = torch.arange(s, e, device=dev).view(1, -1, 1)
         allowed = mask(qi, torch.arange(lo, hi, device=dev).view(1, 1, -1))
         keys, values = k[..., lo:hi, :], v[..., lo:hi, :]
+        if fused:  # the window span and the marked prefix as two fused parts: no per-block copy of keys
+            parts = [(keys, values, allowed[:, None])]
+            if marked is not None and lo > 0:
+                before, order, k_m, v_m = marked
+                count = before[:, lo]
+                p = int(count.max())
+                if p:
+                    seen_p = (torch.arange(p, device=dev) < count[:, None])[:, None, :]  # (Bm, 1, p)
+                    if not query_free:
+                        seen_p = mask(qi, order[:, :p][:, None, :]) & seen_p
+                    parts.insert(0, (k_m[..., :p, :], v_m[..., :p, :], seen_p[:, None]))
+            outs.append(merged_attention(q[..., s:e, :], parts, scale))
+            continue
         if marked is not None and lo > 0:
             before, order, k_m, v_m = marked
             count = before[:, lo]  # (Bm,) marked keys left of the span
