@@ -21,7 +21,7 @@ compare: install
 
 # A scaling study: four families at four budgets, two seeds each, the first model sized for 20
 # tokens per parameter at each budget; means with 95% intervals, a fitted L = E + A C^-alpha per
-# model and its prediction at 1e13 FLOPs, in $(SCALING_DIR)/sweep.md (about 30 minutes on 2 CPU cores).
+# model and its prediction at 1e13 FLOPs, in $(SCALING_DIR)/sweep.md (about 19 minutes on 2 CPU cores).
 scaling: install
 	$(PYTHON) -m speedlm compare --presets transformer-tiny,sliding-window-tiny,hgrn-tiny,mamba2-tiny \
 		--budgets 2.5e11,5e11,1e12,2e12 --seeds 2 --no-mqar --contexts 1024,4096 --target-budget 1e13 --out $(SCALING_DIR)
@@ -47,7 +47,7 @@ bench: install
 
 # Associative recall by Zoology's protocol: eight architectures x widths 48, 64, the best of two
 # learning rates, accuracy against state size in $(RECALL_DIR)/bench_recall.md and .png
-# (about 30 minutes on 2 CPU cores).
+# (25 minutes on 2 CPU cores of an AMD EPYC).
 recall: install
 	$(PYTHON) -m speedlm bench recall --workers 2 --out $(RECALL_DIR)
 

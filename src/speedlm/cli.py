@@ -475,7 +475,7 @@ RECALL_PRESETS = ("transformer-tiny,sliding-window-tiny,linear-attention-tiny,ba
 
 def _add_bench_recall_parser(bsub) -> None:
     # The defaults are the grid in BENCHMARKS.md ("Associative recall by Zoology's protocol"):
-    # Zoology's eight-architecture comparison at two widths, finishing in about 30 minutes on
+    # Zoology's eight-architecture comparison at two widths, finishing in 25 minutes on
     # 2 CPU cores with --workers 2 (`make recall`).
     p = bsub.add_parser("recall", help="MQAR associative recall: accuracy vs length, pairs, width and state size")
     p.add_argument("--presets", type=_csv, default=_csv(RECALL_PRESETS))
