@@ -178,3 +178,54 @@ def test_rates_after_a_solved_run_are_skipped_and_said_so(tmp_path):
     assert row["lr"] == 1e-3 and row["solved_at"] == 2 and row["skipped_lrs"] == [3e-3]
     assert list(row["accuracy_by_lr"]) == ["0.001"]
     assert "0.003: skipped" in (tmp_path / "bench_recall.md").read_text()
+
+
+def _children(pid: int) -> set[int]:
+    """Linux: the processes whose parent is `pid` (from /proc)."""
+    import os
+
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_stop_when_the_benchmark_is_killed(tmp_path):
+    """A `bench recall --workers 2` killed with SIGTERM leaves no training running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("from speedlm.bench.recall import run_recall_bench; "
+            f"run_recall_bench(['hgrn-tiny'], lengths=[16], pairs=[2], widths=[16, 32], steps=10**6, batch_size=2, "
+            f"vocab_size=16, test_examples=8, device='cpu', out_dir={str(tmp_path)!r}, progress=False, "
+            "checkpoints=0, heads=1, workers=2)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, workers = time.monotonic() + 120, set()
+        while time.monotonic() < deadline and len(workers) < 2:
+            time.sleep(0.5)
+            workers = {p for p in _children(parent.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()}
+        assert len(workers) == 2, "the workers did not start"
+        time.sleep(3)  # they may still be starting (a loaded machine): they must stop either way
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(30)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in workers):
+            time.sleep(0.5)
+        alive = [p for p in workers if os.path.exists(f"/proc/{p}")
+                 and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert not alive, f"workers {alive} still run after their benchmark was killed"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
