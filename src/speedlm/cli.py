@@ -120,10 +120,12 @@ def cmd_compare(args) -> int:
 def cmd_bench_recall(args) -> int:
     from speedlm.bench.recall import run_recall_bench
 
+    # --lrs, else the one --lr, else the sweep
+    lrs = args.lrs or ([args.lr] if args.lr is not None else list(RECALL_LRS))
     run_recall_bench(
         presets=args.presets, lengths=args.lengths, pairs=args.pairs, widths=args.widths, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr or 1e-3, vocab_size=args.vocab_size, test_examples=args.test_examples,
-        device=args.device, dtype=args.dtype, seed=args.seed, out_dir=args.out, lrs=args.lrs or ([args.lr] if args.lr is not None else [1e-3, 3e-3]),
+        batch_size=args.batch_size, lr=lrs[0], vocab_size=args.vocab_size, test_examples=args.test_examples,
+        device=args.device, dtype=args.dtype, seed=args.seed, out_dir=args.out, lrs=lrs,
         checkpoints=args.checkpoints, heads=args.heads or None, stop_at=args.stop_at or None,
         random_non_queries=args.random_filler, workers=args.workers,
     )
@@ -469,6 +471,7 @@ def _add_bench_speed_parser(bsub) -> None:
     p.set_defaults(func=cmd_bench_speed)
 
 
+RECALL_LRS = (1e-3, 3e-3)
 RECALL_PRESETS = ("transformer-tiny,sliding-window-tiny,linear-attention-tiny,based-tiny,gla-tiny,gated-deltanet-tiny,"
                   "mamba2-tiny,hgrn-tiny")
 
@@ -487,7 +490,8 @@ def _add_bench_recall_parser(bsub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="one learning rate instead of the sweep")
     p.add_argument("--lrs", type=_floats, default=None, metavar="A,B,...",
-                   help="Zoology's sweep: train each setting at every learning rate, report the best (default 1e-3,3e-3)")
+                   help="Zoology's sweep: train each setting at every learning rate, report the best (default "
+                        + ",".join(f"{v:g}" for v in RECALL_LRS) + ")")
     p.add_argument("--checkpoints", type=int, default=20,
                    help="held-out scores along training that flag a run still rising or on a plateau (0: none)")
     p.add_argument("--heads", type=int, default=1,

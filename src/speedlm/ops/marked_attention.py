@@ -51,6 +51,22 @@ def _gather_keys(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(-2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
 
 
+def _marked_prefix(marked, lo: int, mask: AttentionMask, qi: torch.Tensor, query_free: bool):
+    """The marked keys left of key index `lo` as (keys, values, allowed (Bm, 1, queries or 1, p)),
+    or None when there are none; `query_free`: every query sees all of them (one mask row)."""
+    if marked is None or lo == 0:
+        return None
+    before, order, k_m, v_m = marked
+    count = before[:, lo]  # (Bm,) marked keys left of the span
+    p = int(count.max())
+    if not p:
+        return None
+    seen = (torch.arange(p, device=count.device) < count[:, None])[:, None, :]  # (Bm, 1, p)
+    if not query_free:
+        seen = mask(qi, order[:, :p][:, None, :]) & seen
+    return k_m[..., :p, :], v_m[..., :p, :], seen[:, None]
+
+
 def marked_window_attention(q, k, v, mask: AttentionMask, scale=None, block: int = QUERY_BLOCK):
     """q (B, H, Tq, Dh), k/v (B, Hkv, Tk, Dh) under a causal mask with a `window` (and
     optional `k_mark`); queries are the last Tq keys. Rows that see no key output 0."""
@@ -81,30 +97,16 @@ def marked_window_attention(q, k, v, mask: AttentionMask, scale=None, block: int
         qi = torch.arange(s, e, device=dev).view(1, -1, 1)
         allowed = mask(qi, torch.arange(lo, hi, device=dev).view(1, 1, -1))
         keys, values = k[..., lo:hi, :], v[..., lo:hi, :]
+        prefix = _marked_prefix(marked, lo, mask, qi, fused and query_free)
         if fused:  # the window span and the marked prefix as two fused parts: no per-block copy of keys
-            parts = [(keys, values, allowed[:, None])]
-            if marked is not None and lo > 0:
-                before, order, k_m, v_m = marked
-                count = before[:, lo]
-                p = int(count.max())
-                if p:
-                    seen_p = (torch.arange(p, device=dev) < count[:, None])[:, None, :]  # (Bm, 1, p)
-                    if not query_free:
-                        seen_p = mask(qi, order[:, :p][:, None, :]) & seen_p
-                    parts.insert(0, (k_m[..., :p, :], v_m[..., :p, :], seen_p[:, None]))
+            parts = [(keys, values, allowed[:, None])] if prefix is None else [prefix, (keys, values, allowed[:, None])]
             outs.append(merged_attention(q[..., s:e, :], parts, scale))
             continue
-        if marked is not None and lo > 0:
-            before, order, k_m, v_m = marked
-            count = before[:, lo]  # (Bm,) marked keys left of the span
-            p = int(count.max())
-            if p:
-                idx = order[:, :p]
-                seen_p = mask(qi, idx[:, None, :]) & (torch.arange(p, device=dev) < count[:, None])[:, None, :]
-                b = max(seen_p.shape[0], allowed.shape[0])
-                allowed = torch.cat([seen_p.expand(b, -1, -1), allowed.expand(b, -1, -1)], dim=-1)
-                keys = torch.cat([k_m[..., :p, :], keys], dim=-2)
-                values = torch.cat([v_m[..., :p, :], values], dim=-2)
+        if prefix is not None:
+            k_p, v_p, seen_p = prefix
+            b = max(seen_p.shape[0], allowed.shape[0])
+            allowed = torch.cat([seen_p[:, 0].expand(b, -1, -1), allowed.expand(b, -1, -1)], dim=-1)
+            keys, values = torch.cat([k_p, keys], dim=-2), torch.cat([v_p, values], dim=-2)
         seen = allowed.any(-1, keepdim=True)
         out = F.scaled_dot_product_attention(
             q[..., s:e, :], keys, values, attn_mask=(allowed | ~seen)[:, None], scale=scale, enable_gqa=gqa
