@@ -24,6 +24,8 @@ REGISTERED = {
     ("ops/moe.py", "_GROUPED_MM_WORKS"): "moe.grouped_mm_works",
     ("ops/fla.py", "fla_installed"): "fla.installed",
     ("ops/mamba_kernels.py", "mamba_ssm_installed"): "mamba_kernels.installed",
+    ("ops/selective_scan_compiled.py", "_forward_kernel"): "selective_scan_compiled.kernels",
+    ("ops/selective_scan_compiled.py", "_backward_kernel"): "selective_scan_compiled.kernels",
 }
 # module-level caches left out of the registry, with the reason
 NOT_REGISTERED = {

@@ -4,7 +4,12 @@ one process on the same inputs: the speed-up the chunked / parallel forms buy.
 Shapes are a `small` model's head: batch 1, 4 heads of 64 (HGRN: 256 channels; Based: a 16-dim
 Taylor projection, 273 features; Mamba: the 512 inner channels of mamba-small with 16 states
 each, and mamba-tiny's 128; Mamba-2: mamba2-small's 8 heads of 64 with 64 states; Hyena: 256 channels, a filter as long as the
-sequence), float32, forward only. Writes bench_ops.json and bench_ops.md.
+sequence), float32, forward only. The fast form is what the model runs: Mamba's scan goes through
+its dispatch (the compiled CPU kernel from 1,024 tokens, ops/selective_scan_compiled.py; its
+compile falls in the untimed warm-up), with the eager chunk-parallel form in a row of its own.
+Where transformers and mambapy are installed, two more rows time the whole Mamba mixer against
+transformers' MambaMixer on the same weights (bench/hf_mamba.py). Writes bench_ops.json and
+bench_ops.md.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import platform
 import torch
 import torch.nn.functional as F
 
+from speedlm.bench import hf_mamba
 from speedlm.bench.common import check_int, check_ints, write_results
 from speedlm.bench.timing import median, time_fn
 from speedlm.device import resolve_device
@@ -27,7 +33,7 @@ from speedlm.ops.hgrn import hgrn_chunked, hgrn_recurrent
 from speedlm.ops.long_conv import direct_causal_conv_reference, fft_causal_conv
 from speedlm.ops.linear_attention import linear_attention_chunked, linear_attention_recurrent
 from speedlm.ops.performer import favor_chunked, favor_features, favor_recurrent, orthogonal_gaussian
-from speedlm.ops.selective_scan import selective_scan_chunked, selective_scan_recurrent
+from speedlm.ops.selective_scan import SELECTIVE_SCAN, selective_scan_chunked, selective_scan_recurrent
 from speedlm.ops.ssd import ssd_chunked, ssd_recurrent
 
 H, D = 4, 64
@@ -72,13 +78,26 @@ def _cases(t: int, device, gen: torch.Generator) -> dict:
         "performer (FAVOR+)": (lambda: favor_recurrent(qf, kf, ka, v), lambda: favor_chunked(qf, kf, ka, v)),
         "based (Taylor features)": (lambda: linear_attention_recurrent(tq, tk, v), lambda: linear_attention_chunked(tq, tk, v)),
         "mamba selective scan": (lambda: selective_scan_recurrent(su, sdt, sa, sb, sc),
-                                 lambda: selective_scan_chunked(su, sdt, sa, sb, sc)),
+                                 lambda: SELECTIVE_SCAN(su, sdt, sa, sb, sc)),
+        "mamba selective scan (eager chunked form)": (lambda: selective_scan_recurrent(su, sdt, sa, sb, sc),
+                                                      lambda: selective_scan_chunked(su, sdt, sa, sb, sc)),
         "mamba selective scan (tiny: 128 channels)": (
             lambda: selective_scan_recurrent(tu, tdt, sa[:MAMBA_TINY_CHANNELS], sb, sc),
-            lambda: selective_scan_chunked(tu, tdt, sa[:MAMBA_TINY_CHANNELS], sb, sc)),
+            lambda: SELECTIVE_SCAN(tu, tdt, sa[:MAMBA_TINY_CHANNELS], sb, sc)),
         "mamba-2 SSD": (lambda: ssd_recurrent(xx, xdt, xa, xb, xc), lambda: ssd_chunked(xx, xdt, xa, xb, xc)),
         "hyena long conv (FFT vs direct)": (lambda: direct_causal_conv_reference(lu, lh), lambda: fft_causal_conv(lu, lh)),
+        **_hf_mamba_cases(t, device),
     }
+
+
+def _hf_mamba_cases(t: int, device) -> dict:
+    """The whole Mamba mixer (mamba-small's sizes) against transformers' MambaMixer on the same
+    weights, its sequential loop and its `use_mambapy` parallel scan (bench/hf_mamba.py); only
+    where transformers and mambapy are installed (the `hf` extra), on CPU."""
+    if not hf_mamba.available() or torch.device(device).type != "cpu":
+        return {}
+    return {f"mamba mixer vs transformers MambaMixer ({name})": hf_mamba.mamba_mixer_pair(mambapy, t)
+            for name, mambapy in (("sequential", False), ("use_mambapy", True))}
 
 
 def op_names() -> list[str]:
@@ -126,7 +145,8 @@ def run_ops_bench(lengths=(4096,), repeats: int = 3, device="auto", out_dir: str
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
         "results": rows,
     }
-    lines = ["| op | T | naive recurrent ms | chunked / parallel ms | speed-up (median of paired ratios) |",
+    lines = ["| op | T | reference ms (naive recurrent loop, or transformers') | fast ms (the form speedlm runs) "
+             "| speed-up (median of paired ratios) |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['op']} | {r['length']} | {r['naive_ms']:.1f} | {r['fast_ms']:.2f} | {r['speedup']:.1f}x |" for r in rows]
     md = "\n".join(lines) + "\n"

@@ -198,7 +198,33 @@ def selective_scan_chunked(u, delta, A, B, C, initial_state: torch.Tensor | None
     return _ChunkedScan.apply(u, delta, A, B, C, h0, chunk_size)
 
 
-# one dispatch: the torch form everywhere; mamba-ssm's CUDA kernel when it is installed and the
-# call starts from an empty state (its selective_scan_fn takes no initial state)
+# Calls without gradients at least this long take the compiled CPU kernel under `auto`
+# (ops/selective_scan_compiled.py): its first call compiles for 20-60 s on 2 cores (seconds once
+# Inductor's on-disk cache holds it), which long-context inference repays; shorter calls (tests,
+# tiny models, decoding) stay eager and compile nothing. Training stays eager too: the compiled
+# forward + backward measured no faster than the eager form's.
+COMPILE_MIN_LENGTH = 1024
+
+
+def _compiled_usable(u, delta, A, B, C, *args, **kwargs) -> bool:
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (u, delta, A, B, C))
+    # a dispatch mode (FlopCounterMode, fake tensors) cannot see into the compiled `scan`: eager there
+    return (u.device.type == "cpu" and u.shape[1] >= COMPILE_MIN_LENGTH and u.dtype in (torch.float32, torch.float64)
+            and not needs_grad and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode())
+
+
+def _compiled(*args, **kwargs):
+    from speedlm.ops.selective_scan_compiled import selective_scan_compiled  # imports Inductor only when used
+
+    return selective_scan_compiled(*args, **kwargs)
+
+
+# one dispatch: the eager torch form everywhere; mamba-ssm's CUDA kernel when it is installed and
+# the call starts from an empty state (its selective_scan_fn takes no initial state); on CPU the
+# Inductor-compiled kernel for long sequences (ops/selective_scan_compiled.py), falling back to
+# the eager form where it cannot build (ops/dispatch.py)
 SELECTIVE_SCAN = Dispatch("selective scan", "torch", selective_scan_chunked)
 SELECTIVE_SCAN.register("mamba-ssm", mamba_kernels.selective_scan, usable=mamba_kernels.selective_scan_usable)
+SELECTIVE_SCAN.register("compiled", _compiled, usable=_compiled_usable)
