@@ -7,7 +7,7 @@ COMPARE_DIR ?= runs/compare
 SCALING_DIR ?= runs/scaling
 RECALL_DIR ?= runs/recall
 
-.PHONY: install compare scaling demo test test-slow bench recall clean
+.PHONY: install compare scaling demo test test-slow bench recall gpu-check clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
@@ -50,6 +50,12 @@ bench: install
 # (25 minutes on 2 CPU cores of an AMD EPYC).
 recall: install
 	$(PYTHON) -m speedlm bench recall --workers 2 --out $(RECALL_DIR)
+
+# On a GPU machine (10 minutes on one H100): tests/gpu (every CUDA backend against its float64
+# reference), bench speed --device cuda on one base preset per family to 16k, and the GPU section
+# of BENCHMARKS.md rewritten with the numbers (src/speedlm/bench/gpu_check.py).
+gpu-check: install
+	$(PYTHON) -m speedlm.bench.gpu_check
 
 clean:
 	rm -rf runs .pytest_cache

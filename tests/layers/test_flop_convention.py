@@ -28,6 +28,7 @@ from speedlm.layers.flops import attention_flops
 from speedlm.layers.mixer import SeqMeta, linear_flops
 from speedlm.layers.rope import apply_rope
 from speedlm.models.registry import BLOCKS, FFNS, MIXERS
+from speedlm.ops.band_attention import MAX_EXCESS, band_block
 from speedlm.ops.block_topk_attention import block_topk_mask
 
 DIMS = ModelDims(d_model=64, n_heads=4, max_seq_len=1024, ffn_hidden=192)
@@ -52,12 +53,24 @@ def gathered_keys(t: int, window: int, causal: bool = True, global_keys=(), bloc
     return k * block * _blocks(t, block) * block / t
 
 
+def window_keys(t: int, window: int, causal: bool = True) -> float:
+    """Keys per query of a sliding window (ops/sparse_attention.py): a band narrower than the
+    keys runs as overlapping key windows (ops/band_attention.py), each block of queries reading
+    block + width - 1 keys; a wider one takes the gathered-block plan."""
+    width = window if causal else 2 * window - 1
+    if width >= t:
+        return gathered_keys(t, window, causal)
+    block = band_block(width)
+    block = -(-t // _blocks(t, block))  # as few padded queries as that many blocks allow
+    return _blocks(t, block) * block * (block + width - 1) / t
+
+
 def dilated_keys(t: int, window: int, dilations: list[int], causal: bool = True) -> float:
     """Per head, a sliding window on each residue class of its dilation (ops/dilated_attention.py)."""
     per_head = []
     for d in dilations:
         sizes = [len(range(r, t, d)) for r in range(d)]
-        per_head.append(sum(n * gathered_keys(n, window, causal) for n in sizes if n) / t)
+        per_head.append(sum(n * window_keys(n, window, causal) for n in sizes if n) / t)
     return sum(per_head) / len(per_head)
 
 
@@ -94,7 +107,7 @@ def attn(m, keys: float) -> float:
 
 
 def sliding_window(m, t, **_):
-    return attn(m, gathered_keys(t, m.window))
+    return attn(m, window_keys(t, m.window))
 
 
 def longformer(m, t, **_):
@@ -231,10 +244,10 @@ def _learned_spans(m):
 MIXER_ROWS = {
     "attention": Row({"kv_heads": 2}, why="causal SDPA counted at the pairs a causal kernel computes (bench/flops.py)"),
     "sliding_window": Row({"window": 32, "kv_heads": 2}, sliding_window,
-                          why="gathered-block plan: 64-query blocks read 2 whole 64-key blocks for a 32-key window"),
+                          why="band plan: blocks of 10 queries read their 41 keys (10 + window - 1) for a 32-key window"),
     "dilated_window": Row({"window": 32, "dilation": [1, 2, 4, 8]},
                           lambda m, t, **_: attn(m, dilated_keys(t, m.window, m.dilations)),
-                          why="a gathered-block sliding window on each residue class: whole blocks, as sliding_window"),
+                          why="a sliding window on each residue class, as sliding_window (band plan; classes shorter than the window: gathered blocks)"),
     "logsparse": Row({"local": 4, "conv_kernel": 3, "kv_heads": 2},
                      why="attention is a vecdot/addcmul walk over the distances: invisible, only projections checked"),
     "longformer": Row({"window": 32, "global_tokens": 4, "kv_heads": 2}, longformer, linear=longformer_linear,
@@ -269,7 +282,7 @@ MIXER_ROWS = {
     "mamba": Row({"chunk_size": 32}, why="the scan's read-out is a bmm, counted; its recurrence is invisible"),
     "mamba2": Row({"head_dim": 32, "chunk_size": 64}, mamba2, why=CHUNKS + " (C B^T per group)"),
     "hymba": Row({"window": 32, "kv_heads": 2, "full_attention": False}, hymba_window,
-                 why="its sliding-window branch reads whole key blocks (sliding_window); the Mamba branch as mamba"),
+                 why="its sliding-window branch as sliding_window (band plan); the Mamba branch as mamba"),
 }
 FFN_ROWS = {
     "swiglu": Row({}),
@@ -287,11 +300,11 @@ BLOCK_ROWS = {
 _SW, _LA = MIXER_ROWS["sliding_window"].options, MIXER_ROWS["linear_attention"].options
 BIDIRECTIONAL_ROWS = {
     "attention": Row({"kv_heads": 2}, why="SDPA without a mask: every pair"),
-    "sliding_window": Row(_SW, lambda m, t, **_: attn(m, gathered_keys(t, m.window, False)),
-                          why="gathered-block plan: 64-query blocks read 3 whole 64-key blocks for a +-31 band"),
+    "sliding_window": Row(_SW, lambda m, t, **_: attn(m, window_keys(t, m.window, False)),
+                          why="band plan: blocks of 19 queries read their 81 keys for a +-31 band (63 keys)"),
     "dilated_window": Row(MIXER_ROWS["dilated_window"].options,
                           lambda m, t, **_: attn(m, dilated_keys(t, m.window, m.dilations, False)),
-                          why="gathered blocks on each residue class, both sides"),
+                          why="the band plan on each residue class, both sides (short classes: gathered blocks)"),
     "logsparse": Row(MIXER_ROWS["logsparse"].options, why="vecdot walk: invisible, only projections checked"),
     "longformer": Row(MIXER_ROWS["longformer"].options, longformer_bidirectional, linear=longformer_linear,
                       why="gathered blocks for the band and the globals' block; the 4 global rows padded to a "
@@ -359,6 +372,17 @@ def test_counted_flops_match_the_counter(kind, name):
             expected = row.executed(part, t, ids=ids, x=x, causal=row.causal)
         assert matmul == pytest.approx(expected, rel=row.tol), f"{name} T={t}: ratio {matmul / c.matmul:.3f} " \
                 f"vs expected {expected / c.matmul:.3f} ({row.why})"
+
+
+@pytest.mark.parametrize("kind", ["mixer", "bidirectional"])
+def test_the_sliding_window_executes_at_most_one_and_a_half_times_its_counted_pairs(kind):
+    """Issue 26: the counter sees at most 1.5x the attention products the window counts (the band
+    plan sizes its query blocks for MAX_EXCESS; the first queries' ramp adds the rest)."""
+    row = TABLE[(kind, "sliding_window")]
+    for t in LENGTHS:
+        _, matmul = measured(kind, "sliding_window", row, t)
+        ratio = matmul / counted(build(kind, "sliding_window", row), kind, t, row.causal).matmul
+        assert MAX_EXCESS * 0.9 < ratio <= 1.5, f"T={t}: executed / counted = {ratio:.3f}"
 
 
 def test_models_sum_their_blocks_breakdowns():

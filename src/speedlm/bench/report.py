@@ -88,6 +88,11 @@ def ratios(rows: list[dict], presets: list[str], baseline: str) -> dict:
                 a = metric_value(r, m, "time")
                 d = metric_value(b, m, "time") if b is not None else None
                 entry[m] = a / d if a is not None and d else None
+            # the analytic forward FLOP ratio (README "How FLOPs are counted"), and the forward time
+            # ratio over it: 1.0 when the preset runs as fast per FLOP as the baseline
+            fa, fb = r.get("gflop_per_token_fwd"), (b or {}).get("gflop_per_token_fwd")
+            entry["flops_fwd"] = fa / fb if fa and fb else None
+            entry["fwd_per_flop"] = entry["fwd"] / entry["flops_fwd"] if entry["fwd"] and entry["flops_fwd"] else None
             lst.append(entry)
         out[p] = lst
     return out
@@ -158,11 +163,13 @@ def exponents_table(exps: dict) -> str:
 
 
 def ratios_table(rat: dict) -> str:
-    header = ["preset", "length", *(f"{t.split(' ms')[0]} ×" for t in TIME_METRICS.values())]
+    header = ["preset", "length", *(f"{t.split(' ms')[0]} ×" for t in TIME_METRICS.values()), "fwd FLOPs ×",
+              "fwd × / FLOPs ×"]
+    keys = [*TIME_METRICS, "flops_fwd", "fwd_per_flop"]
     body = []
     for p, lst in rat.items():
         for e in lst:
-            body.append([p, str(e["length"]), *(f"{e[m]:.2f}" if e[m] is not None else "—" for m in TIME_METRICS)])
+            body.append([p, str(e["length"]), *(f"{e[m]:.2f}" if e.get(m) is not None else "—" for m in keys)])
     return _table(header, body)
 
 
@@ -206,6 +213,9 @@ def markdown(result: dict) -> str:
         parts += [
             "",
             f"## Time ratio vs {result['baseline']} (measured in one process, same inputs)",
+            "",
+            "FLOPs ×: the analytic forward FLOP ratio (README \"How FLOPs are counted\"); fwd × / FLOPs ×: "
+            "1.00 when the preset's forward runs as fast per counted FLOP as the baseline's.",
             "",
             ratios_table(result["ratios"]),
         ]

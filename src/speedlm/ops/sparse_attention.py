@@ -6,7 +6,8 @@ dense (T, T) mask.
   CPU backward in torch <= 2.13).
 - `blocks`: pure torch. Queries are cut into blocks; each block gathers only the key blocks the
   mask touches (like FlexAttention's kv_indices) and runs SDPA on them with a small
-  (block x gathered) mask. Memory O(T * keys-per-block), differentiable, any device. A mask
+  (block x gathered) mask. A band on contiguous positions (the sliding window) skips the plan:
+  overlapping key windows, one shared mask (ops/band_attention.py). Memory O(T * keys-per-block), differentiable, any device. A mask
   that differs between rows (per-row positions, packed documents, non-contiguous cached keys)
   gets a per-row plan.
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from speedlm.ops.band_attention import band_attention
 from speedlm.ops.caches import register
 from speedlm.ops.dispatch import Dispatch
 from speedlm.ops.masks import AttentionMask
@@ -260,7 +262,12 @@ def block_plan(mask: AttentionMask, block: int, device) -> BlockPlan:
 
 
 def block_sparse_attention(q, k, v, mask: AttentionMask, scale=None, block: int = 64):
-    """Torch backend: gather the touched key blocks per query block, SDPA on (block x K*block)."""
+    """Torch backend: gather the touched key blocks per query block, SDPA on (block x K*block);
+    a band narrower than the keys (a sliding window on contiguous positions) runs as overlapping
+    key windows instead, at close to the pairs it has (ops/band_attention.py)."""
+    bounds = _band_bounds(mask)
+    if bounds is not None and 0 < bounds[1] - bounds[0] + 1 < mask.tk:
+        return band_attention(q, k, v, *bounds, scale=scale)
     b, h, tq, dh = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     groups = h // hkv
@@ -283,7 +290,11 @@ def block_sparse_attention(q, k, v, mask: AttentionMask, scale=None, block: int 
     q_g = q_pad.view(b, hkv, groups, nqb, block, dh).permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, nqb, groups * block, dh)
     allowed = plan.allowed.repeat(1, 1, groups, 1) if groups > 1 else plan.allowed  # (Bm, nQb, groups*block, K*block)
 
-    out = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=allowed[:, None], scale=scale)
+    # 4-d, (B Hkv, nQb, rows, Dh): SDPA on CPU runs its fused flash kernel only on 4-d inputs
+    # (5-d ones fall back to the math path, which materialises every block's scores)
+    mask4 = allowed[0] if bm == 1 else allowed.repeat_interleave(hkv, dim=0)
+    out = F.scaled_dot_product_attention(q_g.flatten(0, 1), k_g.flatten(0, 1), v_g.flatten(0, 1), attn_mask=mask4,
+                                         scale=scale)
     out = out.view(b, hkv, nqb, groups, block, dh) * plan.seen_any.view(bm, 1, nqb, 1, block, 1).to(out.dtype)
     out = out.permute(0, 1, 3, 2, 4, 5).reshape(b, h, nqb * block, dh)
     return out[:, :, :tq]
