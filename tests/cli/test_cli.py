@@ -304,3 +304,13 @@ def test_diffusion_checkpoints_train_evaluate_as_a_bound_and_generate_in_paralle
     capsys.readouterr()
     assert main(["bench", "diffusion", "--checkpoint", str(trained), "--judge", str(trained), "--out", str(bench)]) == 2
     one_error_line(capsys, "is not a diffusion checkpoint")
+
+
+def test_generate_compile_prints_the_eager_text(trained, capsys):
+    args = ["generate", "--checkpoint", str(trained), "--prompt", "def f", "--max-new-tokens", "16"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main([*args, "--compile"]) == 0
+    compiled = capsys.readouterr().out
+    assert compiled.split("\n[")[0] == eager.split("\n[")[0]  # the same text; the timing line differs
+    assert "first step compiling" in compiled and "first step compiling" not in eager

@@ -78,9 +78,11 @@ def test_a_tiny_compare_completes_with_every_model_and_column_and_repeats_exactl
         assert m["executed_flops_per_token"] >= 0.99 * m["counted_visible_flops_per_token"]
     full, window = models["transformer-tiny"], models["sliding-window-tiny"]
     assert window["steps"] > full["steps"]
-    # full attention executes what it counts; the window reads whole 64-key blocks around its 32 keys
+    # full attention executes what it counts; the window's band plan reads a few keys more than its
+    # 32 (blocks of 10 queries read 41 keys), at most 1.5x of the attention products, a part of the step
     assert full["executed_flops_per_token"] == pytest.approx(full["counted_visible_flops_per_token"], rel=0.1)
-    assert window["executed_flops_per_token"] > 1.05 * window["counted_visible_flops_per_token"]
+    assert window["counted_visible_flops_per_token"] < window["executed_flops_per_token"] \
+        <= 1.5 * window["counted_visible_flops_per_token"]
     assert full["state_bytes"][65536] == 16 * full["state_bytes"][4096]  # full KV cache: linear in context
     assert window["state_bytes"][65536] == window["state_bytes"][4096]  # window: bounded
     out = tmp_path / "a"

@@ -49,10 +49,29 @@ def policy_at_slots(name: str, slots: int, sinks: int = 4):
     raise SpeedlmError(f"bench decode measures the policies full, {', '.join(LOSSY_POLICIES)}; got {name!r}")
 
 
+def weight_read_ms(model, dev, repeats: int = 20) -> float:
+    """The weight-read bound of one decoding step: the median time of a torch copy of a tensor as
+    large as the model's parameters (a step reads every weight once), in this process. A copy
+    also writes what it reads, so this bound is generous to the model by up to 2x."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    src = torch.empty(n // 4 + 1, dtype=torch.float32, device=dev).fill_(1.0)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        synchronize(dev)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        synchronize(dev)
+        times.append(1000.0 * (time.perf_counter() - t0))
+    return median(times[1:])
+
+
 def _decode_rows(model, runs: list[tuple[str, int]], policies: dict, steps: int, gen: torch.Generator,
-                 dev) -> tuple[dict[tuple[str, int], list[float]], dict[tuple[str, int], int]]:
+                 dev, step_fns: dict | None = None) -> tuple[dict[tuple[str, int], list[float]], dict[tuple[str, int], int]]:
     """Step times of every (policy, context) run, the steps rotating over all the runs, and the
-    bytes each run's cache holds at the end."""
+    bytes each run's cache holds at the end. step_fns: {policy name: what runs a step} (default
+    the model itself; compiled decoding's rows pass generate/compiled.py's step)."""
+    step_fns = step_fns or {}
     vocab = model.config.vocab_size
     longest = max(n for _, n in runs)
     ids = torch.randint(0, vocab, (1, longest + steps + 1), generator=gen).to(dev)
@@ -69,9 +88,9 @@ def _decode_rows(model, runs: list[tuple[str, int]], policies: dict, steps: int,
                 tok = ids[:, n + i : n + i + 1]
                 synchronize(dev)
                 t0 = time.perf_counter()
-                model(tok, caches[run])
+                step_fns.get(run[0], model)(tok, caches[run])
                 synchronize(dev)
-                if i:  # step 0 is a warm-up on every cache
+                if i:  # step 0 is a warm-up on every cache (and compiles, for a compiled step)
                     times[run].append(1000.0 * (time.perf_counter() - t0))
     return times, {run: caches[run].nbytes() for run in runs}
 
@@ -82,8 +101,10 @@ def decode_markdown(result: dict) -> str:
     policies = meta.get("policies", ["full"])
     first = policies[0]
     compare = len(policies) > 1  # a column of each row against the same preset's first policy
+    bound = bool(meta.get("compile"))
     head = "| preset | " + " | ".join(f"ms/token @{n}" for n in ctx) + " | " + " | ".join(
         f"@{n} / @{base}" for n in ctx[1:]) + (f" | / [{first}] @{ctx[-1]}" if compare else "") + \
+        (f" | weight-read bound ms | @{ctx[-1]} / bound" if bound else "") + \
         f" | state bytes @{ctx[-1]} (declared) | cache bytes @{ctx[-1]} (held) |"
     lines = [
         "# speedlm decode benchmark",
@@ -94,10 +115,14 @@ def decode_markdown(result: dict) -> str:
         "contexts (and policies) in a rotating order; ms/token = median step; ratios of those medians, measured in "
         "one process",
     ]
-    if compare:
+    if compare and meta.get("slots") is not None:
         lines.append(f"- KV policies {', '.join(policies)}; every lossy one holds {meta['slots']} KV slots once full"
                      + (f" (sinks: {meta['sinks']} of them)" if meta.get("sinks") is not None else ""))
-    lines += [f"- date: {meta['date']}", "", head, "|" + "---|" * (3 + len(ctx) + len(ctx) - 1 + compare)]
+    if bound:
+        lines.append("- compiled rows: the single-token step through torch.compile (generate/compiled.py); its "
+                     "compile falls in the warm-up step. Weight-read bound: the median time of a torch copy of a "
+                     "tensor the size of the model's parameters, in this process")
+    lines += [f"- date: {meta['date']}", "", head, "|" + "---|" * (3 + len(ctx) + len(ctx) - 1 + compare + 2 * bound)]
     for p, r in result["presets"].items():
         if "skipped" in r:
             lines.append(f"| {p} | skipped: {r['skipped']} |")
@@ -105,6 +130,8 @@ def decode_markdown(result: dict) -> str:
         ms = [r["ms"][str(n)] for n in ctx]
         ratios = [r["ratio"][str(n)] for n in ctx[1:]]
         vs = f" | {r['vs_first_policy']:.2f}" if compare else ""
+        if bound:
+            vs += f" | {r['weight_read_ms']:.3g} | {ms[-1] / r['weight_read_ms']:.2f}"
         lines.append(f"| {p} | " + " | ".join(f"{m:.3g}" for m in ms) + " | "
                      + " | ".join(f"{x:.2f}" for x in ratios) + vs
                      + f" | {r['state_bytes']:,} | {r['cache_bytes']:,} |")
@@ -113,10 +140,12 @@ def decode_markdown(result: dict) -> str:
 
 def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="auto", dtype="auto", seed: int = 0,
                      out_dir: str = "runs/bench", progress: bool = True, policies=("full",), slots: int = 1023,
-                     sinks: int = 4) -> dict:
+                     sinks: int = 4, compile: bool = False) -> dict:
     """Per-token decode latency of each preset at each context (see module doc), under each of
     `policies` (full: the mixers' own caches; window and sink at `slots` KV entries); prints the
-    table, writes bench_decode.{json,md} to `out_dir` and returns the JSON dict."""
+    table, writes bench_decode.{json,md} to `out_dir` and returns the JSON dict. compile: every
+    policy also decodes through the compiled step (generate/compiled.py), as a row `[policy
+    compiled]` in the same rotation, and each preset gets its weight-read bound (`weight_read_ms`)."""
     presets = check_presets(presets)
     contexts = sorted(set(check_ints("contexts", contexts)))
     steps = check_int("steps", steps, 1)
@@ -124,6 +153,9 @@ def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="a
     sinks = check_int("sinks", sinks, 0)
     slots = check_int("slots", slots, sinks + 1)
     made = {name: policy_at_slots(name, slots, sinks) for name in policies}
+    if compile:  # each policy again through the compiled step
+        made.update({f"{name} compiled": made[name] for name in policies})
+        policies = policies + [f"{name} compiled" for name in policies]
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     from speedlm.models.build import require_language_model
@@ -135,7 +167,8 @@ def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="a
         "device": str(dev), "torch_version": torch.__version__, "speedlm_version": speedlm.__version__,
         "python": platform.python_version(), "dtype": str(dt).removeprefix("torch."), "contexts": contexts,
         "steps": steps, "presets": presets, "seed": seed, "threads": torch.get_num_threads(),
-        "policies": policies, "slots": slots if policies != ["full"] else None, "sinks": sinks if "sink" in policies else None,
+        "policies": policies, "slots": slots if not set(policies) <= {"full", "full compiled"} else None,
+        "sinks": sinks if "sink" in policies else None, "compile": compile,
         "timing_method": timing_method(dev),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -151,7 +184,14 @@ def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="a
                 bar.update()
                 continue
             runs = [(name, n) for name in policies for n in contexts]
-            times, held = _decode_rows(model, runs, made, steps, torch.Generator().manual_seed(seed), dev)
+            step_fns = {}
+            if compile:
+                from speedlm.generate.compiled import CompiledStep
+
+                compiled = CompiledStep(model)
+                step_fns = {name: compiled for name in policies if name.endswith(" compiled")}
+            times, held = _decode_rows(model, runs, made, steps, torch.Generator().manual_seed(seed), dev, step_fns)
+            bound = weight_read_ms(model, dev) if compile else None
             for name in policies:
                 ms = {n: median(times[name, n]) for n in contexts}
                 row = p if policies == ["full"] else f"{p} [{name}]"
@@ -164,6 +204,7 @@ def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="a
                     "cache_bytes": held[name, max(contexts)],
                     # at the longest context, against the same preset's first policy
                     "vs_first_policy": ms[max(contexts)] / median(times[policies[0], max(contexts)]),
+                    "weight_read_ms": bound,
                 }
             del model
             bar.update()

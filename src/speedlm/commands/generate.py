@@ -31,14 +31,16 @@ def run_generate(args):
         seed=args.seed,
         use_cache=not args.no_cache,
         kv_policy=policy,
+        compile=getattr(args, "compile", False),
     )
     print(tokenizer.decode(result.ids[0].tolist()))
     cache = "no cache" if args.no_cache else f"cache {result.cache_bytes / 1024:.1f} KiB"
     if result.kv_ratio is not None and policy is not None:
         cache += (f", {describe_policy(policy)}: KV {result.kv_ratio:.1%} of the full cache on average, "
                   f"{result.kv_peak_ratio:.1%} at peak")
+    compiled = "" if result.compile_s is None else f", first step compiling {result.compile_s:.1f} s"
     print(
-        f"\n[{result.new_tokens} tokens: prefill {result.prefill_s * 1e3:.1f} ms, "
+        f"\n[{result.new_tokens} tokens: prefill {result.prefill_s * 1e3:.1f} ms{compiled}, "
         f"decode {result.decode_tokens_per_s:.1f} tokens/s, {cache}]"
     )
     return result
@@ -49,6 +51,7 @@ def _run_diffusion(args, model, tokenizer, device):
     from speedlm.generate.diffusion import diffusion_generate
 
     ignored = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--no-cache", args.no_cache),
+                                        ("--compile", getattr(args, "compile", False)),
                                         ("--attention", getattr(args, "attention", "full") != "full")) if value]
     if ignored:
         raise SpeedlmError(f"{', '.join(ignored)}: not for diffusion checkpoints (they unmask with --steps, --block, "

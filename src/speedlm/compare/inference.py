@@ -44,13 +44,14 @@ def inference_model(trained, longest: int, device: torch.device, dtype: torch.dt
 
 @torch.no_grad()
 def measure_inference(trained, contexts, decode_tokens: int, device: torch.device, dtype: torch.dtype,
-                      text: torch.Tensor, seed: int = 0, on_context=None) -> dict:
+                      text: torch.Tensor, seed: int = 0, on_context=None, compile_decode: bool = False) -> dict:
     """{"prefill_tok_s": {n: ...}, "decode_ms": {n: ...}, "cache_bytes": {n: measured},
     "errors": {n: reason}} for each context length n (tokens in the cache before decoding), on
     the trained model `trained`, reading `text` (1-D token ids, repeated where shorter than a
     context): routing and separators behave as on the data the model learned, not as on random
     ids. Decode latency is the median over `decode_tokens` single-token steps after two untimed
-    ones."""
+    ones; compile_decode: those steps through the compiled step (generate/compiled.py), which
+    compiles in the untimed warm-up."""
     longest = max(contexts) + decode_tokens + 2
     model = inference_model(trained, longest, device, dtype)
     vocab = model.config.vocab_size
@@ -59,13 +60,18 @@ def measure_inference(trained, contexts, decode_tokens: int, device: torch.devic
     out = {"prefill_tok_s": {}, "decode_ms": {}, "cache_bytes": {}, "errors": {}}
     # a diffusion LM (no init_cache) has no decoding: its prefill is one denoising step's forward
     decodes = hasattr(model, "init_cache") and all(b.supports_decoding for b in model.blocks)
+    step = model
+    if decodes and compile_decode:
+        from speedlm.generate.compiled import CompiledStep
+
+        step = CompiledStep(model)
     # untimed warm-up: the thread pool, the allocator, kernel selection
     warm = torch.randint(0, vocab, (1, 40), generator=torch.Generator().manual_seed(seed + 1)).to(device)
     cache = model.init_cache() if decodes else None
     model(warm[:, :37], cache)
     if decodes:
         for i in range(37, 40):
-            model(warm[:, i : i + 1], cache)
+            step(warm[:, i : i + 1], cache)
     del cache
     for n in contexts:
         ids = ids_all[:, : n + decode_tokens + 2]
@@ -81,7 +87,7 @@ def measure_inference(trained, contexts, decode_tokens: int, device: torch.devic
                 times = []
                 for i in range(decode_tokens + 2):
                     t0 = time.perf_counter()
-                    model(ids[:, n + i : n + i + 1], cache)
+                    step(ids[:, n + i : n + i + 1], cache)
                     synchronize(device)
                     times.append(time.perf_counter() - t0)
                 out["decode_ms"][n] = 1000.0 * statistics.median(times[2:])

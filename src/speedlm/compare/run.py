@@ -124,6 +124,7 @@ class CompareOptions:
     mqar: RecallSetting | None = DEFAULT_MQAR
     contexts: tuple = DEFAULT_CONTEXTS
     decode_tokens: int = 16
+    compile_decode: bool = False  # the decode column through the compiled step (generate/compiled.py)
     command: str = ""
     resume: bool = False  # continue the run in out_dir (a rerun with the same arguments does anyway)
 
@@ -370,7 +371,7 @@ def _inference_stage(o: CompareOptions, plan: ModelPlan, trained, data: dict, de
     elem = torch.tensor([], dtype=infer_dtype).element_size()
     per_context = {n: inference_flops(plan.config, [n], o.decode_tokens) for n in o.contexts}
     inf = measure_inference(trained, o.contexts, o.decode_tokens, dev, infer_dtype, data["val_ids"], seed=o.seed,
-                            on_context=lambda n: advance(per_context[n]))
+                            on_context=lambda n: advance(per_context[n]), compile_decode=o.compile_decode)
     return dict(
         prefill_tok_s=inf["prefill_tok_s"],
         decode_ms=inf["decode_ms"],

@@ -22,10 +22,13 @@ class GenerationResult:
     # the decoding steps (average) and at their largest (peak); None without KV caches
     kv_ratio: float | None = None
     kv_peak_ratio: float | None = None
+    # compiled decoding: the first decoding step, which compiles; decode_s then times the steps after it
+    compile_s: float | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.new_tokens * self.ids.shape[0] / self.decode_s if self.decode_s > 0 else float("inf")
+        tokens = self.new_tokens - (1 if self.compile_s is not None else 0)
+        return tokens * self.ids.shape[0] / self.decode_s if self.decode_s > 0 else float("inf")
 
 
 @torch.no_grad()
@@ -39,11 +42,13 @@ def generate(
     seed: int | None = None,
     use_cache: bool = True,
     kv_policy=None,
+    compile: bool = False,
 ) -> GenerationResult:
     """prompt_ids (B, T0) -> GenerationResult. use_cache=False recomputes the whole sequence
     at every step (the reference the cached path must reproduce exactly under greedy decoding).
     kv_policy overrides the retention of every KV cache (cache/policies.py `make_policy`): a bounded
-    one lifts the length limit of full-attention models."""
+    one lifts the length limit of full-attention models. compile: the single-token steps through
+    torch.compile (generate/compiled.py); the first one compiles and is timed apart."""
     check_sampling(temperature, top_k, top_p)
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise SpeedlmError("the prompt must contain at least one token; give a non-empty prompt")
@@ -52,6 +57,8 @@ def generate(
     total = prompt_ids.shape[1] + max_new_tokens
     if kv_policy is not None and not use_cache:
         raise SpeedlmError("a KV-cache policy needs the cache; drop --no-cache or the policy")
+    if compile and not use_cache:
+        raise SpeedlmError("compiled decoding compiles the cached single-token step; drop --no-cache or --compile")
     limit = model.max_context(kv_policy)  # None: every cache is bounded, generation may go on as long as asked
     if limit is not None and total > limit:
         raise SpeedlmError(
@@ -70,7 +77,14 @@ def generate(
     logits = model(ids, cache)[:, -1]
     sync()
     t1 = time.perf_counter()
+    prefill_s = t1 - t0
     usage = []  # (KV slots per layer, tokens seen) after each model call
+    step = model
+    compile_s = None
+    if compile:
+        from speedlm.generate.compiled import CompiledStep
+
+        step = CompiledStep(model)
     for i in range(max_new_tokens):
         if cache is not None and (slots := cache.kv_slots()):
             usage.append((sum(slots) / len(slots), cache.seen))
@@ -78,11 +92,16 @@ def generate(
         ids = torch.cat([ids, nxt], dim=1)
         if i == max_new_tokens - 1:
             break
-        logits = model(nxt, cache)[:, -1] if use_cache else model(ids)[:, -1]
+        logits = step(nxt, cache)[:, -1] if use_cache else model(ids)[:, -1]
+        if compile and i == 0:  # the compiling step, timed apart from decoding
+            sync()
+            compile_s = time.perf_counter() - t1
+            t1 = time.perf_counter()
     sync()
     t2 = time.perf_counter()
     ratio = peak = None
     if usage:
         ratio = sum(s for s, _ in usage) / sum(n for _, n in usage)
         peak = max(s for s, _ in usage) / max(n for _, n in usage)
-    return GenerationResult(ids, max_new_tokens, t1 - t0, t2 - t1, cache.nbytes() if cache else 0, ratio, peak)
+    return GenerationResult(ids, max_new_tokens, prefill_s, t2 - t1, cache.nbytes() if cache else 0, ratio, peak,
+                            compile_s)

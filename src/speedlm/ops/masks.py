@@ -130,7 +130,7 @@ class AttentionMask:
     def batch(self) -> int:
         """Leading dimension of the mask: 1 if every row shares it, else B."""
         parts = (self.q_pos, self.k_pos, self.q_doc, self.k_doc, self.k_mark)
-        return max((t.shape[0] for t in parts if isinstance(t, torch.Tensor)), default=1)
+        return max([1, *(t.shape[0] for t in parts if isinstance(t, torch.Tensor))])  # no max(default=): torch.compile traces this
 
     def __call__(self, qi: torch.Tensor, kj: torch.Tensor) -> torch.Tensor:
         """qi, kj: broadcastable index tensors with a leading batch dim (1 or B)."""
