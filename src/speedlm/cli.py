@@ -311,7 +311,7 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (reference)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the single-token decoding step with torch.compile (the first step compiles; "
+                   help="compile the single-token decoding step with torch.compile (the first two steps compile; "
                         "2-7x fewer ms per token for tiny models on a CPU, BENCHMARKS.md)")
     p.add_argument("--steps", type=int, help="diffusion checkpoints: denoising steps (default: one per new token)")
     p.add_argument("--block", type=int, help="diffusion: semi-autoregressive block length (default: all new tokens)")

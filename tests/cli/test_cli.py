@@ -313,4 +313,4 @@ def test_generate_compile_prints_the_eager_text(trained, capsys):
     assert main([*args, "--compile"]) == 0
     compiled = capsys.readouterr().out
     assert compiled.split("\n[")[0] == eager.split("\n[")[0]  # the same text; the timing line differs
-    assert "first step compiling" in compiled and "first step compiling" not in eager
+    assert "first steps compiling" in compiled and "first steps compiling" not in eager

@@ -41,6 +41,11 @@ class LayerCache:
         segment reads this state but does not backpropagate into the previous one)."""
         raise NotImplementedError
 
+    def reserve(self, tokens: int) -> None:
+        """Hint: this cache will see `tokens` tokens in all. A cache whose buffers grow allocates
+        what its policy will retain of them up front, so their shapes stop changing (compiled
+        decoding recompiles on every shape change, generate/compiled.py); others ignore it."""
+
 
 @dataclass
 class ModelCache:
@@ -65,3 +70,8 @@ class ModelCache:
     def detach(self) -> None:
         for c in self.layers:
             c.detach()
+
+    def reserve(self, tokens: int) -> None:
+        """`LayerCache.reserve` for every layer."""
+        for c in self.layers:
+            c.reserve(tokens)

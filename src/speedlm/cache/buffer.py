@@ -67,6 +67,7 @@ class TokenBuffer(LayerCache):
         self._head = 0  # HeadAndTail: the first _head slots move forward over the _drop evicted
         self._drop = 0  # slots after them at the next read or write (see the module docstring)
         self.reallocations = 0
+        self._reserved = 0  # slots to allocate at least (`reserve`): what the policy retains of a known length
 
     # ----- reading -----
     @property
@@ -156,8 +157,15 @@ class TokenBuffer(LayerCache):
             buf.narrow(-2, self._end, t).copy_(x)
         self._end += t
 
+    def reserve(self, tokens: int) -> None:
+        # what the policy retains of `tokens` tokens, plus one call's worth of slack for a window
+        # that briefly holds its new tokens before evicting
+        self._reserved = self.policy.retained(tokens) + 1
+
     def _reallocate(self, like: list[torch.Tensor], needed: int) -> None:
-        capacity = max(_MIN_CAPACITY, 2 * needed)
+        capacity = max(_MIN_CAPACITY, 2 * needed, self._reserved)
+        if self._reserved and self._bufs is not None and needed <= self._bufs[0].shape[-2]:
+            capacity = self._bufs[0].shape[-2]  # reserved: compact into the same shape (a window's steady state)
         n = self.length
         old = [] if self._bufs is None else [b[..., self._begin : self._end, :] for b in self._bufs]
         bufs = []
@@ -224,7 +232,7 @@ class TokenBuffer(LayerCache):
         # after a long prefill into a window cache, give back what the policy will never use
         if self._bufs is None or self._bufs[0].requires_grad:
             return
-        if self._bufs[0].shape[-2] > max(_MIN_CAPACITY, 4 * (self.length + 1)):
+        if self._bufs[0].shape[-2] > max(_MIN_CAPACITY, 4 * (self.length + 1), self._reserved):
             self._reallocate(self._bufs, needed=self.length + 1)
 
     def detach(self) -> None:

@@ -28,3 +28,7 @@ class CompositeCache(LayerCache):
     def detach(self) -> None:
         for p in self.parts.values():
             p.detach()
+
+    def reserve(self, tokens: int) -> None:
+        for p in self.parts.values():
+            p.reserve(tokens)

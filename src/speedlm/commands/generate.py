@@ -38,7 +38,7 @@ def run_generate(args):
     if result.kv_ratio is not None and policy is not None:
         cache += (f", {describe_policy(policy)}: KV {result.kv_ratio:.1%} of the full cache on average, "
                   f"{result.kv_peak_ratio:.1%} at peak")
-    compiled = "" if result.compile_s is None else f", first step compiling {result.compile_s:.1f} s"
+    compiled = "" if result.compile_s is None else f", first steps compiling {result.compile_s:.1f} s"
     print(
         f"\n[{result.new_tokens} tokens: prefill {result.prefill_s * 1e3:.1f} ms{compiled}, "
         f"decode {result.decode_tokens_per_s:.1f} tokens/s, {cache}]"
