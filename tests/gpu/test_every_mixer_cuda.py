@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from layers.test_contract import BIDIRECTIONAL, CAUSAL, DECODING, ENTRIES, meta, run_in_pieces
+from layers.test_contract import BIDIRECTIONAL, CAUSAL, DECODING, ENTRIES, ids_of, meta, run_in_pieces
 from speedlm.layers.dims import ModelDims
 from speedlm.ops.metrics import rel_rms_error
 
@@ -32,9 +32,6 @@ def make(name, dtype=torch.float64):
 def x_of(t, b=2):
     return torch.randn(b, t, DIMS.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
 
-
-def ids_of(t, b=2):
-    return torch.randint(0, 256, (b, t), generator=torch.Generator().manual_seed(t + 1))
 TOL = 2e-3  # float32 with TF32 matmuls off; fla's Triton kernels accumulate in float32
 
 

@@ -26,7 +26,7 @@ import torch
 
 import speedlm
 from speedlm.bench.common import build_seeded, check_int, check_ints, check_presets, resolve_dtype, write_results
-from speedlm.bench.timing import median, synchronize, timing_method
+from speedlm.bench.timing import median, synchronize, time_fn, timing_method
 from speedlm.cache.policies import make_policy
 from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
@@ -56,14 +56,7 @@ def weight_read_ms(model, dev, repeats: int = 20) -> float:
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     src = torch.empty(n // 4 + 1, dtype=torch.float32, device=dev).fill_(1.0)
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 1):
-        synchronize(dev)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        synchronize(dev)
-        times.append(1000.0 * (time.perf_counter() - t0))
-    return median(times[1:])
+    return 1000.0 * median(time_fn(lambda _: dst.copy_(src), dev, repeats=repeats, warmup=1))
 
 
 def _decode_rows(model, runs: list[tuple[str, int]], policies: dict, steps: int, gen: torch.Generator,

@@ -13,9 +13,9 @@ second recompiles once with the cache length symbolic, and no later step compile
 reservation a full KV cache's doublings each cost a recompile of 1-2 s: 48 tokens of
 transformer-tiny took 395 ms per token in all against eager's 1.6.) Where dynamo cannot trace an op it
 breaks the graph there and runs that op eagerly: that is the per-op fallback, and the breaks
-and their reasons are logged once, after the first step (`graph_breaks`). Where the compiler
-cannot build at all (no C++ toolchain, no Triton) the step falls back to the eager model with
-one warning (ops/dispatch.py `is_compile_failure`). On CUDA the default mode is used: CUDA graphs
+and their reasons are logged once, after the first step (`graph_breaks`). Where compiling fails
+(no C++ toolchain, no Triton, or a compiler bug) and the eager step runs, the step falls back to
+the eager model for good, with one warning. On CUDA the default mode is used: CUDA graphs
 ("reduce-overhead") need static shapes, which a growing KV cache does not have.
 
 Prefill stays eager (one call of many tokens: nothing to gain, and another compile).
@@ -45,14 +45,13 @@ class CompiledStep:
 
     def __init__(self, model: torch.nn.Module):
         import torch._dynamo
+        from torch._dynamo.utils import counters
 
         # Every model's forward is one code object (CausalLM.forward), and dynamo keeps at most
         # `recompile_limit` graphs per code object: the graphs of models compiled before this one
         # would count against it, and past the limit dynamo silently runs eager (measured: the
         # fifth tiny model in one bench decode run decoded slower than eager). Each compiled
         # step therefore starts from dynamo's empty cache, as the first one did.
-        from torch._dynamo.utils import counters
-
         torch._dynamo.reset()
         counters.clear()  # graph_breaks() then reports this model's breaks only
         self.model = model
@@ -70,8 +69,8 @@ class CompiledStep:
         try:
             out = self.compiled(ids, cache)
         except Exception as e:  # noqa: BLE001 - sorted out just below
-            # A compiler that cannot build, or a compiler bug (torch 2.13 raises AssertionError /
-            # NameError from dynamic-shape code for longformer-tiny and block-topk-tiny): if the
+            # A compiler that cannot build, or a compiler bug (torch 2.13 raises NameError from its
+            # dynamic-shape code for block-topk-tiny's step): if the
             # eager step runs, the failure was the compiler's, and decoding goes on eagerly. If
             # the eager step fails too, that error is the model's and propagates. (A failed
             # compiled call has not applied its cache updates: dynamo replays them after the graph.)

@@ -52,7 +52,7 @@ def generate(
     at every step (the reference the cached path must reproduce exactly under greedy decoding).
     kv_policy overrides the retention of every KV cache (cache/policies.py `make_policy`): a bounded
     one lifts the length limit of full-attention models. compile: the single-token steps through
-    torch.compile (generate/compiled.py); the first one compiles and is timed apart."""
+    torch.compile (generate/compiled.py); the first two compile and are timed apart (`compile_s`)."""
     check_sampling(temperature, top_k, top_p)
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise SpeedlmError("the prompt must contain at least one token; give a non-empty prompt")
