@@ -64,7 +64,10 @@ def test_a_compiler_that_cannot_build_or_fails_falls_back_to_eager_once(monkeypa
             step(ids[:, 4:], cache)
     assert step.failed and ("InvalidCxxCompiler" in step.failed or "NameError" in step.failed)
     assert torch.allclose(out, expected, atol=1e-5)  # the eager step, on a cache the failure left as it was
-    assert len([w for w in caught if "decoding eagerly" in str(w.message)]) == 1
+    # no compiler: eager for good; a compiler bug: layer by layer (the next test)
+    fallback = "decoding eagerly" if error == "no compiler" else "compiling layer by layer"
+    assert len([w for w in caught if fallback in str(w.message)]) == 1
+    assert (step.layers is None) == (error == "no compiler")
 
 
 def test_compare_times_its_decode_column_through_the_compiled_step_when_asked(monkeypatch):
@@ -117,3 +120,44 @@ def test_a_reserved_cache_keeps_its_shapes_while_decoding_and_a_window_stays_sma
         assert all(s[-2] <= 80 for s in shapes)
     else:  # the full cache was allocated for all 240 tokens at once
         assert [b.reallocations for b in _buffers(cache)] == before
+
+
+def test_a_layer_that_fails_to_compile_runs_eagerly_and_the_others_stay_compiled(monkeypatch, caplog):
+    """The whole model's compile fails with a compiler bug: the step compiles layer by layer; the
+    failing layer runs eagerly with its reason logged, the other layers run their compiled graphs,
+    the logits are the eager step's, and the model's own forward stays eager between steps."""
+    import logging
+
+    import speedlm.generate.compiled as compiled_mod
+
+    m = _sharp("hgrn-tiny")
+    assert len(m.blocks) >= 2
+    step = CompiledStep(m)
+    monkeypatch.setattr(step, "compiled", lambda *a, **k: (_ for _ in ()).throw(NameError("name 's24' is not defined")))
+    real_init = compiled_mod.LayerwiseStep.__init__
+    ran = []
+
+    def init(self, model):
+        real_init(self, model)
+        for i, f in enumerate(self.compiled):
+            if i == 1:  # layer 1's graph: the compiler bug
+                self.compiled[i] = lambda *a, **k: (_ for _ in ()).throw(NameError("name 's7' is not defined"))
+            else:
+                self.compiled[i] = lambda *a, _f=f, _i=i, **k: (ran.append(_i), _f(*a, **k))[1]
+
+    monkeypatch.setattr(compiled_mod.LayerwiseStep, "__init__", init)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    cache = m.init_cache()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="speedlm.generate.compiled"):
+        expected = m(ids, m.init_cache())
+        m(ids[:, :5], cache)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outs = [step(ids[:, i : i + 1], cache) for i in range(5, 9)]
+    assert step.failed and "NameError" in step.failed and step.layers is not None
+    assert set(step.layers.eager_layers) == {1} and "s7" in step.layers.eager_layers[1]
+    assert sum("layer 1" in r.getMessage() and "runs eagerly" in r.getMessage() for r in caplog.records) == 1
+    assert sorted(set(ran)) == [i for i in range(len(m.blocks)) if i != 1]  # the others ran compiled, every step
+    assert all("forward" not in vars(b) for b in m.blocks)  # prefill and training see the eager model
+    for i, out in zip(range(5, 9), outs):
+        assert torch.allclose(out[:, -1], expected[:, i], atol=1e-4)

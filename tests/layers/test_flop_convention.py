@@ -30,6 +30,7 @@ from speedlm.layers.rope import apply_rope
 from speedlm.models.registry import BLOCKS, FFNS, MIXERS
 from speedlm.ops.band_attention import MAX_EXCESS, band_block
 from speedlm.ops.block_topk_attention import block_topk_mask
+from speedlm.ops.marked_window_flash import STAIR_BLOCK, prefix_block
 
 DIMS = ModelDims(d_model=64, n_heads=4, max_seq_len=1024, ffn_hidden=192)
 LENGTHS = (256, 1024)
@@ -84,16 +85,23 @@ def banded_keys(t: int, span_before: int, block: int) -> float:
     return total / t
 
 
-def marked_keys(t: int, window: int, marks: torch.Tensor, block: int = 128) -> float:
-    """ops/marked_attention.py: each block of 128 queries reads its window span and every marked
-    key before it."""
+def marked_keys(t: int, window: int, marks: torch.Tensor) -> float:
+    """ops/marked_window_flash.py: the band plan's blocks read block + window - 1 keys each (padded
+    rows too); each prefix block of queries reads the marked keys left of its first query's window
+    (unmasked), and each staircase sub-block the rest up to its last query's (masked)."""
+    block = band_block(window)
+    nb = _blocks(t, block)
+    block = _blocks(t, nb)
+    band = nb * block * (block + window - 1)
     before = torch.nn.functional.pad(marks.long().cumsum(0), (1, 0))
-    total = 0
-    for s in range(0, t, block):
-        e = min(t, s + block)
-        lo = max(0, s - window + 1)
-        total += (e - s) * (e - lo + int(before[lo]))
-    return total / t
+    seen = lambda i: int(before[max(0, i - window + 1)])  # noqa: E731  marked keys left of query i's window
+    prefix, step = 0, prefix_block(t)
+    for s in range(0, t, step):  # every query of the block sees seen(s) unmasked, each sub-block up to its last query's
+        e = min(t, s + step)
+        prefix += (e - s) * seen(s)
+        prefix += sum((min(e, a + STAIR_BLOCK) - a) * (seen(min(e, a + STAIR_BLOCK) - 1) - seen(s))
+                      for a in range(s, e, STAIR_BLOCK))
+    return (band + prefix) / t
 
 
 def chunks(m, t: int, chunk: int | None = None) -> tuple[int, float]:
@@ -254,8 +262,9 @@ MIXER_ROWS = {
                       why="128-query blocks read the globals and a band of 128 + window - 1 keys; o_proj runs "
                           "again on the global rows"),
     "sepllm": Row({"window": 32, "kv_heads": 2}, sepllm,
-                  why="128-query blocks read their whole window span (128 + window - 1 keys) and the marks before it; "
-                      "counted at the typical separator rate (35 %), executed on this text's own separators"),
+                  why="the band plan's blocks read block + window - 1 keys; blocks of T / 8 queries read the marks left "
+                      "of their first query's window, sub-blocks of 128 the rest up to their last query's; counted at the typical separator rate (35 %), executed on this "
+                      "text's own separators"),
     "block_topk": Row({"block_size": 16, "top_k": 3, "kv_heads": 2}, block_topk,
                       why="each (query, block) pair reads the whole block (own block too), in tiles of 64 pairs "
                           "per (head, block), the last one padded; the gate scores every block, not only earlier ones"),

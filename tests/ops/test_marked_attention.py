@@ -31,13 +31,18 @@ CASES = [  # b, h, hkv, tq, tk, window, mark rate, block
 ]
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("form", ["flash", "merged", "sdpa"])
 @pytest.mark.parametrize("case", CASES)
-def test_matches_the_dense_reference_with_gradients(case, fused, monkeypatch):
-    """Both paths: the fused CPU kernels merged by log-sum-exp, and masked SDPA on gathered keys."""
+def test_matches_the_dense_reference_with_gradients(case, form, monkeypatch):
+    """Every path: three fused calls per layer (ops/marked_window_flash.py, contiguous positions),
+    the fused CPU kernels per query block merged by log-sum-exp, masked SDPA on gathered keys."""
     import speedlm.ops.marked_attention as ma
+    import speedlm.ops.marked_window_flash as mwf
 
-    monkeypatch.setattr(ma, "can_merge", lambda q: fused)
+    monkeypatch.setattr(ma, "can_merge", lambda q: form != "sdpa")
+    if form == "merged":
+        monkeypatch.setattr(ma, "window_flash_applies", lambda q, mask: False)
+    monkeypatch.setattr(mwf, "prefix_block", lambda tq: case[-1])  # several prefix blocks at these lengths
     b, h, hkv, tq, tk, w, rate, block = case
     q, k, v = _qkv(b, h, hkv, tq, tk, grad=True)
     mask = AttentionMask(Full(), tq, tk, tk - tq, 0, True, window=w, k_mark=_marks(b, tk, rate))
@@ -102,6 +107,7 @@ def test_keys_used_follow_the_marks_not_the_length(monkeypatch, fused):
     monkeypatch.setattr(ma.F, "scaled_dot_product_attention", spy_sdpa)
     monkeypatch.setattr(ma, "merged_attention", spy_merged)
     monkeypatch.setattr(ma, "can_merge", lambda q: fused)
+    monkeypatch.setattr(ma, "window_flash_applies", lambda q, mask: False)  # the per-block forms
     t, w, block = 2048, 64, 128
     q, k, v = (x.float() for x in _qkv(1, 1, 1, t, t, seed=7))
     marks = torch.zeros(1, t, dtype=torch.bool)

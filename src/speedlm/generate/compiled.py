@@ -13,9 +13,11 @@ second recompiles once with the cache length symbolic, and no later step compile
 reservation a full KV cache's doublings each cost a recompile of 1-2 s: 48 tokens of
 transformer-tiny took 395 ms per token in all against eager's 1.6.) Where dynamo cannot trace an op it
 breaks the graph there and runs that op eagerly: that is the per-op fallback, and the breaks
-and their reasons are logged once, after the first step (`graph_breaks`). Where compiling fails
-(no C++ toolchain, no Triton, or a compiler bug) and the eager step runs, the step falls back to
-the eager model for good, with one warning. On CUDA the default mode is used: CUDA graphs
+and their reasons are logged once, after the first step (`graph_breaks`). Where compiling the
+whole model fails with a compiler bug and the eager step runs, the step compiles layer by layer
+(`LayerwiseStep`): a layer whose compile fails runs eagerly, its reason logged, the others stay
+compiled. Where no compiler can build at all (no C++ toolchain, no Triton), the step falls back
+to the eager model for good, with one warning. On CUDA the default mode is used: CUDA graphs
 ("reduce-overhead") need static shapes, which a growing KV cache does not have.
 
 Prefill stays eager (one call of many tokens: nothing to gain, and another compile).
@@ -60,24 +62,31 @@ class CompiledStep:
         # the start (dynamic=True) saves that recompile but makes every size symbolic, and the
         # kernels slower (transformer-tiny 0.82 against 0.41 ms per token)
         self.compiled = torch.compile(model, dynamic=None)
-        self.failed: str | None = None  # why compiling was given up, if it was
+        self.failed: str | None = None  # why compiling the whole model was given up, if it was
+        self.layers: LayerwiseStep | None = None  # the per-layer fallback, once the whole model failed
         self.calls = 0
 
     def __call__(self, ids: torch.Tensor, cache):
+        if self.layers is not None:
+            return self.layers(ids, cache)
         if self.failed is not None:
             return self.model(ids, cache)
         try:
             out = self.compiled(ids, cache)
         except Exception as e:  # noqa: BLE001 - sorted out just below
             # A compiler that cannot build, or a compiler bug (torch 2.13 raises NameError from its
-            # dynamic-shape code for block-topk-tiny's step): if the
-            # eager step runs, the failure was the compiler's, and decoding goes on eagerly. If
-            # the eager step fails too, that error is the model's and propagates. (A failed
-            # compiled call has not applied its cache updates: dynamo replays them after the graph.)
+            # dynamic-shape code for block-topk-tiny's step): if the eager step runs, the failure
+            # was the compiler's. If the eager step fails too, that error is the model's and
+            # propagates. (A failed compiled call has not applied its cache updates: dynamo
+            # replays them after the graph.)
             out = self.model(ids, cache)
-            self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300]
-            kind = "cannot compile here" if is_compile_failure(e) else "failed in torch.compile"
-            warnings.warn(f"compiled decoding {kind} ({self.failed}); decoding eagerly", stacklevel=2)
+            self.failed = _reason(e)
+            if is_compile_failure(e):  # no compiler at all: every layer would fail alike
+                warnings.warn(f"compiled decoding cannot compile here ({self.failed}); decoding eagerly", stacklevel=2)
+            else:  # a bug in one layer's graph: compile layer by layer, the failing ones run eagerly
+                warnings.warn(f"compiled decoding failed in torch.compile for the whole model ({self.failed}); "
+                              "compiling layer by layer", stacklevel=2)
+                self.layers = LayerwiseStep(self.model)
             return out
         self.calls += 1
         if self.calls == 1:
@@ -88,4 +97,55 @@ class CompiledStep:
         return out
 
 
-__all__ = ["CompiledStep", "graph_breaks"]
+def _reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300]
+
+
+class LayerwiseStep:
+    """The per-layer fallback: each block's forward compiled on its own; a block whose compile
+    fails runs eagerly from then on, with its reason logged once (`eager_layers`). The embedding,
+    final norm and head run eagerly. The compiled forwards are swapped in only for the duration
+    of a step, so prefill and any other use of the model stay eager."""
+
+    def __init__(self, model: torch.nn.Module):
+        import torch._dynamo
+
+        self.model = model
+        blocks = list(model.blocks)
+        # the blocks share one code object (Block.forward): each instance's graphs count against
+        # dynamo's per-code-object limit, which would otherwise send the later layers to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
+        self.eager = [type(b).forward.__get__(b) for b in blocks]
+        self.compiled = [torch.compile(f, dynamic=None) for f in self.eager]
+        self.eager_layers: dict[int, str] = {}  # layer index -> why it runs eagerly
+        self.calls = 0
+
+    def _forward(self, i: int):
+        def forward(*args, **kwargs):
+            if i in self.eager_layers:
+                return self.eager[i](*args, **kwargs)
+            try:
+                return self.compiled[i](*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - a compile failure of this layer: it runs eagerly
+                out = self.eager[i](*args, **kwargs)
+                self.eager_layers[i] = _reason(e)
+                mixer = type(getattr(self.model.blocks[i], "mixer", self.model.blocks[i])).__name__
+                log.warning("compiled decoding: layer %d (%s) runs eagerly: %s", i, mixer, self.eager_layers[i])
+                return out
+
+        return forward
+
+    def __call__(self, ids: torch.Tensor, cache):
+        blocks = list(self.model.blocks)
+        for i, b in enumerate(blocks):
+            b.forward = self._forward(i)  # an instance attribute: nn.Module.__call__ finds it first
+        try:
+            out = self.model(ids, cache)
+        finally:
+            for b in blocks:
+                del b.forward
+        self.calls += 1
+        return out
+
+
+__all__ = ["CompiledStep", "LayerwiseStep", "graph_breaks"]

@@ -17,6 +17,8 @@ see no key output 0, as everywhere in ops/.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -32,55 +34,125 @@ def band_block(width: int) -> int:
     return max(MIN_BLOCK, int(MAX_EXCESS * width) - width + 1)
 
 
+@dataclass(frozen=True)
+class BandLayout:
+    """Where a band's queries and keys sit in blocks: block i holds queries i * block + [0, block)
+    and reads the key window i * block + lo + [0, span). Shared by the SDPA form below and the
+    log-sum-exp form of ops/marked_window_flash.py, which runs the same blocks through the flash
+    kernel directly."""
+
+    tq: int
+    tk: int
+    lo: int
+    width: int
+    block: int
+    nb: int
+
+    @classmethod
+    def of(cls, tq: int, tk: int, lo: int, hi: int, block: int | None = None) -> "BandLayout":
+        width = hi - lo + 1
+        block = band_block(width) if block is None else block
+        nb = -(-tq // block)
+        return cls(tq, tk, lo, width, -(-tq // nb), nb)  # the same blocks, as little padding as they allow
+
+    @property
+    def span(self) -> int:
+        return self.block + self.width - 1
+
+    def windows(self, k: torch.Tensor, first: int = 0, n: int | None = None) -> torch.Tensor:
+        """k (B, Hkv, Tk, D) -> the key windows of blocks first .. first + n - 1 as (B Hkv, n, span,
+        D): views of k where they lie inside it (the interior), a padded copy of just their keys
+        where they reach past either end."""
+        n = self.nb - first if n is None else n
+        a = first * self.block + self.lo
+        z = a + (n - 1) * self.block + self.span
+        if a < 0 or z > self.tk:
+            k = F.pad(k[..., max(a, 0) : min(z, self.tk), :], (0, 0, max(0, -a), max(0, z - self.tk)))
+        else:
+            k = k[..., a:z, :]
+        return k.unfold(2, self.span, self.block).transpose(-1, -2).flatten(0, 1)
+
+    def fold_windows(self, g: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Adds per-window gradients g (B Hkv, len(blocks), span, D) of the windows `blocks` onto
+        the keys' gradient `out` (B, Hkv, Tk, D), in place; returns it."""
+        idx = (blocks[:, None] * self.block + self.lo + torch.arange(self.span, device=g.device)).flatten()
+        flat, g = out.view(-1, self.tk, out.shape[-1]), g.flatten(1, 2)
+        keep = (idx >= 0) & (idx < self.tk)
+        if not bool(keep.all()):  # an edge window past the keys: its padding's gradients go nowhere
+            idx, g = idx[keep], g[:, keep]
+        flat.index_add_(1, idx, g)
+        return out
+
+    def blocks(self, x: torch.Tensor, hkv: int, first: int = 0, n: int | None = None) -> torch.Tensor:
+        """x (B, H, Tq, ...) -> its blocks first .. first + n - 1 as (B Hkv, n, groups * block, ...):
+        a key-value head's query groups as one block of rows, padded past Tq."""
+        n = self.nb - first if n is None else n
+        b, h = x.shape[:2]
+        rest = x.shape[3:]
+        a, z = first * self.block, (first + n) * self.block
+        x = x[:, :, a:z]
+        if z > self.tq:
+            x = torch.cat([x, x.new_zeros(b, h, z - max(a, self.tq), *rest)], dim=2)
+        x = x.reshape(b, hkv, h // hkv, n, self.block, *rest).transpose(2, 3)
+        return x.reshape(b * hkv, n, (h // hkv) * self.block, *rest)
+
+    def unblock(self, x: torch.Tensor, b: int, h: int, first: int = 0) -> torch.Tensor:
+        """The inverse of `blocks`: (B Hkv, n, groups * block, ...) -> (B, H, rows, ...), the rows
+        of blocks first .. first + n - 1 that are queries."""
+        hkv, n = x.shape[0] // b, x.shape[1]
+        rest = x.shape[3:]
+        x = x.view(b, hkv, n, h // hkv, self.block, *rest).transpose(2, 3)
+        rows = min(self.tq, (first + n) * self.block) - first * self.block
+        return x.reshape(b, h, n * self.block, *rest)[:, :, :rows]
+
+    def rows(self, first: int, n: int) -> slice:
+        """The query rows of blocks first .. first + n - 1."""
+        return slice(first * self.block, min(self.tq, (first + n) * self.block))
+
+    def band(self, device) -> torch.Tensor:
+        """(block, span) bool: the band, the same in every block."""
+        offset = torch.arange(self.span, device=device)[None, :] - torch.arange(self.block, device=device)[:, None]
+        return (offset >= 0) & (offset < self.width)
+
+    def inside(self, device) -> torch.Tensor:
+        """(nb,) bool: blocks whose whole window and queries exist (the rest are the edges)."""
+        first = torch.arange(self.nb, device=device) * self.block + self.lo
+        return (first >= 0) & (first + self.span <= self.tk) & (first - self.lo + self.block <= self.tq)
+
+    def edge_mask(self, edges: torch.Tensor) -> torch.Tensor:
+        """(E, block, span) bool: the exact masks of the edge blocks `edges`."""
+        dev = edges.device
+        key_idx = edges[:, None, None] * self.block + self.lo + torch.arange(self.span, device=dev)
+        q_idx = edges[:, None, None] * self.block + torch.arange(self.block, device=dev)[:, None]
+        return self.band(dev) & (key_idx >= 0) & (key_idx < self.tk) & (q_idx < self.tq)
+
+
 def band_attention(q, k, v, lo: int, hi: int, scale: float | None = None, block: int | None = None):
     """q (B, H, Tq, Dh), k/v (B, Hkv, Tk, Dh); query i sees keys i + lo .. i + hi that exist."""
-    bsz, h, tq, dh = q.shape
-    hkv, tk = k.shape[1], k.shape[2]
+    bsz, h = q.shape[:2]
+    hkv = k.shape[1]
     groups = h // hkv
-    width = hi - lo + 1
-    block = band_block(width) if block is None else block
-    nb = -(-tq // block)
-    block = -(-tq // nb)  # the same number of blocks, as little padding as they allow
-    span = block + width - 1
-    # keys padded so that block i's span, key indices i * block + lo + [0, span), is a window of kp
-    left = max(0, -lo)
-    right = max(0, (nb - 1) * block + lo + span - tk)
-    start = lo + left  # index in kp of block 0's first key
-    kp = F.pad(k, (0, 0, left, right))[..., start:, :]
-    vp = F.pad(v, (0, 0, left, right))[..., start:, :]
-    k_win = kp.unfold(2, span, block).transpose(-1, -2)[:, :, :nb]  # (B, Hkv, nb, span, Dh), views
-    v_win = vp.unfold(2, span, block).transpose(-1, -2)[:, :, :nb]
-    # the group's queries of one key-value head as one block: (B, Hkv, nb, groups * block, Dh)
-    q_pad = F.pad(q, (0, 0, 0, nb * block - tq))
-    q_b = q_pad.view(bsz, hkv, groups, nb, block, dh).permute(0, 1, 3, 2, 4, 5).reshape(bsz, hkv, nb, groups * block, dh)
-
-    rows = torch.arange(block, device=q.device)
-    cols = torch.arange(span, device=q.device)
-    offset = cols[None, :] - rows[:, None]  # key index - query index - lo
-    band = (offset >= 0) & (offset < width)  # (block, span): the same in every block
-    first = torch.arange(nb, device=q.device) * block + lo  # key index of each block's span start
-    inside = (first >= 0) & (first + span <= tk) & (torch.arange(nb, device=q.device) * block + block <= tq)
+    lay = BandLayout.of(q.shape[2], k.shape[2], lo, hi, block)
     # 4-d calls, (B Hkv, blocks, rows, Dh): SDPA on CPU runs its fused flash kernel only on 4-d
     # inputs (5-d ones fall back to the math path, which materialises every block's scores)
-    q_b, k_win, v_win = q_b.flatten(0, 1), k_win.flatten(0, 1), v_win.flatten(0, 1)
-    out = q_b.new_empty(bsz * hkv, nb, groups * block, v.shape[-1])
+    q_b, k_win, v_win = lay.blocks(q, hkv), lay.windows(k), lay.windows(v)
+    out = q_b.new_empty(bsz * hkv, lay.nb, groups * lay.block, v.shape[-1])
+    inside = lay.inside(q.device)
     mid = inside.nonzero().flatten()
     if mid.numel():
         lo_b, hi_b = int(mid[0]), int(mid[-1]) + 1  # the interior blocks are one run
         out[:, lo_b:hi_b] = F.scaled_dot_product_attention(
-            q_b[:, lo_b:hi_b], k_win[:, lo_b:hi_b], v_win[:, lo_b:hi_b], attn_mask=band.repeat(groups, 1), scale=scale)
+            q_b[:, lo_b:hi_b], k_win[:, lo_b:hi_b], v_win[:, lo_b:hi_b], attn_mask=lay.band(q.device).repeat(groups, 1),
+            scale=scale)
     edges = (~inside).nonzero().flatten()
     if edges.numel():
-        key_idx = first[edges, None, None] + cols  # (E, 1, span)
-        q_idx = edges[:, None, None] * block + rows[:, None]  # (E, block, 1)
-        allowed = band & (key_idx >= 0) & (key_idx < tk) & (q_idx < tq)  # (E, block, span)
+        allowed = lay.edge_mask(edges)
         seen = allowed.any(-1, keepdim=True)
         allowed = (allowed | ~seen).repeat(1, groups, 1)
         o = F.scaled_dot_product_attention(q_b[:, edges], k_win[:, edges], v_win[:, edges], attn_mask=allowed,
                                            scale=scale)
         out[:, edges] = o * seen.repeat(1, groups, 1).to(o.dtype)
-    out = out.view(bsz, hkv, nb, groups, block, -1).permute(0, 1, 3, 2, 4, 5).reshape(bsz, h, nb * block, -1)
-    return out[:, :, :tq]
+    return lay.unblock(out, bsz, h)
 
 
-__all__ = ["MAX_EXCESS", "band_attention", "band_block"]
+__all__ = ["MAX_EXCESS", "BandLayout", "band_attention", "band_block"]

@@ -11,6 +11,10 @@ softmax:
   the block sees; only their prefix before the span is used, so the total cost is
   O(T * (window + block + marked keys before each block)).
 
+With contiguous positions and no documents (training, prefill from an empty cache) the CPU path
+is ops/marked_window_flash.py instead: the window as one band over all queries and the marked
+keys in large unmasked blocks, a few fused calls per layer. This form serves the rest.
+
 Both parts go through the one mask function (ops/masks.py), so the result is the dense
 reference's by construction, also with per-row positions (non-contiguous cached keys),
 documents and per-row marks. Positions must be non-decreasing along the keys (a cache keeps
@@ -23,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from speedlm.ops.masks import AttentionMask, Full
+from speedlm.ops.marked_window_flash import applies as window_flash_applies
+from speedlm.ops.marked_window_flash import marked_window_flash
 from speedlm.ops.merged_attention import can_merge, merged_attention
 
 QUERY_BLOCK = 128
@@ -71,6 +77,9 @@ def marked_window_attention(q, k, v, mask: AttentionMask, scale=None, block: int
     """q (B, H, Tq, Dh), k/v (B, Hkv, Tk, Dh) under a causal mask with a `window` (and
     optional `k_mark`); queries are the last Tq keys. Rows that see no key output 0."""
     assert mask.causal and mask.window is not None, "marked-window attention is causal with a window"
+    fused = can_merge(q)
+    if fused and window_flash_applies(q, mask):  # contiguous positions, no documents: a few fused calls per layer
+        return marked_window_flash(q, k, v, mask, scale)
     tq, tk = q.shape[-2], k.shape[-2]
     shift = tk - tq
     gqa = q.shape[1] != k.shape[1]
@@ -83,7 +92,6 @@ def marked_window_attention(q, k, v, mask: AttentionMask, scale=None, block: int
         if m_max:
             order = torch.argsort((~marks).to(torch.int8), dim=-1, stable=True)[:, :m_max]  # marked first, in order
             marked = (before, order, _gather_keys(k, order), _gather_keys(v, order))
-    fused = can_merge(q)
     # Marked keys left of a block's window span are before all its queries: with no documents,
     # positions that are index offsets and no other pattern, every query of the block sees every
     # one of them, so that part's mask is one row (the kernel broadcasts it), not block x keys
