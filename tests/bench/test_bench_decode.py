@@ -66,3 +66,28 @@ def test_policies_decode_side_by_side_at_equal_slots(tmp_path):
     assert "| transformer-tiny [sink] |" in (tmp_path / "bench_decode.md").read_text()
     with pytest.raises(SpeedlmError, match="policies full, window, sink"):
         run_decode_bench(["transformer-tiny"], out_dir=str(tmp_path), progress=False, policies=["sepllm"])
+
+
+def test_compiled_rows_carry_the_bandwidth_bound_and_the_linear_floor(tmp_path, monkeypatch):
+    """--compile: an eager and a compiled row per preset, each with the weight-read bound and the
+    Linear-layers floor, which applies every nn.Linear of the model once per repeat."""
+    import torch
+
+    import speedlm.bench.decode as decode
+    from speedlm.models import build_model
+
+    model = build_model("hgrn-tiny")
+    calls = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: (calls.append(w.shape), real(x, w, b))[1])
+    decode.linear_floor_probe(model, torch.device("cpu"))()
+    monkeypatch.setattr(torch.nn.functional, "linear", real)
+    linears = [m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert calls == linears  # one sweep over every layer
+    result = run_decode_bench(["hgrn-tiny"], contexts=[16], steps=3, out_dir=str(tmp_path), progress=False, compile=True)
+    rows = result["presets"]
+    assert set(rows) == {"hgrn-tiny [full]", "hgrn-tiny [full compiled]"}
+    for r in rows.values():  # timed in the steps' rotation: once per step, as many samples as a row has
+        assert r["weight_read_ms"] > 0 and r["linear_floor_ms"] > 0
+    md = (tmp_path / "bench_decode.md").read_text()
+    assert "Linear-layers floor ms" in md and "| hgrn-tiny [full compiled] |" in md

@@ -49,22 +49,40 @@ def policy_at_slots(name: str, slots: int, sinks: int = 4):
     raise SpeedlmError(f"bench decode measures the policies full, {', '.join(LOSSY_POLICIES)}; got {name!r}")
 
 
-def weight_read_ms(model, dev, repeats: int = 20) -> float:
-    """The weight-read bound of one decoding step: the median time of a torch copy of a tensor as
-    large as the model's parameters (a step reads every weight once), in this process. A copy
-    also writes what it reads, so this bound is generous to the model by up to 2x."""
+def weight_read_probe(model, dev):
+    """One read of the model's weights at the bandwidth bound: a torch copy of a tensor as large as
+    its parameters (a step reads every weight once). A copy also writes what it reads, so the
+    bound is generous to the model by up to 2x."""
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     src = torch.empty(n // 4 + 1, dtype=torch.float32, device=dev).fill_(1.0)
     dst = torch.empty_like(src)
-    return 1000.0 * median(time_fn(lambda _: dst.copy_(src), dev, repeats=repeats, warmup=1))
+    return lambda: dst.copy_(src)
+
+
+def linear_floor_probe(model, dev):
+    """Every nn.Linear of the model applied to one row, back to back, as aten GEMV calls (what the
+    eager step calls; the compiled step generates its own 1-row products, generate/compiled.py):
+    against the weight-read bound it shows what the per-call cost of a GEMV adds on this machine."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(1, m.in_features, device=dev, dtype=m.weight.dtype) for m in layers]
+
+    def run():
+        with torch.no_grad():
+            for m, x in zip(layers, xs):
+                torch.nn.functional.linear(x, m.weight, m.bias)
+
+    return run
 
 
 def _decode_rows(model, runs: list[tuple[str, int]], policies: dict, steps: int, gen: torch.Generator,
-                 dev, step_fns: dict | None = None) -> tuple[dict[tuple[str, int], list[float]], dict[tuple[str, int], int]]:
+                 dev, step_fns: dict | None = None, probes: dict | None = None):
     """Step times of every (policy, context) run, the steps rotating over all the runs, and the
     bytes each run's cache holds at the end. step_fns: {policy name: what runs a step} (default
-    the model itself; compiled decoding's rows pass generate/compiled.py's step)."""
+    the model itself; compiled decoding's rows pass generate/compiled.py's step). probes: {name:
+    a call} timed once per rotation beside the steps (the bounds), so that a slow spell of the
+    machine hits them as it hits the steps; their times come back under (name, None)."""
     step_fns = step_fns or {}
+    probes = probes or {}
     vocab = model.config.vocab_size
     longest = max(n for _, n in runs)
     ids = torch.randint(0, vocab, (1, longest + steps + 1), generator=gen).to(dev)
@@ -73,7 +91,8 @@ def _decode_rows(model, runs: list[tuple[str, int]], policies: dict, steps: int,
         for run in runs:  # the same prefix for every run: the caches differ in length and policy
             caches[run] = model.init_cache(policies[run[0]])
             model(ids[:, : run[1]], caches[run])
-        times: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
+        times: dict[tuple[str, int | None], list[float]] = {run: [] for run in runs}
+        times.update({(name, None): [] for name in probes})
         for i in range(steps + 1):
             order = runs[i % len(runs):] + runs[: i % len(runs)]  # rotate who goes first
             for run in order:
@@ -85,6 +104,13 @@ def _decode_rows(model, runs: list[tuple[str, int]], policies: dict, steps: int,
                 synchronize(dev)
                 if i:  # step 0 is a warm-up on every cache (and compiles, for a compiled step)
                     times[run].append(1000.0 * (time.perf_counter() - t0))
+            for name, probe in probes.items():
+                synchronize(dev)
+                t0 = time.perf_counter()
+                probe()
+                synchronize(dev)
+                if i:
+                    times[name, None].append(1000.0 * (time.perf_counter() - t0))
     return times, {run: caches[run].nbytes() for run in runs}
 
 
@@ -97,7 +123,7 @@ def decode_markdown(result: dict) -> str:
     bound = bool(meta.get("compile"))
     head = "| preset | " + " | ".join(f"ms/token @{n}" for n in ctx) + " | " + " | ".join(
         f"@{n} / @{base}" for n in ctx[1:]) + (f" | / [{first}] @{ctx[-1]}" if compare else "") + \
-        (f" | weight-read bound ms | @{ctx[-1]} / bound" if bound else "") + \
+        (f" | weight-read bound ms | Linear-layers floor ms | @{ctx[-1]} / bound" if bound else "") + \
         f" | state bytes @{ctx[-1]} (declared) | cache bytes @{ctx[-1]} (held) |"
     lines = [
         "# speedlm decode benchmark",
@@ -114,8 +140,10 @@ def decode_markdown(result: dict) -> str:
     if bound:
         lines.append("- compiled rows: the single-token step through torch.compile (generate/compiled.py); its "
                      "compile falls in the warm-up step. Weight-read bound: the median time of a torch copy of a "
-                     "tensor the size of the model's parameters, in this process")
-    lines += [f"- date: {meta['date']}", "", head, "|" + "---|" * (3 + len(ctx) + len(ctx) - 1 + compare + 2 * bound)]
+                     "tensor the size of the model's parameters; Linear-layers floor: every nn.Linear of the model "
+                     "applied to one row as aten GEMV calls, back to back (what the eager step calls); both timed "
+                     "once per rotation beside the steps")
+    lines += [f"- date: {meta['date']}", "", head, "|" + "---|" * (3 + len(ctx) + len(ctx) - 1 + compare + 3 * bound)]
     for p, r in result["presets"].items():
         if "skipped" in r:
             lines.append(f"| {p} | skipped: {r['skipped']} |")
@@ -124,7 +152,7 @@ def decode_markdown(result: dict) -> str:
         ratios = [r["ratio"][str(n)] for n in ctx[1:]]
         vs = f" | {r['vs_first_policy']:.2f}" if compare else ""
         if bound:
-            vs += f" | {r['weight_read_ms']:.3g} | {ms[-1] / r['weight_read_ms']:.2f}"
+            vs += f" | {r['weight_read_ms']:.3g} | {r['linear_floor_ms']:.3g} | {ms[-1] / r['weight_read_ms']:.2f}"
         lines.append(f"| {p} | " + " | ".join(f"{m:.3g}" for m in ms) + " | "
                      + " | ".join(f"{x:.2f}" for x in ratios) + vs
                      + f" | {r['state_bytes']:,} | {r['cache_bytes']:,} |")
@@ -138,7 +166,7 @@ def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="a
     `policies` (full: the mixers' own caches; window and sink at `slots` KV entries); prints the
     table, writes bench_decode.{json,md} to `out_dir` and returns the JSON dict. compile: every
     policy also decodes through the compiled step (generate/compiled.py), as a row `[policy
-    compiled]` in the same rotation, and each preset gets its weight-read bound (`weight_read_ms`)."""
+    compiled]` in the same rotation, and each preset gets its weight-read bound and Linear-layers floor, timed in that rotation."""
     presets = check_presets(presets)
     contexts = sorted(set(check_ints("contexts", contexts)))
     steps = check_int("steps", steps, 1)
@@ -183,8 +211,12 @@ def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="a
 
                 compiled = CompiledStep(model)
                 step_fns = {name: compiled for name in policies if name.endswith(" compiled")}
-            times, held = _decode_rows(model, runs, made, steps, torch.Generator().manual_seed(seed), dev, step_fns)
-            bound = weight_read_ms(model, dev) if compile else None
+            probes = {"weight read": weight_read_probe(model, dev), "linear floor": linear_floor_probe(model, dev)} \
+                if compile else {}
+            times, held = _decode_rows(model, runs, made, steps, torch.Generator().manual_seed(seed), dev, step_fns,
+                                       probes)
+            bound = median(times["weight read", None]) if compile else None
+            floor = median(times["linear floor", None]) if compile else None
             for name in policies:
                 ms = {n: median(times[name, n]) for n in contexts}
                 row = p if policies == ["full"] else f"{p} [{name}]"
@@ -198,6 +230,7 @@ def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="a
                     # at the longest context, against the same preset's first policy
                     "vs_first_policy": ms[max(contexts)] / median(times[policies[0], max(contexts)]),
                     "weight_read_ms": bound,
+                    "linear_floor_ms": floor,
                 }
             del model
             bar.update()

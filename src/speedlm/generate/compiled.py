@@ -34,6 +34,16 @@ from speedlm.ops.dispatch import is_compile_failure
 
 log = logging.getLogger(__name__)
 
+# A one-token step's projections are 1-row matrix products. As aten GEMV calls they cost ~50 us each
+# on a 2-core CPU whatever their size (transformer-small's 43 take 2.4 ms; one call over the same
+# 15 MB of weights, 0.9): per-call overhead, not bandwidth. Inductor's memory-bound mm pass
+# rewrites a 1-row product (CPU: first dimension <= 1, the others <= 2048) as a multiply and a
+# reduction that it generates and fuses itself: transformer-small's compiled step went from 3.9 to
+# 1.8 ms (BENCHMARKS.md, "Compiled decoding"). Only matrix products of one row are rewritten, so
+# batched decoding keeps its GEMMs; `skip_dynamic_shape_dim_check`: the recompiled step, whose
+# cache length is symbolic, keeps the rewrite
+INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {"skip_dynamic_shape_dim_check": True}}}
+
 
 def graph_breaks() -> dict[str, int]:
     """Dynamo's graph breaks since the last reset, {reason: count}."""
@@ -61,7 +71,7 @@ class CompiledStep:
         # differs, recompiles once with that length symbolic. Compiling everything dynamic from
         # the start (dynamic=True) saves that recompile but makes every size symbolic, and the
         # kernels slower (transformer-tiny 0.82 against 0.41 ms per token)
-        self.compiled = torch.compile(model, dynamic=None)
+        self.compiled = torch.compile(model, dynamic=None, options=INDUCTOR_OPTIONS)
         self.failed: str | None = None  # why compiling the whole model was given up, if it was
         self.layers: LayerwiseStep | None = None  # the per-layer fallback, once the whole model failed
         self.calls = 0
@@ -116,7 +126,7 @@ class LayerwiseStep:
         # dynamo's per-code-object limit, which would otherwise send the later layers to eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
         self.eager = [type(b).forward.__get__(b) for b in blocks]
-        self.compiled = [torch.compile(f, dynamic=None) for f in self.eager]
+        self.compiled = [torch.compile(f, dynamic=None, options=INDUCTOR_OPTIONS) for f in self.eager]
         self.eager_layers: dict[int, str] = {}  # layer index -> why it runs eagerly
         self.calls = 0
 
@@ -148,4 +158,4 @@ class LayerwiseStep:
         return out
 
 
-__all__ = ["CompiledStep", "LayerwiseStep", "graph_breaks"]
+__all__ = ["INDUCTOR_OPTIONS", "CompiledStep", "LayerwiseStep", "graph_breaks"]
