@@ -166,7 +166,8 @@ def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="a
     `policies` (full: the mixers' own caches; window and sink at `slots` KV entries); prints the
     table, writes bench_decode.{json,md} to `out_dir` and returns the JSON dict. compile: every
     policy also decodes through the compiled step (generate/compiled.py), as a row `[policy
-    compiled]` in the same rotation, and each preset gets its weight-read bound and Linear-layers floor, timed in that rotation."""
+    compiled]` in the same rotation, and each preset gets its weight-read bound and Linear-layers floor,
+    timed in that rotation."""
     presets = check_presets(presets)
     contexts = sorted(set(check_ints("contexts", contexts)))
     steps = check_int("steps", steps, 1)
