@@ -27,8 +27,8 @@ def run_hf_export(args) -> Path:
 
 
 def run_hf_import(args) -> Path:
-    step = _hf().import_llama(args.model, args.out)
-    print(f"imported {args.model} into speedlm's transformer: {step}")
+    step = _hf().import_model(args.model, args.out)
+    print(f"imported {args.model} into speedlm: {step}")
     return step
 
 

@@ -95,13 +95,10 @@ def llama_state_dict(hf_state: dict[str, torch.Tensor], n_layers: int, tied: boo
 
 def from_llama(hf_model):
     """A speedlm `CausalLM` with the weights of a loaded Hugging Face Llama causal LM."""
-    from speedlm.models import build_model
+    from speedlm.hf.convert import build_with_weights
 
     config = llama_model_config(hf_model.config)
-    config.validate()
-    model = build_model(config)
-    model.load_state_dict(llama_state_dict(hf_model.state_dict(), config.n_layers, config.tie_embeddings))
-    return model.eval()
+    return build_with_weights(config, llama_state_dict(hf_model.state_dict(), config.n_layers, config.tie_embeddings))
 
 
 def llama_config(config: ModelConfig):
@@ -163,26 +160,7 @@ def to_llama(model):
 def import_llama(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Load the Hugging Face folder `source` (a Llama-architecture causal LM with its
     tokenizer.json) and save it as a speedlm checkpoint (run folder `out`, step 0); returns the
-    step folder. Ids are the Hugging Face tokenizer's, without added special tokens."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    step folder. `hf.imports.import_model` does the same for every supported architecture."""
+    from speedlm.hf.imports import import_model
 
-    from speedlm.data.tokenizers import BPE_FILE, BPETokenizer
-    from speedlm.checkpoint.files import publish_step
-
-    source, out = Path(source), Path(out)
-    tok_file = source / BPE_FILE
-    if not tok_file.is_file():
-        raise SpeedlmError(f"{source} has no {BPE_FILE}; speedlm imports models with their fast tokenizer file")
-    try:
-        hf_config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise SpeedlmError(f"cannot read a Hugging Face config from {source}: {str(e).splitlines()[0]}") from None
-    llama_model_config(hf_config)  # refuse before loading the weights
-    try:
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise SpeedlmError(f"cannot load the Hugging Face model in {source}: {str(e).splitlines()[0]}") from None
-    model = from_llama(hf_model)
-    tokenizer = BPETokenizer.from_file(tok_file, model.config.vocab_size)
-    state = {"tokenizer": tokenizer.spec(), "imported_from": str(source)}
-    return publish_step(out, 0, model, state, write_files=tokenizer.save)
+    return import_model(source, out, only=IMPORTABLE)

@@ -1,0 +1,75 @@
+"""Hugging Face checkpoints into speedlm, by architecture: each supported `model_type` has a
+converter (a config check that refuses with the reason, and a weight-for-weight state dict),
+and `import_model` writes any of them as a speedlm checkpoint. Supported so far: Llama and
+Mistral (hf/llama.py, onto the transformer) and Mamba (hf/mamba.py, onto the `mamba` layout)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from speedlm.errors import SpeedlmError
+from speedlm.hf.llama import from_llama, llama_model_config
+from speedlm.hf.mamba import from_mamba, mamba_model_config
+
+# model_type -> (its speedlm ModelConfig, or SpeedlmError; the speedlm model with its weights)
+CONVERTERS = {
+    "llama": (llama_model_config, from_llama),
+    "mistral": (llama_model_config, from_llama),
+    "mamba": (mamba_model_config, from_mamba),
+}
+
+
+def _converter(config):
+    kind = getattr(config, "model_type", None)
+    if kind not in CONVERTERS:
+        raise SpeedlmError(f"no speedlm import for Hugging Face model type {kind!r}; supported: {', '.join(CONVERTERS)}")
+    return CONVERTERS[kind]
+
+
+def check_importable(config) -> None:
+    """Raises SpeedlmError naming what speedlm cannot represent exactly in this config."""
+    _converter(config)[0](config)
+
+
+def from_pretrained(hf_model):
+    """A speedlm `CausalLM` with the weights of a loaded Hugging Face causal LM of a supported
+    architecture (`CONVERTERS`)."""
+    return _converter(hf_model.config)[1](hf_model)
+
+
+def import_model(source: str | os.PathLike, out: str | os.PathLike, only: tuple[str, ...] | None = None) -> Path:
+    """Load the Hugging Face folder `source` (a causal LM of a supported architecture with its
+    tokenizer.json) and save it as a speedlm checkpoint (run folder `out`, step 0); returns the
+    step folder. Ids are the Hugging Face tokenizer's, without added special tokens. `only`:
+    the model types accepted (default: every supported one)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from speedlm.checkpoint.files import publish_step
+    from speedlm.data.tokenizers import BPE_FILE, BPETokenizer
+
+    source, out = Path(source), Path(out)
+    tok_file = source / BPE_FILE
+    if not tok_file.is_file():
+        raise SpeedlmError(f"{source} has no {BPE_FILE}; speedlm imports models with their fast tokenizer file")
+    try:
+        hf_config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise SpeedlmError(f"cannot read a Hugging Face config from {source}: {str(e).splitlines()[0]}") from None
+    kind = getattr(hf_config, "model_type", None)
+    if only is not None and kind not in only:
+        raise SpeedlmError(f"expected a model of type {' or '.join(only)}; {source} holds {kind!r}")
+    check_importable(hf_config)  # refuse before loading the weights
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SpeedlmError(f"cannot load the Hugging Face model in {source}: {str(e).splitlines()[0]}") from None
+    model = from_pretrained(hf_model)
+    tokenizer = BPETokenizer.from_file(tok_file, model.config.vocab_size)
+    state = {"tokenizer": tokenizer.spec(), "imported_from": str(source)}
+    return publish_step(out, 0, model, state, write_files=tokenizer.save)
+
+
+__all__ = ["CONVERTERS", "check_importable", "from_pretrained", "import_model"]
