@@ -5,9 +5,10 @@ with `AutoModelForCausalLM.from_pretrained` without remote code.
 
 - `export_checkpoint(checkpoint, out)`: a speedlm checkpoint as a Hugging Face model folder.
 - `import_model(folder, out)` / `from_pretrained(model)`: a Hugging Face causal LM of a supported
-  architecture (`CONVERTERS`: Llama, Mistral, Mamba) as a speedlm model, weight for weight;
+  architecture (`CONVERTERS`: Llama, Mistral, Mamba, Mamba-2) as a speedlm model, weight for weight;
 - `import_llama(folder, out)` / `from_llama(model)`: a Llama-architecture Hugging Face model as
-  speedlm's transformer; `from_mamba(model)`: a `MambaForCausalLM` as speedlm's `mamba` layout; `to_llama(model)` (`export_checkpoint(..., format="llama")`) the
+  speedlm's transformer; `from_mamba(model)`: a `MambaForCausalLM` / `Mamba2ForCausalLM` as speedlm's
+  `mamba` / `mamba2` layout; `to_llama(model)` (`export_checkpoint(..., format="llama")`) the
   reverse, a plain `LlamaForCausalLM` that loads without speedlm.
 - `sepllm(model, ...)`: training-free SepLLM / StreamingLLM attention and KV caches on a loaded
   Hugging Face Llama, Mistral or Qwen2 model (hf/sepllm.py).

@@ -1,7 +1,8 @@
 """Hugging Face checkpoints into speedlm, by architecture: each supported `model_type` has a
 converter (a config check that refuses with the reason, and a weight-for-weight state dict),
 and `import_model` writes any of them as a speedlm checkpoint. Supported so far: Llama and
-Mistral (hf/llama.py, onto the transformer) and Mamba (hf/mamba.py, onto the `mamba` layout)."""
+Mistral (hf/llama.py, onto the transformer), Mamba and Mamba-2 (hf/mamba.py, onto the `mamba` and
+`mamba2` layouts)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ CONVERTERS = {
     "llama": (llama_model_config, from_llama),
     "mistral": (llama_model_config, from_llama),
     "mamba": (mamba_model_config, from_mamba),
+    "mamba2": (mamba_model_config, from_mamba),
 }
 
 

@@ -1,12 +1,18 @@
-"""Import a Hugging Face Mamba checkpoint (`MambaForCausalLM`) into speedlm's `mamba` preset
-layout: every layer an RMSNorm, the `mamba` mixer and a residual, no FFN (as the paper's and
-transformers' `MambaBlock`), a final RMSNorm and the (usually tied) head.
+"""Import a Hugging Face Mamba or Mamba-2 checkpoint (`MambaForCausalLM`, `Mamba2ForCausalLM`)
+into speedlm's `mamba` / `mamba2` preset layout: every layer an RMSNorm, the mixer and a
+residual, no FFN (as the papers' and transformers' blocks), a final RMSNorm and the head.
 
-The mixer's weights map one to one (in_proj, the depthwise conv, x_proj, dt_proj, A_log, D,
-out_proj; the conv kernel loses its singleton channel axis). Where the configurations disagree
-(projection biases, another activation, a conv without bias is fine: its bias loads as zeros)
-the import refuses with the reason. transformers keeps the residual stream in float32
-(`residual_in_fp32`), which is what speedlm computes in float32 and float64 alike.
+The mixers' weights map one to one (Mamba: in_proj, the depthwise conv, x_proj, dt_proj, A_log,
+D, out_proj; Mamba-2: in_proj as [z, xBC, dt], the conv over xBC, A_log, dt_bias, D, the gated
+norm's weight, out_proj); the conv kernel loses its singleton channel axis, and a conv without
+bias loads zeros. Where the configurations disagree (projection biases, another activation, a
+clamp on Mamba-2's dt) the import refuses with the reason. transformers keeps the residual
+stream in float32 (`residual_in_fp32`), which is what speedlm computes in float32 and float64
+alike.
+
+Found on the way (transformers 5, CPU torch path): Mamba-2's cached `generate()` disagrees with
+its own forward after a prefill longer than its `chunk_size` (the cached state is off); its
+forward agrees with speedlm's, so the tests take greedy tokens from its forward.
 """
 
 from __future__ import annotations
@@ -16,15 +22,26 @@ import torch
 from speedlm.errors import SpeedlmError
 from speedlm.models.config import ModelConfig
 
-IMPORTABLE = ("mamba",)
+IMPORTABLE = ("mamba", "mamba2")
 # no positions, no KV cache: the length a Mamba model runs is unbounded; speedlm's config wants a
-# number for its position tables, which the mamba mixer does not use
+# number for its position tables, which the mamba mixers do not use
 _MAX_SEQ_LEN = 1 << 20
 
 
+def _mixer(config, disagree: list[str]) -> dict:
+    if config.model_type == "mamba":
+        return {"name": "mamba", "d_state": config.state_size, "expand": config.expand,
+                "conv_kernel": config.conv_kernel, "dt_rank": config.time_step_rank}
+    limit = tuple(getattr(config, "time_step_limit", (0.0, float("inf"))))
+    if limit != (0.0, float("inf")):
+        disagree.append(f"time_step_limit={limit} (speedlm's Mamba-2 does not clamp dt)")
+    return {"name": "mamba2", "d_state": config.state_size, "expand": config.expand, "head_dim": config.head_dim,
+            "n_groups": config.n_groups, "conv_kernel": config.conv_kernel}
+
+
 def mamba_model_config(config) -> ModelConfig:
-    """The speedlm `ModelConfig` of a Hugging Face `MambaConfig`, or SpeedlmError naming what
-    does not agree."""
+    """The speedlm `ModelConfig` of a Hugging Face `MambaConfig` or `Mamba2Config`, or
+    SpeedlmError naming what does not agree."""
     kind = getattr(config, "model_type", None)
     if kind not in IMPORTABLE:
         raise SpeedlmError(f"not a Mamba model ({', '.join(IMPORTABLE)}); this one is {kind!r}")
@@ -33,15 +50,14 @@ def mamba_model_config(config) -> ModelConfig:
         disagree.append(f"activation {config.hidden_act!r} (speedlm's Mamba gates with silu)")
     if getattr(config, "use_bias", False):
         disagree.append("biases in the input and output projections (use_bias=True)")
+    mixer = _mixer(config, disagree)
     if disagree:
-        raise SpeedlmError("this model's architecture differs from speedlm's Mamba: " + "; ".join(disagree))
-    mixer = {"name": "mamba", "d_state": config.state_size, "expand": config.expand,
-             "conv_kernel": config.conv_kernel, "dt_rank": config.time_step_rank}
+        raise SpeedlmError(f"this model's architecture differs from speedlm's {mixer['name']}: " + "; ".join(disagree))
     return ModelConfig(
         vocab_size=config.vocab_size,
         d_model=config.hidden_size,
         n_layers=config.num_hidden_layers,
-        n_heads=1,  # no attention heads; the config's head count is unused by the mamba mixer
+        n_heads=1,  # no attention heads; the config's head count is unused by the mamba mixers
         pattern="M",
         layers={"M": {"mixer": mixer, "ffn": "none"}},
         max_seq_len=_MAX_SEQ_LEN,
@@ -51,27 +67,30 @@ def mamba_model_config(config) -> ModelConfig:
     )
 
 
-_MIXER = ("in_proj.weight", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight")
+# transformers' mixer names -> speedlm's, where they differ (Mamba-2's gated norm is a bare weight)
+_RENAME = {"conv1d.weight": "conv.weight", "conv1d.bias": "conv.bias", "norm.weight": "norm_weight"}
 
 
 def mamba_state_dict(hf_state: dict[str, torch.Tensor], n_layers: int, tied: bool) -> dict[str, torch.Tensor]:
-    """speedlm names for a `MambaForCausalLM` state dict (float32)."""
+    """speedlm names for a `MambaForCausalLM` or `Mamba2ForCausalLM` state dict (float32)."""
     out = {"embed.weight": hf_state["backbone.embeddings.weight"], "norm.weight": hf_state["backbone.norm_f.weight"]}
     out["lm_head.weight"] = out["embed.weight"] if tied else hf_state["lm_head.weight"]
     for i in range(n_layers):
         src, dst = f"backbone.layers.{i}.", f"blocks.{i}."
         out[dst + "mixer_norm.weight"] = hf_state[src + "norm.weight"]
-        for name in _MIXER:
-            out[dst + "mixer." + name] = hf_state[src + "mixer." + name]
-        conv = hf_state[src + "mixer.conv1d.weight"]  # (channels, 1, kernel): depthwise
-        out[dst + "mixer.conv.weight"] = conv[:, 0]
-        bias = hf_state.get(src + "mixer.conv1d.bias")
-        out[dst + "mixer.conv.bias"] = torch.zeros(conv.shape[0], dtype=conv.dtype) if bias is None else bias
+        for name, value in hf_state.items():
+            if name.startswith(src + "mixer."):
+                key = _RENAME.get(name[len(src + "mixer.") :], name[len(src + "mixer.") :])
+                out[dst + "mixer." + key] = value[:, 0] if key == "conv.weight" else value  # depthwise: (C, 1, K)
+        if dst + "mixer.conv.bias" not in out:  # use_conv_bias=False: speedlm's conv has a bias, here zeros
+            channels = out[dst + "mixer.conv.weight"].shape[0]
+            out[dst + "mixer.conv.bias"] = torch.zeros(channels, dtype=out[dst + "mixer.conv.weight"].dtype)
     return {k: v.detach().to(torch.float32) for k, v in out.items()}
 
 
 def from_mamba(hf_model):
-    """A speedlm `CausalLM` with the weights of a loaded Hugging Face `MambaForCausalLM`."""
+    """A speedlm `CausalLM` with the weights of a loaded Hugging Face `MambaForCausalLM` or
+    `Mamba2ForCausalLM`."""
     from speedlm.hf.convert import build_with_weights
 
     config = mamba_model_config(hf_model.config)
