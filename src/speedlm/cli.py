@@ -357,7 +357,7 @@ def _add_hf_export_parser(hsub) -> None:
 
 
 def _add_hf_import_parser(hsub) -> None:
-    p = hsub.add_parser("import", help="a Hugging Face folder (Llama, Mistral, Mamba, Mamba-2) as a speedlm checkpoint")
+    p = hsub.add_parser("import", help="a Hugging Face folder (Llama, Mistral, Mamba, Mamba-2, Mixtral) as a speedlm checkpoint")
     p.add_argument("--model", required=True, help="Hugging Face model folder (with tokenizer.json)")
     p.add_argument("--out", required=True, help="speedlm run folder to write")
     p.set_defaults(func=cmd_hf)

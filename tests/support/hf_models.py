@@ -33,3 +33,16 @@ def tiny_hf_model(arch: str, attn: str = "sdpa", dtype=torch.float64, seed: int 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+def imported_matches(ours, hf, ids: torch.Tensor, prefill: int, tol: float = 1e-6) -> None:
+    """An imported model against its transformers original on `ids`: the logits agree to `tol`
+    (float32 level: transformers keeps some steps in float32 whatever the dtype), and speedlm's
+    cached decoding (a prefill of `prefill` tokens, then one token per step) equals its own
+    forward to float64 rounding."""
+    with torch.no_grad():
+        full = ours(ids)
+        assert rel_err(full, hf(ids).logits) < tol
+        cache = ours.init_cache()
+        steps = [ours(ids[:, :prefill], cache)] + [ours(ids[:, i : i + 1], cache) for i in range(prefill, ids.shape[1])]
+        assert rel_err(torch.cat(steps, dim=1), full) < 1e-12

@@ -5,7 +5,8 @@ with `AutoModelForCausalLM.from_pretrained` without remote code.
 
 - `export_checkpoint(checkpoint, out)`: a speedlm checkpoint as a Hugging Face model folder.
 - `import_model(folder, out)` / `from_pretrained(model)`: a Hugging Face causal LM of a supported
-  architecture (`CONVERTERS`: Llama, Mistral, Mamba, Mamba-2) as a speedlm model, weight for weight;
+  architecture (`CONVERTERS`: Llama, Mistral, Mamba, Mamba-2, Mixtral) as a speedlm model, weight
+  for weight;
 - `import_llama(folder, out)` / `from_llama(model)`: a Llama-architecture Hugging Face model as
   speedlm's transformer; `from_mamba(model)`: a `MambaForCausalLM` / `Mamba2ForCausalLM` as speedlm's
   `mamba` / `mamba2` layout; `to_llama(model)` (`export_checkpoint(..., format="llama")`) the
@@ -29,6 +30,7 @@ from speedlm.hf.export import export_checkpoint, to_hf_model
 from speedlm.hf.imports import CONVERTERS, check_importable, from_pretrained, import_model
 from speedlm.hf.llama import from_llama, import_llama, llama_config, llama_model_config, to_llama
 from speedlm.hf.mamba import from_mamba, mamba_model_config
+from speedlm.hf.mixtral import from_mixtral, mixtral_model_config
 from speedlm.hf.modeling import MODEL_TYPE, SpeedlmCache, SpeedlmConfig, SpeedlmForCausalLM
 from speedlm.hf.sepllm import ATTENTION, PolicyCache, SepLLM, separator_ids_of, sepllm
 from speedlm.hf.tokenizer import to_hf_tokenizer
@@ -41,6 +43,8 @@ __all__ = [
     "CONVERTERS",
     "check_importable",
     "from_mamba",
+    "from_mixtral",
+    "mixtral_model_config",
     "from_pretrained",
     "import_model",
     "mamba_model_config",

@@ -2,7 +2,7 @@
 converter (a config check that refuses with the reason, and a weight-for-weight state dict),
 and `import_model` writes any of them as a speedlm checkpoint. Supported so far: Llama and
 Mistral (hf/llama.py, onto the transformer), Mamba and Mamba-2 (hf/mamba.py, onto the `mamba` and
-`mamba2` layouts)."""
+`mamba2` layouts), Mixtral (hf/mixtral.py, attention + `moe`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from speedlm.errors import SpeedlmError
 from speedlm.hf.llama import from_llama, llama_model_config
 from speedlm.hf.mamba import from_mamba, mamba_model_config
+from speedlm.hf.mixtral import from_mixtral, mixtral_model_config
 
 # model_type -> (its speedlm ModelConfig, or SpeedlmError; the speedlm model with its weights)
 CONVERTERS = {
@@ -21,6 +22,7 @@ CONVERTERS = {
     "mistral": (llama_model_config, from_llama),
     "mamba": (mamba_model_config, from_mamba),
     "mamba2": (mamba_model_config, from_mamba),
+    "mixtral": (mixtral_model_config, from_mixtral),
 }
 
 

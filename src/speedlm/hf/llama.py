@@ -38,6 +38,12 @@ def llama_model_config(config) -> ModelConfig:
     kind = getattr(config, "model_type", None)
     if kind not in IMPORTABLE:
         raise SpeedlmError(f"only Llama-architecture models import ({', '.join(IMPORTABLE)}); this one is {kind!r}")
+    return transformer_model_config(config)
+
+
+def transformer_model_config(config) -> ModelConfig:
+    """The speedlm transformer (`attention` + `swiglu`, pre-norm) of a Llama-family config
+    (Llama, Mistral, and the attention of Mixtral), or SpeedlmError naming what does not agree."""
     heads, width = config.num_attention_heads, config.hidden_size
     disagree = []
     if getattr(config, "hidden_act", "silu") != "silu":
@@ -70,16 +76,20 @@ def llama_model_config(config) -> ModelConfig:
     )
 
 
-_LAYER_MAP = {
+# the attention and the norms of a Llama-family layer (Mixtral's too), then Llama's MLP
+ATTENTION_MAP = {
     "self_attn.q_proj": "mixer.q_proj",
     "self_attn.k_proj": "mixer.k_proj",
     "self_attn.v_proj": "mixer.v_proj",
     "self_attn.o_proj": "mixer.o_proj",
+    "input_layernorm": "mixer_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_LAYER_MAP = {
+    **ATTENTION_MAP,
     "mlp.gate_proj": "ffn.gate",
     "mlp.up_proj": "ffn.up",
     "mlp.down_proj": "ffn.down",
-    "input_layernorm": "mixer_norm",
-    "post_attention_layernorm": "ffn_norm",
 }
 
 
