@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from speedlm.ops.masks import AttentionMask, Full
 from speedlm.ops.marked_window_flash import applies as window_flash_applies
-from speedlm.ops.marked_window_flash import marked_window_flash
+from speedlm.ops.marked_window_flash import gather_keys, marked_window_flash
 from speedlm.ops.merged_attention import can_merge, merged_attention
 
 QUERY_BLOCK = 128
@@ -47,14 +47,6 @@ def _window_start(mask: AttentionMask, first_query: int) -> int:
     b = max(qp.shape[0], kp.shape[0])
     starts = torch.searchsorted(kp.expand(b, -1).contiguous(), (qp - w + 1).expand(b, 1).contiguous())
     return int(starts.min())
-
-
-def _gather_keys(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) at key indices idx (1 or B, M), shared or per row -> (B, H, M, D)."""
-    if idx.shape[0] == 1:
-        return x.index_select(-2, idx[0])
-    b, h, _, d = x.shape
-    return x.gather(-2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
 
 
 def _marked_prefix(marked, lo: int, mask: AttentionMask, qi: torch.Tensor, query_free: bool):
@@ -91,7 +83,7 @@ def marked_window_attention(q, k, v, mask: AttentionMask, scale=None, block: int
         m_max = int(before[:, -1].max())
         if m_max:
             order = torch.argsort((~marks).to(torch.int8), dim=-1, stable=True)[:, :m_max]  # marked first, in order
-            marked = (before, order, _gather_keys(k, order), _gather_keys(v, order))
+            marked = (before, order, gather_keys(k, order), gather_keys(v, order))
     # Marked keys left of a block's window span are before all its queries: with no documents,
     # positions that are index offsets and no other pattern, every query of the block sees every
     # one of them, so that part's mask is one row (the kernel broadcasts it), not block x keys

@@ -72,6 +72,14 @@ def applies(q: torch.Tensor, mask: AttentionMask) -> bool:
     )
 
 
+def gather_keys(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) at key indices idx (1 or B, M), shared or per row -> (B, H, M, D)."""
+    if idx.shape[0] == 1:
+        return x.index_select(-2, idx[0])
+    b, h, _, d = x.shape
+    return x.gather(-2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
+
+
 class _Plan:
     """The three parts' geometry for one mask: the band, the marked keys' order and the
     per-query count of marked keys left of each window. The latter two are computed in each
@@ -104,10 +112,7 @@ class _Plan:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, Hkv, Tk, D) at the marked keys' indices -> (B, Hkv, M, D)."""
-        if self.order.shape[0] == 1:
-            return x.index_select(-2, self.order[0])
-        b, h, _, d = x.shape
-        return x.gather(-2, self.order[:, None, :, None].expand(b, h, self.order.shape[1], d))
+        return gather_keys(x, self.order)
 
     def scatter_add(self, g: torch.Tensor, out: torch.Tensor, first: int = 0) -> torch.Tensor:
         """The inverse of `gather` for gradients: adds g (B, Hkv, n, D), the gradients of the
@@ -265,4 +270,4 @@ def marked_window_flash(q, k, v, mask: AttentionMask, scale: float | None = None
     return _MarkedWindow.apply(q, k, v, plan, scale)
 
 
-__all__ = ["PREFIX_BLOCK", "applies", "marked_window_flash", "prefix_block"]
+__all__ = ["PREFIX_BLOCK", "applies", "gather_keys", "marked_window_flash", "prefix_block"]
