@@ -27,7 +27,25 @@ LENGTHS = [37, 75]  # deliberately not multiples of chunk or block sizes
 OPTION_VARIANTS = {
     "attention[positions=none]": ("attention", {"positions": "none"}),
     "sliding_window[positions=none]": ("sliding_window", {"positions": "none"}),
+    # Qwen2 / Qwen3 / Qwen3-Next attention (hf/qwen.py): biases, per-head q/k norms, a head width
+    # other than d_model / n_heads, partial rotary, the sigmoid output gate
+    "attention[qkv_bias,qk_norm]": ("attention", {"qkv_bias": True, "qk_norm": True}),
+    "attention[head_dim=16,rope_dim=4]": ("attention", {"head_dim": 16, "rope_dim": 4}),
+    "attention[output_gate]": ("attention", {"output_gate": True}),
+    "sliding_window[qkv_bias,qk_norm,head_dim=12,rope_dim=6,output_gate]": (
+        "sliding_window", {"qkv_bias": True, "qk_norm": True, "head_dim": 12, "rope_dim": 6, "output_gate": True}),
     "mamba[inner_norms]": ("mamba", {"inner_norms": True}),
+    # Mamba-2 as Falcon-H1 configures it: an inner width no multiple of d_model, the gated norm
+    # before the gate or none, no conv bias; and the parallel hybrid with Falcon-H1's defaults
+    "mamba2[d_inner=96,norm=before_gate]": ("mamba2", {"d_inner": 96, "norm": "before_gate"}),
+    "mamba2[norm=none,conv_bias=false]": ("mamba2", {"norm": "none", "conv_bias": False}),
+    "parallel_hybrid[head_dim=12,norm=none,conv_bias=false]": (
+        "parallel_hybrid", {"head_dim": 12, "norm": "none", "conv_bias": False}),
+    # Qwen3-Next's shapes: 6 value heads on 2 query/key heads, own widths, FLA's L2-norm epsilon
+    "gated_deltanet[key_heads]": ("gated_deltanet", {"heads": 6, "key_heads": 2, "key_dim": 6, "value_dim": 10,
+                                                     "qk_norm_eps": 1e-6}),
+    "mamba[weightless_inner_norms]": ("mamba", {"inner_norms": True, "inner_norm_gains": False,
+                                               "inner_norm_eps": 1e-3}),  # FalconMamba's
 }
 VARIANTS = {
     name: replace(MIXERS[base], name=name, contract_spec={**MIXERS[base].contract_spec, **options})
@@ -40,10 +58,21 @@ BIDIRECTIONAL = [n for n, e in ENTRIES.items() if e.cls.supports_bidirectional]
 CAUSAL_ONLY = [n for n in CAUSAL if n not in BIDIRECTIONAL]
 
 
+# parameters whose fresh init is the identity (zero biases, unit gains): random in the suite, so
+# that a path that forgets them fails
+IDENTITY_AT_INIT = {"q_proj.bias", "k_proj.bias", "v_proj.bias", "q_norm.weight", "k_norm.weight",
+                    "dt_norm.weight", "b_norm.weight", "c_norm.weight"}  # the last three: Mamba's inner norms
+
+
 def make(name, dtype=torch.float64):
     torch.manual_seed(1)
     entry = ENTRIES[name]
-    return entry.cls(DIMS, **entry.contract_spec).to(dtype)
+    mixer = entry.cls(DIMS, **entry.contract_spec).to(dtype)
+    with torch.no_grad():
+        for pname, p in mixer.named_parameters():
+            if pname in IDENTITY_AT_INIT:
+                p.add_(0.5 * torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(len(pname))).to(dtype))
+    return mixer
 
 
 def x_of(t, dtype=torch.float64, b=2):

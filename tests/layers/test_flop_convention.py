@@ -14,7 +14,7 @@ Work the counter cannot see (elementwise scans, FFTs, vecdot walks) is `Flops.ot
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import pytest
@@ -226,6 +226,10 @@ def hymba_window(m, t, **_):
     return sliding_window(m.attn, t) + m.ssm.flops_breakdown(t).matmul
 
 
+def parallel_hybrid(m, t, **_):
+    return m.attn.flops_breakdown(t).matmul + mamba2(m.ssm, t)
+
+
 # ----- the table -----
 COUNTED = None  # the expected ratio is 1: executed == counted
 CHUNKS = "the chunked form computes each C x C chunk product dense; the causal mask leaves (C + 1) / 2 keys per query visible"
@@ -292,6 +296,8 @@ MIXER_ROWS = {
     "mamba2": Row({"head_dim": 32, "chunk_size": 64}, mamba2, why=CHUNKS + " (C B^T per group)"),
     "hymba": Row({"window": 32, "kv_heads": 2, "full_attention": False}, hymba_window,
                  why="its sliding-window branch as sliding_window (band plan); the Mamba branch as mamba"),
+    "parallel_hybrid": Row({"kv_heads": 2, "d_inner": 96, "ssm_head_dim": 32, "chunk_size": 64}, parallel_hybrid,
+                           why="its attention branch as attention (counted); the Mamba-2 branch as mamba2 (" + CHUNKS + ")"),
 }
 FFN_ROWS = {
     "swiglu": Row({}),
@@ -359,7 +365,21 @@ def counted(part, kind: str, t: int, causal: bool):
 
 @pytest.mark.parametrize("kind,name", list(TABLE), ids=[f"{k}-{n}" for k, n in TABLE])
 def test_counted_flops_match_the_counter(kind, name):
+    check_row(kind, name, TABLE[(kind, name)])
+
+
+# softmax attention's projection and position options (Qwen2 / Qwen3 / Qwen3-Next, hf/qwen.py):
+# biases and norms are uncounted, a wider head and the gate's projection are
+ATTENTION_OPTIONS = {"qkv_bias": True, "qk_norm": True, "head_dim": 24, "rope_dim": 8, "output_gate": True}
+
+
+@pytest.mark.parametrize("kind,name", [("mixer", "attention"), ("mixer", "sliding_window"), ("bidirectional", "attention")])
+def test_attention_options_are_counted_as_the_counter_sees(kind, name):
     row = TABLE[(kind, name)]
+    check_row(kind, name, replace(row, options={**row.options, **ATTENTION_OPTIONS}))
+
+
+def check_row(kind: str, name: str, row: Row) -> None:
     part = build(kind, name, row)
     for t in LENGTHS:
         x, ids = inputs(t)

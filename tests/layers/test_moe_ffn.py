@@ -149,3 +149,43 @@ def test_router_logits_stay_float32_under_autocast_and_empty_inputs_add_no_nan()
     aux = AuxLosses()
     y = f(torch.zeros(2, 0, 32), SeqMeta(aux=aux))
     assert y.shape == (2, 0, 32) and not aux.parts
+
+
+def test_shared_expert_of_its_own_width_with_a_sigmoid_gate():
+    """Qwen2-MoE's shared expert: a SwiGLU `shared_hidden` wide (not `shared` experts wide), its
+    output scaled per token by sigmoid(w . x); counted in the active parameters and FLOPs."""
+    f = MoE(DIMS, experts=6, top_k=2, hidden=16, shared=1, shared_hidden=40, shared_gate=True).double()
+    assert f.shared.gate.out_features == 40 and f.shared_gate.weight.shape == (1, 32)
+    x = torch.randn(3, 19, 32, dtype=torch.float64)
+    flat = x.reshape(-1, 32)
+    _, weights, experts, _ = f.route(flat)
+    routed = moe_swiglu_reference(flat, weights, experts, f.w_gate, f.w_up, f.w_down).view_as(x)
+    s = f.shared
+    shared = s.down(torch.nn.functional.silu(s.gate(x)) * s.up(x))
+    gate = torch.sigmoid(x @ f.shared_gate.weight.t())  # (3, 19, 1): one scalar per token
+    assert rel(f(x, SeqMeta()), routed + gate * shared) < 1e-12
+    assert rel(f(x, SeqMeta()), routed + shared) > 1e-3  # the gate matters
+    ungated = MoE(DIMS, experts=6, top_k=2, hidden=16, shared=1, shared_hidden=40)
+    assert f.num_active_params() - ungated.num_active_params() == 32
+    assert ungated.num_active_params() == 6 * 32 + 2 * 3 * 32 * 16 + 3 * 32 * 40
+    assert f.flops_breakdown().total - ungated.flops_breakdown().total == 2 * 32
+
+
+def test_shared_gate_and_width_flops_match_the_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    f = MoE(DIMS, experts=6, top_k=2, hidden=16, shared=1, shared_hidden=40, shared_gate=True).eval()
+    x = torch.randn(2, 21, 32)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        f(x, SeqMeta())
+    assert counter.get_total_flops() / 42 == pytest.approx(f.flops_breakdown().visible, rel=1e-12)
+
+
+@pytest.mark.parametrize("options, name", [({"shared_gate": True}, "shared_gate"),
+                                           ({"shared_hidden": 32}, "shared_hidden")])
+def test_shared_expert_options_need_a_shared_expert(options, name):
+    from speedlm.errors import SpeedlmError
+    from speedlm.models import ModelConfig
+
+    with pytest.raises(SpeedlmError, match=name):
+        ModelConfig(layers={"A": {"mixer": {"name": "attention"}, "ffn": {"name": "moe", **options}}}).validate()

@@ -22,6 +22,7 @@ CASES = {
     "mixtral": (paper_models.mixtral, paper_models.mixtral_state_dict, dict(tie_embeddings=False)),
     "mamba": (paper_models.mamba, paper_models.mamba_state_dict, {}),
     "mamba2": (paper_models.mamba2, paper_models.mamba_state_dict, {}),
+    "falcon-h1": (paper_models.falcon_h1, paper_models.falcon_h1_state_dict, dict(tie_embeddings=False)),
 }
 
 

@@ -191,6 +191,31 @@ def mamba2(config: ModelConfig, seed: int = 0):
     return prepare_reference(Mamba2ForCausalLM(hf_config), seed)
 
 
+def falcon_h1(config: ModelConfig, seed: int = 0):
+    """A FalconH1ForCausalLM at the sizes of a `falcon-h1` preset config, its muP multipliers all 1
+    (the preset's model is the plain sum they fold into), the gated norm after the gate."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    mixer = config.layer_specs()[0]["mixer"]
+    hf_config = FalconH1Config(
+        **_common(config), intermediate_size=config.hidden_dim, num_attention_heads=config.n_heads,
+        num_key_value_heads=mixer.get("kv_heads") or config.n_heads, max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        mamba_d_ssm=mixer["d_inner"], mamba_n_heads=mixer["d_inner"] // mixer["ssm_head_dim"],
+        mamba_d_head=mixer["ssm_head_dim"], mamba_d_state=mixer["d_state"], mamba_n_groups=mixer.get("n_groups", 1),
+        mamba_chunk_size=16, mamba_rms_norm=True, mamba_norm_before_gate=False,
+    )
+    torch.manual_seed(seed)
+    return prepare_reference(FalconH1ForCausalLM(hf_config), seed)
+
+
+def falcon_h1_state_dict(hf, config: ModelConfig) -> dict:
+    """The importer's map (names; its multipliers are 1 here), kept in float64."""
+    from speedlm.hf.falcon_h1 import falcon_h1_state_dict as imported
+
+    return imported(hf.state_dict(), hf.config, dtype=torch.float64)
+
+
 def mamba_state_dict(hf, config: ModelConfig) -> dict:
     """Mamba or Mamba-2 (`backbone.layers.i.{norm, mixer}`)."""
     s = hf.state_dict()

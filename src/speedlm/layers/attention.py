@@ -7,12 +7,14 @@ from dataclasses import replace
 from typing import Annotated, Literal
 
 import torch
+from torch import nn
 
 from speedlm.cache.kv import FullPolicy, KVCache, KVPolicy
+from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.flops import Flops, attention_flops, causal_keys
 from speedlm.layers.heads import HeadsMixer
-from speedlm.layers.mixer import SeqMeta
+from speedlm.layers.mixer import SeqMeta, linear_flops
 from speedlm.layers.rope import apply_rope, rope_for, rope_reference
 from speedlm.ops.attention import attention, attention_reference
 from speedlm.ops.masks import AttentionMask, Full
@@ -25,18 +27,55 @@ Positions = Literal["rope", "none"]
 
 class AttentionBase(HeadsMixer):
     """Attention restricted by a pattern (ops/masks.py). Subclasses choose `pattern()`, the
-    default KV policy and the mean number of keys a query sees (for FLOPs)."""
+    default KV policy and the mean number of keys a query sees (for FLOPs).
+
+    Options of the projections and positions (subclasses pass on the ones they expose; Qwen2,
+    Qwen3 and Qwen3-Next's attention are these options on `attention`):
+    - `qkv_bias`, `qk_norm`: see HeadsMixer (biases on q/k/v; per-head RMSNorm of q and k
+      before RoPE);
+    - `head_dim`: the width of each query, key and value head when it is not d_model / n_heads
+      (Qwen3-0.6B: width 1024, 16 heads of 128); RoPE, the KV cache and the FLOPs follow it;
+    - `rope_dim`: partial rotary, only the first `rope_dim` channels of each query and key head
+      are rotated (half-split within them, frequencies over rope_dim, as transformers' partial_
+      rotary_factor); the rest pass through unrotated. Default: the whole head;
+    - `output_gate`: y = o_proj(attention(...) * sigmoid(g_proj(x))), a gate per head channel
+      from its own bias-free projection `g_proj` (Qwen3-Next's gated attention)."""
 
     supports_bidirectional = True
     supports_doc_ids = True
     backend: str = "auto"  # sparse-attention backend (ops/dispatch.py)
 
+    @classmethod
+    def check_options(cls, dims: ModelDims, kv_heads: int | None = None, positions: str = "rope",
+                      head_dim: int | None = None, rope_dim: int | None = None, **options) -> None:
+        super().check_options(dims, kv_heads=kv_heads)
+        width = dims.head_dim if head_dim is None else head_dim
+        if rope_dim is not None:
+            if positions != "rope":
+                raise SpeedlmError(f"rope_dim={rope_dim} rotates nothing with positions={positions!r}; "
+                                   "drop it or use 'rope'")
+            if rope_dim % 2 or rope_dim > width:
+                raise SpeedlmError(f"rope_dim={rope_dim} must be even and at most head_dim={width}")
+        elif positions == "rope" and width % 2:
+            raise SpeedlmError(f"head_dim={width} must be even for RoPE (or rotate an even rope_dim of it)")
+
     def __init__(
-        self, dims: ModelDims, kv_heads: Annotated[int | None, Range(min=1)] = None, positions: Positions = "rope"
+        self,
+        dims: ModelDims,
+        kv_heads: Annotated[int | None, Range(min=1)] = None,
+        positions: Positions = "rope",
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        head_dim: Annotated[int | None, Range(min=1)] = None,
+        rope_dim: Annotated[int | None, Range(min=2)] = None,
+        output_gate: bool = False,
     ):
-        super().__init__(dims, kv_heads)
+        super().__init__(dims, kv_heads, head_dim, head_dim, qkv_bias=qkv_bias, qk_norm=qk_norm)
+        self.head_dim = self.key_dim  # queries, keys and values share one head width
         self.rope_theta = dims.rope_theta
         self.positions = positions
+        self.rope_dim = self.head_dim if rope_dim is None else rope_dim
+        self.g_proj = nn.Linear(dims.d_model, self.n_heads * self.head_dim, bias=False) if output_gate else None
 
     def pattern(self):
         return Full()
@@ -61,7 +100,7 @@ class AttentionBase(HeadsMixer):
         return FullPolicy()
 
     def _rope_table(self, positions, length: int, like: torch.Tensor):
-        return rope_for(positions, length, self.head_dim, self.rope_theta, like.device, like.dtype)
+        return rope_for(positions, length, self.rope_dim, self.rope_theta, like.device, like.dtype)
 
     def rotate_keys(self, k: torch.Tensor, shift: int) -> torch.Tensor:
         """k (B, Hkv, L, Dh) with every key rotated `shift` positions further: what a cache that
@@ -69,7 +108,33 @@ class AttentionBase(HeadsMixer):
         return self._rotate(k, *self._rope_table(shift, 1, k))
 
     def _rotate(self, x, cos, sin):
-        return apply_rope(x, cos, sin) if self.positions == "rope" else x
+        if self.positions != "rope":
+            return x
+        r = self.rope_dim
+        if r == x.shape[-1]:
+            return apply_rope(x, cos, sin)
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)  # partial rotary
+
+    def _rotate_reference(self, x, positions):
+        r = self.rope_dim
+        return torch.cat([rope_reference(x[..., :r], positions, self.rope_theta), x[..., r:]], dim=-1)
+
+    # ----- the output gate -----
+    def output(self, y_bhtd: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """o_proj of the merged heads, gated by sigmoid(g_proj(x)) with `output_gate` (then the
+        mixer's input x is required)."""
+        y = self.merge_heads(y_bhtd)
+        if self.g_proj is not None:
+            y = y * torch.sigmoid(self.g_proj(x))
+        return self.o_proj(y)
+
+    def reference_output(self, y_bhtd, x=None):
+        if self.g_proj is not None:
+            y_bhtd = y_bhtd * torch.sigmoid(self._heads_of(x, self.g_proj.weight, self.n_heads))
+        return super().reference_output(y_bhtd)
+
+    def projection_flops(self) -> float:
+        return super().projection_flops() + (linear_flops(self.g_proj) if self.g_proj is not None else 0.0)
 
     def mix(self, x, meta: SeqMeta, cache: KVCache | None = None):
         q, k, v = self.project(x)
@@ -80,7 +145,7 @@ class AttentionBase(HeadsMixer):
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             k, v = cache.bidirectional_keys(k, v)
             mask = AttentionMask(Full(), t, k.shape[-2], 0, 0, causal=False)
-            return self.output(self._attend(q, k, v, mask))
+            return self.output(self._attend(q, k, v, mask), x)
         # the policy's window and marks restrict the pattern: the cache's policy when decoding
         # (sinks, SepLLM on any checkpoint), the mixer's own otherwise (a SepLLM layer)
         policy = cache.policy if cache is not None else self.default_policy()
@@ -99,7 +164,7 @@ class AttentionBase(HeadsMixer):
             q, k_all = self._rotate(q, cos[n - t :], sin[n - t :]), self._rotate(keys.k, cos, sin)
             q_pos, k_pos, k_mark = cache.mask_terms(keys, pos, t, window)
             mask = AttentionMask(self.pattern(), t, n, q_pos, k_pos, True, window=window, k_mark=k_mark)
-            return self.output(self._attend(q, k_all, keys.v, mask))
+            return self.output(self._attend(q, k_all, keys.v, mask), x)
         cos, sin = self._rope_table(pos, t, q)
         q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         if cache is None:
@@ -112,7 +177,7 @@ class AttentionBase(HeadsMixer):
             self.pattern(), t, k_all.shape[-2], q_pos, k_pos, meta.causal, meta.doc_ids, meta.doc_ids,
             window=window, k_mark=k_mark,
         )
-        return self.output(self._attend(q, k_all, v_all, mask))
+        return self.output(self._attend(q, k_all, v_all, mask), x)
 
     def reference(self, x, meta: SeqMeta, policy: KVPolicy | None = None):
         """Explicit float64-able softmax over a dense mask built from positions, with the
@@ -122,7 +187,7 @@ class AttentionBase(HeadsMixer):
         q, k, v = self.reference_project(x)
         pos = meta.position_tensor(t, x.device)
         if self.positions == "rope":
-            q, k = rope_reference(q, pos, self.rope_theta), rope_reference(k, pos, self.rope_theta)
+            q, k = self._rotate_reference(q, pos), self._rotate_reference(k, pos)
         qp, kp = pos[:, :, None], pos[:, None, :]
         idx = torch.arange(t, device=x.device)
         policy = policy or self.default_policy()
@@ -141,11 +206,11 @@ class AttentionBase(HeadsMixer):
 
         groups = self.head_patterns()
         if groups is None:
-            return self.reference_output(attention_reference(q, k, v, allowed_by(self.pattern())))
+            return self.reference_output(attention_reference(q, k, v, allowed_by(self.pattern())), x)
         per_head = torch.zeros(b, self.n_heads, t, t, dtype=torch.bool, device=x.device)
         for heads, pattern in groups:
             per_head[:, heads] = allowed_by(pattern)[:, None]
-        return self.reference_output(attention_reference(q, k, v, per_head))
+        return self.reference_output(attention_reference(q, k, v, per_head), x)
 
     def init_cache(self, kv_policy: KVPolicy | None = None) -> KVCache:
         return KVCache(kv_policy or self.default_policy(), rotate=self.rotate_keys)
@@ -178,7 +243,15 @@ class Attention(AttentionBase):
     supports_prefix_cache = True
 
     def __init__(
-        self, dims: ModelDims, kv_heads: Annotated[int | None, Range(min=1)] = None, positions: Positions = "rope"
+        self,
+        dims: ModelDims,
+        kv_heads: Annotated[int | None, Range(min=1)] = None,
+        positions: Positions = "rope",
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        head_dim: Annotated[int | None, Range(min=1)] = None,
+        rope_dim: Annotated[int | None, Range(min=2)] = None,
+        output_gate: bool = False,
     ):
-        super().__init__(dims, kv_heads, positions)
+        super().__init__(dims, kv_heads, positions, qkv_bias, qk_norm, head_dim, rope_dim, output_gate)
         self.reset_parameters()

@@ -12,10 +12,17 @@ The short causal convolution (kernel 4) carries its own decode state, so a layer
 CompositeCache of the conv inputs and the matrix state. Gated DeltaNet's decay follows Mamba-2:
 A ~ U[1, 16] stored as A_log, dt_bias the inverse softplus of dt ~ logU[1e-3, 1e-1]; it adds an
 output gate and, as in its paper, values twice as wide as keys.
+
+Shapes beyond the paper's (the FLA layer's and Qwen3-Next's): `heads` value heads (each with its
+own state, beta, decay and output gate; default the model's n_heads) may read `key_heads` < heads
+query/key heads, value head j using key head j // (heads / key_heads) (grouped values, like GQA
+read the other way round); `key_dim` / `value_dim` set the widths per head. `qk_norm_eps` is what
+the L2 norm adds to |q|^2 and |k|^2: speedlm's default 1e-12, FLA's and Qwen3-Next's l2norm 1e-6.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 import torch
@@ -24,6 +31,7 @@ from torch import nn
 
 from speedlm.cache.composite import CompositeCache
 from speedlm.cache.recurrent import RecurrentState
+from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.flops import Flops, attention_flops, chunk_visible_keys
 from speedlm.layers.init import init_a_log, init_dt_bias
@@ -35,14 +43,20 @@ from speedlm.ops.delta_rule import DELTA_RULE, delta_rule_recurrent
 from speedlm.registry import Range
 
 
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / |x| over the last dim (head channels). Written out rather than F.normalize, whose norm
-    kernel is several times slower on the strided head views it gets here."""
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps * eps)
+def l2_normalize(x: torch.Tensor, eps_sq: float = 1e-12) -> torch.Tensor:
+    """x / sqrt(|x|^2 + eps_sq) over the last dim (head channels). Written out rather than
+    F.normalize, whose norm kernel is several times slower on the strided head views it gets here."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps_sq)
 
 
 class DeltaNet(GatedHeadsMixer):
     gated_decay = False
+
+    @classmethod
+    def check_options(cls, dims: ModelDims, heads: int | None = None, key_heads: int | None = None, **options) -> None:
+        h = dims.n_heads if heads is None else heads
+        if key_heads is not None and h % key_heads:
+            raise SpeedlmError(f"key_heads={key_heads} must be a positive divisor of the value heads ({h})")
 
     def __init__(
         self,
@@ -51,11 +65,27 @@ class DeltaNet(GatedHeadsMixer):
         chunk_size: Annotated[int, Range(min=1)] = 64,
         gate: bool = False,
         value_factor: Annotated[int, Range(min=1)] = 1,
+        heads: Annotated[int | None, Range(min=1)] = None,
+        key_heads: Annotated[int | None, Range(min=1)] = None,
+        key_dim: Annotated[int | None, Range(min=1)] = None,
+        value_dim: Annotated[int | None, Range(min=1)] = None,
+        qk_norm_eps: Annotated[float, Range(min=0)] = 1e-12,
     ):
-        super().__init__(dims, key_dim=dims.head_dim, value_dim=value_factor * dims.head_dim, norm="rms",
-                         gate=gate, chunk_size=chunk_size)
+        """heads: value heads (default the model's n_heads); key_heads: query/key heads, a divisor
+        of heads (default heads); key_dim: query/key width per head (default the model's head_dim);
+        value_dim: value width per head (default value_factor * key_dim)."""
+        key_dim = dims.head_dim if key_dim is None else key_dim
+        value_dim = value_factor * key_dim if value_dim is None else value_dim
+        if heads is not None:
+            dims = replace(dims, n_heads=heads)
+        super().__init__(dims, key_dim=key_dim, value_dim=value_dim, norm="rms", gate=gate, chunk_size=chunk_size)
         h, d = self.n_heads, dims.d_model
-        self.conv = ShortConv(h * (2 * self.key_dim + self.value_dim), conv_kernel, bias=False)
+        self.key_heads = h if key_heads is None else key_heads
+        self.qk_norm_eps = qk_norm_eps
+        if self.key_heads != h:  # grouped values: fewer query/key heads than HeadsMixer's n_heads
+            self.q_proj = nn.Linear(d, self.key_heads * key_dim, bias=False)
+            self.k_proj = nn.Linear(d, self.key_heads * key_dim, bias=False)
+        self.conv = ShortConv(2 * self.key_heads * key_dim + h * value_dim, conv_kernel, bias=False)
         self.beta_proj = nn.Linear(d, h, bias=False)
         if self.gated_decay:
             self.a_proj = nn.Linear(d, h, bias=False)
@@ -72,10 +102,13 @@ class DeltaNet(GatedHeadsMixer):
 
     # ----- inputs of the recurrence -----
     def _qkv(self, x, conv_out):
-        h, dk, dv = self.n_heads, self.key_dim, self.value_dim
-        q, k, v = F.silu(conv_out).split([h * dk, h * dk, h * dv], dim=-1)
-        q, k, v = self.split_heads(q, h), self.split_heads(k, h), self.split_heads(v, h)
-        return l2_normalize(q), l2_normalize(k), v
+        h, hk, dk, dv = self.n_heads, self.key_heads, self.key_dim, self.value_dim
+        q, k, v = F.silu(conv_out).split([hk * dk, hk * dk, h * dv], dim=-1)
+        q, k, v = self.split_heads(q, hk), self.split_heads(k, hk), self.split_heads(v, h)
+        q, k = l2_normalize(q, self.qk_norm_eps), l2_normalize(k, self.qk_norm_eps)
+        if hk != h:  # each key head serves heads / key_heads consecutive value heads
+            q, k = q.repeat_interleave(h // hk, dim=1), k.repeat_interleave(h // hk, dim=1)
+        return q, k, v
 
     def _beta_and_decay(self, x):
         beta = torch.sigmoid(self.beta_proj(x)).transpose(1, 2)  # (B, H, T)
@@ -101,19 +134,21 @@ class DeltaNet(GatedHeadsMixer):
         """The paper's layer (the module doc) without the fast path's `_qkv`: each of
         q, k, v is its own projection, its own depthwise causal conv (the conv's channels are q | k
         | v, naive op) and silu, split into heads of consecutive channels; q and k divided by
-        their L2 norm per head, sqrt(|q|^2 + 1e-12) as the fast path; beta = sigmoid(W_beta x)."""
+        sqrt(|q|^2 + qk_norm_eps) per head; value head j reads key head j // (heads / key_heads);
+        beta = sigmoid(W_beta x)."""
         b, t, _ = x.shape
-        h, dk, dv = self.n_heads, self.key_dim, self.value_dim
-        conv_lo = {"q": 0, "k": h * dk, "v": 2 * h * dk}
+        h, hk, dk, dv = self.n_heads, self.key_heads, self.key_dim, self.value_dim
+        conv_lo = {"q": 0, "k": hk * dk, "v": 2 * hk * dk}
         heads = {}
-        for name, proj, width in (("q", self.q_proj, dk), ("k", self.k_proj, dk), ("v", self.v_proj, dv)):
-            lo, hi = conv_lo[name], conv_lo[name] + h * width
+        for name, proj, n, width in (("q", self.q_proj, hk, dk), ("k", self.k_proj, hk, dk), ("v", self.v_proj, h, dv)):
+            lo, hi = conv_lo[name], conv_lo[name] + n * width
             u = causal_conv1d_reference(torch.einsum("btd,ed->bte", x, proj.weight), self.conv.weight[lo:hi])
             u = u * torch.sigmoid(u)  # silu
-            heads[name] = u.reshape(b, t, h, width).permute(0, 2, 1, 3)  # (B, H, T, width)
-        q, k, v = heads["q"], heads["k"], heads["v"]
-        q = q / torch.sqrt(q.pow(2).sum(-1, keepdim=True) + 1e-12)
-        k = k / torch.sqrt(k.pow(2).sum(-1, keepdim=True) + 1e-12)
+            heads[name] = u.reshape(b, t, n, width).permute(0, 2, 1, 3)  # (B, n, T, width)
+        key_of = torch.arange(h) * hk // h  # the key head of each value head
+        q, k, v = heads["q"][:, key_of], heads["k"][:, key_of], heads["v"]
+        q = q / torch.sqrt(q.pow(2).sum(-1, keepdim=True) + self.qk_norm_eps)
+        k = k / torch.sqrt(k.pow(2).sum(-1, keepdim=True) + self.qk_norm_eps)
         beta = torch.sigmoid(torch.einsum("btd,hd->bht", x, self.beta_proj.weight))
         g = None
         if self.gated_decay:
@@ -159,5 +194,11 @@ class GatedDeltaNet(DeltaNet):
         chunk_size: Annotated[int, Range(min=1)] = 64,
         gate: bool = True,
         value_factor: Annotated[int, Range(min=1)] = 2,
+        heads: Annotated[int | None, Range(min=1)] = None,
+        key_heads: Annotated[int | None, Range(min=1)] = None,
+        key_dim: Annotated[int | None, Range(min=1)] = None,
+        value_dim: Annotated[int | None, Range(min=1)] = None,
+        qk_norm_eps: Annotated[float, Range(min=0)] = 1e-12,
     ):
-        super().__init__(dims, conv_kernel, chunk_size, gate, value_factor)
+        super().__init__(dims, conv_kernel, chunk_size, gate, value_factor, heads, key_heads, key_dim, value_dim,
+                         qk_norm_eps)

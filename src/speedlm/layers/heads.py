@@ -12,6 +12,7 @@ from torch import nn
 from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.mixer import Mixer, linear_flops
+from speedlm.layers.norm import RMSNorm
 from speedlm.registry import Range
 
 
@@ -22,7 +23,11 @@ class HeadsMixer(Mixer):
     recurrences choose their own (GLA: half-width keys, RetNet: double-width values). Fast forms
     use `project` / `output`; references use `reference_project` / `reference_output`, which
     compute the same maps from the weights with einsums, independently of the view/transpose
-    plumbing of the fast path."""
+    plumbing of the fast path.
+
+    `qkv_bias`: biases on the q, k and v projections, not the output (Qwen2). `qk_norm`: an
+    RMSNorm with a learned gain over each head's key_dim on queries and keys, right after the
+    projection (before any rotation: Qwen3's q_norm / k_norm), eps = dims.norm_eps."""
 
     @classmethod
     def check_options(cls, dims: ModelDims, kv_heads: int | None = None, **options) -> None:
@@ -35,6 +40,8 @@ class HeadsMixer(Mixer):
         kv_heads: Annotated[int | None, Range(min=1)] = None,
         key_dim: int | None = None,
         value_dim: int | None = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
     ):
         super().__init__(dims)
         self.n_heads = dims.n_heads
@@ -43,10 +50,18 @@ class HeadsMixer(Mixer):
         self.key_dim = dims.head_dim if key_dim is None else key_dim
         self.value_dim = dims.head_dim if value_dim is None else value_dim
         d, dk, dv = dims.d_model, self.key_dim, self.value_dim
-        self.q_proj = nn.Linear(d, self.n_heads * dk, bias=False)
-        self.k_proj = nn.Linear(d, self.kv_heads * dk, bias=False)
-        self.v_proj = nn.Linear(d, self.kv_heads * dv, bias=False)
+        self.q_proj = nn.Linear(d, self.n_heads * dk, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.kv_heads * dk, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.kv_heads * dv, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * dv, d, bias=False)
+        self.q_norm = RMSNorm(dk, dims.norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(dk, dims.norm_eps) if qk_norm else None
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # N(0, init_std) projections, zero biases
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
 
     # ----- fast path -----
     def split_heads(self, y: torch.Tensor, heads: int) -> torch.Tensor:
@@ -61,11 +76,11 @@ class HeadsMixer(Mixer):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> q (B, H, T, Dh), k and v (B, Hkv, T, Dh)."""
-        return (
-            self.split_heads(self.q_proj(x), self.n_heads),
-            self.split_heads(self.k_proj(x), self.kv_heads),
-            self.split_heads(self.v_proj(x), self.kv_heads),
-        )
+        q = self.split_heads(self.q_proj(x), self.n_heads)
+        k = self.split_heads(self.k_proj(x), self.kv_heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, self.split_heads(self.v_proj(x), self.kv_heads)
 
     def output(self, y_bhtd: torch.Tensor) -> torch.Tensor:
         return self.o_proj(self.merge_heads(y_bhtd))
@@ -75,15 +90,21 @@ class HeadsMixer(Mixer):
 
     # ----- references -----
     @staticmethod
-    def _heads_of(x: torch.Tensor, weight: torch.Tensor, heads: int) -> torch.Tensor:
-        return torch.einsum("btd,hed->bhte", x, weight.view(heads, -1, x.shape[-1]))
+    def _heads_of(x: torch.Tensor, weight: torch.Tensor, heads: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch.einsum("btd,hed->bhte", x, weight.view(heads, -1, x.shape[-1]))
+        return y if bias is None else y + bias.view(heads, 1, -1)
+
+    @staticmethod
+    def _rms_reference(y: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
+        if norm is None:
+            return y
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
 
     def reference_project(self, x):
-        return (
-            self._heads_of(x, self.q_proj.weight, self.n_heads),
-            self._heads_of(x, self.k_proj.weight, self.kv_heads),
-            self._heads_of(x, self.v_proj.weight, self.kv_heads),
-        )
+        q = self._heads_of(x, self.q_proj.weight, self.n_heads, self.q_proj.bias)
+        k = self._heads_of(x, self.k_proj.weight, self.kv_heads, self.k_proj.bias)
+        v = self._heads_of(x, self.v_proj.weight, self.kv_heads, self.v_proj.bias)
+        return self._rms_reference(q, self.q_norm), self._rms_reference(k, self.k_norm), v
 
     def reference_output(self, y_bhtd):
         w = self.o_proj.weight.view(-1, self.n_heads, self.value_dim)

@@ -14,6 +14,10 @@ dt ~ logU[1e-3, 1e-1] floored at 1e-4, so that initial steps span three decades;
 projections are N(0, init_std) like every mixer here. A layer's cache is a CompositeCache of the
 convolution's last 3 inputs and the (B, d_inner, N) float32 SSM state; decoding is O(1) in the
 context. Mamba blocks carry no FFN (the preset uses ffn "none" and twice the layers).
+
+The inner norms run over each vector's own width (dt_rank, N, N), with learned gains as Jamba's;
+`inner_norm_gains=False` drops the gains (FalconMamba's weightless norms) and `inner_norm_eps`
+sets their epsilon apart from the model's `norm_eps` (FalconMamba's `mixer_rms_eps`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 
 from speedlm.cache.composite import CompositeCache
 from speedlm.cache.recurrent import RecurrentState
+from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.flops import Flops
 from speedlm.layers.init import init_dt_bias
@@ -48,15 +53,18 @@ class Mamba(Mixer):
         dt_rank: Annotated[int | None, Range(min=1)] = None,
         chunk_size: Annotated[int, Range(min=1)] = 32,
         inner_norms: bool = False,
+        inner_norm_gains: bool = True,
+        inner_norm_eps: Annotated[float | None, Range(min=0)] = None,
     ):
         super().__init__(dims)
         d = dims.d_model
         self.inner, self.d_state, self.chunk_size = expand * d, d_state, chunk_size
         self.dt_rank = math.ceil(d / 16) if dt_rank is None else dt_rank
         # Jamba (Lieber et al. 2024, section 6) RMS-normalises dt, B and C: it stabilised training at scale
-        self.inner_norms = inner_norms
-        if inner_norms:
-            norms = (RMSNorm(n, dims.norm_eps) for n in (self.dt_rank, d_state, d_state))
+        self.inner_norms, self.inner_norm_gains = inner_norms, inner_norm_gains
+        self.inner_norm_eps = dims.norm_eps if inner_norm_eps is None else inner_norm_eps
+        if inner_norms and inner_norm_gains:
+            norms = (RMSNorm(n, self.inner_norm_eps) for n in (self.dt_rank, d_state, d_state))
             self.dt_norm, self.b_norm, self.c_norm = norms
         self.in_proj = nn.Linear(d, 2 * self.inner, bias=False)
         self.conv = ShortConv(self.inner, conv_kernel, bias=True)
@@ -79,14 +87,27 @@ class Mamba(Mixer):
             self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float64)).expand_as(self.A_log))
             self.D.fill_(1.0)
 
+    @classmethod
+    def check_options(cls, dims: ModelDims, inner_norms: bool = False, inner_norm_gains: bool = True,
+                      inner_norm_eps: float | None = None, **options) -> None:
+        if not inner_norms and (not inner_norm_gains or inner_norm_eps is not None):
+            raise SpeedlmError("inner_norm_gains and inner_norm_eps shape the inner norms: they need inner_norms=True")
+
     # ----- the scan's inputs -----
     def _inner_norms(self) -> tuple[RMSNorm, ...]:
-        return (self.dt_norm, self.b_norm, self.c_norm) if self.inner_norms else ()
+        return (self.dt_norm, self.b_norm, self.c_norm) if self.inner_norms and self.inner_norm_gains else ()
+
+    def _normed(self, dt_r, B, C):
+        """dt_r, B and C through the inner norms, each over its own last axis (with or without gains)."""
+        if not self.inner_norms:
+            return dt_r, B, C
+        if self.inner_norm_gains:
+            return self.dt_norm(dt_r), self.b_norm(B), self.c_norm(C)
+        return tuple(F.rms_norm(v, (v.shape[-1],), None, self.inner_norm_eps) for v in (dt_r, B, C))
 
     def _scan_inputs(self, x_conv):
         dt_r, B, C = self.x_proj(x_conv).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if self.inner_norms:
-            dt_r, B, C = self.dt_norm(dt_r), self.b_norm(B), self.c_norm(C)
+        dt_r, B, C = self._normed(dt_r, B, C)
         delta = F.softplus(self.dt_proj(dt_r))
         return delta, B, C
 
@@ -112,9 +133,10 @@ class Mamba(Mixer):
         dbc = torch.einsum("bte,fe->btf", xs, self.x_proj.weight)
         dt_r, B, C = dbc[..., : self.dt_rank], dbc[..., self.dt_rank : -self.d_state], dbc[..., -self.d_state :]
         if self.inner_norms:
-            eps = self.dims.norm_eps
-            dt_r, B, C = (v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps) * norm.weight
-                          for norm, v in zip(self._inner_norms(), (dt_r, B, C)))
+            eps = self.inner_norm_eps
+            gains = [norm.weight for norm in self._inner_norms()] or [1.0, 1.0, 1.0]
+            dt_r, B, C = (v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps) * gain
+                          for gain, v in zip(gains, (dt_r, B, C)))
         delta = torch.log1p(torch.exp(torch.einsum("btr,er->bte", dt_r, self.dt_proj.weight) + self.dt_proj.bias))
         y, _ = selective_scan_recurrent(xs, delta, -torch.exp(self.A_log), B, C)
         y = (y + self.D * xs) * z * torch.sigmoid(z)

@@ -11,11 +11,16 @@ paper's code: A ~ U[1, 16] stored as A_log; dt_bias = softplus^-1(dt), dt ~ logU
 D = 1; the gated norm normalises each group's d_inner / G channels (mamba-ssm's RMSNormGated
 with group_size = d_inner / ngroups). Cache: the conv's last 3 inputs and the (B, H, P, N)
 float32 state, O(1) in the context. Like Mamba, the block carries no FFN.
+
+Options for the Mamba-2 variants that checkpoints use (Falcon-H1's mixer, e.g.): `d_inner` sets the
+inner width directly where it is no multiple of d_model; `norm` places the gated RMSNorm after the
+gate (the paper's), before it (`RMSNorm_groups(y) * silu(z)`, mamba-ssm's norm_before_gate), or
+drops it (`y * silu(z)`, no norm weight); `conv_bias=False` drops the conv's bias.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +38,19 @@ from speedlm.ops.conv import causal_conv1d_reference
 from speedlm.ops.ssd import SSD, ssd_recurrent
 from speedlm.registry import Range
 
+# where the gated RMSNorm sits: after the gate (the paper's), before it, or not at all
+GatedNorm = Literal["after_gate", "before_gate", "none"]
+
 
 class Mamba2(Mixer):
     residual_out = ("out_proj",)
 
     @classmethod
-    def check_options(cls, dims: ModelDims, expand: int = 2, head_dim: int = 64, n_groups: int = 1, **options) -> None:
-        inner = expand * dims.d_model
+    def check_options(cls, dims: ModelDims, expand: int = 2, head_dim: int = 64, n_groups: int = 1,
+                      d_inner: int | None = None, **options) -> None:
+        inner = expand * dims.d_model if d_inner is None else d_inner
         if inner % head_dim:
-            raise SpeedlmError(f"mamba2: head_dim={head_dim} must divide d_inner = expand * d_model = {inner}")
+            raise SpeedlmError(f"mamba2: head_dim={head_dim} must divide d_inner = {inner}")
         if (inner // head_dim) % n_groups:
             raise SpeedlmError(f"mamba2: n_groups={n_groups} must divide the number of heads {inner // head_dim}")
 
@@ -54,19 +63,23 @@ class Mamba2(Mixer):
         n_groups: Annotated[int, Range(min=1)] = 1,
         conv_kernel: Annotated[int, Range(min=1)] = 4,
         chunk_size: Annotated[int, Range(min=1)] = 64,
+        d_inner: Annotated[int | None, Range(min=1)] = None,  # default: expand * d_model
+        norm: GatedNorm = "after_gate",
+        conv_bias: bool = True,
     ):
         super().__init__(dims)
-        self.check_options(dims, expand=expand, head_dim=head_dim, n_groups=n_groups)
+        self.check_options(dims, expand=expand, head_dim=head_dim, n_groups=n_groups, d_inner=d_inner)
         d = dims.d_model
-        self.inner, self.d_state, self.head_dim, self.n_groups = expand * d, d_state, head_dim, n_groups
+        self.inner = expand * d if d_inner is None else d_inner
+        self.d_state, self.head_dim, self.n_groups, self.norm_position = d_state, head_dim, n_groups, norm
         self.n_heads, self.chunk_size = self.inner // head_dim, chunk_size
         self.conv_dim = self.inner + 2 * n_groups * d_state
         self.in_proj = nn.Linear(d, self.inner + self.conv_dim + self.n_heads, bias=False)
-        self.conv = ShortConv(self.conv_dim, conv_kernel, bias=True)
+        self.conv = ShortConv(self.conv_dim, conv_kernel, bias=conv_bias)
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
-        self.norm_weight = nn.Parameter(torch.empty(self.inner))
+        self.norm_weight = None if norm == "none" else nn.Parameter(torch.empty(self.inner))
         self.out_proj = nn.Linear(self.inner, d, bias=False)
         self.reset_parameters()
 
@@ -77,7 +90,8 @@ class Mamba2(Mixer):
         init_a_log(self.A_log)
         with torch.no_grad():
             self.D.fill_(1.0)
-            self.norm_weight.fill_(1.0)
+            if self.norm_weight is not None:
+                self.norm_weight.fill_(1.0)
 
     def _split(self, zxbcdt):
         return zxbcdt.split([self.inner, self.conv_dim, self.n_heads], dim=-1)
@@ -89,7 +103,11 @@ class Mamba2(Mixer):
         return xs.view(b, t, self.n_heads, self.head_dim), B.view(b, t, g, n), C.view(b, t, g, n)
 
     def _gated_norm(self, y, z, rms):
+        if self.norm_position == "none":
+            return y * F.silu(z)
         b, t, _ = y.shape
+        if self.norm_position == "before_gate":
+            return rms(y.view(b, t, self.n_groups, -1)).reshape(b, t, self.inner) * self.norm_weight * F.silu(z)
         g = (y * F.silu(z)).view(b, t, self.n_groups, -1)
         return rms(g).reshape(b, t, self.inner) * self.norm_weight
 
@@ -113,7 +131,8 @@ class Mamba2(Mixer):
         """The paper's block (its block design section, as the module doc) written out, none of the fast
         path's helpers shared: in_proj rows in the order z | x | B | C | dt, the depthwise causal conv
         (naive op) and silu on x, B, C; dt = softplus(dt + dt_bias), A = -exp(A_log); the naive
-        SSD recurrence plus D x; then, per group of d_inner / G channels, RMSNorm(y * silu(z))."""
+        SSD recurrence plus D x; then, per group of d_inner / G channels, RMSNorm(y * silu(z)) (or
+        RMSNorm(y) * silu(z), or no norm, as `norm` says)."""
         b, t, _ = x.shape
         e, g, n, h, p = self.inner, self.n_groups, self.d_state, self.n_heads, self.head_dim
         w = self.in_proj.weight
@@ -124,7 +143,7 @@ class Mamba2(Mixer):
         conv_rows = {"x": (0, e), "B": (e, e + g * n), "C": (e + g * n, e + 2 * g * n)}
         act = {}
         for name, (lo, hi) in conv_rows.items():
-            u = causal_conv1d_reference(proj[name], conv_w[lo:hi], conv_b[lo:hi])
+            u = causal_conv1d_reference(proj[name], conv_w[lo:hi], None if conv_b is None else conv_b[lo:hi])
             act[name] = u * torch.sigmoid(u)  # silu
         xs = act["x"].reshape(b, t, h, p)
         B, C = act["B"].reshape(b, t, g, n), act["C"].reshape(b, t, g, n)
@@ -132,9 +151,18 @@ class Mamba2(Mixer):
         y, _ = ssd_recurrent(xs, dt, -torch.exp(self.A_log), B, C)
         y = (y + self.D[:, None] * xs).reshape(b, t, e)
         z = proj["z"]
-        gated = (y * z * torch.sigmoid(z)).reshape(b, t, g, e // g)
-        normed = gated / torch.sqrt(gated.pow(2).mean(-1, keepdim=True) + self.dims.norm_eps)
-        y = normed.reshape(b, t, e) * self.norm_weight
+        gate = z * torch.sigmoid(z)  # silu
+
+        def group_rms(v):
+            v = v.reshape(b, t, g, e // g)
+            return (v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + self.dims.norm_eps)).reshape(b, t, e)
+
+        if self.norm_position == "none":
+            y = y * gate
+        elif self.norm_position == "before_gate":
+            y = group_rms(y) * self.norm_weight * gate
+        else:
+            y = group_rms(y * gate) * self.norm_weight
         return torch.einsum("bte,de->btd", y, self.out_proj.weight)
 
     # ----- cache and costs -----

@@ -3,6 +3,9 @@ token (token choice; Shazeer et al. 2017, arXiv:1701.06538; Mixtral's renormalis
 arXiv:2401.04088), optionally beside always-on `shared` experts, with fine-grained experts by
 choosing many small ones (DeepSeekMoE, Dai et al. 2024, arXiv:2401.06066).
 
+- Shared experts: one SwiGLU as wide as `shared` experts (or `shared_hidden` wide, Qwen2-MoE's
+  `shared_expert_intermediate_size`), every token goes through it; `shared_gate` scales its
+  output by sigmoid(w . x), a learned per-token scalar (Qwen2-MoE's `shared_expert_gate`).
 - Weights: top-k > 1 renormalises the softmax over the chosen experts (Mixtral), or with
   `renormalize=False` keeps the chosen experts' softmax probabilities as they are (DeepSeekMoE,
   Jamba); top-1 always keeps the raw probability (Switch), so the router still gets the
@@ -40,9 +43,13 @@ from speedlm.registry import Range
 
 class MoE(FFN):
     @classmethod
-    def check_options(cls, dims: ModelDims, experts: int = 8, top_k: int = 2, **options) -> None:
+    def check_options(cls, dims: ModelDims, experts: int = 8, top_k: int = 2, shared: int = 0,
+                      shared_hidden: int | None = None, shared_gate: bool = False, **options) -> None:
         if top_k > experts:
             raise SpeedlmError(f"top_k={top_k} must not exceed the number of experts ({experts})")
+        for name, value in (("shared_hidden", shared_hidden is not None), ("shared_gate", shared_gate)):
+            if value and not shared:
+                raise SpeedlmError(f"{name} shapes the shared expert, which needs shared >= 1 (got shared={shared})")
 
     @classmethod
     def causal_problem(cls, routing: str = "token", **options) -> str | None:
@@ -70,6 +77,8 @@ class MoE(FFN):
         z_coef: Annotated[float, Range(min=0)] = 0.001,
         routing: Literal["token", "expert"] = "token",
         renormalize: bool = True,
+        shared_hidden: Annotated[int | None, Range(min=1)] = None,
+        shared_gate: bool = False,
     ):
         super().__init__(dims)
         d = dims.d_model
@@ -81,8 +90,10 @@ class MoE(FFN):
         self.w_gate = nn.Parameter(torch.empty(experts, d, self.hidden))
         self.w_up = nn.Parameter(torch.empty(experts, d, self.hidden))
         self.w_down = nn.Parameter(torch.empty(experts, self.hidden, d))
-        # shared experts: one SwiGLU as wide as `shared` experts, every token goes through it
-        self.shared = SwiGLU(dims, hidden=shared * self.hidden) if shared else None
+        # shared experts: one SwiGLU as wide as `shared` experts (or `shared_hidden`), every token goes through it
+        width = shared * self.hidden if shared_hidden is None else shared_hidden
+        self.shared = SwiGLU(dims, hidden=width) if shared else None
+        self.shared_gate = nn.Linear(d, 1, bias=False) if shared and shared_gate else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -90,6 +101,8 @@ class MoE(FFN):
         nn.init.normal_(self.router.weight, 0.0, std)
         for w in (self.w_gate, self.w_up, self.w_down):
             nn.init.normal_(w, 0.0, std)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, 0.0, std)
 
     def residual_weights(self) -> list[torch.Tensor]:
         return [self.w_down] + ([self.shared.down.weight] if self.shared is not None else [])
@@ -108,7 +121,7 @@ class MoE(FFN):
         shape = x.shape
         if x.shape[:-1].numel() == 0:  # no tokens: nothing to route, no losses to add
             y = torch.zeros_like(x)
-            return y if self.shared is None else y + self.shared(x)
+            return y if self.shared is None else y + self.shared_output(x)
         flat = x.reshape(-1, shape[-1])
         logits, weights, experts, probs = self.route(flat)
         aux = meta.aux if meta is not None else None
@@ -129,18 +142,28 @@ class MoE(FFN):
             aux.add("moe_z", self.z_coef * z_loss(logits))
         y = y.view(shape)
         if self.shared is not None:
-            y = y + self.shared(x)
+            y = y + self.shared_output(x)
         return y
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output (x (..., D) -> (..., D)), gated per token when `shared_gate`."""
+        y = self.shared(x)
+        return y if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * y
 
     def flops_breakdown(self) -> Flops:
         """Active FLOPs: the router (a functional F.linear, in float32) and the k experts (matrix
-        products on the sorted tokens), and the shared experts (a SwiGLU of Linear layers)."""
+        products on the sorted tokens), and the shared experts (a SwiGLU of Linear layers, and the
+        shared gate's d -> 1 Linear)."""
         d = self.dims.d_model
         shared = self.shared.flops_breakdown() if self.shared is not None else Flops()
+        if self.shared_gate is not None:
+            shared = shared + Flops(linear=2.0 * d)
         return Flops(matmul=2.0 * d * self.n_experts + self.top_k * 6.0 * d * self.hidden) + shared
 
     def num_active_params(self) -> int:
-        """Parameters a token passes through (router, k experts, shared experts)."""
+        """Parameters a token passes through (router, k experts, shared experts and their gate)."""
         expert = 3 * self.dims.d_model * self.hidden
         shared = sum(p.numel() for p in self.shared.parameters()) if self.shared is not None else 0
+        if self.shared_gate is not None:
+            shared += self.shared_gate.weight.numel()
         return self.router.weight.numel() + self.top_k * expert + shared

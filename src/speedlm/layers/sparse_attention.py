@@ -38,8 +38,14 @@ class SlidingWindowAttention(AttentionBase):
         window: Annotated[int, Range(min=1)] = 256,
         kv_heads: Annotated[int | None, Range(min=1)] = None,
         positions: Positions = "rope",
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        head_dim: Annotated[int | None, Range(min=1)] = None,
+        rope_dim: Annotated[int | None, Range(min=2)] = None,
+        output_gate: bool = False,
     ):
-        super().__init__(dims, kv_heads, positions)
+        # the projection and position options of AttentionBase (Qwen2's and Mistral's windowed layers)
+        super().__init__(dims, kv_heads, positions, qkv_bias, qk_norm, head_dim, rope_dim, output_gate)
         self.window = window
         self._pattern = SlidingWindow(window)
         self.reset_parameters()

@@ -41,6 +41,15 @@ def _mamba2_head_dim(size: dict) -> int:
     return min(64, 2 * size["d_model"] // size["n_heads"])
 
 
+def _falcon_h1_mixer(size: dict) -> dict:
+    """Falcon-H1's small models' proportions (0.5B, 1.5B): SSM channels 1.5 x the width in heads of
+    64 (32 in tiny, for 3 of them), key/value heads a quarter of the attention heads; d_state 128,
+    or half the width where that is less (tiny: 32)."""
+    d = size["d_model"]
+    return {"name": "parallel_hybrid", "kv_heads": max(1, size["n_heads"] // 4), "d_inner": 3 * d // 2,
+            "ssm_head_dim": 32 if d <= 64 else 64, "d_state": min(128, d // 2)}
+
+
 def _jamba_layers(size: dict) -> int:
     """Jamba's block is 8 layers (attention in the fifth): the smallest multiple of 8 that is at
     least the size's depth."""
@@ -343,6 +352,15 @@ PRESETS: dict[str, Preset] = {
             "middle and last layers",
             "Dong et al. 2024, Hymba: A Hybrid-head Architecture for Small Language Models (arXiv:2411.13676)",
             lambda s: dict(pattern="H", layers={"H": {"mixer": {"name": "hymba", "window": s["window"]}}}),
+        ),
+        Preset(
+            "falcon-h1",
+            "Falcon-H1: attention and Mamba-2 heads in parallel in every layer on the same input, their outputs "
+            "summed (no extra projection), then a SwiGLU FFN; Mamba-2 gets 1.5x the width in channels, GQA a quarter "
+            "of the heads",
+            "Zuo et al. 2025, Falcon-H1: A Family of Hybrid-Head Language Models Redefining Efficiency and Performance "
+            "(arXiv:2507.22448)",
+            lambda s: dict(pattern="F", layers={"F": {"mixer": _falcon_h1_mixer(s)}}),
         ),
         Preset(
             "sepllm",

@@ -28,6 +28,7 @@ from speedlm.layers.mamba2 import Mamba2
 from speedlm.layers.mlp import SwiGLU
 from speedlm.layers.mod import MoDBlock
 from speedlm.layers.moe import MoE
+from speedlm.layers.parallel_hybrid import ParallelHybrid
 from speedlm.layers.performer import Performer
 from speedlm.layers.reformer import LSHAttention
 from speedlm.layers.transformer_xl import TransformerXLAttention
@@ -294,6 +295,16 @@ register_mixer(
     paper="Dong et al. 2024, Hymba: A Hybrid-head Architecture for Small Language Models (arXiv:2411.13676)",
     contract_spec={"window": 7, "kv_heads": 2, "full_attention": False, "d_state": 4, "chunk_size": 16},
 )
+register_mixer(
+    "parallel_hybrid",
+    ParallelHybrid,
+    family="hybrid heads",
+    description="attention heads and Mamba-2 heads in parallel on the same input, their outputs summed (Falcon-H1; "
+    "its muP multipliers live in the weights); KV cache + conv and SSM state",
+    paper="Zuo et al. 2025, Falcon-H1: A Family of Hybrid-Head Language Models Redefining Efficiency and Performance "
+    "(arXiv:2507.22448)",
+    contract_spec={"kv_heads": 2, "d_state": 6, "d_inner": 48, "ssm_head_dim": 12, "n_groups": 2, "chunk_size": 16},
+)
 
 # ----- FFNs -----
 register_ffn(
@@ -309,11 +320,11 @@ register_ffn(
     MoE,
     family="sparse FFN",
     description="Mixture-of-Experts SwiGLU: float32 router, token-choice top-k (renormalised, or the raw softmax "
-    "weights), optional shared and "
+    "weights), optional shared (of their own width, sigmoid-gated: Qwen2-MoE) and "
     "fine-grained experts, Switch balance + z-loss, capacity with token dropping in training; sorted grouped dispatch",
     paper="Shazeer et al. 2017 (arXiv:1701.06538); Jiang et al. 2024, Mixtral (arXiv:2401.04088); Dai et al. 2024, "
     "DeepSeekMoE (arXiv:2401.06066)",
-    contract_spec={"experts": 4, "top_k": 2, "hidden": 16, "shared": 1},
+    contract_spec={"experts": 4, "top_k": 2, "hidden": 16, "shared": 1, "shared_hidden": 24, "shared_gate": True},
 )
 register_ffn(
     "none",
