@@ -11,7 +11,7 @@ RECALL_DIR ?= runs/recall
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
-	@$(PYTHON) -m pip install -q -e ".[test,hf,tasks,sweep]"
+	@$(PYTHON) -m pip install -q -e ".[test,hf,tasks,sweep,eval]"
 
 # The main job: one representative of every family trained on Python's own stdlib sources for
 # the same training FLOPs, then validation loss, associative recall (MQAR), speed and cache size

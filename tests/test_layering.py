@@ -34,6 +34,7 @@ LAYERS = [
     "bench",
     "compare",
     "commands",
+    "harness",
     "cli",
     "__main__",
 ]

@@ -57,6 +57,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.tasks:  # lm-evaluation-harness tasks
+        from speedlm.harness.run import run_harness
+
+        run_harness(args)
+        return 0
     from speedlm.commands.evaluate import run_eval
 
     run_eval(args)
@@ -297,6 +302,16 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--batches", type=int, default=50, help="at most this many batches (0 = whole split)")
     _policy_options(p, window=256)
     p.add_argument("--device", default="auto")
+    h = p.add_argument_group("lm-evaluation-harness tasks (the `eval` extra) instead of the validation loss")
+    h.add_argument("--tasks", type=_csv, help="task names, comma-separated (lm_eval's, or YAMLs under --include-path); "
+                   "--seq-len is then the loglikelihood_rolling window")
+    h.add_argument("--include-path", help="a folder of task YAMLs, searched before lm_eval's own tasks")
+    h.add_argument("--no-builtin-tasks", action="store_true",
+                   help="look only under --include-path (skips indexing lm_eval's tasks, some seconds)")
+    h.add_argument("--limit", type=float, help="at most this many documents per task (a fraction if < 1)")
+    h.add_argument("--num-fewshot", type=int)
+    h.add_argument("--bootstrap-iters", type=int, default=100000, help="resamples for the standard errors (0: none)")
+    h.add_argument("--output", help="write lm_eval's results as JSON to this file")
     p.set_defaults(func=cmd_eval)
 
 
@@ -309,6 +324,8 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop once the new text contains TEXT, printed without it (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (reference)")
     p.add_argument("--compile", action="store_true",
                    help="compile the single-token decoding step with torch.compile (the first two steps compile; "
@@ -350,14 +367,15 @@ def _add_hf_export_parser(hsub) -> None:
     p = hsub.add_parser("export", help="a checkpoint as a Hugging Face model folder (config, safetensors, tokenizer)")
     p.add_argument("--checkpoint", required=True, help="run folder or step folder")
     p.add_argument("--out", required=True, help="new folder for the Hugging Face files")
-    p.add_argument("--format", default="speedlm", choices=["speedlm", "llama"],
-                   help="speedlm (any model; load after `import speedlm.hf`) or llama (full-attention "
-                   "transformers as a plain LlamaForCausalLM)")
+    p.add_argument("--format", default="speedlm", choices=["speedlm", "llama", "native"],
+                   help="speedlm (any model; load after `import speedlm.hf`), llama (full-attention "
+                   "transformers as a plain LlamaForCausalLM) or native (a checkpoint from `speedlm hf import`, "
+                   "as its original transformers class)")
     p.set_defaults(func=cmd_hf)
 
 
 def _add_hf_import_parser(hsub) -> None:
-    p = hsub.add_parser("import", help="a Hugging Face folder (Llama, Mistral, Mamba, Mamba-2, Mixtral) as a speedlm checkpoint")
+    p = hsub.add_parser("import", help="a Hugging Face folder (Llama, Mistral, Mamba, Mamba-2, Mixtral, Qwen-MoE) as a speedlm checkpoint")
     p.add_argument("--model", required=True, help="Hugging Face model folder (with tokenizer.json)")
     p.add_argument("--out", required=True, help="speedlm run folder to write")
     p.set_defaults(func=cmd_hf)
@@ -378,8 +396,8 @@ def _add_hf_eval_parser(hsub) -> None:
 
 def _add_compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="train architectures at equal FLOPs; quality, recall, speed and memory in one report")
-    p.add_argument("--presets", type=_csv, default=None, help="comma-separated presets or config JSON paths "
-                   "(default: one per family, see README)")
+    p.add_argument("--presets", type=_csv, default=None, help="comma-separated presets, config JSON paths or "
+                   "checkpoint folders (measured as saved, not trained; default: one per family, see README)")
     p.add_argument("--budget", type=float, default=None, help="training FLOPs per model (default 5e11: the twelve default models in about 10 min on 2 CPU cores)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="instead of --budget: seconds of training per model on this machine (steps calibrated per model)")

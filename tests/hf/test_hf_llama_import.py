@@ -31,6 +31,16 @@ def test_imported_llama_computes_the_same_logits_and_tokens(arch, tied, kv_heads
     assert torch.equal(generate(ours, ids[:, :9], 15).ids, hf_tokens)
 
 
+def test_an_explicit_head_dim_imports_as_the_attention_head_dim_option():
+    hf = tiny_hf_model("llama", head_dim=16)  # 4 heads of 16 on a width of 32
+    ours = from_llama(hf).to(torch.float64)
+    assert ours.config.layers["A"]["mixer"] == {"name": "attention", "kv_heads": 2, "head_dim": 16}
+    assert ours.num_params() == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, 64, (2, 29))
+    with torch.no_grad():
+        assert rel_err(ours(ids), hf(ids).logits) < 1e-6
+
+
 def test_import_writes_a_speedlm_checkpoint_that_exports_back(tmp_path):
     hf = tiny_hf_model("llama", vocab_size=256, dtype=torch.float32)
     hf.save_pretrained(tmp_path / "hf")
@@ -51,7 +61,8 @@ def test_architectures_that_differ_are_refused_with_the_reason(tmp_path):
         (tiny_hf_model("qwen2"), "only Llama-architecture"),
         (tiny_hf_model("llama", attention_bias=True), "biases"),
         (tiny_hf_model("llama", hidden_act="gelu"), "activation"),
-        (tiny_hf_model("llama", head_dim=16), "head_dim"),
+        (tiny_hf_model("llama", rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+         "partial_rotary_factor"),
         (tiny_hf_model("mistral", sliding_window=8), "sliding window"),
         (tiny_hf_model("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "scaled RoPE"),
     ]

@@ -106,13 +106,6 @@ def test_what_speedlm_cannot_honour_is_refused_by_name(overrides, reason):
         from_mamba(tiny_mamba(**overrides))
 
 
-def test_an_architecture_without_a_converter_is_one_line():
-    from support.hf_models import tiny_hf_model
-
-    with pytest.raises(SpeedlmError, match="no speedlm import for Hugging Face model type 'qwen2'; supported: llama"):
-        from_pretrained(tiny_hf_model("qwen2"))
-
-
 def test_hf_import_writes_a_mamba_checkpoint_with_the_same_logits(tmp_path, capsys):
     hf = tiny_mamba(dtype=torch.float32, vocab_size=256)
     hf.save_pretrained(tmp_path / "hf")

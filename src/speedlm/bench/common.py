@@ -113,13 +113,15 @@ def one_line(exc: BaseException) -> str:
 def build_seeded(spec, seed: int, device, dtype, min_seq_len: int = 0):
     """The model of `spec` (preset name or config) with its weights drawn from `seed`, whatever
     ran before (the caller's random state is left as it was), its max_seq_len raised to
-    `min_seq_len` where shorter, on `device` in `dtype`."""
-    from speedlm.models import build_model, resolve_config
+    `min_seq_len` where shorter, on `device` in `dtype`. A checkpoint folder gives its own
+    weights (an imported model routes as it learned to)."""
+    from speedlm.checkpoint.pretrained import build_spec, spec_config
 
-    longer = {"max_seq_len": min_seq_len} if min_seq_len > resolve_config(spec).max_seq_len else {}
+    longer = {"max_seq_len": min_seq_len} if min_seq_len > spec_config(spec).max_seq_len else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(spec, **longer).to(device=device, dtype=dtype)
+        model = build_spec(spec, **longer)
+    return model.to(device=device, dtype=dtype)
 
 
 def text_token_ids(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

@@ -30,7 +30,7 @@ from speedlm.bench.timing import median, synchronize, time_fn, timing_method
 from speedlm.cache.policies import make_policy
 from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
-from speedlm.models import resolve_config
+from speedlm.checkpoint.pretrained import spec_config
 from speedlm.progress import progress_bar
 
 
@@ -121,10 +121,10 @@ def decode_markdown(result: dict) -> str:
     first = policies[0]
     compare = len(policies) > 1  # a column of each row against the same preset's first policy
     bound = bool(meta.get("compile"))
-    head = "| preset | " + " | ".join(f"ms/token @{n}" for n in ctx) + " | " + " | ".join(
-        f"@{n} / @{base}" for n in ctx[1:]) + (f" | / [{first}] @{ctx[-1]}" if compare else "") + \
-        (f" | weight-read bound ms | Linear-layers floor ms | @{ctx[-1]} / bound" if bound else "") + \
-        f" | state bytes @{ctx[-1]} (declared) | cache bytes @{ctx[-1]} (held) |"
+    columns = [f"ms/token @{n}" for n in ctx] + [f"@{n} / @{base}" for n in ctx[1:]]
+    columns += [f"/ [{first}] @{ctx[-1]}"] if compare else []
+    columns += ["weight-read bound ms", "Linear-layers floor ms", f"@{ctx[-1]} / bound"] if bound else []
+    head = "| preset | " + " | ".join(columns) + f" | state bytes @{ctx[-1]} (declared) | cache bytes @{ctx[-1]} (held) |"
     lines = [
         "# speedlm decode benchmark",
         "",
@@ -143,7 +143,7 @@ def decode_markdown(result: dict) -> str:
                      "tensor the size of the model's parameters; Linear-layers floor: every nn.Linear of the model "
                      "applied to one row as aten GEMV calls, back to back (what the eager step calls); both timed "
                      "once per rotation beside the steps")
-    lines += [f"- date: {meta['date']}", "", head, "|" + "---|" * (3 + len(ctx) + len(ctx) - 1 + compare + 3 * bound)]
+    lines += [f"- date: {meta['date']}", "", head, "|" + "---|" * (3 + len(columns))]
     for p, r in result["presets"].items():
         if "skipped" in r:
             lines.append(f"| {p} | skipped: {r['skipped']} |")
@@ -153,9 +153,8 @@ def decode_markdown(result: dict) -> str:
         vs = f" | {r['vs_first_policy']:.2f}" if compare else ""
         if bound:
             vs += f" | {r['weight_read_ms']:.3g} | {r['linear_floor_ms']:.3g} | {ms[-1] / r['weight_read_ms']:.2f}"
-        lines.append(f"| {p} | " + " | ".join(f"{m:.3g}" for m in ms) + " | "
-                     + " | ".join(f"{x:.2f}" for x in ratios) + vs
-                     + f" | {r['state_bytes']:,} | {r['cache_bytes']:,} |")
+        cells = [f"{m:.3g}" for m in ms] + [f"{x:.2f}" for x in ratios]
+        lines.append(f"| {p} | " + " | ".join(cells) + vs + f" | {r['state_bytes']:,} | {r['cache_bytes']:,} |")
     return "\n".join(lines) + "\n"
 
 
@@ -183,7 +182,7 @@ def run_decode_bench(presets, contexts=(1024, 16384), steps: int = 64, device="a
     from speedlm.models.build import require_language_model
 
     for p in presets:
-        require_language_model(resolve_config(p), p)  # unknown presets and encoders fail before any work
+        require_language_model(spec_config(p), p)  # unknown presets and encoders fail before any work
     need = max(contexts) + steps + 1
     meta = {
         "device": str(dev), "torch_version": torch.__version__, "speedlm_version": speedlm.__version__,

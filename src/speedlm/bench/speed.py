@@ -31,7 +31,7 @@ from speedlm.bench.plots import write_plots
 from speedlm.bench.timing import median, synchronize, time_fn, timing_method
 from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
-from speedlm.models import resolve_config
+from speedlm.checkpoint.pretrained import spec_config
 from speedlm.progress import progress_bar
 
 METRICS = ("fwd", "fwd_bwd", "decode")
@@ -182,7 +182,7 @@ def run_speed_bench(
         raise SpeedlmError(f"baseline {baseline!r} is not one of the benchmarked presets {presets}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    configs = {p: resolve_config(p) for p in presets}  # unknown presets fail here, before any work
+    configs = {p: spec_config(p) for p in presets}  # unknown presets fail here, before any work
     need_len = max(lengths) + decode_tokens
 
     # the same token ids for every preset, real text: one batch per length (+1 token for the

@@ -40,10 +40,10 @@ class Style(NamedTuple):
 def model_family(spec) -> str:
     """The registry family of the first mixer of a preset name, config, config dict or JSON path
     ("gqa-tiny" -> "efficient full attention")."""
-    from speedlm.models import resolve_config
+    from speedlm.checkpoint.pretrained import spec_config
     from speedlm.registry import MIXERS
 
-    return MIXERS[resolve_config(spec).layer_specs()[0]["mixer"]["name"]].family
+    return MIXERS[spec_config(spec).layer_specs()[0]["mixer"]["name"]].family
 
 
 def _shade(colour: str, t: float) -> str:

@@ -53,3 +53,30 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     "checkpoint_path", the step folder (where the tokenizer files are)."""
     p = load_pretrained(path, device, tokenizer=False)
     return p.model, {**p.trainer_state, "checkpoint_path": str(p.path)}
+
+
+def spec_config(spec, **overrides):
+    """The ModelConfig of a model spec that may be a checkpoint folder (its saved config) as well
+    as a preset name, config, dict or config JSON (models.resolve_config); `overrides` replace
+    fields."""
+    from speedlm.models import ModelConfig, resolve_config
+    from speedlm.models.build import is_checkpoint
+
+    if not is_checkpoint(spec):
+        return resolve_config(spec, **overrides)
+    fields = read_config(resolve_checkpoint(spec)).to_dict()
+    return ModelConfig.from_dict({**fields, **overrides})
+
+
+def build_spec(spec, **overrides):
+    """The model of a spec (as `spec_config`): a checkpoint folder's holds its saved weights (what
+    benchmarks and compare measure of an imported or trained model), any other a fresh init
+    from the current random state."""
+    from speedlm.models import build_model
+    from speedlm.models.build import is_checkpoint
+
+    model = build_model(spec_config(spec, **overrides))
+    if is_checkpoint(spec):
+        folder = resolve_checkpoint(spec)
+        load_weights_into(model, full_state_dict(*read_weights(folder)), folder)
+    return model

@@ -10,6 +10,7 @@ from speedlm.device import resolve_device
 
 def run_generate(args):
     from speedlm.generate import generate
+    from speedlm.generate.stop import StopStrings, cut_at_stop
 
     device = resolve_device(args.device)
     model, tokenizer, _ = load_trained(args.checkpoint, device)
@@ -32,8 +33,12 @@ def run_generate(args):
         use_cache=not args.no_cache,
         kv_policy=policy,
         compile=getattr(args, "compile", False),
+        stop=StopStrings(tokenizer, args.stop) if args.stop else None,
     )
-    print(tokenizer.decode(result.ids[0].tolist()))
+    if args.stop:  # the prompt, then the new text up to the first stop string
+        print(args.prompt + cut_at_stop(tokenizer.decode(result.ids[0, ids.shape[1]:].tolist()), args.stop))
+    else:
+        print(tokenizer.decode(result.ids[0].tolist()))
     cache = "no cache" if args.no_cache else f"cache {result.cache_bytes / 1024:.1f} KiB"
     if result.kv_ratio is not None and policy is not None:
         cache += (f", {describe_policy(policy)}: KV {result.kv_ratio:.1%} of the full cache on average, "
@@ -52,7 +57,8 @@ def _run_diffusion(args, model, tokenizer, device):
 
     ignored = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--no-cache", args.no_cache),
                                         ("--compile", getattr(args, "compile", False)),
-                                        ("--attention", getattr(args, "attention", "full") != "full")) if value]
+                                        ("--attention", getattr(args, "attention", "full") != "full"),
+                                        ("--stop", getattr(args, "stop", None))) if value]
     if ignored:
         raise SpeedlmError(f"{', '.join(ignored)}: not for diffusion checkpoints (they unmask with --steps, --block, "
                            "--remasking, --threshold, --temperature, --prefix-cache)")

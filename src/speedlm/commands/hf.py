@@ -21,7 +21,7 @@ def _hf():
 
 def run_hf_export(args) -> Path:
     out = _hf().export_checkpoint(args.checkpoint, args.out, format=args.format)
-    how = "AutoModelForCausalLM.from_pretrained" + ("" if args.format == "llama" else " (after `import speedlm.hf`)")
+    how = "AutoModelForCausalLM.from_pretrained" + ("" if args.format in ("llama", "native") else " (after `import speedlm.hf`)")
     print(f"exported {args.checkpoint} as a Hugging Face {args.format} model to {out}; load it with {how}")
     return out
 

@@ -47,12 +47,15 @@ def generate(
     use_cache: bool = True,
     kv_policy=None,
     compile: bool = False,
+    stop=None,
 ) -> GenerationResult:
     """prompt_ids (B, T0) -> GenerationResult. use_cache=False recomputes the whole sequence
     at every step (the reference the cached path must reproduce exactly under greedy decoding).
     kv_policy overrides the retention of every KV cache (cache/policies.py `make_policy`): a bounded
     one lifts the length limit of full-attention models. compile: the single-token steps through
-    torch.compile (generate/compiled.py); the first two compile and are timed apart (`compile_s`)."""
+    torch.compile (generate/compiled.py); the first two compile and are timed apart (`compile_s`).
+    stop: a callable, new ids (B, n) -> (B,) bool, the rows that are done (generate/stop.py
+    `StopStrings`); decoding ends early once every row is done."""
     check_sampling(temperature, top_k, top_p)
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise SpeedlmError("the prompt must contain at least one token; give a non-empty prompt")
@@ -96,7 +99,7 @@ def generate(
             usage.append((sum(slots) / len(slots), cache.seen))
         nxt = sample_next(logits, temperature, top_k, top_p, gen)[:, None]
         ids = torch.cat([ids, nxt], dim=1)
-        if i == max_new_tokens - 1:
+        if i == max_new_tokens - 1 or (stop is not None and bool(stop(ids[:, prompt_ids.shape[1]:]).all())):
             break
         logits = step(nxt, cache)[:, -1] if use_cache else model(ids)[:, -1]
         if compile and i == COMPILING_STEPS - 1:  # the compiling steps, timed apart from decoding
@@ -109,5 +112,5 @@ def generate(
     if usage:
         ratio = sum(s for s, _ in usage) / sum(n for _, n in usage)
         peak = max(s for s, _ in usage) / max(n for _, n in usage)
-    return GenerationResult(ids, max_new_tokens, prefill_s, t2 - t1, cache.nbytes() if cache else 0, ratio, peak,
-                            compile_s)
+    new = ids.shape[1] - prompt_ids.shape[1]  # max_new_tokens, or fewer where `stop` ended early
+    return GenerationResult(ids, new, prefill_s, t2 - t1, cache.nbytes() if cache else 0, ratio, peak, compile_s)

@@ -21,13 +21,14 @@ def to_hf_model(model) -> SpeedlmForCausalLM:
     return hf.eval()
 
 
-FORMATS = ("speedlm", "llama")
+FORMATS = ("speedlm", "llama", "native")
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str = "speedlm") -> Path:
     """Write the Hugging Face folder for a speedlm checkpoint (run or step folder) to `out`:
-    format "speedlm" (any model; loads once `speedlm.hf` is imported) or "llama" (full-attention
-    transformers only; a plain `LlamaForCausalLM` that loads without speedlm)."""
+    format "speedlm" (any model; loads once `speedlm.hf` is imported), "llama" (full-attention
+    transformers only; a plain `LlamaForCausalLM` that loads without speedlm) or "native" (a
+    checkpoint made by `speedlm hf import`: its original transformers class, hf/native.py)."""
     if format not in FORMATS:
         raise SpeedlmError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     from speedlm.checkpoint.pretrained import load_pretrained
@@ -44,6 +45,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, for
         from speedlm.hf.llama import to_llama
 
         hf = to_llama(pre.model)
+    elif format == "native":
+        from speedlm.hf.imports import from_pretrained, native_config
+        from speedlm.hf.native import to_native
+
+        hf = to_native(pre.model, native_config(pre.trainer_state), from_pretrained)
     else:
         hf = to_hf_model(pre.model)
     out.mkdir(parents=True, exist_ok=True)

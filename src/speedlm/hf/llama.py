@@ -3,9 +3,9 @@
 speedlm's `attention` + `swiglu` + pre-norm block is the Llama layer: half-split RoPE (the
 layout Hugging Face's Llama uses), RMSNorm with a gain before the mixer and the FFN, a bias-free
 SwiGLU, GQA through `kv_heads`. Where the architectures agree the weights map one to one; where
-they do not (biases, another activation, scaled RoPE, a sliding window, a head size other than
-width / heads) the import refuses with the reason instead of building a model that computes
-something else.
+they do not (an output-projection or MLP bias, another activation, scaled or partial RoPE, a
+sliding window) the import refuses with the reason instead of building a model that computes
+something else. A head size other than width / heads is the attention's `head_dim` option.
 """
 
 from __future__ import annotations
@@ -41,17 +41,22 @@ def llama_model_config(config) -> ModelConfig:
     return transformer_model_config(config)
 
 
-def transformer_model_config(config) -> ModelConfig:
+def transformer_model_config(config, **attention_options) -> ModelConfig:
     """The speedlm transformer (`attention` + `swiglu`, pre-norm) of a Llama-family config
-    (Llama, Mistral, and the attention of Mixtral), or SpeedlmError naming what does not agree."""
+    (Llama, Mistral, Qwen2, Qwen3, and the attention of Mixtral), or SpeedlmError naming what does
+    not agree. `attention_options`: what the family adds to Llama's attention (Qwen2's
+    `qkv_bias`, Qwen3's `qk_norm`), set on every layer's `attention` when true. An explicit
+    head_dim other than width / heads becomes the attention's `head_dim` option."""
     heads, width = config.num_attention_heads, config.hidden_size
     disagree = []
     if getattr(config, "hidden_act", "silu") != "silu":
         disagree.append(f"activation {config.hidden_act!r} (speedlm's SwiGLU uses silu)")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        disagree.append("biases in the attention or MLP projections")
-    if (getattr(config, "head_dim", None) or width // heads) * heads != width:
-        disagree.append(f"head_dim={config.head_dim} with {heads} heads of width {width} (speedlm: width / heads)")
+        # Llama's and Qwen3's attention_bias puts a bias on o_proj too; speedlm's is bias-free
+        disagree.append("biases in the attention or MLP projections (attention_bias / mlp_bias)")
+    partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        disagree.append(f"partial_rotary_factor={partial} (this family's attention rotates whole heads)")
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         disagree.append(f"pretraining_tp={config.pretraining_tp}")
     if getattr(config, "sliding_window", None) is not None:
@@ -60,6 +65,10 @@ def transformer_model_config(config) -> ModelConfig:
         raise SpeedlmError("this model's architecture differs from speedlm's transformer: " + "; ".join(disagree))
     kv = config.num_key_value_heads or heads
     mixer = {"name": "attention"} if kv == heads else {"name": "attention", "kv_heads": kv}
+    head_dim = getattr(config, "head_dim", None) or width // heads
+    if head_dim * heads != width:
+        mixer["head_dim"] = head_dim
+    mixer.update({k: v for k, v in attention_options.items() if v})
     return ModelConfig(
         vocab_size=config.vocab_size,
         d_model=width,

@@ -1,4 +1,4 @@
-"""`build_model(preset name | ModelConfig | dict | path to config JSON)`."""
+"""`build_model(preset name | ModelConfig | dict | path to config JSON | checkpoint folder)`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,24 @@ from speedlm.models.config import ModelConfig
 from speedlm.models.presets import preset_config
 
 
+def is_checkpoint(spec) -> bool:
+    """Whether a model spec names a checkpoint (a run or step folder) rather than a preset or a
+    config: benchmarks and compare then measure its weights (an imported or trained model), via
+    speedlm.checkpoint.pretrained.spec_config / build_spec (checkpoints sit above models)."""
+    if not isinstance(spec, (str, os.PathLike)) or not os.path.isdir(spec):
+        return False
+    try:  # a preset name stays a preset, even beside a folder of that name
+        preset_config(str(spec))
+    except SpeedlmError:
+        return True
+    return False
+
+
 def resolve_config(spec, **overrides) -> ModelConfig:
     """A validated ModelConfig from a preset name, a config, a dict or the path of a config JSON;
     `overrides` replace fields (e.g. vocab_size=...)."""
+    if is_checkpoint(spec):
+        raise SpeedlmError(f"{spec} is a folder: load a checkpoint with speedlm.checkpoint.pretrained.spec_config")
     if isinstance(spec, str) and not spec.endswith(".json"):
         return preset_config(spec, **overrides)
     if isinstance(spec, ModelConfig):
@@ -46,3 +61,4 @@ def require_language_model(cfg: ModelConfig, name, diffusion: bool = False) -> N
     if cfg.objective not in ("ar", "diffusion"):
         raise SpeedlmError(f"{name} is an encoder (objective {cfg.objective!r}), not a language model; "
                            "train it on a task with `speedlm train-classifier --task digits --presets ...`")
+
