@@ -13,6 +13,9 @@ Steps. Each model trains for `floor(budget / (flops_per_token * tokens_per_step)
 `flops_per_token` its own analytic training cost at the training length (so a cheaper model
 takes more steps), on the same batch shape, data order, seed and schedule shape (warmup as a
 fraction of its steps, then cosine).
+
+A checkpoint folder (compare/pretrained.py) is planned apart (`plan_pretrained`): it keeps its
+saved width, is never the width target, and takes 0 steps.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class ModelPlan:
     train_flops: float  # what the steps cost at the planned FLOPs per token (<= the budget, within one step)
     # the FLOP budget training spends (None: a time budget fixed the steps)
     train_flops_budget: float | None = None
+    # a checkpoint folder measured as saved: never resized, never trained (compare/pretrained.py)
+    pretrained: bool = False
 
     @property
     def width(self) -> int:
@@ -67,6 +72,7 @@ class ModelPlan:
             "train_flops": self.train_flops,
             "planned_steps": self.steps,
             "planned_flops_per_token": self.flops_per_token,
+            **({"pretrained": True} if self.pretrained else {}),
         }
 
 
@@ -150,6 +156,15 @@ def plan_model(name: str, cfg: ModelConfig, budget: float | None, batch_size: in
         )
     return ModelPlan(name, cfg, preset_width, params, non_emb, active, fpt, steps, steps * tokens_per_step,
                      steps * tokens_per_step * fpt, budget)
+
+
+def plan_pretrained(name: str, cfg: ModelConfig, seq_len: int) -> ModelPlan:
+    """The plan of a checkpoint measured as saved: its own width, 0 steps, 0 training FLOPs
+    (`flops_per_token`: what a token of training would cost it, analytic)."""
+    params, non_emb, active = count_params(cfg)
+    with torch.device("meta"):
+        fpt = build_model(cfg).flops_per_token(seq_len, training=True)
+    return ModelPlan(name, cfg, cfg.d_model, params, non_emb, active, fpt, 0, 0, 0.0, None, pretrained=True)
 
 
 def check_match(match: str) -> str:

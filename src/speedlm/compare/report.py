@@ -36,10 +36,34 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
+PRETRAINED_MARK = "†"
+
+
 def ranked(models: list[dict]) -> list[dict]:
-    """Finished models by validation loss (best first), then the others in their given order."""
-    ok = sorted((m for m in models if m["status"] == "ok"), key=lambda m: m["val_loss"])
-    return ok + [m for m in models if m["status"] != "ok"]
+    """Finished models trained by the compare by validation loss (best first), then finished
+    pretrained entries (their loss is per token of their own tokenizer, not ranked against the
+    others), then the others, each in their given order."""
+    ok = sorted((m for m in models if m["status"] == "ok" and not m.get("pretrained")), key=lambda m: m["val_loss"])
+    pretrained = [m for m in models if m["status"] == "ok" and m.get("pretrained")]
+    return ok + pretrained + [m for m in models if m["status"] != "ok"]
+
+
+def pretrained_note(report: dict) -> str:
+    """The footnote of the leaderboard's pretrained rows (empty without any)."""
+    rows = [m for m in report["models"] if m["status"] == "ok" and m.get("pretrained")]
+    if not rows:
+        return ""
+    tokens = "; ".join(f"{m['name']}: {_tokenizer_text(m)}" for m in rows)
+    return (f"{PRETRAINED_MARK} A pretrained entry (a checkpoint folder in `--presets`) is measured as saved: not trained "
+            "by this compare (0 steps, no MQAR probe), not resized. Its loss and perplexity are per token of its own "
+            f"tokenizer ({tokens}) on the same validation text, so it is listed unranked below the models trained here; "
+            "bits per byte compare across tokenizers. Its inference columns are measured on its weights as for the others.")
+
+
+def _tokenizer_text(m: dict) -> str:
+    spec = m.get("tokenizer") or {}
+    same = " (the compare's own)" if m.get("same_tokenizer") else ""
+    return f"{spec.get('kind', '?')}, {spec.get('vocab_size', 0):,} tokens{same}"
 
 
 def leaderboard_markdown(report: dict) -> str:
@@ -47,24 +71,27 @@ def leaderboard_markdown(report: dict) -> str:
     contexts = opts["contexts"]
     short, long = contexts[0], contexts[-1]
     head = (
-        "| # | model | params | train MFLOP/token | steps | val loss | ppl | MQAR acc | train tok/s | "
+        "| # | model | params | train MFLOP/token | steps | val loss | ppl | bits/byte | MQAR acc | train tok/s | "
         f"prefill tok/s @{_ctx(long)} | decode ms @{_ctx(short)} | decode ms @{_ctx(long)} | "
         + " | ".join(f"state @{_ctx(n)}" for n in TABLE_STATE_CONTEXTS)
         + " |"
     )
     # a state column holds what the trained model's cache held where that context was measured,
     # else what the trained model declares (analytic); `state_note` says which
-    lines = [head, "|" + "---|" * (12 + len(TABLE_STATE_CONTEXTS))]
+    lines = [head, "|" + "---|" * (13 + len(TABLE_STATE_CONTEXTS))]
     for i, m in enumerate(ranked(report["models"]), 1):
         if m["status"] != "ok":
             params = format(m["params"], ",") if m.get("params") else "-"
             lines.append(f"| - | {m['name']} | {params} | {m['status']}: {m.get('reason', '')} |"
-                         + " |" * (8 + len(TABLE_STATE_CONTEXTS)))
+                         + " |" * (9 + len(TABLE_STATE_CONTEXTS)))
             continue
+        pre = bool(m.get("pretrained"))  # unranked: its loss is in its own tokens (pretrained_note)
+        mqar = "—" if m.get("mqar_skipped") else _num(m.get("mqar_accuracy"), ".3f") + ("*" if m.get("mqar_flag") else "")
         lines.append(
-            f"| {i} | {m['name']} | {_params(m)} | {m['train_flops_per_token'] / 1e6:.3f} | {m['steps']:,} | "
-            f"{m['val_loss']:.4f}{' (bound)' if m.get('bound') else ''} | {'≤ ' if m.get('bound') else ''}{m['val_ppl']:.3f} | "
-            f"{_num(m.get('mqar_accuracy'), '.3f')}{'*' if m.get('mqar_flag') else ''} | "
+            f"| {PRETRAINED_MARK if pre else i} | {m['name']} | {_params(m)} | {m['train_flops_per_token'] / 1e6:.3f} | "
+            f"{m['steps']:,}{' (pretrained)' if pre else ''} | "
+            f"{m['val_loss']:.4f}{' (bound)' if m.get('bound') else ''}{f' (own tokens){PRETRAINED_MARK}' if pre else ''} | "
+            f"{'≤ ' if m.get('bound') else ''}{m['val_ppl']:.3f} | {_num(m.get('val_bits_per_byte'), '.3f')} | {mqar} | "
             f"{_num(m['train_tok_per_s'], ',.0f')} | {_num(_get(m['prefill_tok_s'], long), ',.0f')} | "
             f"{_num(_get(m['decode_ms'], short), '.2f')} | {_num(_get(m['decode_ms'], long), '.2f')} | "
             + " | ".join(human_bytes(state_at(m, n)) for n in TABLE_STATE_CONTEXTS)
@@ -165,7 +192,8 @@ def _active_non_embedding(m: dict) -> int:
 
 def _plan_markdown(report: dict) -> str:
     models = [m for m in report["models"] if "d_model" in m]
-    first = _active_non_embedding(models[0]) if models else None
+    trained = [m for m in models if not m.get("pretrained")]  # a pretrained entry is never the width target
+    first = _active_non_embedding(trained[0]) if trained else None
     match = report["meta"]["options"]["match"]
     lines = [
         "| model | d_model (preset) | params | non-embedding (active) | vs first | train MFLOP/token | steps | tokens | train FLOPs |",
@@ -175,7 +203,7 @@ def _plan_markdown(report: dict) -> str:
     for m in models:
         ratio = f"{_active_non_embedding(m) / first:.3f}" if first and match == "first" else "-"
         lines.append(
-            f"| {m['name']} | {m['d_model']} ({m['preset_d_model']}) | {m['params']:,} | "
+            f"| {m['name']} | {m['d_model']} ({'as saved' if m.get('pretrained') else m['preset_d_model']}) | {m['params']:,} | "
             f"{m['params_non_embedding']:,} ({_active_non_embedding(m):,}) | "
             f"{ratio} | {m['train_flops_per_token'] / 1e6:.3f} | {m['steps']:,} | {m['tokens']:,} | {m['train_flops']:.3g} |"
         )
@@ -208,8 +236,10 @@ def report_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
         "",
         f"Validation loss: nats per token over {opts['final_eval_batches']} x {opts['batch_size']} x {opts['seq_len']} "
         "held-out tokens. Decode: median ms per token after a prefill of that many tokens, batch 1, on the trained "
-        f"model. State, batch 1, in {_state_dtype(report)}: {state_note(report)}.",
+        f"model. Bits per byte: the summed loss over the bytes of the text those tokens hold, in bits. "
+        f"State, batch 1, in {_state_dtype(report)}: {state_note(report)}.",
         "",
+        *([pretrained_note(report), ""] if pretrained_note(report) else []),
         "## Fair compute",
         "",
         "The first model keeps its preset's width; each other model takes the width (in steps that keep its "
@@ -222,6 +252,10 @@ def report_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
            if opts.get("time_budget") is None else
            f" Each then trains for {opts['time_budget']:g} s on this machine: its steps were calibrated on a few "
            "steps of a throwaway copy and fixed before training (the FLOPs below are what those steps cost)."),
+        "",
+        *(["A pretrained entry keeps its saved width, is not the width target and takes 0 steps (its training "
+           "FLOPs per token are what a token of training would cost it)."]
+          if any(m.get("pretrained") for m in report["models"]) else []),
         "",
         _plan_markdown(report),
         "",
@@ -259,6 +293,10 @@ def report_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
         flagged = [f"{m['name']} ({m['mqar_flag']})" for m in report["models"] if m.get("mqar_flag")]
         if flagged:
             lines += ["Still learning when the probe ended: " + ", ".join(flagged) + ".", ""]
+        skipped = [f"{m['name']} ({m['mqar_skipped']})" for m in report["models"]
+                   if m["status"] == "ok" and m.get("mqar_skipped")]
+        if skipped:  # "—" in the leaderboard
+            lines += ["Not probed (— in the leaderboard): " + "; ".join(skipped) + ".", ""]
         cost = mqar_cost_text(report)
         if cost:
             lines += [cost, ""]

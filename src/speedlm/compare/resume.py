@@ -6,7 +6,9 @@ and the plan made from them. A rerun with the same arguments into the same folde
 different arguments are refused, naming the first difference, before anything is touched.
 
 Each model keeps `models/<name>/stages.json`: the results of every stage it finished (train with
-its final validation, MQAR, inference), written atomically after each one. A rerun skips the
+its final validation, or for a checkpoint folder its evaluation as saved; MQAR; inference),
+written atomically after each one. A checkpoint folder's identity (step folder, config and state
+hashes, weights size) joins the fingerprint, so a resume never reuses stages of other weights. A rerun skips the
 finished stages and continues an interrupted training or MQAR run from its last checkpoint
 (the trainer's resume is exact), so every number except the timings equals an uninterrupted
 run's; a stage's timings are those of the process that finished it.
@@ -22,7 +24,7 @@ from speedlm.errors import SpeedlmError
 
 PLAN_FILE = "compare_plan.json"
 STAGES_FILE = "stages.json"
-STAGES = ("train", "mqar", "inference")
+STAGES = ("pretrained", "train", "mqar", "inference")  # a pretrained entry's first stage evaluates it
 
 
 def _first_difference(saved, now, path: str = "") -> str | None:

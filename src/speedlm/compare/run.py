@@ -5,6 +5,9 @@ evaluated on the validation split, trained and scored on one MQAR setting, and m
 inference speed and cache size; one report holds every number. Models run one after another
 in one process, so the timing columns compare like with like on this machine.
 
+A checkpoint folder among the presets is a pretrained entry (compare/pretrained.py): evaluated
+as saved in its own tokens instead of trained, then measured like the others.
+
 A model that fails (diverges, runs out of memory, an invalid config) gets a row that says why
 and the others still run; Ctrl-C writes the report of the models finished so far.
 """
@@ -29,17 +32,24 @@ from speedlm.bench.common import check_int, check_ints, check_presets, one_line
 from speedlm.bench.flops import compare_model
 from speedlm.bench.recall import RecallSetting, recall_config, train_recall
 from speedlm.checkpoint import load_pretrained
+from speedlm.checkpoint.pretrained import spec_config
 from speedlm.compare.inference import STATE_CONTEXTS, inference_flops, learned_on, measure_inference, state_curve
-from speedlm.compare.plan import BudgetTooSmall, ModelPlan, check_match, plan_model, width_for_tokens_per_param
+from speedlm.compare.plan import (
+    BudgetTooSmall, ModelPlan, check_match, plan_model, plan_pretrained, width_for_tokens_per_param,
+)
+from speedlm.compare.pretrained import (
+    MQAR_SKIPPED, bits_per_byte, check_entry, checkpoint_identity, evaluation_flops, load_entry, own_val_ids,
+    pretrained_inside, pretrained_stage, scored_bytes,
+)
 from speedlm.compare.plots import write_plots
-from speedlm.compare.report import REPORT_JSON, REPORT_MD, leaderboard_markdown, write_report
+from speedlm.compare.report import REPORT_JSON, REPORT_MD, leaderboard_markdown, pretrained_note, write_report
 from speedlm.compare.resume import STAGES, load_plans, load_stages, open_plan, save_plan, save_stage
 from speedlm.data.cachedir import is_writable_dir
 from speedlm.data.separators import record_separators
 from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError
 from speedlm.models import ModelConfig, build_model, resolve_config
-from speedlm.models.build import require_language_model
+from speedlm.models.build import is_checkpoint, require_language_model
 from speedlm.models.presets import split_preset_name
 from speedlm.ops.caches import clear_process_caches
 from speedlm.progress import progress_bar, progress_write
@@ -135,7 +145,11 @@ class CompareOptions:
 def _check_options(o: CompareOptions) -> None:
     o.presets = check_presets(o.presets)
     for name in o.presets:
-        if not (name.endswith(".json") and os.path.isfile(name)):
+        if is_checkpoint(name):  # a pretrained entry (compare/pretrained.py)
+            if pretrained_inside(name, o.out_dir):
+                raise SpeedlmError(f"{name} is inside {os.path.join(o.out_dir, 'models')}, which compare rewrites; "
+                                   "copy the checkpoint elsewhere or choose another --out")
+        elif not (name.endswith(".json") and os.path.isfile(name)):
             split_preset_name(name)  # unknown preset: one line, before any work
     if o.time_budget is not None:
         if o.budget is not None:
@@ -166,6 +180,8 @@ def _check_options(o: CompareOptions) -> None:
 
 
 def _safe_name(name: str) -> str:
+    if is_checkpoint(name):  # the whole path: two runs' step folders share a basename
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.normpath(name).strip(os.sep + ".")) or "checkpoint"
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(name).removesuffix(".json"))
 
 
@@ -242,20 +258,30 @@ def _train_config(o: CompareOptions, plan: ModelPlan, out_dir: str) -> TrainConf
 
 def _run_model(o: CompareOptions, plan: ModelPlan, data: dict, dev, infer_dtype, advance, reuse: bool) -> dict:
     """Train, score on MQAR and measure one model, stage by stage; the stages an earlier run of
-    the same plan finished (`reuse`) are read back instead of run again."""
+    the same plan finished (`reuse`) are read back instead of run again. A pretrained entry is
+    evaluated instead of trained, and has no MQAR probe (compare/pretrained.py)."""
     clear_process_caches()  # no model pays for, or profits from, another's plans and tables
     run_dir = os.path.join(o.out_dir, "models", _safe_name(plan.name))
     if not reuse and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)  # compare's own run folder from an earlier report: start afresh
     stages = load_stages(run_dir) if reuse else {}
-    trained = None
-    if "train" in stages:
+    trained, text = None, data["val_ids"]  # the model, and the text its inference reads (its own tokens)
+    if plan.pretrained:
+        if "pretrained" in stages:
+            advance(evaluation_flops(plan, o))
+        else:
+            trained, text, results = pretrained_stage(o, plan, data["corpus"], data["tokenizer"], dev,
+                                                      data["autocast_dtype"])
+            advance(evaluation_flops(plan, o))
+            save_stage(run_dir, stages, "pretrained", results)
+    elif "train" in stages:
         advance(plan.train_flops)
     else:
         trained, results = _train_stage(o, plan, data, dev, run_dir, advance)
         save_stage(run_dir, stages, "train", results)
 
-    if o.mqar is not None and plan.config.objective == "ar":  # MQAR scores next-token recall
+    # MQAR scores next-token recall of a model it trains: not a pretrained entry's weights
+    if o.mqar is not None and plan.config.objective == "ar" and not plan.pretrained:
         if "mqar" in stages:
             advance(_mqar_work(plan, o))
         else:
@@ -264,12 +290,18 @@ def _run_model(o: CompareOptions, plan: ModelPlan, data: dict, dev, infer_dtype,
     if "inference" in stages:
         advance(inference_flops(plan.config, o.contexts, o.decode_tokens))
     else:
-        if trained is None:
+        if trained is None and plan.pretrained:
+            trained, tokenizer, _ = load_entry(plan.name, dev)
+            text = own_val_ids(data["corpus"], tokenizer, o.seq_len, plan.name)
+        elif trained is None:
             trained = load_pretrained(stages["train"]["checkpoint"], dev, tokenizer=False).model
-        save_stage(run_dir, stages, "inference", _inference_stage(o, plan, trained, data, dev, infer_dtype, advance))
+        save_stage(run_dir, stages, "inference",
+                   _inference_stage(o, plan, trained, text, dev, infer_dtype, advance))
     del trained
 
     row: dict = {"bound": plan.config.objective == "diffusion"}  # a diffusion LM's val loss is the NELBO bound
+    if plan.pretrained and o.mqar is not None and plan.config.objective == "ar":
+        row["mqar_skipped"] = MQAR_SKIPPED
     seconds = {}
     for stage in STAGES:
         if stage in stages:
@@ -300,6 +332,7 @@ def _train_stage(o: CompareOptions, plan: ModelPlan, data: dict, dev, run_dir: s
     curve = [{"step": r["step"], "train_flops": r["flops"], "val_loss": r["val_loss"]} for r in records
              if r.get("val_loss") is not None]
     final = evaluate(model, data["val_ids"], o.batch_size, o.seq_len, o.final_eval_batches, dev, cfg.autocast_dtype(dev))
+    val_bytes = scored_bytes(data["tokenizer"], data["val_ids"], final["tokens"])
     text = torch.as_tensor(data["val_ids"][: o.seq_len], dtype=torch.long)[None].to(dev)
     results = dict(
         checkpoint=summary["checkpoint"],
@@ -308,6 +341,9 @@ def _train_stage(o: CompareOptions, plan: ModelPlan, data: dict, dev, run_dir: s
         val_loss=final["loss"],
         val_ppl=final["ppl"],
         val_tokens=final["tokens"],
+        # bits per byte of the scored text: the figure a pretrained entry's own tokens share
+        val_bytes=val_bytes,
+        val_bits_per_byte=bits_per_byte(final["loss"], final["tokens"], val_bytes),
         steps=summary["step"],
         tokens=summary["tokens"],
         train_flops=summary["flops_spent"],
@@ -365,12 +401,13 @@ def _mqar_stage(o: CompareOptions, plan: ModelPlan, dev, run_dir: str, advance) 
                 seconds=time.perf_counter() - t0)
 
 
-def _inference_stage(o: CompareOptions, plan: ModelPlan, trained, data: dict, dev, infer_dtype, advance) -> dict:
+def _inference_stage(o: CompareOptions, plan: ModelPlan, trained, text, dev, infer_dtype, advance) -> dict:
+    """Prefill, decode and caches of `trained`, reading `text` (validation ids in its tokens)."""
     t0 = time.perf_counter()
     clear_process_caches()  # this model builds its own plans and tables, in its own timings
     elem = torch.tensor([], dtype=infer_dtype).element_size()
     per_context = {n: inference_flops(plan.config, [n], o.decode_tokens) for n in o.contexts}
-    inf = measure_inference(trained, o.contexts, o.decode_tokens, dev, infer_dtype, data["val_ids"], seed=o.seed,
+    inf = measure_inference(trained, o.contexts, o.decode_tokens, dev, infer_dtype, text, seed=o.seed,
                             on_context=lambda n: advance(per_context[n]), compile_decode=o.compile_decode)
     return dict(
         prefill_tok_s=inf["prefill_tok_s"],
@@ -391,13 +428,17 @@ def _train_flops_per_token(cfg, seq_len: int) -> float:
 def _finished_line(i: int, n: int, name: str, row: dict) -> str:
     if row["status"] != "ok":
         return f"[{i}/{n}] {name}: {row['status']}: {row.get('reason', '')}"
+    own = f" in its own tokens ({row['tokenizer']['kind']})" if row.get("pretrained") else ""
     parts = [
-        f"[{i}/{n}] {name}: d={row['d_model']}, {row['params']:,} params",
-        f"val {'NELBO' if row.get('bound') else 'loss'} {row['val_loss']:.4f} (ppl {'<= ' if row.get('bound') else ''}{row['val_ppl']:.2f})",
+        f"[{i}/{n}] {name}: d={row['d_model']}, {row['params']:,} params" + (", pretrained" if own else ""),
+        f"val {'NELBO' if row.get('bound') else 'loss'} {row['val_loss']:.4f}{own} "
+        f"(ppl {'<= ' if row.get('bound') else ''}{row['val_ppl']:.2f}"
+        + (f", {row['val_bits_per_byte']:.3f} bits/byte)" if row.get("val_bits_per_byte") is not None else ")"),
     ]
     if "mqar_accuracy" in row:
         parts.append(f"MQAR {row['mqar_accuracy']:.3f}")
-    parts.append(f"train {row['train_tok_per_s']:,.0f} tok/s")
+    if row.get("train_tok_per_s") is not None:
+        parts.append(f"train {row['train_tok_per_s']:,.0f} tok/s")
     dec = row.get("decode_ms", {})
     if dec:
         parts.append("decode " + "/".join(f"{v:.2f}" for v in dec.values()) + " ms/token")
@@ -430,6 +471,7 @@ def run_compare(o: CompareOptions, progress: bool = True, only: list | None = No
     require_tokens(len(val_ids), o.seq_len, "validation set")
     data = {
         "train_ids": train_ids, "val_ids": val_ids, "tokenizer": tokenizer,
+        "corpus": corpus, "autocast_dtype": train_dtype,  # a pretrained entry encodes the text its own way
         "info": {"spec": o.data, "name": corpus.name, "fingerprint": corpus.fingerprint},
     }
     print(f"data: {corpus.name}: {corpus.files} files, fingerprint {corpus.fingerprint}; "
@@ -437,6 +479,9 @@ def run_compare(o: CompareOptions, progress: bool = True, only: list | None = No
           f"{len(train_ids):,} train / {len(val_ids):,} validation tokens")
     fingerprint = {"options": _options_dict(o), "data": corpus.fingerprint, "tokenizer": tokenizer.spec(),
                    "speedlm": speedlm.__version__}
+    checkpoints = {name: checkpoint_identity(name) for name in o.presets if is_checkpoint(name)}
+    if checkpoints:  # a resumed run must find the same weights behind each path
+        fingerprint["checkpoints"] = checkpoints
     reuse = open_plan(o.out_dir, fingerprint, o.resume)  # refuses other arguments before touching anything
     saved_steps = {name: p["steps"] for name, p in load_plans(o.out_dir).items()} if reuse else {}
     if reuse:
@@ -448,6 +493,21 @@ def run_compare(o: CompareOptions, progress: bool = True, only: list | None = No
     too_small: list[str] = []
     target = None
     for name in o.presets:
+        if is_checkpoint(name):  # measured as saved: its own width, weights and tokenizer, no training
+            try:
+                cfg = spec_config(name)
+                require_language_model(cfg, name, diffusion=True)
+                check_entry(name)
+                plan = plan_pretrained(name, cfg, o.seq_len)
+            except SpeedlmError as e:  # a corrupt folder is this entry's failure, not the job's
+                rows[name] = {"name": name, "status": "failed", "pretrained": True, "reason": f"checkpoint: {e}"}
+                continue
+            if o.seq_len > cfg.max_seq_len:
+                raise SpeedlmError(f"--seq-len {o.seq_len} is longer than {name} can hold "
+                                   f"(max_seq_len={cfg.max_seq_len})")
+            plans.append(plan)
+            rows[name] = {"name": name, "status": "pending", **plan.to_dict()}
+            continue
         try:
             cfg = resolve_config(name) if name.endswith(".json") else resolve_config(name, vocab_size=tokenizer.vocab_size)
             cfg.check_vocab(tokenizer.vocab_size, "compare tokenizer")
@@ -493,6 +553,8 @@ def run_compare(o: CompareOptions, progress: bool = True, only: list | None = No
         plans = [p for p in plans if p.name in only]
 
     def work_of(plan: ModelPlan) -> float:
+        if plan.pretrained:
+            return evaluation_flops(plan, o) + inference_flops(plan.config, o.contexts, o.decode_tokens)
         w = plan.train_flops
         if o.mqar is not None and plan.config.objective == "ar":
             w += _mqar_work(plan, o)
@@ -541,6 +603,8 @@ def run_compare(o: CompareOptions, progress: bool = True, only: list | None = No
     files = {**write_report(report, o.out_dir, plots), **plots}
     report["files"] = files
     print(leaderboard_markdown(report))
+    if pretrained_note(report):
+        print(pretrained_note(report))
     print(f"wrote {', '.join(files.values())}")
     if interrupted:
         raise KeyboardInterrupt
@@ -557,7 +621,10 @@ def _print_plan(plans: list[ModelPlan], o: CompareOptions, target: int | None) -
     for p in plans:
         ratio = f"{p.params_active_non_embedding / target:.3f}" if target else "-"
         # a model whose cost follows what it learns spends its FLOP budget at the cost it runs at
-        dynamic = " (cost follows its learned values: counted as it trains)" if _data_dependent(p.config) else ""
+        if p.pretrained:
+            dynamic = " (pretrained: measured as saved, not trained)"
+        else:
+            dynamic = " (cost follows its learned values: counted as it trains)" if _data_dependent(p.config) else ""
         print(f"  {p.name:<{width}}  {p.width:<7}  {p.params:<9,}  {p.params_active_non_embedding:<14,}  {ratio:<8}  "
               f"{p.flops_per_token / 1e6:<11.3f}  {p.steps:<6}  {p.tokens:,}{dynamic}")
     sys.stdout.flush()

@@ -26,6 +26,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from speedlm.bench.common import as_list
 from speedlm.compare.executors import check_executor, run_all
 from speedlm.compare.report import jsonable
 from speedlm.compare.resume import open_plan, save_plan
@@ -34,6 +35,7 @@ from speedlm.compare.scaling import FAR_FACTOR, Fit, crossings
 from speedlm.compare.stats import mean_interval, rank_stability, separated
 from speedlm.data.cachedir import atomic_write_text
 from speedlm.errors import SpeedlmError
+from speedlm.models.build import is_checkpoint
 from speedlm.schema import is_number
 
 SWEEP_PLAN = "sweep_plan.json"
@@ -108,6 +110,10 @@ def check_sweep(s: SweepOptions) -> None:
             raise SpeedlmError(f"--target-budget {s.target_budget:g} is below the ladder (smallest budget "
                                f"{s.ladder[0]:g}): predict inside or beyond what was measured")
     check_executor(s.executor, s.cpus_per_run, s.gpus_per_run, s.ray_address)
+    pretrained = [p for p in as_list(s.compare.presets, "presets") if isinstance(p, str) and is_checkpoint(p)]
+    if pretrained:  # a sweep fits loss against the budget it trains for; a checkpoint is not trained
+        raise SpeedlmError(f"{pretrained[0]} is a checkpoint folder, measured as saved: a sweep trains its models at "
+                           "each budget; compare it without --budgets/--time-budgets/--seeds")
     if s.budgets is not None and s.compare.match == "first" and s.compare.tokens_per_param is None:
         s.compare.tokens_per_param = DEFAULT_TOKENS_PER_PARAM
     # the compare options of the first run check everything else
