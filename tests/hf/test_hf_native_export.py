@@ -107,3 +107,26 @@ def test_native_export_of_a_checkpoint_not_imported_is_one_line(tmp_path, capsys
     assert not (tmp_path / "x").exists()
     with pytest.raises(SpeedlmError, match="not imported"):
         native_config({})
+
+
+def accuracy_table() -> str:
+    """Per architecture: the import's logits against transformers (float64 weights) and the
+    native export's largest relative weight change (float32 weights); BENCHMARKS.md's table."""
+    lines = ["| model type | params | logits rel. error vs transformers (float64 weights) "
+             "| native export: max relative weight change |", "|---|---|---|---|"]
+    for kind in sorted(BUILDERS):
+        hf = tiny(kind)
+        ids = torch.randint(0, hf.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            err = rel_err(from_pretrained(hf).to(torch.float64)(ids), hf(ids).logits)
+        hf32 = tiny(kind, dtype=torch.float32)
+        back = to_native(from_pretrained(hf32), native_config({"hf_config": hf_config_dict(hf32.config)}),
+                         from_pretrained).state_dict()
+        worst = max(((back[n] - w).abs() / w.abs().clamp_min(1e-30)).max().item()
+                    for n, w in hf32.state_dict().items() if w.is_floating_point() and w.numel())
+        lines.append(f"| {kind} | {sum(p.numel() for p in hf.parameters()):,} | {err:.1e} | {worst:.1e} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # cd tests && python -m hf.test_hf_native_export
+    print(accuracy_table())
