@@ -9,14 +9,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from support.hf_models import imported_matches, rel_err  # noqa: E402
+from support.hf_models import import_through_cli, imported_matches, rel_err  # noqa: E402
 
-from speedlm.checkpoint.pretrained import load_pretrained  # noqa: E402
-from speedlm.cli import main  # noqa: E402
-from speedlm.data.tokenizers import ByteTokenizer  # noqa: E402
 from speedlm.errors import SpeedlmError  # noqa: E402
 from speedlm.generate.loop import generate  # noqa: E402
-from speedlm.hf import check_importable, from_pretrained, to_hf_tokenizer  # noqa: E402
+from speedlm.hf import check_importable, from_pretrained  # noqa: E402
 
 # muP multipliers away from 1 (each a different value), so that a multiplier left unfolded, or
 # folded into the wrong segment, changes the logits
@@ -113,11 +110,5 @@ def test_fields_speedlm_cannot_honour_are_refused_by_name(overrides, reason):
 
 def test_hf_import_writes_a_falcon_h1_checkpoint_with_the_same_logits(tmp_path):
     hf = tiny_falcon_h1(dtype=torch.float32, vocab_size=256)
-    hf.save_pretrained(tmp_path / "hf")
-    to_hf_tokenizer(ByteTokenizer()).save_pretrained(tmp_path / "hf")
-    assert main(["hf", "import", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
-    pre = load_pretrained(tmp_path / "run")
-    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert rel_err(pre.model(ids), hf(ids).logits) < 1e-5
+    pre = import_through_cli(hf, tmp_path)
     assert pre.model.config.layers["F"]["mixer"]["name"] == "parallel_hybrid"

@@ -8,15 +8,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from support.hf_models import imported_matches, rel_err  # noqa: E402
+from support.hf_models import import_through_cli, imported_matches, rel_err  # noqa: E402
 
-from speedlm.checkpoint.pretrained import load_pretrained  # noqa: E402
-from speedlm.cli import main  # noqa: E402
-from speedlm.data.tokenizers import ByteTokenizer  # noqa: E402
 from speedlm.errors import SpeedlmError  # noqa: E402
 from speedlm.generate.loop import generate  # noqa: E402
 from speedlm.hf import (  # noqa: E402
-    check_importable, from_mamba, from_pretrained, import_llama, import_model, to_hf_tokenizer,
+    check_importable, from_mamba, from_pretrained, import_llama, import_model,
 )
 
 
@@ -108,13 +105,7 @@ def test_what_speedlm_cannot_honour_is_refused_by_name(overrides, reason):
 
 def test_hf_import_writes_a_mamba_checkpoint_with_the_same_logits(tmp_path, capsys):
     hf = tiny_mamba(dtype=torch.float32, vocab_size=256)
-    hf.save_pretrained(tmp_path / "hf")
-    to_hf_tokenizer(ByteTokenizer()).save_pretrained(tmp_path / "hf")
-    assert main(["hf", "import", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
-    pre = load_pretrained(tmp_path / "run")
-    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert rel_err(pre.model(ids), hf(ids).logits) < 1e-5
+    pre = import_through_cli(hf, tmp_path)
     assert pre.model.config.layers["M"]["mixer"]["name"] == "mamba"
     with pytest.raises(SpeedlmError, match="expected a model of type llama or mistral"):
         import_llama(tmp_path / "hf", tmp_path / "run2")

@@ -46,3 +46,22 @@ def imported_matches(ours, hf, ids: torch.Tensor, prefill: int, tol: float = 1e-
         cache = ours.init_cache()
         steps = [ours(ids[:, :prefill], cache)] + [ours(ids[:, i : i + 1], cache) for i in range(prefill, ids.shape[1])]
         assert rel_err(torch.cat(steps, dim=1), full) < 1e-12
+
+
+def import_through_cli(hf, tmp_path, ids_seed: int = 2):
+    """`hf` (float32, vocabulary 256) saved with a byte-level tokenizer, imported by
+    `speedlm hf import` and loaded back: the checkpoint's `Pretrained`, whose logits were checked
+    against `hf`'s. The Hugging Face folder is tmp_path / "hf", the run tmp_path / "run"."""
+    from speedlm.checkpoint.pretrained import load_pretrained
+    from speedlm.cli import main
+    from speedlm.data.tokenizers import ByteTokenizer
+    from speedlm.hf import to_hf_tokenizer
+
+    hf.save_pretrained(tmp_path / "hf")
+    to_hf_tokenizer(ByteTokenizer()).save_pretrained(tmp_path / "hf")
+    assert main(["hf", "import", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    pre = load_pretrained(tmp_path / "run")
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(ids_seed))
+    with torch.no_grad():
+        assert rel_err(pre.model(ids), hf(ids).logits) < 1e-5
+    return pre

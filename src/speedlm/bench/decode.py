@@ -26,7 +26,7 @@ import torch
 
 import speedlm
 from speedlm.bench.common import build_seeded, check_int, check_ints, check_presets, resolve_dtype, write_results
-from speedlm.bench.timing import median, synchronize, time_fn, timing_method
+from speedlm.bench.timing import median, synchronize, timing_method
 from speedlm.cache.policies import make_policy
 from speedlm.device import resolve_device
 from speedlm.errors import SpeedlmError

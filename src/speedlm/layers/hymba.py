@@ -29,7 +29,8 @@ from speedlm.layers.attention import Attention
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.flops import Flops
 from speedlm.layers.mamba import Mamba
-from speedlm.layers.mixer import Mixer, SeqMeta, linear_flops
+from speedlm.layers.mixer import SeqMeta, linear_flops
+from speedlm.layers.parallel_branches import ParallelBranches
 from speedlm.layers.sparse_attention import SlidingWindowAttention
 from speedlm.registry import Range
 
@@ -39,7 +40,7 @@ def is_global_layer(layer_idx: int, n_layers: int) -> bool:
     return layer_idx in {0, n_layers // 2, n_layers - 1}
 
 
-class Hymba(Mixer):
+class Hymba(ParallelBranches):
     residual_out = ("o_proj",)
 
     def __init__(
@@ -73,30 +74,15 @@ class Hymba(Mixer):
         return self.o_proj((self.beta_attn * rms(a) + self.beta_ssm * rms(s)) / 2)
 
     def mix(self, x, meta: SeqMeta, cache: CompositeCache | None = None):
-        ssm_cache = None if cache is None else CompositeCache(conv=cache["conv"], state=cache["state"])
-        a = self.attn(x, meta, None if cache is None else cache["kv"])
-        s = self.ssm(x, meta, ssm_cache)
+        a, s = self.branches(x, meta, cache)
         eps = self.dims.norm_eps
         return self._combine(a, s, lambda v: F.rms_norm(v, (v.shape[-1],), eps=eps))
 
     def reference(self, x, meta: SeqMeta, policy=None):
-        a, s = self.attn.reference(x, meta, policy), self.ssm.reference(x, meta)
+        a, s = self.reference_branches(x, meta, policy)
         eps = self.dims.norm_eps
         return self._combine(a, s, lambda v: v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps))
 
-    # ----- cache and costs -----
-    def init_cache(self, kv_policy=None):
-        ssm = self.ssm.init_cache()
-        return CompositeCache(kv=self.attn.init_cache(kv_policy), conv=ssm["conv"], state=ssm["state"])
-
-    def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
-        return self.attn.state_bytes(context_len, batch_size, bytes_per_elem) + self.ssm.state_bytes(
-            context_len, batch_size, bytes_per_elem
-        )
-
     def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
-        both = self.attn.flops_breakdown(context_len) + self.ssm.flops_breakdown(context_len)
-        return both + Flops(linear=linear_flops(self.o_proj))  # the branch norms are not counted
-
-    def max_context(self, kv_policy=None) -> int | None:
-        return self.attn.max_context(kv_policy)
+        # the branch norms are not counted
+        return self.branch_flops(context_len) + Flops(linear=linear_flops(self.o_proj))

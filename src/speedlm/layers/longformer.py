@@ -21,7 +21,7 @@ from torch import nn
 
 from speedlm.cache.buffer import TokenBuffer
 from speedlm.cache.composite import CompositeCache
-from speedlm.cache.kv import KVCache, PrefixWindowPolicy, token_positions
+from speedlm.cache.kv import PrefixWindowPolicy, token_positions
 from speedlm.errors import SpeedlmError
 from speedlm.layers.attention import AttentionBase
 from speedlm.layers.dims import ModelDims

@@ -25,11 +25,12 @@ from speedlm.layers.attention import Attention
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.flops import Flops
 from speedlm.layers.mamba2 import GatedNorm, Mamba2
-from speedlm.layers.mixer import Mixer, SeqMeta
+from speedlm.layers.mixer import SeqMeta
+from speedlm.layers.parallel_branches import ParallelBranches
 from speedlm.registry import Range
 
 
-class ParallelHybrid(Mixer):
+class ParallelHybrid(ParallelBranches):
     @classmethod
     def check_options(cls, dims: ModelDims, kv_heads: int | None = None, head_dim: int | None = None,
                       ssm_expand: int = 2, ssm_head_dim: int = 64, n_groups: int = 1, d_inner: int | None = None,
@@ -67,25 +68,12 @@ class ParallelHybrid(Mixer):
         return self.attn.residual_weights() + self.ssm.residual_weights()
 
     def mix(self, x, meta: SeqMeta, cache: CompositeCache | None = None):
-        ssm_cache = None if cache is None else CompositeCache(conv=cache["conv"], state=cache["state"])
-        return self.attn(x, meta, None if cache is None else cache["kv"]) + self.ssm(x, meta, ssm_cache)
+        a, s = self.branches(x, meta, cache)
+        return a + s
 
     def reference(self, x, meta: SeqMeta, policy=None):
-        return self.attn.reference(x, meta, policy) + self.ssm.reference(x, meta)
-
-    # ----- cache and costs -----
-    def init_cache(self, kv_policy=None):
-        ssm = self.ssm.init_cache()
-        return CompositeCache(kv=self.attn.init_cache(kv_policy), conv=ssm["conv"], state=ssm["state"])
-
-    def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
-        return self.attn.state_bytes(context_len, batch_size, bytes_per_elem) + self.ssm.state_bytes(
-            context_len, batch_size, bytes_per_elem
-        )
+        a, s = self.reference_branches(x, meta, policy)
+        return a + s
 
     def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:
-        # the sum of the branches is elementwise, not counted
-        return self.attn.flops_breakdown(context_len) + self.ssm.flops_breakdown(context_len)
-
-    def max_context(self, kv_policy=None) -> int | None:
-        return self.attn.max_context(kv_policy)
+        return self.branch_flops(context_len)  # the sum of the branches is elementwise, not counted
