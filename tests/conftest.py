@@ -24,6 +24,10 @@ def pytest_configure(config):
     # matmul peak under the load of the other tests, nor writes that number into the user's
     # cache (tests/train/test_train_hardware_peak.py measures into a temporary cache on purpose)
     os.environ.setdefault("SPEEDLM_PEAK_FLOPS", "1e12")
+    # the processes tests start (torchrun, `python -m speedlm`, Ray workers) import this
+    # checkout's code, not whatever copy pip last installed in editable mode
+    src = str(config.rootpath / "src")
+    os.environ["PYTHONPATH"] = os.pathsep.join([src] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     # one BLAS thread per xdist worker: two workers on two cores must not oversubscribe
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)

@@ -33,6 +33,11 @@ class Loss:
         return iter((self.total, self.parts))
 
 
+def lm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The language-model loss: mean next-token cross-entropy in float32, targets of -100 left out."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
 def _min_limit(limits) -> int | None:
     bounded = [n for n in limits if n is not None]
     return min(bounded) if bounded else None
@@ -102,7 +107,7 @@ class CausalLM(nn.Module):
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, **meta) -> Loss:
         aux = AuxLosses()
         logits = self(input_ids, aux=aux, **meta)
-        lm = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        lm = lm_cross_entropy(logits, targets)
         return Loss(lm + aux.total(), {"lm": lm, **aux.parts}, aux.metrics)
 
     def init_cache(self, kv_policy=None) -> ModelCache:

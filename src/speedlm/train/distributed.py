@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
 from speedlm.errors import SpeedlmError
+from speedlm.train.objective import model_loss
 
 PARALLEL = ("none", "ddp", "fsdp")
 BACKENDS = ("auto", "nccl", "gloo")  # auto: NCCL when this rank has a GPU, else gloo
@@ -50,22 +52,23 @@ class Parallel:
         rows = slice(self.rank * n, (self.rank + 1) * n)
         return x[rows], y[rows]
 
-    def wrap(self, model: nn.Module):
-        """The function a training step calls: (x, y) -> Loss, gradients averaged over ranks.
-        FSDP2 shards every block and the root in place (call it before building the optimizer)."""
+    def wrap(self, model: nn.Module, objective=model_loss):
+        """The function a training step calls: (x, y, **meta) -> `objective(model, x, y, **meta)`,
+        gradients averaged over ranks. FSDP2 shards every block and the root in place (call it
+        before building the optimizer; parameters frozen before it get no gradient and no averaging)."""
         if self.kind == "none":
-            return model.loss
+            return partial(objective, model)
         if self.kind == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
             for block in model.blocks:
                 fully_shard(block)
             fully_shard(model)
-            return model.loss
+            return partial(objective, model)
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
-        return DistributedDataParallel(_LossOf(model), device_ids=device_ids)
+        return DistributedDataParallel(_LossOf(model, objective), device_ids=device_ids)
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """The mean over ranks (every rank must call it at the same point)."""
@@ -81,14 +84,17 @@ class Parallel:
 
 
 class _LossOf(nn.Module):
-    """DDP synchronises the gradients of what its module's forward returns: the loss."""
+    """DDP synchronises the gradients of what its module's forward returns: the objective's loss."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, objective=model_loss):
         super().__init__()
         self.model = model
+        # kept out of the module tree: an objective's teacher is neither broadcast, synchronised
+        # nor saved (were the objective an nn.Module, attribute assignment would register it)
+        self.__dict__["objective"] = objective
 
-    def forward(self, x, y, cache=None):
-        return self.model.loss(x, y, cache=cache)
+    def forward(self, x, y, **meta):
+        return self.objective(self.model, x, y, **meta)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -38,6 +38,7 @@ from speedlm.train.config import TrainConfig
 from speedlm.train.evaluate import autocast_context, evaluate, require_tokens
 from speedlm.train.hardware_peak import mfu, peak_flops
 from speedlm.train.metrics import MetricsWriter, plot_losses, truncate_metrics
+from speedlm.train.objective import model_loss, objective_spec, training_flops_per_token
 from speedlm.train.optim import build_optimizer
 from speedlm.train.schedule import lr_at
 
@@ -83,7 +84,30 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _resume_from(out_dir: Path, model, optimizer, cfg: TrainConfig, tokenizer, ckpt: Checkpoint | None, parallel=None):
+def frozen_names(model) -> list[str]:
+    """The parameters training leaves alone (requires_grad False): outside the optimizer and its
+    checkpointed state, so a resume must freeze the same ones."""
+    return [name for name, p in model.named_parameters() if not p.requires_grad]
+
+
+def _check_same_objective(state: dict, path, model, objective) -> None:
+    """A resumed run minimises what the checkpointed one did, over the same parameters."""
+    saved, now = state.get("objective"), objective_spec(objective)
+    if saved != now:
+        raise SpeedlmError(
+            f"checkpoint {path} was trained with objective {saved or 'the model loss'}, not {now or 'the model loss'}; "
+            "resume with the same objective (a distillation's teacher is not saved with the student)"
+        )
+    saved_frozen, frozen = state.get("frozen", []), frozen_names(model)
+    if set(saved_frozen) != set(frozen):
+        raise SpeedlmError(
+            f"checkpoint {path} was trained with {len(saved_frozen)} frozen parameters, this model has {len(frozen)} "
+            f"(first difference: {sorted(set(saved_frozen) ^ set(frozen))[0]}); freeze the same ones to resume"
+        )
+
+
+def _resume_from(out_dir: Path, model, optimizer, cfg: TrainConfig, tokenizer, ckpt: Checkpoint | None, parallel=None,
+                 objective=model_loss):
     """Restore model, optimizer and RNG from `ckpt` (read here from `out_dir` when the caller has
     not read it already); returns (its trainer_state, its folder). Under FSDP the weights were
     restored before sharding and the optimizer state is distributed like its parameters."""
@@ -97,6 +121,7 @@ def _resume_from(out_dir: Path, model, optimizer, cfg: TrainConfig, tokenizer, c
             "build the model from the checkpoint's config.json"
         )
     state = ckpt.trainer_state
+    _check_same_objective(state, ckpt.path, model, objective)
     saved_tok = state.get("tokenizer")
     if tokenizer is not None and saved_tok is not None and tokenizer.spec() != saved_tok:
         raise SpeedlmError(f"checkpoint {ckpt.path} was trained with a different tokenizer; pass the one saved in it")
@@ -130,6 +155,8 @@ def _check_options(model, cfg: TrainConfig, val_ids, tokenizer, stop_at_step: in
         require_tokens(len(val_ids), cfg.seq_len * (cfg.batch_size if cfg.segments else 1), "validation set")
     if stop_at_step is not None and stop_at_step < 0:
         raise SpeedlmError(f"stop_at_step must be >= 0, got {stop_at_step}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise SpeedlmError("every parameter of the model is frozen (requires_grad False): there is nothing to train")
 
 
 def _check_modes(model, cfg: TrainConfig, parallel) -> None:
@@ -215,9 +242,11 @@ class Trainer:
 
     def __init__(self, model, cfg: TrainConfig, train_stream, val_ids=None, tokenizer=None,
                  resume: bool | Checkpoint = False, progress: bool = True, stop_at_step: int | None = None,
-                 data_info: dict | None = None, on_step=None, persist: bool = True, parallel=None, stop_when=None):
+                 data_info: dict | None = None, on_step=None, persist: bool = True, parallel=None, stop_when=None,
+                 objective=None):
         from speedlm.train.distributed import Parallel
 
+        self.objective = model_loss if objective is None else objective
         self.model, self.cfg, self.train_stream, self.val_ids = model, cfg, train_stream, val_ids
         self.tokenizer, self.progress, self.data_info, self.on_step = tokenizer, progress, data_info, on_step
         self.stop_when = stop_when
@@ -244,7 +273,7 @@ class Trainer:
             self._start()
 
         self.end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
-        self.flops_tok = model.flops_per_token(cfg.seq_len, training=True)  # as the model is now
+        self.flops_tok = training_flops_per_token(self.objective, model, cfg.seq_len)  # as the model is now
         self.dynamic_flops = model.data_dependent_flops
         if self.flops_spent is None:
             self.flops_spent = self.start * cfg.tokens_per_step * self.flops_tok
@@ -283,8 +312,8 @@ class Trainer:
         if resume and parallel.kind == "fsdp":
             resume = resume if isinstance(resume, Checkpoint) else load_resumable(self.out_dir)
             resume.restore_model(model)
-        # (x, y) -> Loss; gradients averaged under DDP, parameters sharded in place under FSDP
-        self.step_loss_of = parallel.wrap(model)
+        # (x, y) -> the objective's Loss; gradients averaged under DDP, parameters sharded in place under FSDP
+        self.step_loss_of = parallel.wrap(model, self.objective)
         return resume
 
     def _to_device(self, x, y):
@@ -306,7 +335,7 @@ class Trainer:
         """Continue from the checkpoint: model, optimizer, RNG, step, tokens, clock and metrics."""
         given = self.resume if isinstance(self.resume, Checkpoint) else None
         state, self.resumed_from = _resume_from(self.out_dir, self.model, self.optimizer, self.cfg, self.tokenizer,
-                                                given, self.parallel)
+                                                given, self.parallel, self.objective)
         self.start = int(state["step"])
         self.tokens = int(state.get("tokens", self.start * self.cfg.tokens_per_step))
         self.flops_spent = state.get("flops_spent")  # None in checkpoints from before budgets: recounted
@@ -406,7 +435,7 @@ class Trainer:
 
     def _recount_flops(self) -> None:
         if self.dynamic_flops:
-            self.flops_tok = self.model.flops_per_token(self.cfg.seq_len, training=True)
+            self.flops_tok = training_flops_per_token(self.objective, self.model, self.cfg.seq_len)
 
     def budget_spent(self) -> bool:
         """Whether the next step, at the model's cost as it is now, would pass the FLOP budget."""
@@ -524,6 +553,11 @@ class Trainer:
             "elapsed_s": self.prior_elapsed + time.perf_counter() - self.t_start,
             "versions": {"torch": torch.__version__},
         }
+        # only where they differ from a plain run, so plain checkpoints stay as they were
+        if (spec := objective_spec(self.objective)) is not None:
+            trainer_state["objective"] = spec
+        if frozen := frozen_names(self.model):
+            trainer_state["frozen"] = frozen
         extra_writer = (lambda folder: self.tokenizer.save(folder)) if self.tokenizer is not None else None
         self.last_ckpt = save_checkpoint(
             self.out_dir, at_step, *to_save, trainer_state, keep=cfg.keep,
@@ -574,6 +608,7 @@ def train(
     persist: bool = True,
     parallel=None,
     stop_when=None,
+    objective=None,
 ) -> dict:
     """Train `model` for `cfg.steps` optimizer steps; return a summary dict.
 
@@ -600,6 +635,13 @@ def train(
     parallel: a `speedlm.train.distributed.Parallel` (data parallelism under torchrun): each
         rank trains on its rows of the same global batch (`cfg.batch_size`), gradients are
         averaged, losses are reported as the mean over ranks, and only rank 0 writes.
+    objective: what each step minimises, `objective(model, x, y, **meta) -> Loss`
+        (speedlm/train/objective.py; default: `model.loss`), under every `parallel` kind, e.g. a
+        distillation objective holding a teacher (speedlm/distill/objectives.py). Its parts
+        are logged as `loss/<name>`; validation still reports the model's own loss. Checkpoints
+        hold the model only and record the objective's `spec()`: resuming needs the same
+        objective again. Parameters with requires_grad False (set before calling) are not
+        trained, not in the optimizer nor its saved state; a resume must freeze the same ones.
 
     Writes to `cfg.out_dir`: step_*/ checkpoints + `latest`, `metrics.jsonl`, `loss.png`.
     On KeyboardInterrupt a checkpoint of the last completed step is saved, then it re-raises.
@@ -613,5 +655,5 @@ def train(
     return Trainer(
         model, cfg, train_stream, val_ids=val_ids, tokenizer=tokenizer, resume=resume, progress=progress,
         stop_at_step=stop_at_step, data_info=data_info, on_step=on_step, persist=persist, parallel=parallel,
-        stop_when=stop_when,
+        stop_when=stop_when, objective=objective,
     ).run()
