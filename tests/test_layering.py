@@ -33,6 +33,7 @@ LAYERS = [
     "train",
     "bench",
     "compare",
+    "distill",
     "commands",
     "harness",
     "cli",

@@ -56,6 +56,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from speedlm.commands.distill import run_distill
+
+    run_distill(args)
+    return 0
+
+
 def cmd_eval(args) -> int:
     if args.tasks:  # lm-evaluation-harness tasks
         from speedlm.harness.run import run_harness
@@ -394,6 +401,18 @@ def _add_hf_eval_parser(hsub) -> None:
     p.set_defaults(func=cmd_hf)
 
 
+def _add_distill_parser(sub) -> None:
+    p = sub.add_parser("distill", help="a checkpoint's chosen attention layers replaced by other mixers, started "
+                       "from the attention weights (a student for distillation)")
+    p.add_argument("--teacher", required=True, help="run folder or step folder of a trained causal LM")
+    p.add_argument("--replace", required=True,
+                   help='LAYERS=MIXER[{json options}] groups separated by ";", LAYERS as 1,3,5 or 0-3 or odd, even, '
+                   'all (0-based), e.g. "odd=gated_deltanet" or \'1,3=gla;5=sliding_window{"window": 64}\'')
+    p.add_argument("--out", required=True, help="new run folder for the student")
+    p.add_argument("--stages", required=True, help="training stages to run; only 'none' (build and save the student) so far")
+    p.set_defaults(func=cmd_distill)
+
+
 def _add_compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="train architectures at equal FLOPs; quality, recall, speed and memory in one report")
     p.add_argument("--presets", type=_csv, default=None, help="comma-separated presets, config JSON paths or "
@@ -645,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(sub)
     _add_stream_parser(sub)
     _add_hf_parser(sub)
+    _add_distill_parser(sub)
     _add_compare_parser(sub)
     _add_train_classifier_parser(sub)
     _add_bench_parser(sub)
