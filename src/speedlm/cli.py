@@ -408,8 +408,28 @@ def _add_distill_parser(sub) -> None:
     p.add_argument("--replace", required=True,
                    help='LAYERS=MIXER[{json options}] groups separated by ";", LAYERS as 1,3,5 or 0-3 or odd, even, '
                    'all (0-based), e.g. "odd=gated_deltanet" or \'1,3=gla;5=sliding_window{"window": 64}\'')
-    p.add_argument("--out", required=True, help="new run folder for the student")
-    p.add_argument("--stages", required=True, help="training stages to run; only 'none' (build and save the student) so far")
+    p.add_argument("--out", required=True, help="run folder: the student checkpoint, distill_report.json and a folder "
+                   "per stage (stage1-transfer, stage2-distill); rerun the same command to resume")
+    p.add_argument("--stages", default="transfer,distill",
+                   help="none (build and save the student only), transfer (stage 1: the new mixers learn the attention "
+                   "they replace), distill (stage 2: KL to the teacher + LM loss) or transfer,distill (default)")
+    p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per stage (default 2M)")
+    p.add_argument("--data", help="corpus (default: the one the teacher was trained on)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, help="default: the teacher's training sequence length")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1.0, help="stage 2: weight of KL(teacher || student)")
+    p.add_argument("--lm-weight", type=float, default=0.1, help="stage 2: weight of the student's LM loss")
+    p.add_argument("--temperature", type=float, default=1.0, help="stage 2: softmax temperature of the KL")
+    p.add_argument("--train", default="all", help="stage 2 trains: new (only the new mixers) or all (default)")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation batches (end of each stage, final report)")
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints within a stage")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, float32 on CPU), bfloat16 or float32")
+    p.add_argument("--parallel", default="none", help="none or ddp, under torchrun (attention transfer cannot run "
+                   "under fsdp); --batch-size is the global batch")
+    p.add_argument("--dist-backend", default="auto", help="torch.distributed backend under --parallel: auto, nccl or gloo")
     p.set_defaults(func=cmd_distill)
 
 

@@ -1,5 +1,6 @@
-"""`speedlm distill --stages none`: the student checkpoint, and bad input refused in one line
-with exit code 2 and nothing written."""
+"""`speedlm distill`: the student checkpoint (`--stages none`), the two training stages with
+their report, resume and reuse, and bad input refused in one line with exit code 2 and nothing
+written."""
 
 from __future__ import annotations
 
@@ -59,7 +60,90 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys):
              says="mixer 'linformer' cannot be causal")
     _refused(capsys, tmp_path, "--teacher", str(tmp_path / "bare"), "--replace", "1=gla", "--out", out,
              "--stages", "none", says="has no tokenizer")
-    _refused(capsys, tmp_path, "--teacher", t, "--replace", "1=gla", "--out", out, "--stages", "transfer",
-             says="only 'none'")
+    _refused(capsys, tmp_path, "--teacher", t, "--replace", "1=gla", "--out", out, "--stages", "nothing",
+             says="--stages takes none, transfer, distill or transfer,distill")
+    _refused(capsys, tmp_path, "--teacher", t, "--replace", "1=gla", "--out", out, "--stages", "transfer,lora",
+             says="unknown stage 'lora'")
+    _refused(capsys, tmp_path, "--teacher", t, "--replace", "1=gla", "--out", out, "--stages", "distill,transfer",
+             says="in that order")
+    _refused(capsys, tmp_path, "--teacher", t, "--replace", "1=gla", "--out", out, "--train", "lora",
+             says="--train 'lora'")
     _refused(capsys, tmp_path, "--teacher", str(tmp_path / "nowhere"), "--replace", "1=gla", "--out", out,
              "--stages", "none", says="no checkpoint at")
+
+
+def _distill(tmp_path, corpus_dir, *more):
+    return main(["distill", "--teacher", str(tmp_path / "teacher"), "--replace", "1=gated_deltanet",
+                 "--out", str(tmp_path / "student"), "--data", str(corpus_dir), "--tokens", "2048",
+                 "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3", "--eval-batches", "2", "--device", "cpu",
+                 *more])
+
+
+def test_distill_trains_both_stages_resumes_and_the_student_evaluates(tmp_path, corpus_dir, capsys):
+    import json
+
+    save_teacher(tmp_path / "teacher")
+    assert _distill(tmp_path, corpus_dir, "--stages", "transfer,distill") == 0
+    out = tmp_path / "student"
+    report = json.loads((out / "distill_report.json").read_text())
+    assert [r["layer"] for r in report["layers"]] == [1] and report["layers"][0]["init"] == "from attention"
+    transfer, distill = report["stages"]
+    assert transfer["stage"] == "transfer" and distill["stage"] == "distill" and transfer["steps"] == 16
+    assert transfer["end"]["mse_layer1"] < transfer["start"]["mse_layer1"]
+    assert set(distill["end"]) == {"total", "kl", "lm"}
+    assert set(report["validation"]) == {"student", "teacher", "tokens", "seq_len"}
+    for stage in ("stage1-transfer", "stage2-distill"):
+        assert (out / stage / "metrics.jsonl").is_file() and (out / stage / "latest").exists()
+    said = capsys.readouterr().out
+    assert "transfer: mse_layer1" in said and "distill: kl" in said and "validation loss" in said
+
+    student = load_pretrained(out)
+    assert student.tokenizer.spec() == ByteTokenizer().spec()
+    assert [s["mixer"]["name"] for s in student.model.config.layer_specs()][:2] == ["attention", "gated_deltanet"]
+    assert main(["eval", "--checkpoint", str(out), "--batches", "2", "--batch-size", "2", "--device", "cpu"]) == 0
+    assert "val loss" in capsys.readouterr().out
+
+    # the same command again: nothing is trained, the student is the one already there
+    weights = {k: v.clone() for k, v in student.model.state_dict().items()}
+    assert _distill(tmp_path, corpus_dir, "--stages", "transfer,distill") == 0
+    assert "already holds this command's student" in capsys.readouterr().out
+    again = load_pretrained(out).model.state_dict()
+    assert all(torch.equal(again[k], v) for k, v in weights.items())
+
+
+def test_a_rerun_skips_finished_stages(tmp_path, corpus_dir, capsys):
+    """Stage 1 finished in a run that stopped before stage 2: the rerun loads it and trains stage 2."""
+    import shutil
+
+    save_teacher(tmp_path / "teacher")
+    assert _distill(tmp_path, corpus_dir, "--stages", "transfer,distill", "--tokens", "512") == 0
+    out = tmp_path / "student"
+    for p in [*out.glob("step_*"), out / "latest", out / "distill_report.json", out / "stage2-distill"]:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    capsys.readouterr()
+    assert _distill(tmp_path, corpus_dir, "--stages", "transfer,distill", "--tokens", "512") == 0
+    said = capsys.readouterr().out
+    assert "transfer: finished in" in said and "distill: 4 steps" in said
+
+
+def test_an_interrupted_stage_resumes_from_its_checkpoint_to_the_same_student(tmp_path, corpus_dir, capsys):
+    """A stage stopped after its step-2 checkpoint: the rerun continues from it (the trainer's exact
+    resume) and ends with the weights of the run that was never stopped."""
+    import shutil
+
+    save_teacher(tmp_path / "teacher")
+    whole, cut = tmp_path / "whole", tmp_path / "student"
+    args = ("--stages", "transfer", "--tokens", "512", "--save-every", "2")
+    assert _distill(tmp_path, corpus_dir, *args, "--out", str(whole)) == 0
+    assert _distill(tmp_path, corpus_dir, *args) == 0
+    stage = cut / "stage1-transfer"
+    for p in [*cut.glob("step_*"), stage / "step_0000004"]:
+        shutil.rmtree(p)
+    for p in (cut / "latest", cut / "distill_report.json"):
+        p.unlink()
+    (stage / "latest").write_text("step_0000002")
+    capsys.readouterr()
+    assert _distill(tmp_path, corpus_dir, *args) == 0
+    assert "(resumed)" in capsys.readouterr().out
+    a, b = load_pretrained(whole).model.state_dict(), load_pretrained(cut).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

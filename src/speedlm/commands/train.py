@@ -25,8 +25,31 @@ def _tokenizer_for_run(args, corpus, resumed):
     return make_tokenizer(args.tokenizer, corpus, args.vocab_size)
 
 
+def encode_training_data(corpus, tokenizer, say=print):
+    """(train_ids, val_ids) of `corpus` under `tokenizer`, with the line that counts them
+    (`speedlm train` and `speedlm distill`)."""
+    from speedlm.data import encode_corpus
+
+    train_ids, val_ids = encode_corpus(corpus, tokenizer)
+    say(f"tokenizer: {tokenizer.spec()['kind']} ({tokenizer.vocab_size} tokens): "
+        f"{len(train_ids):,} train / {len(val_ids):,} validation tokens")
+    return train_ids, val_ids
+
+
+def say_done(summary: dict, model, say=print) -> None:
+    """The closing lines of a `train(...)` run: losses, throughput, MFU, where the files are."""
+    val = (f"val NELBO {summary['val_loss']:.4f} (ppl <= {summary['val_ppl']:.2f}, an upper bound)"
+           if getattr(model, "bound", False) else f"val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f})")
+    say(
+        f"done: step {summary['step']}, train loss {summary['loss']:.4f}, {val}, "
+        f"{summary['tok_per_s']:,.0f} tokens/s, {summary['flops_per_s'] / 1e9:,.1f} GFLOP/s = MFU {summary['mfu']:.1%} "
+        f"of the {summary['peak_source']} {summary['dtype']} peak ({summary['peak_flops'] / 1e9:,.1f} GFLOP/s)"
+    )
+    say(f"checkpoint: {summary['checkpoint']}\nmetrics: {summary['metrics_path']}\nloss curve: {summary['plot_path']}")
+
+
 def run_train(args) -> dict:
-    from speedlm.data import TokenStream, encode_corpus, load_corpus
+    from speedlm.data import TokenStream, load_corpus
     from speedlm.models import build_model, resolve_config
     from speedlm.train import TrainConfig, train
     from speedlm.train.checkpoint import load_resumable
@@ -64,9 +87,7 @@ def run_train(args) -> dict:
     corpus = load_corpus(args.data)
     say(f"data: {corpus.name}: {corpus.files} files, fingerprint {corpus.fingerprint}")
     tokenizer = _tokenizer_for_run(args, corpus, resumed)
-    train_ids, val_ids = encode_corpus(corpus, tokenizer)
-    say(f"tokenizer: {tokenizer.spec()['kind']} ({tokenizer.vocab_size} tokens): "
-          f"{len(train_ids):,} train / {len(val_ids):,} validation tokens")
+    train_ids, val_ids = encode_training_data(corpus, tokenizer, say)
 
     if not (args.config or args.resume):
         model_cfg = resolve_config(model_cfg, vocab_size=tokenizer.vocab_size)
@@ -89,12 +110,5 @@ def run_train(args) -> dict:
         data_info={"spec": args.data, "name": corpus.name, "fingerprint": corpus.fingerprint},
         parallel=parallel,
     )
-    val = (f"val NELBO {summary['val_loss']:.4f} (ppl <= {summary['val_ppl']:.2f}, an upper bound)"
-           if getattr(model, "bound", False) else f"val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f})")
-    say(
-        f"done: step {summary['step']}, train loss {summary['loss']:.4f}, {val}, "
-        f"{summary['tok_per_s']:,.0f} tokens/s, {summary['flops_per_s'] / 1e9:,.1f} GFLOP/s = MFU {summary['mfu']:.1%} "
-        f"of the {summary['peak_source']} {summary['dtype']} peak ({summary['peak_flops'] / 1e9:,.1f} GFLOP/s)"
-    )
-    say(f"checkpoint: {summary['checkpoint']}\nmetrics: {summary['metrics_path']}\nloss curve: {summary['plot_path']}")
+    say_done(summary, model, say)
     return {k: v for k, v in summary.items() if k != "history"}
