@@ -147,3 +147,37 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint_to_the_same_student(tm
     assert "(resumed)" in capsys.readouterr().out
     a, b = load_pretrained(whole).model.state_dict(), load_pretrained(cut).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_imported_hugging_face_llama_distils_end_to_end(tmp_path, corpus_dir, capsys):
+    """A tiny random `LlamaForCausalLM` through `speedlm hf import`, then both stages: the
+    student keeps Llama's imported weights outside the replaced layer and starts that layer from
+    its attention."""
+    import json
+
+    import pytest
+
+    pytest.importorskip("transformers")
+    from support.hf_models import import_through_cli, tiny_hf_model
+
+    hf = tiny_hf_model("llama", dtype=torch.float32, vocab_size=256, num_hidden_layers=2)
+    pre = import_through_cli(hf, tmp_path)  # writes tmp_path / "run"
+    out = tmp_path / "student"
+    assert main(["distill", "--teacher", str(tmp_path / "run"), "--replace", "odd=gated_deltanet", "--out", str(out),
+                 "--data", str(corpus_dir), "--tokens", "1024", "--batch-size", "4", "--seq-len", "32",
+                 "--eval-batches", "2", "--device", "cpu"]) == 0
+    report = json.loads((out / "distill_report.json").read_text())
+    assert report["layers"][0]["init"] == "from attention"
+    assert [s["stage"] for s in report["stages"]] == ["transfer", "distill"]
+    student = load_pretrained(out).model
+    assert [s["mixer"]["name"] for s in student.config.layer_specs()] == ["attention", "gated_deltanet"]
+    # before training: Llama's imported weights, its layer-1 attention as the new mixer's projections
+    assert main(["distill", "--teacher", str(tmp_path / "run"), "--replace", "odd=gated_deltanet",
+                 "--out", str(tmp_path / "init"), "--stages", "none"]) == 0
+    init, teacher = load_pretrained(tmp_path / "init").model.state_dict(), pre.model.state_dict()
+    for name, weight in teacher.items():
+        if not name.startswith("blocks.1.mixer."):
+            assert torch.equal(init[name], weight), name
+    assert torch.equal(init["blocks.1.mixer.q_proj.weight"], teacher["blocks.1.mixer.q_proj.weight"])
+    assert torch.equal(init["blocks.1.mixer.o_proj.weight"], teacher["blocks.1.mixer.o_proj.weight"])
+    capsys.readouterr()
