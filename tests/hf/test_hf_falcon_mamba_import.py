@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from support.hf_models import imported_matches, rel_err  # noqa: E402
+from support.hf_models import spread_mamba_mixers, imported_matches, rel_err  # noqa: E402
 from support.paper_models import float64_reference  # noqa: E402
 
 from speedlm.errors import SpeedlmError  # noqa: E402
@@ -28,11 +28,7 @@ def tiny_falcon_mamba(dtype=torch.float64, seed=0, **overrides):
 
     torch.manual_seed(seed)
     model = FalconMambaForCausalLM(falcon_mamba_config(**overrides)).eval()
-    with torch.no_grad():  # a spread of decays and skips, not the init's narrow band
-        for layer in model.backbone.layers:
-            layer.mixer.A_log.add_(torch.randn_like(layer.mixer.A_log) * 0.3)
-            layer.mixer.D.add_(torch.randn_like(layer.mixer.D))
-            layer.mixer.conv1d.weight.mul_(3)
+    spread_mamba_mixers(model)
     return model.to(dtype)
 
 

@@ -65,3 +65,13 @@ def import_through_cli(hf, tmp_path, ids_seed: int = 2):
     with torch.no_grad():
         assert rel_err(pre.model(ids), hf(ids).logits) < 1e-5
     return pre
+
+
+def spread_mamba_mixers(model) -> None:
+    """Decays, skips and conv taps of a transformers Mamba-family model away from their inits'
+    narrow bands, so a misplaced weight shows in the logits."""
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.A_log.add_(torch.randn_like(layer.mixer.A_log) * 0.3)
+            layer.mixer.D.add_(torch.randn_like(layer.mixer.D))
+            layer.mixer.conv1d.weight.mul_(3)

@@ -38,7 +38,7 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     state = read_json(folder / STATE_FILE)
     config = read_config(folder)
     model = build_model(config)
-    load_weights_into(model, full_state_dict(*read_weights(folder)), folder)
+    _load_weights(model, folder)
     tok = None
     if tokenizer:
         from speedlm.data import load_tokenizer
@@ -77,6 +77,10 @@ def build_spec(spec, **overrides):
 
     model = build_model(spec_config(spec, **overrides))
     if is_checkpoint(spec):
-        folder = resolve_checkpoint(spec)
-        load_weights_into(model, full_state_dict(*read_weights(folder)), folder)
+        _load_weights(model, resolve_checkpoint(spec))
     return model
+
+
+def _load_weights(model, folder: Path) -> None:
+    """The saved weights of step folder `folder` into `model` (built from its config)."""
+    load_weights_into(model, full_state_dict(*read_weights(folder)), folder)
