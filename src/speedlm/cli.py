@@ -430,6 +430,18 @@ def _add_distill_parser(sub) -> None:
     p.add_argument("--parallel", default="none", help="none or ddp, under torchrun (attention transfer cannot run "
                    "under fsdp); --batch-size is the global batch")
     p.add_argument("--dist-backend", default="auto", help="torch.distributed backend under --parallel: auto, nccl or gloo")
+    p.add_argument("--scratch", action="store_true", help="also train the student's architecture from scratch on as "
+                   "many tokens as all its stages, with the teacher's recipe, in --out/scratch (the control)")
+    p.add_argument("--baseline", action="append", metavar="SPEC", help="a training-free baseline for the report: the "
+                   "teacher with --replace SPEC and no training (e.g. 'all=sliding_window{\"window\": 128}' or "
+                   "all=sepllm); repeatable; built in --out/baselines")
+    p.add_argument("--report", action="store_true", help="write --out/report (speedlm compare over the teacher, the "
+                   "student, its from-scratch twin, the baselines and --compare-with, plus each stage's losses)")
+    p.add_argument("--compare-with", type=_csv, default=None, metavar="CKPT,...",
+                   help="more checkpoint folders in the report (e.g. other distilled students)")
+    p.add_argument("--contexts", type=_ints, default=[1024, 4096, 16384],
+                   help="report: context lengths of the prefill / decode / cache columns (default 1024,4096,16384)")
+    p.add_argument("--decode-tokens", type=int, default=16, help="report: timed decode steps per context")
     p.set_defaults(func=cmd_distill)
 
 

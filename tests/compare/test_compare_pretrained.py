@@ -1,5 +1,6 @@
 """A checkpoint folder in `speedlm compare --presets` is a pretrained entry: measured as saved
-(its own width, weights and tokenizer), never trained nor the width target, no MQAR probe, its
+(its own width, weights and tokenizer), never trained nor the width target, no trained MQAR
+probe but the zero-shot one on its weights, its
 loss in its own tokens and left unranked; the inference columns run on its weights. Resume
 reuses its stages; a corrupt folder fails its own row only."""
 
@@ -86,12 +87,22 @@ def test_a_checkpoint_is_evaluated_as_saved_in_its_own_tokens_and_not_trained(co
     assert trained["val_bytes"] == trained["val_tokens"]
     assert math.isclose(trained["val_bits_per_byte"], trained["val_loss"] / math.log(2))
 
-    # no MQAR probe; inference columns measured like a trained model's
+    # no trained MQAR probe but the zero-shot one on its weights; inference columns like a trained model's
     assert "mqar_accuracy" not in pre and "pretrained" in pre["mqar_skipped"] and "mqar_accuracy" in trained
+    assert "mqar_zero_shot" not in trained
+    from speedlm.compare.zero_shot_recall import zero_shot_mqar
+
+    setting = tiny_options(root, "x").mqar
+    z = zero_shot_mqar(loaded.model, ids, setting, seed=0)
+    assert pre["mqar_zero_shot"] == z["accuracy"] and pre["mqar_zero_shot_queries"] == z["queries"] > 0
     for key in ("prefill_tok_s", "decode_ms", "cache_bytes"):
         assert set(pre[key]) == {32, 64} and all(v > 0 for v in pre[key].values())
     assert pre["state_bytes"][64] == loaded.model.state_bytes(64, 1, 4)
     assert set(pre["seconds"]) == {"pretrained", "inference", "total"}
+
+
+def pre_row(report, name):
+    return next(m for m in report["models"] if m["name"] == name)
 
 
 def _fresh(config: dict):
@@ -108,7 +119,8 @@ def test_the_report_lists_a_pretrained_entry_unranked_with_its_footnote(compared
     assert "| 1 | transformer-tiny |" in md
     assert f"| {PRETRAINED_MARK} | {ckpt} |" in md and f"(own tokens){PRETRAINED_MARK}" in md
     assert "0 (pretrained)" in md and "listed unranked" in md and f"{ckpt}: bpe, {BPE_VOCAB} tokens" in md
-    assert "Not probed (— in the leaderboard)" in md and f"| {ckpt} | 32 (as saved) |" in md
+    assert f"{pre_row(report, ckpt)['mqar_zero_shot']:.3f}ᶻ" in md and "Zero-shot, on the checkpoint's own weights" in md
+    assert "Not probed" not in md and f"| {ckpt} | 32 (as saved) |" in md
     saved = json.loads((root / "run" / "report.json").read_text())
     row = next(m for m in saved["models"] if m["name"] == ckpt)
     assert row["pretrained"] and row["tokenizer"]["kind"] == "bpe" and row["val_bits_per_byte"] > 0

@@ -26,6 +26,7 @@ STAGES = ("transfer", "distill")  # in this order; "none" builds and saves the s
 STAGE_FOLDERS = {"transfer": "stage1-transfer", "distill": "stage2-distill"}
 REPORT_FILE = "distill_report.json"
 STAGE_FILE = "distill_stage.json"  # in a stage folder: the objective's parts before and after it
+EVAL_POINTS = 4  # validation losses along each stage (the report's curve)
 
 
 def _stages(text: str) -> list[str]:
@@ -89,7 +90,7 @@ def _train_config(args, stage: str, seq_len: int, device, out: Path):
     steps = max(1, math.ceil(args.tokens / (args.batch_size * seq_len)))
     cfg = TrainConfig(
         steps=steps, batch_size=args.batch_size, seq_len=seq_len, lr=args.lr, warmup_steps=steps // 10,
-        eval_every=0, eval_batches=args.eval_batches, save_every=args.save_every, seed=args.seed,
+        eval_every=max(1, steps // EVAL_POINTS), eval_batches=args.eval_batches, save_every=args.save_every, seed=args.seed,
         device=device, dtype=args.dtype, log_every=max(1, min(10, steps // 10)),
         out_dir=str(out / STAGE_FOLDERS[stage]),
     )
@@ -136,25 +137,36 @@ def _trainable(stage: str, args, student, layers):
     return freeze_all_but(student, layers) if stage == "transfer" or args.train == "new" else nullcontext()
 
 
+def finished_run(folder: Path, steps: int) -> bool:
+    """Whether training run `folder` holds its last step."""
+    from speedlm.checkpoint.files import STATE_FILE, read_json, resolve_checkpoint
+
+    return started_run(folder) and read_json(resolve_checkpoint(folder) / STATE_FILE).get("step", 0) >= steps
+
+
+def started_run(folder: Path) -> bool:
+    from speedlm.checkpoint import list_checkpoints
+
+    return bool(list_checkpoints(folder)) or (folder / "latest").exists()
+
+
 def _run_stage(stage, cfg, student, objective, data, probe, device, parallel, say) -> dict:
     """One stage: skipped (its weights loaded) when its folder holds its last step, else
     trained (fresh or resumed); returns its record for the report."""
-    from speedlm.checkpoint import list_checkpoints
-    from speedlm.checkpoint.files import STATE_FILE, read_json, resolve_checkpoint
     from speedlm.commands.train import say_done
     from speedlm.data import TokenStream
     from speedlm.train import train
     from speedlm.train.checkpoint import load_checkpoint
 
     folder = Path(cfg.out_dir)
-    started = bool(list_checkpoints(folder)) or (folder / "latest").exists()
-    if started and read_json(resolve_checkpoint(folder) / STATE_FILE).get("step", 0) >= cfg.steps:
+    if finished_run(folder, cfg.steps):
         load_checkpoint(folder).restore_model(student)
         say(f"{stage}: finished in {folder}, skipped")
         record = json.loads((folder / STAGE_FILE).read_text())
         if "end" not in record:  # the run stopped between its last checkpoint and this record
             record["end"] = _measure(objective, student, probe, device)
         return record
+    started = started_run(folder)
     record = {"stage": stage, "out": str(folder), "steps": cfg.steps, "tokens": cfg.steps * cfg.tokens_per_step}
     if started and (folder / STAGE_FILE).is_file():
         record = json.loads((folder / STAGE_FILE).read_text())
@@ -206,23 +218,67 @@ def _prepare_stages(args, stages, teacher_state, tokenizer, student, device, out
 
 
 def run_distill(args) -> Path:
-    from speedlm.checkpoint.files import publish_step
+    """The student (built, trained in stages, saved), then its from-scratch twin (`--scratch`),
+    the training-free baselines (`--baseline`) and the report (`--report`); returns the student's
+    step folder. Everything that can be refused is refused before anything is written."""
     from speedlm.distill.layers import parse_replace
-    from speedlm.distill.student import build_student
     from speedlm.errors import SpeedlmError
-    from speedlm.train import evaluate
-    from speedlm.train.distributed import init_parallel
 
-    # everything that can be refused is refused before anything is written
     stages = _stages(args.stages)
     if getattr(args, "train", "all") not in ("new", "all"):
         raise SpeedlmError(f"--train {args.train!r}: choose new (only the new mixers) or all")
     if "transfer" in stages and getattr(args, "parallel", "none") == "fsdp":
         raise SpeedlmError("attention transfer calls the new mixers outside their blocks, which FSDP's sharding hooks "
                            "do not see; run it on one process or with --parallel ddp")
+    extras = _extras(args, stages)
+    teacher = _teacher(args.teacher)
+    replace = parse_replace(args.replace, teacher[0].config.n_layers)
+    for spec in extras["baselines"]:
+        parse_replace(spec, teacher[0].config.n_layers)
+    step = _distill_student(args, stages, teacher, replace)
+    if extras["main"]:
+        from speedlm.commands.distill_extras import run_extras
+
+        run_extras(args, extras, teacher, step)
+    return step
+
+
+def _extras(args, stages) -> dict:
+    """--scratch, --baseline, --report and --compare-with, checked."""
+    from speedlm.models.build import is_checkpoint
+    from speedlm.errors import SpeedlmError
+
+    scratch, report = getattr(args, "scratch", False), getattr(args, "report", False)
+    baselines, others = list(getattr(args, "baseline", None) or []), list(getattr(args, "compare_with", None) or [])
+    if scratch and not stages:
+        raise SpeedlmError("--scratch trains the student's architecture on as many tokens as its stages; "
+                           "--stages none has none")
+    if (report or baselines or others) and getattr(args, "parallel", "none") != "none":
+        raise SpeedlmError("--report, --baseline and --compare-with run on one process: rerun the same command "
+                           "without --parallel once the student is trained (its stages are reused)")
+    if (baselines or others) and not report:
+        raise SpeedlmError("--baseline and --compare-with add entries to the report: give --report too")
+    for name in others:
+        if not is_checkpoint(name):
+            raise SpeedlmError(f"--compare-with {name}: not a checkpoint folder")
+    main = (scratch or report) and (getattr(args, "parallel", "none") == "none" or _rank() == 0)
+    return {"scratch": scratch, "report": report, "baselines": baselines, "others": others, "main": main}
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def _distill_student(args, stages, teacher_loaded, replace) -> Path:
+    from speedlm.checkpoint.files import publish_step
+    from speedlm.distill.student import build_student
+    from speedlm.train import evaluate
+    from speedlm.train.distributed import init_parallel
+
     out = Path(args.out)
-    teacher, tokenizer, folder, teacher_state = _teacher(args.teacher)
-    replace = parse_replace(args.replace, teacher.config.n_layers)
+    teacher, tokenizer, folder, teacher_state = teacher_loaded
     command = _command(args, folder, stages)
     done = _finished_student(out, command)
     if done is not None:

@@ -2,8 +2,10 @@
 
 A run or step folder (one `speedlm train` wrote, or `speedlm hf import`) joins the comparison
 with its own weights and its own tokenizer. It is never resized by width matching nor the width
-target, never trained (0 steps, 0 training FLOPs) and gets no MQAR probe (the probe trains a
-fresh model of the architecture on a synthetic task, which says nothing about these weights).
+target, never trained (0 steps, 0 training FLOPs) and gets no trained MQAR probe (the probe trains a
+fresh model of the architecture on a synthetic task, which says nothing about these weights):
+its MQAR column is the zero-shot probe instead, the same task in its own frequent tokens read by
+its own weights (compare/zero_shot_recall.py).
 Its first stage evaluates it instead of training it: the validation loss on the compare's own
 validation text, encoded with the checkpoint's tokenizer (`speedlm eval`'s number on that
 text), so the loss is in nats per token *of its tokens* and ranks against nothing the compare
@@ -23,7 +25,7 @@ import torch
 from speedlm.errors import SpeedlmError
 
 MQAR_SKIPPED = ("pretrained entry: the MQAR probe trains a fresh model of the architecture on a synthetic task, "
-                "not these weights")
+                "not these weights; its column shows the zero-shot probe on them (compare/zero_shot_recall.py)")
 
 
 def pretrained_inside(path: str, out_dir: str) -> bool:
@@ -107,6 +109,7 @@ def pretrained_stage(o, plan, corpus, compare_tokenizer, dev, autocast_dtype) ->
     compare's final validation does for a trained model (same batches, length and count):
     (the model, the validation ids in its tokens, the stage's results)."""
     from speedlm.compare.inference import learned_on
+    from speedlm.compare.zero_shot_recall import zero_shot_mqar
     from speedlm.train import evaluate
 
     t0 = time.perf_counter()
@@ -137,8 +140,11 @@ def pretrained_stage(o, plan, corpus, compare_tokenizer, dev, autocast_dtype) ->
         train_flops_per_s=None,
         mfu=None,
         learned=learned_on(model, text),
-        seconds=time.perf_counter() - t0,
     )
+    if o.mqar is not None and model.config.objective == "ar":
+        z = zero_shot_mqar(model, ids, o.mqar, seed=o.seed)
+        results.update(mqar_zero_shot=z["accuracy"], mqar_zero_shot_queries=z["queries"])
+    results["seconds"] = time.perf_counter() - t0
     return model, ids, results
 
 

@@ -37,6 +37,13 @@ def _num(v, fmt: str) -> str:
 
 
 PRETRAINED_MARK = "†"
+ZERO_SHOT_MARK = "ᶻ"
+
+
+def _zero_shot(m: dict) -> str:
+    """A pretrained row's MQAR cell: its zero-shot probe (compare/zero_shot_recall.py), or — without one."""
+    z = m.get("mqar_zero_shot")
+    return "—" if z is None else f"{z:.3f}{ZERO_SHOT_MARK}"
 
 
 def ranked(models: list[dict]) -> list[dict]:
@@ -86,7 +93,8 @@ def leaderboard_markdown(report: dict) -> str:
                          + " |" * (9 + len(TABLE_STATE_CONTEXTS)))
             continue
         pre = bool(m.get("pretrained"))  # unranked: its loss is in its own tokens (pretrained_note)
-        mqar = "—" if m.get("mqar_skipped") else _num(m.get("mqar_accuracy"), ".3f") + ("*" if m.get("mqar_flag") else "")
+        mqar = (_zero_shot(m) if m.get("mqar_skipped") else
+                _num(m.get("mqar_accuracy"), ".3f") + ("*" if m.get("mqar_flag") else ""))
         lines.append(
             f"| {PRETRAINED_MARK if pre else i} | {m['name']} | {_params(m)} | {m['train_flops_per_token'] / 1e6:.3f} | "
             f"{m['steps']:,}{' (pretrained)' if pre else ''} | "
@@ -293,8 +301,15 @@ def report_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
         flagged = [f"{m['name']} ({m['mqar_flag']})" for m in report["models"] if m.get("mqar_flag")]
         if flagged:
             lines += ["Still learning when the probe ended: " + ", ".join(flagged) + ".", ""]
+        zero = [m["name"] for m in report["models"] if m["status"] == "ok" and m.get("mqar_zero_shot") is not None]
+        if zero:
+            lines += [f"{ZERO_SHOT_MARK} Zero-shot, on the checkpoint's own weights ({', '.join(zero)}): the same task, "
+                      "untrained, written in the checkpoint's most frequent validation tokens (MQAR's token i is its "
+                      "i-th commonest), scored by its argmax over its whole vocabulary on the queries; a model that "
+                      "learned to copy from context (induction) recalls, one whose state lost the pair does not. "
+                      "It ranks pretrained rows against each other, not against the trained probe's column.", ""]
         skipped = [f"{m['name']} ({m['mqar_skipped']})" for m in report["models"]
-                   if m["status"] == "ok" and m.get("mqar_skipped")]
+                   if m["status"] == "ok" and m.get("mqar_skipped") and m.get("mqar_zero_shot") is None]
         if skipped:  # "—" in the leaderboard
             lines += ["Not probed (— in the leaderboard): " + "; ".join(skipped) + ".", ""]
         cost = mqar_cost_text(report)
