@@ -405,9 +405,13 @@ def _add_distill_parser(sub) -> None:
     p = sub.add_parser("distill", help="a checkpoint's chosen attention layers replaced by other mixers, started "
                        "from the attention weights (a student for distillation)")
     p.add_argument("--teacher", required=True, help="run folder or step folder of a trained causal LM")
-    p.add_argument("--replace", required=True,
+    p.add_argument("--replace",
                    help='LAYERS=MIXER[{json options}] groups separated by ";", LAYERS as 1,3,5 or 0-3 or odd, even, '
-                   'all (0-based), e.g. "odd=gated_deltanet" or \'1,3=gla;5=sliding_window{"window": 64}\'')
+                   'all (0-based), e.g. "odd=gated_deltanet" or \'1,3=gla;5=sliding_window{"window": 64}\'; or the '
+                   'full student, one entry per layer: "pattern=keep,gated_deltanet,keep,mamba2"')
+    p.add_argument("--graft", help="LAYERS=CHECKPOINT[@SOURCE_LAYERS] groups separated by \";\": those layers are "
+                   "whole blocks of other checkpoints of the same width, positions and tokenizer (e.g. 1,3=runs/hyena "
+                   "or 1,3=runs/mamba@0,1); with or without --replace")
     p.add_argument("--out", required=True, help="run folder: the student checkpoint, distill_report.json and a folder "
                    "per stage (stage1-transfer, stage2-distill); rerun the same command to resume")
     p.add_argument("--stages", default="transfer,distill",
@@ -421,7 +425,10 @@ def _add_distill_parser(sub) -> None:
     p.add_argument("--kl-weight", type=float, default=1.0, help="stage 2: weight of KL(teacher || student)")
     p.add_argument("--lm-weight", type=float, default=0.1, help="stage 2: weight of the student's LM loss")
     p.add_argument("--temperature", type=float, default=1.0, help="stage 2: softmax temperature of the KL")
-    p.add_argument("--train", default="all", help="stage 2 trains: new (only the new mixers) or all (default)")
+    p.add_argument("--train", default="all", help="stage 2 trains: new (only the new mixers), all (default), or lora "
+                   "(the new mixers and LoRA adapters on the kept layers' linear weights, merged in after the stage)")
+    p.add_argument("--lora-rank", type=int, default=8, help="--train lora: the adapters' rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="--train lora: scale alpha / rank (default 16)")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches (end of each stage, final report)")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints within a stage")
     p.add_argument("--seed", type=int, default=0)

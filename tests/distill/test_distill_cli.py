@@ -66,8 +66,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys):
              says="unknown stage 'lora'")
     _refused(capsys, tmp_path, "--teacher", t, "--replace", "1=gla", "--out", out, "--stages", "distill,transfer",
              says="in that order")
+    _refused(capsys, tmp_path, "--teacher", t, "--replace", "1=gla", "--out", out, "--train", "bogus",
+             says="--train 'bogus'")
     _refused(capsys, tmp_path, "--teacher", t, "--replace", "1=gla", "--out", out, "--train", "lora",
-             says="--train 'lora'")
+             "--lora-rank", "0", says="--lora-rank must be >= 1")
+    _refused(capsys, tmp_path, "--teacher", t, "--out", out, "--stages", "none", says="give --replace")
     _refused(capsys, tmp_path, "--teacher", str(tmp_path / "nowhere"), "--replace", "1=gla", "--out", out,
              "--stages", "none", says="no checkpoint at")
 
@@ -180,4 +183,24 @@ def test_an_imported_hugging_face_llama_distils_end_to_end(tmp_path, corpus_dir,
             assert torch.equal(init[name], weight), name
     assert torch.equal(init["blocks.1.mixer.q_proj.weight"], teacher["blocks.1.mixer.q_proj.weight"])
     assert torch.equal(init["blocks.1.mixer.o_proj.weight"], teacher["blocks.1.mixer.o_proj.weight"])
+    # the Hugging Face folder itself as --teacher: converted into --out/teacher, the same student
+    capsys.readouterr()
+    direct = tmp_path / "direct"
+    assert main(["distill", "--teacher", str(tmp_path / "hf"), "--replace", "odd=gated_deltanet",
+                 "--out", str(direct), "--stages", "none"]) == 0
+    assert "converted to" in capsys.readouterr().out
+    converted = load_pretrained(direct / "teacher")
+    assert converted.trainer_state["imported_from"] == str(tmp_path / "hf")
+    assert converted.tokenizer.spec() == pre.tokenizer.spec()
+    for name, weight in load_pretrained(direct).model.state_dict().items():
+        assert torch.equal(weight, init[name]), name
+    assert main(["distill", "--teacher", str(tmp_path / "hf"), "--replace", "odd=gated_deltanet",
+                 "--out", str(direct), "--stages", "none"]) == 0  # a rerun reuses the conversion and the student
+    assert "converted to" not in capsys.readouterr().out
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    assert main(["distill", "--teacher", str(bare), "--replace", "1=gla", "--out", str(tmp_path / "x"),
+                 "--stages", "none"]) == 2
+    assert "has no tokenizer.json" in capsys.readouterr().err and not (tmp_path / "x").exists()
     capsys.readouterr()

@@ -41,6 +41,10 @@ def tokens(seed=1):
     ("1,3=gla; 5=mamba2", {1: {"name": "gla"}, 3: {"name": "gla"}, 5: {"name": "mamba2"}}),
     ('5=sliding_window{"window": 64};0=sepllm{"window": 8, "initial": 2}',
      {0: {"name": "sepllm", "window": 8, "initial": 2}, 5: {"name": "sliding_window", "window": 64}}),
+    # the full-pattern form: one entry per layer
+    ("pattern=keep,gated_deltanet,keep,mamba2,keep,keep", {1: {"name": "gated_deltanet"}, 3: {"name": "mamba2"}}),
+    ('pattern=sliding_window{"window": 8, "kv_heads": 1},keep,keep,keep,keep,gla',
+     {0: {"name": "sliding_window", "window": 8, "kv_heads": 1}, 5: {"name": "gla"}}),
 ])
 def test_parse_replace(spec, expected):
     assert parse_replace(spec, 6) == expected
@@ -59,6 +63,10 @@ def test_parse_replace(spec, expected):
     ("gla", "expected LAYERS=MIXER"),
     ('1=sliding_window{"window": }', "not valid JSON"),
     ('1=sliding_window{"window": 0}', "option 'window' of mixer 'sliding_window' must be >= 1"),
+    ("pattern=keep,gla", "pattern= names 2 layer(s); the teacher has 6"),
+    ("pattern=keep,keep,keep,keep,keep,keep", "keeps every layer"),
+    ("pattern=keep,gla,keep,keep,keep,linformer", "mixer 'linformer' cannot be causal"),
+    ("pattern=keep,1=gla,keep,keep,keep,keep", "entry 1 '1=gla' is not keep or MIXER"),
 ])
 def test_parse_replace_refuses_in_one_line(spec, says):
     with pytest.raises(SpeedlmError) as e:

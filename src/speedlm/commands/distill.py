@@ -25,6 +25,7 @@ import torch
 STAGES = ("transfer", "distill")  # in this order; "none" builds and saves the student only
 STAGE_FOLDERS = {"transfer": "stage1-transfer", "distill": "stage2-distill"}
 REPORT_FILE = "distill_report.json"
+TEACHER_FOLDER = "teacher"  # in --out: a Hugging Face teacher, converted
 STAGE_FILE = "distill_stage.json"  # in a stage folder: the objective's parts before and after it
 EVAL_POINTS = 4  # validation losses along each stage (the report's curve)
 
@@ -42,13 +43,27 @@ def _stages(text: str) -> list[str]:
     return stages
 
 
-def _teacher(path: str):
-    """(model, tokenizer, step folder, trainer_state) of the teacher; one without a tokenizer is refused."""
+def _teacher(path: str, out: Path):
+    """(model, tokenizer, step folder, trainer_state) of the teacher; one without a tokenizer is
+    refused. A Hugging Face folder is converted in memory (`speedlm hf import`'s converters) and
+    its step folder is `--out/teacher/step_0000000`, written by `_publish_teacher` once nothing
+    more can be refused (a rerun finds it there)."""
     from speedlm.checkpoint import load_pretrained
     from speedlm.checkpoint.files import STATE_FILE, read_json, resolve_checkpoint
     from speedlm.data.tokenizers import SPEC_FILE
     from speedlm.errors import SpeedlmError
+    from speedlm.hf.imports import is_hf_folder
 
+    if is_hf_folder(path):
+        imported = out / TEACHER_FOLDER
+        if started_run(imported) and read_json(resolve_checkpoint(imported) / STATE_FILE).get("imported_from") == \
+                str(Path(path)):
+            path = str(imported)  # converted by an earlier run of this command
+        else:
+            from speedlm.hf.imports import load_hf
+
+            model, tokenizer, state = load_hf(path)
+            return model.eval(), tokenizer, imported / "step_0000000", state
     folder = resolve_checkpoint(path)
     if read_json(folder / STATE_FILE).get("tokenizer") is None and not (folder / SPEC_FILE).is_file():
         raise SpeedlmError(f"the teacher {path} has no tokenizer; the student is saved with the teacher's, so "
@@ -59,10 +74,20 @@ def _teacher(path: str):
     return p.model, p.tokenizer, folder, p.trainer_state
 
 
+def _publish_teacher(teacher) -> None:
+    """Write a Hugging Face teacher converted in memory to its step folder (nothing if it is there)."""
+    from speedlm.checkpoint.files import publish_step
+
+    model, tokenizer, folder, state = teacher
+    if not folder.exists():
+        publish_step(folder.parent, 0, model, state, write_files=tokenizer.save)
+        print(f"teacher: {state['imported_from']} converted to {folder}")
+
+
 def _command(args, folder, stages) -> dict:
     """What a rerun must repeat to reuse the finished student in --out."""
-    keys = ("replace", "tokens", "data", "batch_size", "seq_len", "lr", "kl_weight", "lm_weight", "temperature",
-            "train", "seed")
+    keys = ("replace", "graft", "tokens", "data", "batch_size", "seq_len", "lr", "kl_weight", "lm_weight", "temperature",
+            "train", "seed") + (("lora_rank", "lora_alpha") if getattr(args, "train", "all") == "lora" else ())
     return {"teacher": str(folder), "stages": stages, **{k: getattr(args, k, None) for k in keys}}
 
 
@@ -76,7 +101,9 @@ def _finished_student(out: Path, command: dict):
     if not out.exists() or not (list_checkpoints(out) or (out / "latest").exists()):
         return None
     folder = resolve_checkpoint(out)
-    if read_json(folder / STATE_FILE).get("distill_command") != command:
+    recorded = read_json(folder / STATE_FILE).get("distill_command") or {}
+    # an option added since that run was saved counts as left at its default (None)
+    if {**{k: None for k in command}, **recorded} != command:
         raise SpeedlmError(f"--out {out} already holds a checkpoint from another command; choose a new folder")
     return folder
 
@@ -129,12 +156,21 @@ def _objective(stage: str, args, teacher, student, layers):
 
 
 def _trainable(stage: str, args, student, layers):
-    """Stage 1 and `--train new` train the new mixers only; `--train all` everything."""
-    from contextlib import nullcontext
+    """Stage 1 and `--train new` train the new mixers only; `--train all` everything; `--train
+    lora` the new mixers and LoRA adapters on the kept layers (merged into them after the stage)."""
+    from contextlib import ExitStack, nullcontext
 
+    from speedlm.distill.lora import lora_adapters
     from speedlm.distill.objectives import freeze_all_but
 
-    return freeze_all_but(student, layers) if stage == "transfer" or args.train == "new" else nullcontext()
+    if stage == "transfer" or args.train == "new":
+        return freeze_all_but(student, layers)
+    if args.train == "lora":
+        stack = ExitStack()
+        stack.enter_context(freeze_all_but(student, layers))
+        stack.enter_context(lora_adapters(student, layers, args.lora_rank, args.lora_alpha, args.seed))
+        return stack
+    return nullcontext()
 
 
 def finished_run(folder: Path, steps: int) -> bool:
@@ -221,21 +257,36 @@ def run_distill(args) -> Path:
     """The student (built, trained in stages, saved), then its from-scratch twin (`--scratch`),
     the training-free baselines (`--baseline`) and the report (`--report`); returns the student's
     step folder. Everything that can be refused is refused before anything is written."""
+    from speedlm.distill.graft import load_donors, parse_graft
     from speedlm.distill.layers import parse_replace
     from speedlm.errors import SpeedlmError
 
     stages = _stages(args.stages)
-    if getattr(args, "train", "all") not in ("new", "all"):
-        raise SpeedlmError(f"--train {args.train!r}: choose new (only the new mixers) or all")
+    if getattr(args, "train", "all") not in ("new", "all", "lora"):
+        raise SpeedlmError(f"--train {args.train!r}: choose new (only the new mixers), all, or lora (the new mixers "
+                           "and LoRA adapters on the kept layers)")
+    if getattr(args, "train", "all") == "lora":
+        if not (isinstance(args.lora_rank, int) and args.lora_rank >= 1):
+            raise SpeedlmError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+        if not args.lora_alpha > 0:
+            raise SpeedlmError(f"--lora-alpha must be positive, got {args.lora_alpha}")
     if "transfer" in stages and getattr(args, "parallel", "none") == "fsdp":
         raise SpeedlmError("attention transfer calls the new mixers outside their blocks, which FSDP's sharding hooks "
                            "do not see; run it on one process or with --parallel ddp")
     extras = _extras(args, stages)
-    teacher = _teacher(args.teacher)
-    replace = parse_replace(args.replace, teacher[0].config.n_layers)
+    teacher = _teacher(args.teacher, Path(args.out))
+    n_layers = teacher[0].config.n_layers
+    replace = parse_replace(args.replace, n_layers) if args.replace is not None else {}
+    grafts = parse_graft(args.graft, n_layers) if getattr(args, "graft", None) is not None else []
+    if not replace and not grafts:
+        raise SpeedlmError("give --replace (the teacher's layers to swap), --graft (layers from other checkpoints) "
+                           "or both")
+    donors = load_donors(grafts, teacher[0].config, teacher[1])
     for spec in extras["baselines"]:
-        parse_replace(spec, teacher[0].config.n_layers)
-    step = _distill_student(args, stages, teacher, replace)
+        parse_replace(spec, n_layers)
+    if _rank() == 0:
+        _publish_teacher(teacher)
+    step = _distill_student(args, stages, teacher, replace, grafts, donors)
     if extras["main"]:
         from speedlm.commands.distill_extras import run_extras
 
@@ -271,7 +322,7 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _distill_student(args, stages, teacher_loaded, replace) -> Path:
+def _distill_student(args, stages, teacher_loaded, replace, grafts=(), donors=None) -> Path:
     from speedlm.checkpoint.files import publish_step
     from speedlm.distill.student import build_student
     from speedlm.train import evaluate
@@ -287,8 +338,8 @@ def _distill_student(args, stages, teacher_loaded, replace) -> Path:
             print("\n".join(_report_lines(json.loads((out / REPORT_FILE).read_text()))))
         return done
     torch.manual_seed(getattr(args, "seed", 0))  # the new mixers' own init, the same on a rerun
-    student, init = build_student(teacher, replace)
-    layers = sorted(replace)
+    student, init = build_student(teacher, replace, grafts=grafts, donors=donors)
+    layers = sorted(set(replace) | {g.layer for g in grafts})
     parallel, device = (init_parallel(args.parallel, args.device, args.dist_backend) if stages
                         else (None, "cpu"))
     say = print if parallel is None or parallel.main else (lambda *a, **k: None)
@@ -296,13 +347,15 @@ def _distill_student(args, stages, teacher_loaded, replace) -> Path:
         "tokenizer": tokenizer.spec(),
         "distilled_from": str(folder),
         "replace": args.replace,
+        "graft": getattr(args, "graft", None),
         "stages": stages,
         "distill_command": command,
         "distill_report": [
             {"layer": r.layer, "mixer": r.mixer, "init": r.init, "copied": r.copied, "reason": r.reason} for r in init
         ],
     }
-    report = {"teacher": str(folder), "replace": args.replace, "layers": state["distill_report"], "stages": []}
+    report = {"teacher": str(folder), "replace": args.replace, "graft": state["graft"],
+              "layers": state["distill_report"], "stages": []}
     prepared = _prepare_stages(args, stages, teacher_state, tokenizer, student, device, out, say) if stages else None
     for line in init:  # once nothing more can be refused
         say(line)
@@ -332,6 +385,8 @@ def _distill_student(args, stages, teacher_loaded, replace) -> Path:
     for line in _report_lines(report):
         print(line)
     mapped = sum(r.init == "from attention" for r in init)
-    print(f"student of {folder}: {len(init)} layer(s) replaced, {mapped} from attention; saved to {step}")
+    grafted = sum(r.init.startswith("grafted") for r in init)
+    print(f"student of {folder}: {len(init) - grafted} layer(s) replaced, {mapped} from attention"
+          + (f", {grafted} grafted" if grafted else "") + f"; saved to {step}")
     print(f"report: {out / REPORT_FILE}")
     return step

@@ -95,7 +95,7 @@ def _scratch_of(folder: Path, student_step: Path, steps: int, cfg) -> dict:
             "tokens": steps * cfg.tokens_per_step, "lr": cfg.lr}
 
 
-def build_baselines(args, specs: list[str], n_layers: int) -> list[str]:
+def build_baselines(args, specs: list[str], teacher_loaded) -> list[str]:
     """Each --baseline SPEC as a training-free student (`--stages none`) in `--out/baselines/`;
     their step folders."""
     from speedlm.commands.distill import run_distill
@@ -103,8 +103,9 @@ def build_baselines(args, specs: list[str], n_layers: int) -> list[str]:
 
     steps = []
     for i, spec in enumerate(specs):
-        mixers = "-".join(sorted({m["name"] for m in parse_replace(spec, n_layers).values()}))
-        sub = argparse.Namespace(**{**vars(args), "replace": spec, "stages": "none", "scratch": False,
+        mixers = "-".join(sorted({m["name"] for m in parse_replace(spec, teacher_loaded[0].config.n_layers).values()}))
+        sub = argparse.Namespace(**{**vars(args), "teacher": str(teacher_loaded[2]), "replace": spec,
+                                    "stages": "none", "scratch": False,
                                     "report": False, "baseline": [], "compare_with": [],
                                     "out": str(Path(args.out) / BASELINES_FOLDER / f"{i}-{mixers}")})
         steps.append(str(run_distill(sub)))
@@ -146,5 +147,5 @@ def run_extras(args, extras: dict, teacher_loaded, student_step: Path) -> None:
     if extras["scratch"]:
         run_scratch(args, teacher_loaded, student_step)
     if extras["report"]:
-        baselines = build_baselines(args, extras["baselines"], teacher_loaded[0].config.n_layers)
+        baselines = build_baselines(args, extras["baselines"], teacher_loaded)
         run_report(args, teacher_loaded, student_step, baselines)

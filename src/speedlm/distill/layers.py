@@ -1,6 +1,7 @@
 """`--replace`: which layers of a teacher become which mixers.
 
-    SPEC   := GROUP (';' GROUP)*
+    SPEC   := GROUP (';' GROUP)*  |  'pattern=' LAYER (',' LAYER)*
+    LAYER  := 'keep' | MIXER [OPTIONS]     (the full student, one entry per teacher layer)
     GROUP  := LAYERS '=' MIXER [OPTIONS]
     LAYERS := 'all' | 'odd' | 'even' | ITEM (',' ITEM)*
     ITEM   := INDEX | INDEX '-' INDEX            (0-based; a range includes both ends)
@@ -9,6 +10,7 @@
 
     "1,3,5=gated_deltanet"     "odd=mamba2"     "0-3=gla"
     "1,3=gla;5=mamba2"         '5=sliding_window{"window": 64}'
+    "pattern=keep,gated_deltanet,keep,mamba2"    (4 layers: 1 and 3 replaced)
 
 Groups are separated by ';' because ',' already separates layers (and options' JSON may hold
 both: the split ignores separators inside braces and strings). A layer named by two groups, or
@@ -28,8 +30,8 @@ _GROUP = re.compile(r"^\s*(?P<layers>[^=]+?)\s*=\s*(?P<name>[A-Za-z_][A-Za-z0-9_
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
 
-def _split_groups(spec: str) -> list[str]:
-    """spec split on ';' outside JSON braces and strings."""
+def _split_groups(spec: str, sep: str = ";") -> list[str]:
+    """spec split on `sep` outside JSON braces and strings."""
     groups, depth, quoted, start = [], 0, False, 0
     for i, ch in enumerate(spec):
         if quoted:
@@ -40,7 +42,7 @@ def _split_groups(spec: str) -> list[str]:
             depth += 1
         elif ch in "}]":
             depth -= 1
-        elif ch == ";" and depth == 0:
+        elif ch == sep and depth == 0:
             groups.append(spec[start:i])
             start = i + 1
     groups.append(spec[start:])
@@ -94,6 +96,8 @@ def _mixer_spec(name: str, options: str | None, group: str) -> dict:
 
 def parse_replace(spec: str, n_layers: int) -> dict[int, dict]:
     """{layer index: mixer spec} from a `--replace` value (the module doc), sorted by layer."""
+    if (spec or "").strip().startswith("pattern="):
+        return _parse_pattern(spec.strip()[len("pattern="):], n_layers)
     groups = _split_groups(spec or "")
     if not groups:
         raise SpeedlmError("--replace is empty; give LAYERS=MIXER, e.g. odd=gated_deltanet or 1,3=gla;5=mamba2")
@@ -111,3 +115,26 @@ def parse_replace(spec: str, n_layers: int) -> dict[int, dict]:
                 raise SpeedlmError(f"--replace: layer {i} is named {where} {group!r}; name each layer once")
             owner[i], out[i] = group, dict(mixer)
     return dict(sorted(out.items()))
+
+
+_ENTRY = re.compile(r"^\s*(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*(?P<options>\{.*\})?\s*$", re.S)
+KEEP = "keep"
+
+
+def _parse_pattern(text: str, n_layers: int) -> dict[int, dict]:
+    """The full-pattern form: one entry per teacher layer, `keep` or a mixer with its options."""
+    entries = _split_groups(text, ",")
+    if len(entries) != n_layers:
+        raise SpeedlmError(f"--replace pattern= names {len(entries)} layer(s); the teacher has {n_layers} "
+                           f"(one entry each: {KEEP} or a mixer)")
+    out = {}
+    for i, entry in enumerate(entries):
+        m = _ENTRY.match(entry)
+        if not m:
+            raise SpeedlmError(f"--replace pattern=: entry {i} {entry!r} is not {KEEP} or MIXER[{{options}}]")
+        if m["name"] == KEEP and not m["options"]:
+            continue
+        out[i] = _mixer_spec(m["name"], m["options"], f"pattern entry {i}: {entry}")
+    if not out:
+        raise SpeedlmError("--replace pattern= keeps every layer; name at least one mixer")
+    return out

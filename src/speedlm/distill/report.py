@@ -70,7 +70,8 @@ def distill_section(report: dict, plot: str | None) -> tuple[list[str], dict]:
         if rec is None:
             continue
         val = rec.get("validation") or {}
-        entry = {"name": name, "replace": rec["replace"], "teacher": rec["teacher"], "stages": rec["stages"],
+        what = "; ".join(f"{k} {v}" for k, v in (("replace", rec.get("replace")), ("graft", rec.get("graft"))) if v)
+        entry = {"name": name, "replace": what, "teacher": rec["teacher"], "stages": rec["stages"],
                  "tokens": sum(s["tokens"] for s in rec["stages"]), "layers": rec["layers"], "validation": val,
                  "scratch": rec.get("scratch")}
         data["students"].append(entry)
@@ -88,7 +89,7 @@ def distill_section(report: dict, plot: str | None) -> tuple[list[str], dict]:
               "temperature T plus a weighted LM loss). Its from-scratch twin is the same architecture from its own "
               "initialisation, trained with the teacher's recipe (learning rate, schedule) on as many tokens as all "
               "the student's stages together; the teacher's own training tokens are not counted for either.", ""]
-    lines += ["| student | replaced | init | tokens | stage: objective before → after | val loss: student / teacher "
+    lines += ["| student | layers | init | tokens | stage: objective before → after | val loss: student / teacher "
               "| from scratch (same tokens) |", "|---|---|---|---|---|---|---|"]
     scratch_by_student = {os.path.realpath(s["student"]): s for s in data["scratch"] if s.get("student")}
     for s in data["students"]:

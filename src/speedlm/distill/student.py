@@ -50,9 +50,15 @@ def _compact(per_layer: str) -> str:
     return per_layer
 
 
-def student_config(teacher_config: ModelConfig, replace: dict[int, dict]) -> ModelConfig:
+def student_config(teacher_config: ModelConfig, replace: dict[int, dict],
+                   grafted: dict[int, dict] | None = None) -> ModelConfig:
     """The teacher's config with the mixers of the layers in `replace` ({layer: mixer spec})
-    swapped; only softmax-attention layers can be replaced."""
+    swapped (only softmax-attention layers can be replaced), and the layers in `grafted`
+    ({layer: a donor's full layer spec}) taken whole."""
+    grafted = grafted or {}
+    both = sorted(set(replace) & set(grafted))
+    if both:
+        raise SpeedlmError(f"layer {both[0]} is both replaced and grafted; name each layer once")
     cfg = teacher_config
     letters = cfg.pattern * (cfg.n_layers // len(cfg.pattern))
     layers = {k: dict(v) for k, v in cfg.layers.items()}
@@ -76,6 +82,17 @@ def student_config(teacher_config: ModelConfig, replace: dict[int, dict]) -> Mod
             letter_of[key] = letter
             layers[letter] = {**cfg.layers[letters[i]], "mixer": mixer}
         per_layer[i] = letter_of[key]
+    for i, spec in sorted(grafted.items()):
+        if not 0 <= i < cfg.n_layers:
+            raise SpeedlmError(f"layer {i} is out of range; the teacher has {cfg.n_layers} layers (0-{cfg.n_layers - 1})")
+        key = repr(("graft", sorted((k, sorted(v.items())) for k, v in spec.items())))
+        if key not in letter_of:
+            letter = next(free, None)
+            if letter is None:
+                raise SpeedlmError("too many distinct layer specs for a pattern's 52 letters")
+            letter_of[key] = letter
+            layers[letter] = {k: dict(v) for k, v in spec.items()}
+        per_layer[i] = letter_of[key]
     pattern = _compact("".join(per_layer))
     used = {k: v for k, v in layers.items() if k in pattern}
     out = ModelConfig.from_dict({**cfg.to_dict(), "pattern": pattern, "layers": used})
@@ -91,21 +108,25 @@ def _mixer_path(block) -> str:
     return top[0]
 
 
-def build_student(teacher_model, replace: dict[int, dict], strict: bool = False):
-    """(student model, [ReplacedLayer per replaced layer]). The student is built on the teacher's
-    device and dtype, in its training mode; everything but the new mixers is an exact copy.
+def build_student(teacher_model, replace: dict[int, dict], strict: bool = False, grafts=(), donors=None):
+    """(student model, [ReplacedLayer per replaced or grafted layer]). The student is built on the
+    teacher's device and dtype, in its training mode; everything but the new mixers is an exact
+    copy, grafted layers (distill/graft.py: `grafts`, their loaded `donors`) the donors' blocks.
     `strict`: a mapping that does not fit raises instead of leaving the mixer at its own init."""
-    cfg = student_config(teacher_model.config, replace)
+    grafted = {g.layer: donors[g.donor].model.config.layer_specs()[g.source] for g in grafts}
+    cfg = student_config(teacher_model.config, replace, grafted)
     ref = next(teacher_model.parameters())
     student = MODELS[cfg.objective].cls(cfg).to(device=ref.device, dtype=ref.dtype)
     student.train(teacher_model.training)  # routed blocks (MoD) route differently in training
     new_mixers = {i: f"blocks.{i}.{_mixer_path(student.blocks[i])}." for i in replace}
+    whole = tuple(f"blocks.{g.layer}." for g in grafts)
     teacher_state = teacher_model.state_dict()
-    shared = {k: v for k, v in teacher_state.items() if not any(k.startswith(p) for p in new_mixers.values())}
+    shared = {k: v for k, v in teacher_state.items()
+              if not any(k.startswith(p) for p in new_mixers.values()) and not k.startswith(whole)}
     missing, unexpected = student.load_state_dict(shared, strict=False)
-    left = [k for k in missing if not any(k.startswith(p) for p in new_mixers.values())]
+    left = [k for k in missing if not any(k.startswith(p) for p in new_mixers.values()) and not k.startswith(whole)]
     assert not left and not unexpected, (left, unexpected)
-    report = []
+    report = [_graft_block(student, g, donors[g.donor]) for g in grafts]
     for i, prefix in new_mixers.items():
         block = [k[len(f"blocks.{i}."):] for k in shared if k.startswith(f"blocks.{i}.")]
         att = teacher_model.get_submodule(f"blocks.{i}.{_mixer_path(teacher_model.blocks[i])}")
@@ -121,4 +142,18 @@ def build_student(teacher_model, replace: dict[int, dict], strict: bool = False)
                     raise SpeedlmError(f"layer {i}: {e}") from None
                 reason = str(e)
         report.append(ReplacedLayer(i, spec, init, copied, reason, block))
-    return student, report
+    return student, sorted(report, key=lambda r: r.layer)
+
+
+def _graft_block(student, graft, donor) -> ReplacedLayer:
+    """Donor block `graft.source`'s weights into the student's block `graft.layer`, exactly."""
+    weights = donor.model.blocks[graft.source].state_dict()
+    target = student.blocks[graft.layer]
+    try:
+        target.load_state_dict({k: v.to(dtype=next(target.parameters()).dtype) for k, v in weights.items()})
+    except RuntimeError as e:
+        raise SpeedlmError(f"--graft {graft.donor}: its layer {graft.source} does not fit layer {graft.layer}: "
+                           f"{str(e).splitlines()[0]}") from None
+    spec = student.config.layer_specs()[graft.layer]["mixer"]
+    return ReplacedLayer(graft.layer, spec, f"grafted from {graft.donor} layer {graft.source}",
+                         block_copied=sorted(weights))

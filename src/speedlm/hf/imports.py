@@ -82,17 +82,31 @@ def native_config(state: dict):
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
-def import_model(source: str | os.PathLike, out: str | os.PathLike, only: tuple[str, ...] | None = None) -> Path:
-    """Load the Hugging Face folder `source` (a causal LM of a supported architecture with its
-    tokenizer.json) and save it as a speedlm checkpoint (run folder `out`, step 0); returns the
-    step folder. Ids are the Hugging Face tokenizer's, without added special tokens. `only`:
-    the model types accepted (default: every supported one)."""
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a Hugging Face model folder (a config.json with a model_type) rather
+    than a speedlm run or step folder."""
+    import json
+
+    p = Path(path)
+    config = p / "config.json"
+    if not config.is_file() or (p / "trainer_state.json").is_file() or (p / "latest").exists():
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_hf(source: str | os.PathLike, only: tuple[str, ...] | None = None):
+    """(speedlm model, tokenizer, checkpoint state) of the Hugging Face folder `source` (a
+    causal LM of a supported architecture with its tokenizer.json), in memory; nothing written.
+    Ids are the Hugging Face tokenizer's, without added special tokens. `only`: the model types
+    accepted (default: every supported one)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from speedlm.checkpoint.files import publish_step
     from speedlm.data.tokenizers import BPE_FILE, BPETokenizer
 
-    source, out = Path(source), Path(out)
+    source = Path(source)
     tok_file = source / BPE_FILE
     if not tok_file.is_file():
         raise SpeedlmError(f"{source} has no {BPE_FILE}; speedlm imports models with their fast tokenizer file")
@@ -112,7 +126,17 @@ def import_model(source: str | os.PathLike, out: str | os.PathLike, only: tuple[
     tokenizer = BPETokenizer.from_file(tok_file, model.config.vocab_size)
     # the original config travels with the weights: `speedlm hf export --format native` rebuilds its class
     state = {"tokenizer": tokenizer.spec(), "imported_from": str(source), "hf_config": hf_config_dict(hf_config)}
-    return publish_step(out, 0, model, state, write_files=tokenizer.save)
+    return model, tokenizer, state
 
 
-__all__ = ["CONVERTERS", "check_importable", "from_pretrained", "hf_config_dict", "import_model", "native_config"]
+def import_model(source: str | os.PathLike, out: str | os.PathLike, only: tuple[str, ...] | None = None) -> Path:
+    """Load the Hugging Face folder `source` (`load_hf`) and save it as a speedlm checkpoint
+    (run folder `out`, step 0); returns the step folder."""
+    from speedlm.checkpoint.files import publish_step
+
+    model, tokenizer, state = load_hf(source, only)
+    return publish_step(Path(out), 0, model, state, write_files=tokenizer.save)
+
+
+__all__ = ["CONVERTERS", "check_importable", "from_pretrained", "hf_config_dict", "import_model", "is_hf_folder", "load_hf",
+           "native_config"]
