@@ -284,8 +284,6 @@ def run_distill(args) -> Path:
     donors = load_donors(grafts, teacher[0].config, teacher[1])
     for spec in extras["baselines"]:
         parse_replace(spec, n_layers)
-    if _rank() == 0:
-        _publish_teacher(teacher)
     step = _distill_student(args, stages, teacher, replace, grafts, donors)
     if extras["main"]:
         from speedlm.commands.distill_extras import run_extras
@@ -357,7 +355,9 @@ def _distill_student(args, stages, teacher_loaded, replace, grafts=(), donors=No
     report = {"teacher": str(folder), "replace": args.replace, "graft": state["graft"],
               "layers": state["distill_report"], "stages": []}
     prepared = _prepare_stages(args, stages, teacher_state, tokenizer, student, device, out, say) if stages else None
-    for line in init:  # once nothing more can be refused
+    if _rank() == 0:
+        _publish_teacher(teacher_loaded)  # a Hugging Face teacher, converted, once nothing more can be refused
+    for line in init:
         say(line)
     if prepared is not None:
         cfgs, data, probe, seq_len = prepared
