@@ -62,8 +62,9 @@ def pretrained_note(report: dict) -> str:
         return ""
     tokens = "; ".join(f"{m['name']}: {_tokenizer_text(m)}" for m in rows)
     return (f"{PRETRAINED_MARK} A pretrained entry (a checkpoint folder in `--presets`) is measured as saved: not trained "
-            "by this compare (0 steps, no MQAR probe), not resized. Its loss and perplexity are per token of its own "
-            f"tokenizer ({tokens}) on the same validation text, so it is listed unranked below the models trained here; "
+            "by this compare (0 steps; no trained MQAR probe, the zero-shot one on its weights), not resized. Its loss "
+            f"and perplexity are per token of its own tokenizer ({tokens}) on the same validation text, so it is listed "
+            "unranked below the models trained here; "
             "bits per byte compare across tokenizers. Its inference columns are measured on its weights as for the others.")
 
 

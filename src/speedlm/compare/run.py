@@ -259,7 +259,7 @@ def _train_config(o: CompareOptions, plan: ModelPlan, out_dir: str) -> TrainConf
 def _run_model(o: CompareOptions, plan: ModelPlan, data: dict, dev, infer_dtype, advance, reuse: bool) -> dict:
     """Train, score on MQAR and measure one model, stage by stage; the stages an earlier run of
     the same plan finished (`reuse`) are read back instead of run again. A pretrained entry is
-    evaluated instead of trained, and has no MQAR probe (compare/pretrained.py)."""
+    evaluated instead of trained, and has the zero-shot MQAR probe only (compare/pretrained.py)."""
     clear_process_caches()  # no model pays for, or profits from, another's plans and tables
     run_dir = os.path.join(o.out_dir, "models", _safe_name(plan.name))
     if not reuse and os.path.isdir(run_dir):
