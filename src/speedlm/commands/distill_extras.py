@@ -118,20 +118,22 @@ def run_report(args, teacher_loaded, student_step: Path, baselines: list[str]) -
     import shlex
     import sys
 
-    from speedlm.commands.distill import finished_run
+    from speedlm.commands.distill import REPORT_FILE, finished_run
     from speedlm.compare import CompareOptions, run_compare
     from speedlm.distill.report import append_distill_section
 
     out = Path(args.out)
     entries = [str(teacher_loaded[2]), str(student_step)]
-    record = json.loads((out / "distill_report.json").read_text())
+    record = json.loads((out / REPORT_FILE).read_text())
     if record.get("scratch") and finished_run(out / SCRATCH_FOLDER, record["scratch"]["steps"]):
         entries.append(str(out / SCRATCH_FOLDER))
     entries += baselines + list(args.compare_with or [])
-    seq_len = record.get("validation", {}).get("seq_len") or args.seq_len or 256
     teacher_state = teacher_loaded[3]
+    seq_len = (record.get("validation", {}).get("seq_len") or args.seq_len
+               or teacher_state.get("train_config", {}).get("seq_len", 256))
     options = CompareOptions(
-        presets=entries, data=args.data or (teacher_state.get("data") or {}).get("spec", "stdlib"), out_dir=str(out / REPORT_FOLDER), seq_len=seq_len,
+        presets=entries, data=args.data or (teacher_state.get("data") or {}).get("spec", "stdlib"),
+        out_dir=str(out / REPORT_FOLDER), seq_len=seq_len,
         batch_size=args.batch_size, final_eval_batches=args.eval_batches, seed=args.seed, device=args.device,
         dtype=args.dtype, contexts=tuple(args.contexts), decode_tokens=args.decode_tokens,
         command="speedlm " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
