@@ -94,11 +94,10 @@ def _command(args, folder, stages) -> dict:
 def _finished_student(out: Path, command: dict):
     """The student checkpoint a previous run of this same command left in `out` (None: there is
     none); a checkpoint from another command is refused."""
-    from speedlm.checkpoint import list_checkpoints
     from speedlm.checkpoint.files import STATE_FILE, read_json, resolve_checkpoint
     from speedlm.errors import SpeedlmError
 
-    if not out.exists() or not (list_checkpoints(out) or (out / "latest").exists()):
+    if not started_run(out):
         return None
     folder = resolve_checkpoint(out)
     recorded = read_json(folder / STATE_FILE).get("distill_command") or {}

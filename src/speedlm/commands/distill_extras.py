@@ -26,6 +26,7 @@ REPORT_FOLDER = "report"
 
 
 def _scratch_config(args, teacher_state: dict, steps: int, seq_len: int, out: Path):
+    from speedlm.commands.distill import EVAL_POINTS
     from speedlm.train import TrainConfig
 
     recipe = teacher_state.get("train_config") or {}
@@ -37,7 +38,7 @@ def _scratch_config(args, teacher_state: dict, steps: int, seq_len: int, out: Pa
         warmup_steps=min(steps, round(warmup_share * steps)),
         min_lr_ratio=recipe.get("min_lr_ratio", base.min_lr_ratio),
         weight_decay=recipe.get("weight_decay", base.weight_decay), grad_clip=recipe.get("grad_clip", base.grad_clip),
-        eval_every=max(1, steps // 4), eval_batches=args.eval_batches, save_every=args.save_every, seed=args.seed,
+        eval_every=max(1, steps // EVAL_POINTS), eval_batches=args.eval_batches, save_every=args.save_every, seed=args.seed,
         device=args.device, dtype=args.dtype, log_every=max(1, min(10, steps // 10)), out_dir=str(out),
     )
     cfg.validate()
@@ -46,8 +47,7 @@ def _scratch_config(args, teacher_state: dict, steps: int, seq_len: int, out: Pa
 
 def run_scratch(args, teacher_loaded, student_step: Path) -> dict:
     """Train (or reuse) the student's architecture from scratch in `--out/scratch`; its record."""
-    from speedlm.checkpoint import load_pretrained
-    from speedlm.checkpoint.files import STATE_FILE, read_json, resolve_checkpoint
+    from speedlm.checkpoint.files import STATE_FILE, read_config, read_json, resolve_checkpoint
     from speedlm.commands.distill import REPORT_FILE, finished_run, started_run
     from speedlm.commands.train import encode_training_data, say_done
     from speedlm.data import TokenStream, load_corpus
@@ -61,7 +61,7 @@ def run_scratch(args, teacher_loaded, student_step: Path) -> dict:
     seq_len = args.seq_len or teacher_state.get("train_config", {}).get("seq_len", 256)
     folder = out / SCRATCH_FOLDER
     cfg = _scratch_config(args, teacher_state, steps, seq_len, folder)
-    student_config = load_pretrained(student_step, "cpu", tokenizer=False).model.config
+    student_config = read_config(resolve_checkpoint(student_step))  # the architecture, not the weights
     if not finished_run(folder, steps):
         spec = args.data or (teacher_state.get("data") or {}).get("spec", "stdlib")
         corpus = load_corpus(spec)

@@ -59,12 +59,11 @@ def _mixer_label(mixer) -> str:
     return mixer["name"] + (json.dumps(options) if options else "")
 
 
-def distill_section(report: dict, plot: str | None) -> tuple[list[str], dict]:
-    """(markdown lines, JSON) of the distillation section over `report`'s entries."""
+def distill_data(report: dict) -> dict:
+    """The distillation section's JSON: the distilled students and from-scratch twins among
+    `report`'s checkpoint entries, with their records."""
     rows = {m["name"]: m for m in report["models"]}
-    lines = [SECTION_TITLE, ""]
     data = {"students": [], "scratch": []}
-    teacher_loss = {}
     for name, m in rows.items():
         rec = distill_record(name) if m.get("pretrained") else None
         if rec is None:
@@ -75,14 +74,18 @@ def distill_section(report: dict, plot: str | None) -> tuple[list[str], dict]:
                  "tokens": sum(s["tokens"] for s in rec["stages"]), "layers": rec["layers"], "validation": val,
                  "scratch": rec.get("scratch")}
         data["students"].append(entry)
-        if val:
-            teacher_loss[rec["teacher"]] = val["teacher"]
     for name, m in rows.items():
         rec = scratch_record(name) if m.get("pretrained") else None
         if rec is not None:
             data["scratch"].append({"name": name, **rec})
+    return data
+
+
+def distill_section(data: dict, plot: str | None) -> list[str]:
+    """The distillation section's markdown lines (none without a distilled student)."""
     if not data["students"]:
-        return [], data
+        return []
+    lines = [SECTION_TITLE, ""]
     lines += ["Each student is its teacher with the layers `--replace` names swapped for other mixers, started "
               "from the attention weights where a mapping exists, then trained in stages (attention transfer: the "
               "new mixers alone match each replaced layer's output, MSE; distillation: KL to the teacher at "
@@ -105,7 +108,7 @@ def distill_section(report: dict, plot: str | None) -> tuple[list[str], dict]:
               "compare's own validation batches.", ""]
     if plot:
         lines += [f"![validation loss along the students' tokens]({os.path.basename(plot)})", ""]
-    return lines, data
+    return lines
 
 
 def distill_plot(data: dict, out_dir: str) -> str | None:
@@ -123,8 +126,9 @@ def distill_plot(data: dict, out_dir: str) -> str | None:
     for s in data["students"]:
         offset, xs, ys = 0, [], []
         for st in s["stages"]:
-            xs += [offset + t for t, _ in _val_curve(st["out"])]
-            ys += [v for _, v in _val_curve(st["out"])]
+            for t, v in _val_curve(st["out"]):
+                xs.append(offset + t)
+                ys.append(v)
             offset += st["tokens"]
         if xs:
             ax.plot(xs, ys, "o-", markersize=3, label=f"{run_folder(s['name']).name} (distilled)")
@@ -150,9 +154,9 @@ def append_distill_section(report: dict, out_dir: str) -> dict:
     """Add the distillation section and plot to compare's report files in `out_dir`; returns its JSON."""
     from speedlm.compare.report import REPORT_JSON, REPORT_MD
 
-    _, data = distill_section(report, None)
+    data = distill_data(report)
     plot = distill_plot(data, out_dir)
-    lines, data = distill_section(report, plot)
+    lines = distill_section(data, plot)
     md = Path(out_dir) / REPORT_MD
     text = md.read_text()
     cut = text.find(SECTION_TITLE)
