@@ -291,6 +291,7 @@ MIXER_ROWS = {
     "deltanet": Row({"chunk_size": 32}, deltanet, why=CHUNKS + " (K K^T: C - 1 of them for the solve)"),
     "gated_deltanet": Row({"chunk_size": 32}, deltanet, why=CHUNKS + " (K K^T: C - 1 of them for the solve)"),
     "hgrn": Row({"chunk_size": 64}, why="elementwise recurrence: invisible, only projections checked"),
+    "hgrn2": Row({"chunk_size": 64}, gla, why=CHUNKS + " (GLA's per-channel form: scores in 16-token sub-blocks)"),
     "hyena": Row({"filter_order": 64, "emb_dim": 33}, why="the filter MLP is counted; the FFT convolutions are invisible"),
     "mamba": Row({"chunk_size": 32}, why="the scan's read-out is a bmm, counted; its recurrence is invisible"),
     "mamba2": Row({"head_dim": 32, "chunk_size": 64}, mamba2, why=CHUNKS + " (C B^T per group)"),

@@ -280,6 +280,12 @@ PRESETS: dict[str, Preset] = {
             lambda s: dict(pattern="H", layers={"H": {"mixer": {"name": "hgrn"}}}),
         ),
         Preset(
+            "hgrn2",
+            "HGRN2: HGRN's gated recurrence with outer-product state expansion (head_dim x head_dim per head)",
+            "Qin et al. 2024, HGRN2: Gated Linear RNNs with State Expansion (arXiv:2404.07904)",
+            lambda s: dict(pattern="H", layers={"H": {"mixer": {"name": "hgrn2"}}}),
+        ),
+        Preset(
             "mamba",
             "Mamba: selective state-space layers (no FFN, twice the depth), chunk-parallel scan, O(1) conv + SSM state",
             "Gu & Dao 2023, Mamba: Linear-Time Sequence Modeling with Selective State Spaces (arXiv:2312.00752)",

@@ -17,6 +17,7 @@ from speedlm.layers.deltanet import DeltaNet, GatedDeltaNet
 from speedlm.layers.ffn import NoFFN
 from speedlm.layers.gla import GatedLinearAttention
 from speedlm.layers.hgrn import HGRN
+from speedlm.layers.hgrn2 import HGRN2
 from speedlm.layers.hyena import Hyena
 from speedlm.layers.hymba import Hymba
 from speedlm.layers.linear_attention import LinearAttention
@@ -255,6 +256,15 @@ register_mixer(
     family="linear RNN",
     description="element-wise gated linear recurrence; forget-gate lower bound rising with depth",
     paper="Qin et al. 2023, Hierarchically Gated Recurrent Neural Network for Sequence Modeling (arXiv:2311.04823)",
+    contract_spec={"chunk_size": 16},
+)
+register_mixer(
+    "hgrn2",
+    HGRN2,
+    family="linear RNN",
+    description="HGRN with outer-product state expansion: forget gate as decay, its complement as key, swish query; "
+    "chunked as per-channel gated linear attention",
+    paper="Qin et al. 2024, HGRN2: Gated Linear RNNs with State Expansion (arXiv:2404.07904)",
     contract_spec={"chunk_size": 16},
 )
 register_mixer(
