@@ -44,6 +44,9 @@ OPTION_VARIANTS = {
     # Qwen3-Next's shapes: 6 value heads on 2 query/key heads, own widths, FLA's L2-norm epsilon
     "gated_deltanet[key_heads]": ("gated_deltanet", {"heads": 6, "key_heads": 2, "key_dim": 6, "value_dim": 10,
                                                      "qk_norm_eps": 1e-6}),
+    # FoX (Pro)'s output gate and QK-norm, and RoPE on top of the forget gate
+    "forgetting_attention[rope,qk_norm,output_gate]": ("forgetting_attention", {"positions": "rope", "qk_norm": True,
+                                                                                "output_gate": True}),
     "mamba[weightless_inner_norms]": ("mamba", {"inner_norms": True, "inner_norm_gains": False,
                                                "inner_norm_eps": 1e-3}),  # FalconMamba's
 }

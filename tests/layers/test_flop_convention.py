@@ -209,6 +209,13 @@ def gla(m, t, **_):
     return m.n_heads * (2 * (c + 16) / 2 * dk + 2 * c * dv + 4 * dk * dv) * pad
 
 
+def forgetting_blocks(m, t, **_):
+    # per block of queries, SDPA over every key up to its last query (the block's diagonal
+    # dense under a bool mask), q, k and v one channel wider for the forget bias
+    n, w = m.block_size, m.head_dim + 1
+    return m.n_heads * sum(4 * min(n, t - a) * min(a + n, t) * w for a in range(0, t, n)) / t
+
+
 def deltanet(m, t, **_):
     # K K^T, Q K^T, A W and A U dense per chunk; the solve is not a product the counter sees
     c, pad = chunks(m, t)
@@ -281,6 +288,9 @@ MIXER_ROWS = {
     "transformer_xl": Row({"mem_len": 128, "segment": 128, "kv_heads": 2}, transformer_xl,
                           why="64-query blocks score a band of 64 + mem + segment - 1 keys, and every distance"),
     "linformer": Row({"k": 64, "kv_heads": 2}, causal=False, why="bidirectional only"),
+    "forgetting_attention": Row({"kv_heads": 2}, forgetting_blocks,
+                                why="256-query blocks read every key up to their last query, one channel wider (the "
+                                    "forget bias): (T + 256) / 2 keys per query at D + 1"),
     "lite_transformer": Row({"kernel": 7, "conv_heads": 4}),
     "linear_attention": Row({"chunk_size": 64}, linear_attention, why=CHUNKS),
     "performer": Row({"chunk_size": 64}, performer, why=CHUNKS),

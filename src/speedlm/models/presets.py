@@ -97,6 +97,13 @@ PRESETS: dict[str, Preset] = {
             lambda s: dict(pattern="A", layers={"A": {"mixer": {"name": "attention"}}}),
         ),
         Preset(
+            "fox",
+            "Forgetting Transformer (FoX, LLaMA form): softmax attention with a data-dependent forget gate per head "
+            "in the logits, no positional encoding; SDPA with the bias as one more key channel",
+            "Lin et al. 2025, Forgetting Transformer: Softmax Attention with a Forget Gate (arXiv:2503.02130)",
+            lambda s: dict(pattern="F", layers={"F": {"mixer": {"name": "forgetting_attention"}}}),
+        ),
+        Preset(
             "gqa",
             "grouped-query attention: n_heads / 4 shared key-value heads",
             "Ainslie et al. 2023, GQA (arXiv:2305.13245)",

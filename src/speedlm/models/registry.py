@@ -15,6 +15,7 @@ from speedlm.layers.conformer import ConformerBlock
 from speedlm.layers.block_topk import BlockTopkAttention
 from speedlm.layers.deltanet import DeltaNet, GatedDeltaNet
 from speedlm.layers.ffn import NoFFN
+from speedlm.layers.forgetting_attention import ForgettingAttention
 from speedlm.layers.gla import GatedLinearAttention
 from speedlm.layers.hgrn import HGRN
 from speedlm.layers.hgrn2 import HGRN2
@@ -185,6 +186,15 @@ register_mixer(
     paper="Wu et al. 2020, Lite Transformer with Long-Short Range Attention (arXiv:2004.11886); Wu et al. 2019, "
     "Pay Less Attention with Lightweight and Dynamic Convolutions (arXiv:1901.10430)",
     contract_spec={"kernel": 3, "conv": "dynamic", "conv_heads": 2, "kv_heads": 1},
+)
+register_mixer(
+    "forgetting_attention",
+    ForgettingAttention,
+    family="efficient full attention",
+    description="softmax attention with a data-dependent forget gate per head added to the logits (cumulative log "
+    "gates), no positional encoding; SDPA with the bias as one more key channel, never a T x T mask",
+    paper="Lin et al. 2025, Forgetting Transformer: Softmax Attention with a Forget Gate (arXiv:2503.02130)",
+    contract_spec={"block_size": 16, "kv_heads": 2},
 )
 register_mixer(
     "linear_attention",
