@@ -44,6 +44,8 @@ OPTION_VARIANTS = {
     # Qwen3-Next's shapes: 6 value heads on 2 query/key heads, own widths, FLA's L2-norm epsilon
     "gated_deltanet[key_heads]": ("gated_deltanet", {"heads": 6, "key_heads": 2, "key_dim": 6, "value_dim": 10,
                                                      "qk_norm_eps": 1e-6}),
+    # DeepSeek-V2's query latent, and head widths of their own (V3: nope 128, rope 64, values 128)
+    "mla[q_rank,nope_dim,v_dim]": ("mla", {"q_rank": 16, "nope_dim": 6, "v_dim": 10}),
     # FoX (Pro)'s output gate and QK-norm, and RoPE on top of the forget gate
     "forgetting_attention[rope,qk_norm,output_gate]": ("forgetting_attention", {"positions": "rope", "qk_norm": True,
                                                                                 "output_gate": True}),

@@ -216,6 +216,11 @@ def forgetting_blocks(m, t, **_):
     return m.n_heads * sum(4 * min(n, t - a) * min(a + n, t) * w for a in range(0, t, n)) / t
 
 
+def mla_padded(m, t, **_):
+    # causal SDPA over the expanded heads, values zero-padded to the query/key width
+    return attention_flops(m.n_heads, (t + 1) / 2, m.qk_dim, m.qk_dim)
+
+
 def deltanet(m, t, **_):
     # K K^T, Q K^T, A W and A U dense per chunk; the solve is not a product the counter sees
     c, pad = chunks(m, t)
@@ -288,6 +293,8 @@ MIXER_ROWS = {
     "transformer_xl": Row({"mem_len": 128, "segment": 128, "kv_heads": 2}, transformer_xl,
                           why="64-query blocks score a band of 64 + mem + segment - 1 keys, and every distance"),
     "linformer": Row({"k": 64, "kv_heads": 2}, causal=False, why="bidirectional only"),
+    "mla": Row({}, mla_padded, why="the expanded form's values are zero-padded to nope + rope (one head width for "
+                                    "the fused kernels): (2 qk) / (qk + v)"),
     "forgetting_attention": Row({"kv_heads": 2}, forgetting_blocks,
                                 why="256-query blocks read every key up to their last query, one channel wider (the "
                                     "forget bias): (T + 256) / 2 keys per query at D + 1"),
@@ -341,6 +348,8 @@ BIDIRECTIONAL_ROWS = {
     "based": Row(MIXER_ROWS["based"].options, why="as linear_attention, over the Taylor features"),
     "linformer": MIXER_ROWS["linformer"],
     "lite_transformer": Row(MIXER_ROWS["lite_transformer"].options, why="dense SDPA, centred convolution"),
+    "mla": Row({}, lambda m, t, **_: attention_flops(m.n_heads, t, m.qk_dim, m.qk_dim),
+               why="SDPA without a mask, values zero-padded to nope + rope"),
 }
 for _row in BIDIRECTIONAL_ROWS.values():
     _row.causal = False

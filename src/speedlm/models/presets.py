@@ -97,6 +97,14 @@ PRESETS: dict[str, Preset] = {
             lambda s: dict(pattern="A", layers={"A": {"mixer": {"name": "attention"}}}),
         ),
         Preset(
+            "mla",
+            "multi-head latent attention (DeepSeek-V2): a 4 x head_dim latent and a head_dim / 2 RoPE key per token "
+            "are the whole KV cache; decoding attends over the latents with W_UK and W_UV absorbed",
+            "DeepSeek-AI 2024, DeepSeek-V2: A Strong, Economical, and Efficient Mixture-of-Experts Language Model "
+            "(arXiv:2405.04434)",
+            lambda s: dict(pattern="A", layers={"A": {"mixer": {"name": "mla"}}}),
+        ),
+        Preset(
             "fox",
             "Forgetting Transformer (FoX, LLaMA form): softmax attention with a data-dependent forget gate per head "
             "in the logits, no positional encoding; SDPA with the bias as one more key channel",

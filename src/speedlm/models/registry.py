@@ -27,6 +27,7 @@ from speedlm.layers.lite_transformer import LiteTransformerLSRA
 from speedlm.layers.longformer import LongformerAttention
 from speedlm.layers.mamba import Mamba
 from speedlm.layers.mamba2 import Mamba2
+from speedlm.layers.mla import MultiHeadLatentAttention
 from speedlm.layers.mlp import SwiGLU
 from speedlm.layers.mod import MoDBlock
 from speedlm.layers.moe import MoE
@@ -186,6 +187,17 @@ register_mixer(
     paper="Wu et al. 2020, Lite Transformer with Long-Short Range Attention (arXiv:2004.11886); Wu et al. 2019, "
     "Pay Less Attention with Lightweight and Dynamic Convolutions (arXiv:1901.10430)",
     contract_spec={"kernel": 3, "conv": "dynamic", "conv_heads": 2, "kv_heads": 1},
+)
+register_mixer(
+    "mla",
+    MultiHeadLatentAttention,
+    family="efficient full attention",
+    description="multi-head latent attention: keys and values decompressed from one low-rank latent per token plus "
+    "a decoupled RoPE key shared by the heads; the cache holds the latent and the RoPE key, decoding absorbs W_UK "
+    "into the query and W_UV into the output",
+    paper="DeepSeek-AI 2024, DeepSeek-V2: A Strong, Economical, and Efficient Mixture-of-Experts Language Model "
+    "(arXiv:2405.04434)",
+    contract_spec={"kv_rank": 12, "rope_dim": 4},
 )
 register_mixer(
     "forgetting_attention",
