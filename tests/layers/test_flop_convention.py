@@ -221,6 +221,19 @@ def mla_padded(m, t, **_):
     return attention_flops(m.n_heads, (t + 1) / 2, m.qk_dim, m.qk_dim)
 
 
+def moh_routed(m, t, x=None, **_):
+    # shared heads: causal SDPA; routed heads: blocks of selected queries, each reading the keys up
+    # to its last query's position (ops/routed_heads.py), on the routing this input gets
+    from speedlm.ops.routed_heads import block_key_ends, gather_order
+
+    _, probs, chosen = m._route(x)
+    sel = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, chosen, True).transpose(1, 2)
+    idx, valid = gather_order(sel)
+    rows_heads = idx.shape[0] * idx.shape[1]
+    routed = sum(rows_heads * (e - a) * keys for a, e, keys in block_key_ends(idx, valid, m.block_size))
+    return attention_flops(m.shared, (t + 1) / 2, m.head_dim, m.head_dim) + attention_flops(1, routed / t, m.head_dim, m.head_dim)
+
+
 def deltanet(m, t, **_):
     # K K^T, Q K^T, A W and A U dense per chunk; the solve is not a product the counter sees
     c, pad = chunks(m, t)
@@ -295,6 +308,8 @@ MIXER_ROWS = {
     "linformer": Row({"k": 64, "kv_heads": 2}, causal=False, why="bidirectional only"),
     "mla": Row({}, mla_padded, why="the expanded form's values are zero-padded to nope + rope (one head width for "
                                     "the fused kernels): (2 qk) / (qk + v)"),
+    "moh": Row({}, moh_routed, why="routed heads: 64-query blocks of each head's tokens read the keys up to the "
+                                     "block's last position, padded to the busiest head"),
     "forgetting_attention": Row({"kv_heads": 2}, forgetting_blocks,
                                 why="256-query blocks read every key up to their last query, one channel wider (the "
                                     "forget bias): (T + 256) / 2 keys per query at D + 1"),
@@ -348,6 +363,8 @@ BIDIRECTIONAL_ROWS = {
     "based": Row(MIXER_ROWS["based"].options, why="as linear_attention, over the Taylor features"),
     "linformer": MIXER_ROWS["linformer"],
     "lite_transformer": Row(MIXER_ROWS["lite_transformer"].options, why="dense SDPA, centred convolution"),
+    "moh": Row({}, lambda m, t, **_: attention_flops(m.n_heads, t, m.head_dim, m.head_dim),
+               why="bidirectional calls compute every head and gate it"),
     "mla": Row({}, lambda m, t, **_: attention_flops(m.n_heads, t, m.qk_dim, m.qk_dim),
                why="SDPA without a mask, values zero-padded to nope + rope"),
 }

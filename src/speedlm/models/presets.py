@@ -105,6 +105,13 @@ PRESETS: dict[str, Preset] = {
             lambda s: dict(pattern="A", layers={"A": {"mixer": {"name": "mla"}}}),
         ),
         Preset(
+            "moh",
+            "mixture-of-heads attention: a quarter of the heads shared, half of the others routed per token (tiny: "
+            "2 of 4 heads active, small: 5 of 8), outputs a gate-weighted sum; attention only for routed pairs",
+            "Jin et al. 2024, MoH: Multi-Head Attention as Mixture-of-Head Attention (arXiv:2410.11842)",
+            lambda s: dict(pattern="A", layers={"A": {"mixer": {"name": "moh"}}}),
+        ),
+        Preset(
             "fox",
             "Forgetting Transformer (FoX, LLaMA form): softmax attention with a data-dependent forget gate per head "
             "in the logits, no positional encoding; SDPA with the bias as one more key channel",

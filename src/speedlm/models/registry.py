@@ -28,6 +28,7 @@ from speedlm.layers.longformer import LongformerAttention
 from speedlm.layers.mamba import Mamba
 from speedlm.layers.mamba2 import Mamba2
 from speedlm.layers.mla import MultiHeadLatentAttention
+from speedlm.layers.moh import MixtureOfHeadsAttention
 from speedlm.layers.mlp import SwiGLU
 from speedlm.layers.mod import MoDBlock
 from speedlm.layers.moe import MoE
@@ -198,6 +199,15 @@ register_mixer(
     paper="DeepSeek-AI 2024, DeepSeek-V2: A Strong, Economical, and Efficient Mixture-of-Experts Language Model "
     "(arXiv:2405.04434)",
     contract_spec={"kv_rank": 12, "rope_dim": 4},
+)
+register_mixer(
+    "moh",
+    MixtureOfHeadsAttention,
+    family="efficient full attention",
+    description="mixture-of-heads attention: shared heads always on, top-k routed heads per token, the output a "
+    "gate-weighted sum of the heads used; attention runs only for routed (token, head) pairs; balance loss",
+    paper="Jin et al. 2024, MoH: Multi-Head Attention as Mixture-of-Head Attention (arXiv:2410.11842)",
+    contract_spec={"shared": 1, "top_k": 2, "block_size": 8},
 )
 register_mixer(
     "forgetting_attention",
