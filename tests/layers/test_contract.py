@@ -66,7 +66,8 @@ CAUSAL_ONLY = [n for n in CAUSAL if n not in BIDIRECTIONAL]
 # parameters whose fresh init is the identity (zero biases, unit gains): random in the suite, so
 # that a path that forgets them fails
 IDENTITY_AT_INIT = {"q_proj.bias", "k_proj.bias", "v_proj.bias", "q_norm.weight", "k_norm.weight",
-                    "dt_norm.weight", "b_norm.weight", "c_norm.weight"}  # the last three: Mamba's inner norms
+                    "dt_norm.weight", "b_norm.weight", "c_norm.weight",  # these three: Mamba's inner norms
+                    "i_gate.weight", "f_gate.weight"}  # mLSTM's gates start input-independent
 
 
 def make(name, dtype=torch.float64):

@@ -201,6 +201,11 @@ def retnet(m, t, **_):
     return m.n_heads * (attention_flops(1, c, m.key_dim, m.value_dim) + 4 * m.key_dim * m.value_dim) * pad
 
 
+def mlstm(m, t, **_):
+    # retention's dense chunks and state products, plus the normaliser's read q . n per token
+    return retnet(m, t) + m.n_heads * 2 * m.key_dim * chunks(m, t)[1]
+
+
 def gla(m, t, **_):
     # per-channel decays: the scores' lower triangle at 16-token sub-block granularity, (C + 16) / 2
     # keys per query; the mix over the whole chunk
@@ -324,6 +329,7 @@ MIXER_ROWS = {
     "gated_deltanet": Row({"chunk_size": 32}, deltanet, why=CHUNKS + " (K K^T: C - 1 of them for the solve)"),
     "hgrn": Row({"chunk_size": 64}, why="elementwise recurrence: invisible, only projections checked"),
     "hgrn2": Row({"chunk_size": 64}, gla, why=CHUNKS + " (GLA's per-channel form: scores in 16-token sub-blocks)"),
+    "mlstm": Row({"chunk_size": 64}, mlstm, why=CHUNKS + " (the normaliser's q . n beside them)"),
     "hyena": Row({"filter_order": 64, "emb_dim": 33}, why="the filter MLP is counted; the FFT convolutions are invisible"),
     "mamba": Row({"chunk_size": 32}, why="the scan's read-out is a bmm, counted; its recurrence is invisible"),
     "mamba2": Row({"head_dim": 32, "chunk_size": 64}, mamba2, why=CHUNKS + " (C B^T per group)"),

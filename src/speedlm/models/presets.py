@@ -308,6 +308,14 @@ PRESETS: dict[str, Preset] = {
             lambda s: dict(pattern="H", layers={"H": {"mixer": {"name": "hgrn2"}}}),
         ),
         Preset(
+            "xlstm",
+            "xLSTM (7B form): mLSTM layers (matrix memory, exponential input gate, normaliser and stabiliser) with "
+            "SwiGLU FFNs",
+            "Beck et al. 2024, xLSTM: Extended Long Short-Term Memory (arXiv:2405.04517); Beck et al. 2025, xLSTM 7B "
+            "(arXiv:2503.13427)",
+            lambda s: dict(pattern="X", layers={"X": {"mixer": {"name": "mlstm"}}}),
+        ),
+        Preset(
             "mamba",
             "Mamba: selective state-space layers (no FFN, twice the depth), chunk-parallel scan, O(1) conv + SSM state",
             "Gu & Dao 2023, Mamba: Linear-Time Sequence Modeling with Selective State Spaces (arXiv:2312.00752)",

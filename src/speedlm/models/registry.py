@@ -28,6 +28,7 @@ from speedlm.layers.longformer import LongformerAttention
 from speedlm.layers.mamba import Mamba
 from speedlm.layers.mamba2 import Mamba2
 from speedlm.layers.mla import MultiHeadLatentAttention
+from speedlm.layers.mlstm import MLSTM
 from speedlm.layers.moh import MixtureOfHeadsAttention
 from speedlm.layers.mlp import SwiGLU
 from speedlm.layers.mod import MoDBlock
@@ -297,6 +298,15 @@ register_mixer(
     description="HGRN with outer-product state expansion: forget gate as decay, its complement as key, swish query; "
     "chunked as per-channel gated linear attention",
     paper="Qin et al. 2024, HGRN2: Gated Linear RNNs with State Expansion (arXiv:2404.07904)",
+    contract_spec={"chunk_size": 16},
+)
+register_mixer(
+    "mlstm",
+    MLSTM,
+    family="linear RNN",
+    description="xLSTM's matrix-memory LSTM: exponential input gate, sigmoid forget gate, normaliser and stabiliser "
+    "states; chunked with a per-query stabiliser; sigmoid output gate",
+    paper="Beck et al. 2024, xLSTM: Extended Long Short-Term Memory (arXiv:2405.04517)",
     contract_spec={"chunk_size": 16},
 )
 register_mixer(
