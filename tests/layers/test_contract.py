@@ -67,7 +67,8 @@ CAUSAL_ONLY = [n for n in CAUSAL if n not in BIDIRECTIONAL]
 # that a path that forgets them fails
 IDENTITY_AT_INIT = {"q_proj.bias", "k_proj.bias", "v_proj.bias", "q_norm.weight", "k_norm.weight",
                     "dt_norm.weight", "b_norm.weight", "c_norm.weight",  # these three: Mamba's inner norms
-                    "i_gate.weight", "f_gate.weight"}  # mLSTM's gates start input-independent
+                    "i_gate.weight", "f_gate.weight",  # mLSTM's gates start input-independent
+                    "w_down.weight", "a_down.weight", "g_down.weight"}  # and RWKV-7's low-rank ones
 
 
 def make(name, dtype=torch.float64):

@@ -206,6 +206,13 @@ def mlstm(m, t, **_):
     return retnet(m, t) + m.n_heads * 2 * m.key_dim * chunks(m, t)[1]
 
 
+def rwkv7(m, t, **_):
+    # every C x C product dense (its causal mask applied after), on the padded length
+    c, pad = chunks(m, t)
+    dk = dv = m.head_dim
+    return m.n_heads * (2 * c * (5 * dk + 3 * dv) + 2 * dk * dk + 6 * dk * dv + 2 * dk * dk * dv / c) * pad
+
+
 def gla(m, t, **_):
     # per-channel decays: the scores' lower triangle at 16-token sub-block granularity, (C + 16) / 2
     # keys per query; the mix over the whole chunk
@@ -330,6 +337,7 @@ MIXER_ROWS = {
     "hgrn": Row({"chunk_size": 64}, why="elementwise recurrence: invisible, only projections checked"),
     "hgrn2": Row({"chunk_size": 64}, gla, why=CHUNKS + " (GLA's per-channel form: scores in 16-token sub-blocks)"),
     "mlstm": Row({"chunk_size": 64}, mlstm, why=CHUNKS + " (the normaliser's q . n beside them)"),
+    "rwkv7": Row({"chunk_size": 32}, rwkv7, why=CHUNKS + " (eight C x C products; the solve is invisible)"),
     "hyena": Row({"filter_order": 64, "emb_dim": 33}, why="the filter MLP is counted; the FFT convolutions are invisible"),
     "mamba": Row({"chunk_size": 32}, why="the scan's read-out is a bmm, counted; its recurrence is invisible"),
     "mamba2": Row({"head_dim": 32, "chunk_size": 64}, mamba2, why=CHUNKS + " (C B^T per group)"),

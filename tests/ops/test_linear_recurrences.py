@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from speedlm.layers.based import taylor_features
+from speedlm.ops.dplr import dplr_chunked, dplr_recurrent
 from speedlm.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent
 from speedlm.ops.gla import LOG_DECAY_FLOOR, gla_chunked, gla_parallel, gla_recurrent
 from speedlm.ops.hgrn import hgrn_chunked, hgrn_recurrent
@@ -56,6 +57,15 @@ def _mlstm_inputs(t, g):
     x = _qkv(t, g)
     x["lf"] = F.logsigmoid(_randn(g, B, H, t) * 2 + 2)
     x["ig"] = _randn(g, B, H, t) * 3  # exponential input gates from e^-9 to e^9: the stabiliser matters
+    return x
+
+
+def _dplr_inputs(t, g):
+    # RWKV-7's shapes: a = -kappa, b = kappa * rate, per-channel log decays down to -exp(-1/2)
+    x = _qkv(t, g)
+    kappa = F.normalize(_randn(g, B, H, t, DK), dim=-1)
+    x["a"], x["b"] = -kappa, kappa * torch.rand(B, H, t, DK, dtype=torch.float64, generator=g)
+    x["w"] = -0.6065 * torch.rand(B, H, t, DK, dtype=torch.float64, generator=g)
     return x
 
 
@@ -133,6 +143,10 @@ OPS = {
                 # dividing by |n . q| amplifies rounding where it is small: the float32 recurrence
                 # itself is 9e-6 off at T = 63
                 tol32=5e-5),
+    "rwkv7-dplr": Op(_dplr_inputs, _matrix_state,
+                     lambda x, s: dplr_recurrent(x["q"], x["k"], x["v"], x["a"], x["b"], x["w"], initial_state=s),
+                     lambda x, s, c: dplr_chunked(x["q"], x["k"], x["v"], x["a"], x["b"], x["w"], initial_state=s,
+                                                  chunk_size=c)),
     "performer": Op(_favor_inputs, _favor_init,
                     lambda x, s: favor_recurrent(x["qf"], x["kf"], x["ka"], x["v"], s),
                     lambda x, s, c: favor_chunked(x["qf"], x["kf"], x["ka"], x["v"], s, chunk_size=c)),
@@ -291,3 +305,14 @@ def test_backward_memory_is_linear_in_the_number_of_chunks(name):
     tensor the size of the whole, O(N^2): the delta rule written that way gave 11x here."""
     small, large = _backward_bytes(OPS[name], 8 * 4, 4), _backward_bytes(OPS[name], 32 * 4, 4)
     assert large / small < 7.0, (small, large)
+
+
+def test_the_generalised_delta_rule_without_decay_is_the_delta_rule():
+    # a = -k, b = beta k, keys beta k, no decay: S_t = (I - beta k k^T) S_{t-1} + beta k v^T
+    g = torch.Generator().manual_seed(5)
+    x = _delta_inputs(False)(57, g)
+    beta = x["beta"][..., None]
+    out, state = dplr_chunked(x["q"], beta * x["k"], x["v"], -x["k"], beta * x["k"], torch.zeros_like(x["k"]),
+                              chunk_size=16)
+    ref, ref_state = delta_rule_recurrent(x["q"], x["k"], x["v"], x["beta"], scale=1.0)
+    assert rel_rms_error(out, ref) < 1e-12 and rel_rms_error(state, ref_state) < 1e-12

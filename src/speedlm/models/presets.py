@@ -316,6 +316,13 @@ PRESETS: dict[str, Preset] = {
             lambda s: dict(pattern="X", layers={"X": {"mixer": {"name": "mlstm"}}}),
         ),
         Preset(
+            "rwkv7",
+            "RWKV-7 Goose: token-shifted time mixing with the generalised delta rule (vector decay, vector in-context "
+            "learning rate), SwiGLU channel mixing",
+            "Peng et al. 2025, RWKV-7 \"Goose\" with Expressive Dynamic State Evolution (arXiv:2503.14456)",
+            lambda s: dict(pattern="R", layers={"R": {"mixer": {"name": "rwkv7"}}}),
+        ),
+        Preset(
             "mamba",
             "Mamba: selective state-space layers (no FFN, twice the depth), chunk-parallel scan, O(1) conv + SSM state",
             "Gu & Dao 2023, Mamba: Linear-Time Sequence Modeling with Selective State Spaces (arXiv:2312.00752)",

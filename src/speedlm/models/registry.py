@@ -38,6 +38,7 @@ from speedlm.layers.performer import Performer
 from speedlm.layers.reformer import LSHAttention
 from speedlm.layers.transformer_xl import TransformerXLAttention
 from speedlm.layers.retnet import MultiScaleRetention
+from speedlm.layers.rwkv7 import RWKV7
 from speedlm.layers.sepllm import SepLLMAttention
 from speedlm.layers.sparse_attention import DilatedWindowAttention, LogSparseAttention, SlidingWindowAttention
 from speedlm.models.causal_lm import CausalLM
@@ -308,6 +309,15 @@ register_mixer(
     "states; chunked with a per-query stabiliser; sigmoid output gate",
     paper="Beck et al. 2024, xLSTM: Extended Long Short-Term Memory (arXiv:2405.04517)",
     contract_spec={"chunk_size": 16},
+)
+register_mixer(
+    "rwkv7",
+    RWKV7,
+    family="linear RNN",
+    description="RWKV-7 time mixing: token shift, the generalised delta rule with vector decay and vector in-context "
+    "learning rate (diagonal-plus-rank-one transition), chunked through one triangular solve per chunk",
+    paper="Peng et al. 2025, RWKV-7 \"Goose\" with Expressive Dynamic State Evolution (arXiv:2503.14456)",
+    contract_spec={"chunk_size": 16, "decay_rank": 8, "a_rank": 8, "gate_rank": 8},
 )
 register_mixer(
     "hyena",
