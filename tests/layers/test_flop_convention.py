@@ -213,6 +213,12 @@ def rwkv7(m, t, **_):
     return m.n_heads * (2 * c * (5 * dk + 3 * dv) + 2 * dk * dk + 6 * dk * dv + 2 * dk * dk * dv / c) * pad
 
 
+def ttt_linear(m, t, **_):
+    # the (L x L) mini-batch products dense under their causal mask (T here is whole mini-batches)
+    c, pad = chunks(m, t, m.mini_batch)
+    return m.n_heads * (8 * m.head_dim**2 + 4 * c * m.head_dim * pad)
+
+
 def gla(m, t, **_):
     # per-channel decays: the scores' lower triangle at 16-token sub-block granularity, (C + 16) / 2
     # keys per query; the mix over the whole chunk
@@ -338,6 +344,8 @@ MIXER_ROWS = {
     "hgrn2": Row({"chunk_size": 64}, gla, why=CHUNKS + " (GLA's per-channel form: scores in 16-token sub-blocks)"),
     "mlstm": Row({"chunk_size": 64}, mlstm, why=CHUNKS + " (the normaliser's q . n beside them)"),
     "rwkv7": Row({"chunk_size": 32}, rwkv7, why=CHUNKS + " (eight C x C products; the solve is invisible)"),
+    "ttt_linear": Row({"mini_batch": 16}, ttt_linear, why="each mini-batch's Q K^T and its product with the "
+                                                        "gradients are dense 16 x 16 under a causal mask"),
     "hyena": Row({"filter_order": 64, "emb_dim": 33}, why="the filter MLP is counted; the FFT convolutions are invisible"),
     "mamba": Row({"chunk_size": 32}, why="the scan's read-out is a bmm, counted; its recurrence is invisible"),
     "mamba2": Row({"head_dim": 32, "chunk_size": 64}, mamba2, why=CHUNKS + " (C B^T per group)"),

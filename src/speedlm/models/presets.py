@@ -323,6 +323,13 @@ PRESETS: dict[str, Preset] = {
             lambda s: dict(pattern="R", layers={"R": {"mixer": {"name": "rwkv7"}}}),
         ),
         Preset(
+            "ttt-linear",
+            "TTT-Linear: each layer's state is a linear model trained on the sequence by mini-batch gradient descent "
+            "(mini-batches of 16), read by the queries; SwiGLU FFNs",
+            "Sun et al. 2024, Learning to (Learn at Test Time): RNNs with Expressive Hidden States (arXiv:2407.04620)",
+            lambda s: dict(pattern="T", layers={"T": {"mixer": {"name": "ttt_linear"}}}),
+        ),
+        Preset(
             "mamba",
             "Mamba: selective state-space layers (no FFN, twice the depth), chunk-parallel scan, O(1) conv + SSM state",
             "Gu & Dao 2023, Mamba: Linear-Time Sequence Modeling with Selective State Spaces (arXiv:2312.00752)",

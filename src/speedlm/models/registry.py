@@ -37,6 +37,7 @@ from speedlm.layers.parallel_hybrid import ParallelHybrid
 from speedlm.layers.performer import Performer
 from speedlm.layers.reformer import LSHAttention
 from speedlm.layers.transformer_xl import TransformerXLAttention
+from speedlm.layers.ttt import TTTLinear
 from speedlm.layers.retnet import MultiScaleRetention
 from speedlm.layers.rwkv7 import RWKV7
 from speedlm.layers.sepllm import SepLLMAttention
@@ -318,6 +319,15 @@ register_mixer(
     "learning rate (diagonal-plus-rank-one transition), chunked through one triangular solve per chunk",
     paper="Peng et al. 2025, RWKV-7 \"Goose\" with Expressive Dynamic State Evolution (arXiv:2503.14456)",
     contract_spec={"chunk_size": 16, "decay_rank": 8, "a_rank": 8, "gate_rank": 8},
+)
+register_mixer(
+    "ttt_linear",
+    TTTLinear,
+    family="test-time training",
+    description="TTT-Linear: the hidden state is a linear model x + LN(x W + c) per head, trained on the sequence "
+    "by mini-batch gradient descent on a reconstruction loss; dual form per mini-batch",
+    paper="Sun et al. 2024, Learning to (Learn at Test Time): RNNs with Expressive Hidden States (arXiv:2407.04620)",
+    contract_spec={"mini_batch": 4},
 )
 register_mixer(
     "hyena",
