@@ -158,6 +158,27 @@ def block_topk(m, t, x, **_):
     return 2.0 * m.n_heads * m.head_dim * nb + 4.0 * m.head_dim * bs * slots / t
 
 
+def nsa(m, t, x, **_):
+    """The compressed branch scores every complete block (both products); the selected pairs as
+    block top-k's tiles of 64 per (head, block), the last one padded, read from this input's
+    selection; the window on the band plan."""
+    from speedlm.ops.nsa import compressed_attention, pooled_blocks, select_blocks
+
+    bs, d, h = m.block_size, m.head_dim, m.n_heads
+    q, k, v = m.project(x)
+    cos, sin = m._rope_table(0, t, q)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    pos = torch.arange(t)
+    _, probs = compressed_attention(q, pooled_blocks(k, bs), pooled_blocks(v, bs), pos, bs, d**-0.5)
+    blocks, real = select_blocks(probs, pos, m.kv_heads, _blocks(t, bs), bs, m.top_n)
+    blocks = blocks.repeat_interleave(h // m.kv_heads, dim=1)[0]  # (H, T, S)
+    reads = (blocks * bs <= pos[:, None]) & real.repeat_interleave(h // m.kv_heads, dim=1)[0]
+    per = torch.zeros(h, _blocks(t, bs), dtype=torch.long).scatter_add_(1, (blocks * reads).flatten(1),
+                                                                     reads.flatten(1).long())
+    slots = (torch.div(per + 63, 64, rounding_mode="floor") * 64).sum().item()
+    return 4.0 * h * d * (t // bs) + 4.0 * d * bs * slots / t + attn(m, window_keys(t, m.window))
+
+
 def reformer(m, t, causal=True, **_):
     # per hash round, blocks of C sorted queries against a band of 3C - 1 (bidirectional 4C - 2) sorted keys
     c, pad = chunks(m, t, m.chunk)
@@ -315,6 +336,9 @@ MIXER_ROWS = {
     "block_topk": Row({"block_size": 16, "top_k": 3, "kv_heads": 2}, block_topk,
                       why="each (query, block) pair reads the whole block (own block too), in tiles of 64 pairs "
                           "per (head, block), the last one padded; the gate scores every block, not only earlier ones"),
+    "nsa": Row({"block_size": 32, "top_n": 4, "window": 64, "kv_heads": 2}, nsa,
+               why="pooled scores against every complete block; selected pairs in padded tiles of 64 per (head, "
+                   "block) as block_topk; the window's band plan"),
     "reformer": Row({"n_hashes": 2, "chunk": 32, "n_buckets": 16}, reformer,
                     why="per round a band of 3C - 1 sorted keys per query; the visible pairs are the bucket's keys "
                         "in the own and previous chunk (T / n_buckets per bucket)"),

@@ -170,6 +170,17 @@ PRESETS: dict[str, Preset] = {
             lambda s: dict(pattern="B", layers={"B": {"mixer": {"name": "block_topk", "block_size": s["window"] // 2, "top_k": 3}}}),
         ),
         Preset(
+            "nsa",
+            "native sparse attention: mean-pooled key blocks, the top-n blocks they rank (first, previous and own "
+            "always) and a sliding window, gated per head; GQA with a quarter of the KV heads (base: the paper's "
+            "64-token blocks, 16 selected, window 512)",
+            "Yuan et al. 2025, Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse Attention "
+            "(arXiv:2502.11089)",
+            lambda s: dict(pattern="N", layers={"N": {"mixer": {
+                "name": "nsa", "kv_heads": max(1, s["n_heads"] // 4), "window": s["window"],
+                "block_size": {64: 16, 256: 32}.get(s["d_model"], 64), "top_n": {64: 4, 256: 8}.get(s["d_model"], 16)}}}),
+        ),
+        Preset(
             "logsparse",
             "LogSparse: each query sees a local window of 4 and then keys at power-of-two distances (O(log T) keys), "
             "with convolutional queries and keys (kernel 3)",

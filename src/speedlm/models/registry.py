@@ -30,6 +30,7 @@ from speedlm.layers.mamba2 import Mamba2
 from speedlm.layers.mla import MultiHeadLatentAttention
 from speedlm.layers.mlstm import MLSTM
 from speedlm.layers.moh import MixtureOfHeadsAttention
+from speedlm.layers.nsa import NativeSparseAttention
 from speedlm.layers.mlp import SwiGLU
 from speedlm.layers.mod import MoDBlock
 from speedlm.layers.moe import MoE
@@ -144,6 +145,16 @@ register_mixer(
     "key scores highest (hard gate, later block on ties); O(T top_k block_size); full KV cache plus running block key sums",
     paper="Lu et al. 2025, MoBA: Mixture of Block Attention for Long-Context LLMs (arXiv:2502.13189)",
     contract_spec={"block_size": 5, "top_k": 3, "kv_heads": 2},
+)
+register_mixer(
+    "nsa",
+    NativeSparseAttention,
+    family="dynamic sparse attention",
+    description="native sparse attention: mean-pooled key blocks, the top-n blocks they rank (first, previous and own "
+    "always), and a sliding window, mixed by sigmoid gates; O(T (T / block + top_n block + window)), no T x T mask",
+    paper="Yuan et al. 2025, Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse Attention "
+    "(arXiv:2502.11089)",
+    contract_spec={"block_size": 8, "top_n": 3, "window": 9, "kv_heads": 2},
 )
 register_mixer(
     "reformer",
