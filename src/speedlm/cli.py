@@ -246,10 +246,14 @@ def cmd_bench_speed(args) -> int:
 def _policy_options(p: argparse.ArgumentParser, window: int, flag: str = "--attention", default: str = "full") -> None:
     """--attention and its sizes: the KV-cache policy every attention layer of a checkpoint
     runs under, without retraining (generate, eval, stream)."""
-    p.add_argument(flag, dest="attention", default=default, choices=["full", "window", "sink", "sepllm"],
+    p.add_argument(flag, dest="attention", default=default,
+                   choices=["full", "window", "sink", "sepllm", "h2o", "snapkv", "kivi"],
                    help="window (original positions), sink (StreamingLLM: --sinks initial tokens + the window, "
-                   "shifted positions) or sepllm (initial tokens + separators + the window; with --cap the "
-                   "streaming cache with shifted positions); bounded caches run past max_seq_len")
+                   "shifted positions), sepllm (initial tokens + separators + the window; with --cap the "
+                   "streaming cache with shifted positions), h2o (--heavy heavy hitters + the window's newest "
+                   "keys, per head), snapkv (--budget keys per head chosen by the last --observe queries) or kivi "
+                   "(every key in --bits-bit codes, the newest --residual in full precision); bounded caches run "
+                   "past max_seq_len")
     p.add_argument("--window", type=int, default=window, help=f"local window, the query included (default {window})")
     p.add_argument("--sinks", "--initial", dest="sinks", type=int, default=4,
                    help="initial tokens kept by sink and sepllm (default 4)")
@@ -257,6 +261,13 @@ def _policy_options(p: argparse.ArgumentParser, window: int, flag: str = "--atte
     p.add_argument("--cap", type=int, help="sepllm streaming: cache slots before compression (bounded cache)")
     p.add_argument("--separators", help="separator ids (comma-separated) or characters (default: the model's, "
                    "recorded from its tokenizer)")
+    p.add_argument("--heavy", type=int, help="h2o: heavy-hitter keys kept per head (default window - 1)")
+    p.add_argument("--budget", dest="kv_budget", type=int,
+                   help="snapkv: keys kept per head after compression (default 2 x (window - 1))")
+    p.add_argument("--observe", type=int, default=32, help="snapkv: the observation window's queries (default 32)")
+    p.add_argument("--bits", type=int, default=2, help="kivi: 2 or 4 (default 2)")
+    p.add_argument("--group", type=int, default=32, help="kivi: tokens per key group, channels per value group")
+    p.add_argument("--residual", type=int, default=32, help="kivi: newest tokens kept in full precision")
 
 
 def _add_train_parser(sub) -> None:

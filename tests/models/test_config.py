@@ -134,3 +134,16 @@ def test_bidirectional_only_mixer_is_refused_in_a_causal_model(monkeypatch):
             ModelConfig(layers={"A": {"mixer": {"name": "bidi"}}})
     finally:
         MIXERS.unregister("bidi")
+
+
+def test_every_preset_counts_its_flops_on_the_meta_device():
+    """compare plans every model on the meta device (no weights): a FLOP count that makes a tensor
+    on the default device and reads it back would fail there."""
+    import torch
+
+    from speedlm.models.presets import PRESETS
+
+    with torch.device("meta"):
+        for name in PRESETS:
+            model = build_model(preset_config(f"{name}-tiny"))
+            assert model.flops_per_token(256, training=True) > 0, name

@@ -41,6 +41,16 @@ class KVPolicy:
     marks_follow_positions: ClassVar[bool] = False
     # the next single query sees every slot this policy retains (and itself): decoding needs no mask
     next_query_sees_all: ClassVar[bool] = False
+    # the attention weights of every call decide what stays (H2O, SnapKV: cache/scored.py)
+    needs_weights: ClassVar[bool] = False
+    # one masked call over a sequence computes what decoding it token by token would (`visible`);
+    # False where the cache's content depends on the history (eviction by scores, quantisation)
+    emulated_by_mask: ClassVar[bool] = True
+
+    def make_cache(self, rotate=None):
+        """The cache an attention layer keeps under this policy (`rotate`: its RoPE, for
+        policies that move keys)."""
+        return KVCache(self, rotate=rotate)
 
     def keep(self, length: int, positions: int | torch.Tensor, marks: torch.Tensor | None = None):
         """Slots to retain out of `length` (positions, and the stored marks (B, L) when the

@@ -31,7 +31,9 @@ def policy_from_args(args, model, tokenizer):
     separators = separators_for(model, tokenizer, args.separators) if args.attention == "sepllm" else None
     return make_policy(
         args.attention, window=args.window, sinks=args.sinks, separators=separators,
-        separator_cache=args.separator_cache, cap=args.cap,
+        separator_cache=args.separator_cache, cap=args.cap, heavy=getattr(args, "heavy", None),
+        budget=getattr(args, "kv_budget", None), observe=getattr(args, "observe", 32), bits=getattr(args, "bits", 2),
+        group=getattr(args, "group", 32), residual=getattr(args, "residual", 32),
     )
 
 

@@ -28,7 +28,7 @@ def run_eval(args) -> dict:
     kv = ""
     if policy is not None:
         kv = (f"; {describe_policy(policy)}: KV cache {result['kv_ratio']:.1%} of the full cache on average, "
-              f"{result['kv_peak_ratio']:.1%} at peak")
+              f"{result['kv_peak_ratio']:.1%} at peak, {result['kv_bytes_ratio']:.1%} of its bytes at the end")
     if getattr(model, "bound", False):  # a diffusion LM: the NELBO, an upper bound on the NLL
         result["bound"] = True
         print(

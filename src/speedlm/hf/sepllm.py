@@ -383,4 +383,7 @@ def sepllm(
     kv_policy = make_policy(policy, window=window, sinks=initial, separators=separators, separator_cache=separator_cache, cap=cap)
     if kv_policy is None:
         raise SpeedlmError("policy 'full' is the unwrapped model; choose sepllm, sink or window")
+    if not kv_policy.emulated_by_mask:
+        raise SpeedlmError(f"policy {policy!r} runs on speedlm models (import the checkpoint with `speedlm hf import`); "
+                           "this wrapper over transformers' attention serves sepllm, sink and window")
     return SepLLM(model, kv_policy)

@@ -149,6 +149,10 @@ class AttentionBase(HeadsMixer):
         # the policy's window and marks restrict the pattern: the cache's policy when decoding
         # (sinks, SepLLM on any checkpoint), the mixer's own otherwise (a SepLLM layer)
         policy = cache.policy if cache is not None else self.default_policy()
+        if policy.needs_weights:  # eviction by attention scores (cache/scored.py): the weights written out
+            cos, sin = self._rope_table(pos, t, q)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            return self.output(cache.attend(q, k, v, self.head_dim**-0.5), x)
         window = policy.attend_window()  # marks only matter beyond a window (the cache keeps them anyway)
         if cache is not None and t == 1 and policy.next_query_sees_all:
             window = None  # a decoding query sees every slot the policy kept: no mask row to build
@@ -213,7 +217,11 @@ class AttentionBase(HeadsMixer):
         return self.reference_output(attention_reference(q, k, v, per_head), x)
 
     def init_cache(self, kv_policy: KVPolicy | None = None) -> KVCache:
-        return KVCache(kv_policy or self.default_policy(), rotate=self.rotate_keys)
+        policy = kv_policy or self.default_policy()
+        if policy.needs_weights and (not isinstance(self.pattern(), Full) or self.head_patterns() is not None):
+            raise SpeedlmError(f"{type(policy).__name__} evicts by full attention's weights; {type(self).__name__} "
+                               "attends through a sparse pattern")
+        return policy.make_cache(self.rotate_keys)
 
     def state_bytes(self, context_len: int, batch_size: int = 1, bytes_per_elem: int = 2) -> int:
         kept = self.default_policy().retained(context_len)

@@ -114,10 +114,10 @@ class NativeSparseAttention(AttentionBase):
         """Keys a causal query reads on average: the pooled blocks before it, its selected blocks
         (up to top_n, the own one up to itself) and its window."""
         t, bs = context_len, self.block_size
-        pos = torch.arange(t, dtype=torch.float64)
+        pos = torch.arange(t, dtype=torch.float64, device="cpu")  # not the default device (plans build on meta)
         pooled = torch.floor((pos + 1) / bs)
         complete = torch.floor(pos / bs)  # earlier whole blocks
-        selected = torch.minimum(complete, torch.tensor(self.top_n - 1.0)) * bs + (pos % bs) + 1
+        selected = complete.clamp(max=self.top_n - 1.0) * bs + (pos % bs) + 1
         return float((pooled + selected).mean()) + window_mean_keys(t, self.window)
 
     def flops_breakdown(self, context_len: int, causal: bool = True) -> Flops:

@@ -61,8 +61,11 @@ def evaluate(
     `kv_policy` runs every attention layer under that KV policy without retraining (each
     sequence one call through fresh caches: the policy's window and marks mask the attention,
     original positions); the result then also has "kv_ratio" (KV entries attended, averaged
-    over the queries, against the full cache's) and "kv_peak_ratio" (the most entries any
-    query needs, against the full cache at the end of the sequence).
+    over the queries, against the full cache's), "kv_peak_ratio" (the most entries any
+    query needs, against the full cache at the end of the sequence) and "kv_bytes_ratio" (the
+    bytes the caches hold at the end of each sequence, against a full cache's, measured). A
+    policy that one masked call cannot emulate (`emulated_by_mask` False: eviction by attention
+    scores, quantisation) decodes each sequence token by token instead.
 
     `memory` = K > 0: evaluation with memory, as segment mode trains (`--segments K`): each row
     reads one contiguous part of the stream, window after window, through a cache carried
@@ -74,6 +77,7 @@ def evaluate(
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: one sync at the end
     tokens = 0
     seen = full = peak = 0
+    held = held_full = 0
     if memory and kv_policy is not None:
         raise SpeedlmError("evaluation with memory carries the model's own caches; it takes no KV policy")
     cache = None
@@ -90,8 +94,15 @@ def evaluate(
                 elif kv_policy is None:
                     lm = model.loss(x, y).parts["lm"]
                 else:
-                    logits = model(x, model.init_cache(kv_policy))
+                    policy_cache = model.init_cache(kv_policy)
+                    if kv_policy.emulated_by_mask:
+                        logits = model(x, policy_cache)
+                    else:
+                        logits = torch.cat([model(x[:, i : i + 1], policy_cache) for i in range(x.shape[1])], dim=1)
                     lm = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+                    full_cache = model.init_cache()
+                    model(x, full_cache)
+                    held, held_full = held + policy_cache.nbytes(), held_full + full_cache.nbytes()
             total += lm.double() * n
             tokens += n
             if kv_policy is not None:
@@ -110,5 +121,5 @@ def evaluate(
         ppl = float("inf")
     result = {"loss": loss, "ppl": ppl, "tokens": tokens}
     if kv_policy is not None:
-        result.update(kv_ratio=seen / full, kv_peak_ratio=peak)
+        result.update(kv_ratio=seen / full, kv_peak_ratio=peak, kv_bytes_ratio=held / max(1, held_full))
     return result
