@@ -72,3 +72,17 @@ def _config(**mixer):
 def test_impossible_head_splits_are_config_errors(mixer, message):
     with pytest.raises(SpeedlmError, match=message):
         _config(**mixer).validate()
+
+
+def test_a_single_head_is_shared_plain_attention():
+    # MQAR's probe models have one head: nothing to route, the head is always on with gate 1
+    from speedlm.layers.attention import Attention
+
+    dims = ModelDims(d_model=32, n_heads=1, max_seq_len=64)
+    torch.manual_seed(0)
+    m = MixtureOfHeadsAttention(dims).double()
+    assert (m.shared, m.routed, m.top_k) == (1, 0, 0)
+    attn = Attention(dims).double()
+    attn.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("router")})
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    assert rel_rms_error(m(x, SeqMeta()), attn(x, SeqMeta())) < 1e-12

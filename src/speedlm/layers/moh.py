@@ -48,7 +48,7 @@ class MixtureOfHeadsAttention(AttentionBase):
         super().check_options(dims, **options)
         s = max(1, dims.n_heads // 4) if shared is None else shared
         routed = dims.n_heads - s
-        if routed < 1:
+        if routed < 1 and (shared is not None or dims.n_heads > 1):
             raise SpeedlmError(f"moh: shared={s} leaves no routed heads of n_heads={dims.n_heads}")
         if top_k is not None and top_k > routed:
             raise SpeedlmError(f"moh: top_k={top_k} is more than the {routed} routed heads")
@@ -64,12 +64,14 @@ class MixtureOfHeadsAttention(AttentionBase):
     ):
         super().__init__(dims, kv_heads)
         h = self.n_heads
-        # defaults: a quarter of the heads shared, half of the rest per token (tiny: 1 + 1 of 4)
+        # defaults: a quarter of the heads shared, half of the rest per token (tiny: 1 + 1 of 4); a
+        # single head (MQAR's probe models) has nothing to route: it is shared, plain attention
         self.shared = max(1, h // 4) if shared is None else shared
         self.routed = h - self.shared
-        self.top_k = max(1, self.routed // 2) if top_k is None else top_k
+        self.top_k = 0 if self.routed == 0 else max(1, self.routed // 2) if top_k is None else top_k
         self.balance_coef, self.block_size = balance_coef, block_size
-        self.router = nn.Linear(dims.d_model, 2 + self.shared + self.routed, bias=False)
+        self.n_mix = 2 if self.routed else 0  # shared vs routed weights, where there are routed heads
+        self.router = nn.Linear(dims.d_model, self.n_mix + self.shared + self.routed, bias=False)
         self._call_gates: torch.Tensor | None = None
         self.reset_parameters()
 
@@ -77,7 +79,9 @@ class MixtureOfHeadsAttention(AttentionBase):
     def _route(self, x: torch.Tensor):
         """gates (B, H, T), routed-head probabilities (B, T, R) and choices (B, T, k), float32+."""
         logits = self.router(x).to(torch.promote_types(x.dtype, torch.float32))
-        mix, shared, routed = logits.split([2, self.shared, self.routed], dim=-1)
+        mix, shared, routed = logits.split([self.n_mix, self.shared, self.routed], dim=-1)
+        if not self.routed:
+            return torch.softmax(shared, dim=-1).transpose(1, 2), routed, routed.long()
         a = torch.softmax(mix, dim=-1)
         probs = torch.softmax(routed, dim=-1)
         top, chosen = probs.topk(self.top_k, dim=-1)
@@ -93,7 +97,10 @@ class MixtureOfHeadsAttention(AttentionBase):
 
     def reference_output(self, y_bhtd, x=None):
         logits = torch.einsum("btd,ed->bte", x, self.router.weight)
-        mix, shared, routed = logits.split([2, self.shared, self.routed], dim=-1)
+        mix, shared, routed = logits.split([self.n_mix, self.shared, self.routed], dim=-1)
+        if not self.routed:
+            gates = (torch.exp(shared) / torch.exp(shared).sum(-1, keepdim=True)).transpose(1, 2)
+            return super().reference_output(y_bhtd * gates[..., None], x)
         a = torch.exp(mix) / torch.exp(mix).sum(-1, keepdim=True)
         probs = torch.exp(routed) / torch.exp(routed).sum(-1, keepdim=True)
         kth = probs.sort(dim=-1, descending=True).values[..., self.top_k - 1 : self.top_k]
@@ -105,7 +112,7 @@ class MixtureOfHeadsAttention(AttentionBase):
     # ----- forward -----
     def mix(self, x, meta: SeqMeta, cache=None):
         gates, probs, chosen = self._route(x)
-        if meta.aux is not None and self.balance_coef:
+        if meta.aux is not None and self.balance_coef and self.routed:
             loss = balance_loss(probs.reshape(-1, self.routed), chosen.reshape(-1, self.top_k))
             meta.aux.add("moh_balance", self.balance_coef * loss)
         if cache is not None or not meta.causal or meta.doc_ids is not None:
@@ -121,9 +128,11 @@ class MixtureOfHeadsAttention(AttentionBase):
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)  # per query head: heads are split below
         s = self.shared
         y_shared = torch.nn.functional.scaled_dot_product_attention(q[:, :s], k[:, :s], v[:, :s], is_causal=True)
-        sel = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, chosen, True).transpose(1, 2)  # (B, R, T)
-        y_routed = routed_head_attention(q[:, s:], k[:, s:], v[:, s:], sel, block=self.block_size)
-        y = torch.cat([y_shared, y_routed], dim=1) * gates[..., None].to(q.dtype)
+        if self.routed:
+            sel = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, chosen, True).transpose(1, 2)  # (B, R, T)
+            y_routed = routed_head_attention(q[:, s:], k[:, s:], v[:, s:], sel, block=self.block_size)
+            y_shared = torch.cat([y_shared, y_routed], dim=1)
+        y = y_shared * gates[..., None].to(q.dtype)
         return self.o_proj(self.merge_heads(y))
 
     # ----- cost -----
