@@ -212,6 +212,25 @@ def test_eval_under_sepllm_sink_and_window_reports_the_kv_ratio(trained, capsys)
         assert 0 < ratio < 100 and "at peak" in out
 
 
+def test_eval_and_generate_under_h2o_snapkv_and_kivi_report_the_cache_bytes(trained, capsys):
+    base = ["eval", "--checkpoint", str(trained), "--batches", "2", "--seq-len", "32"]
+    for extra in (["--attention", "h2o", "--window", "5", "--heavy", "4"],
+                  ["--attention", "snapkv", "--window", "9", "--observe", "4"],
+                  ["--attention", "kivi", "--bits", "2", "--group", "8", "--residual", "8"]):
+        assert main(base + extra) == 0
+        out = capsys.readouterr().out
+        ratio = float(out.split("at peak, ")[1].split("%")[0])  # of the full cache's bytes at the end
+        assert 0 < ratio < 60, out
+    gen = ["generate", "--checkpoint", str(trained), "--prompt", "def f(x):", "--max-new-tokens", "20"]
+    assert main(gen + ["--attention", "h2o", "--window", "5", "--heavy", "4"]) == 0
+    assert capsys.readouterr().out.startswith("def f(x):")
+    # impossible sizes: one line, exit 2
+    assert main(base + ["--attention", "snapkv", "--window", "9", "--observe", "16"]) == 2
+    one_error_line(capsys, "must exceed the observation window")
+    assert main(base + ["--attention", "kivi", "--bits", "3"]) == 2
+    one_error_line(capsys, "3-bit codes are not supported")
+
+
 def test_generate_under_sepllm_training_free_and_streaming(trained, capsys):
     args = ["generate", "--checkpoint", str(trained), "--prompt", "def f(x):", "--max-new-tokens", "200"]
     # only "." as a separator: this model writes mostly spaces and newlines, every one of them
