@@ -110,6 +110,13 @@ class FullPolicy(KVPolicy):
         return context_len
 
 
+def refuse_lossy(kv_policy: KVPolicy | None, mixer: str, why: str) -> None:
+    """One line for a mixer whose cache must keep every key as it is (`why`), asked to run
+    under a policy that drops keys or changes them (a window, sinks, scores, quantisation)."""
+    if kv_policy is not None and (type(kv_policy) is not FullPolicy):
+        raise SpeedlmError(f"{mixer} {why}; the {type(kv_policy).__name__} KV policy does not apply, use the full cache")
+
+
 @dataclass(frozen=True)
 class WindowPolicy(KVPolicy):
     """The last window - 1 keys: the next query sees itself plus window - 1 past keys."""

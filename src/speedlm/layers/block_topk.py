@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from speedlm.cache.base import LayerCache
 from speedlm.cache.buffer import TokenBuffer
 from speedlm.cache.composite import CompositeCache
-from speedlm.cache.kv import FullPolicy, token_positions
-from speedlm.errors import SpeedlmError
+from speedlm.cache.kv import FullPolicy, refuse_lossy, token_positions
 from speedlm.layers.attention import AttentionBase
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.flops import Flops
@@ -78,11 +77,7 @@ class BlockTopkAttention(AttentionBase):
 
     @staticmethod
     def _refuse_lossy(kv_policy) -> None:
-        if kv_policy is not None and not isinstance(kv_policy, FullPolicy):
-            raise SpeedlmError(
-                f"block_topk keeps every key (its gate may pick any earlier block); the {type(kv_policy).__name__} "
-                "KV policy does not apply, use the full cache"
-            )
+        refuse_lossy(kv_policy, "block_topk", "keeps every key (its gate may pick any earlier block)")
 
     def init_cache(self, kv_policy=None):
         self._refuse_lossy(kv_policy)

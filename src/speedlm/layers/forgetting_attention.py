@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedlm.cache.buffer import TokenBuffer
-from speedlm.cache.kv import FullPolicy
-from speedlm.errors import SpeedlmError
+from speedlm.cache.kv import FullPolicy, refuse_lossy
 from speedlm.layers.attention import AttentionBase, Positions
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.flops import Flops, attention_flops, causal_keys
@@ -56,11 +55,7 @@ class ForgettingAttention(AttentionBase):
 
     @staticmethod
     def _refuse_lossy(kv_policy) -> None:
-        if kv_policy is not None and not isinstance(kv_policy, FullPolicy):
-            raise SpeedlmError(
-                f"forgetting_attention keeps every key (its gates decide what is forgotten); the "
-                f"{type(kv_policy).__name__} KV policy does not apply, use the full cache"
-            )
+        refuse_lossy(kv_policy, "forgetting_attention", "keeps every key (its gates decide what is forgotten)")
 
     def _log_gates(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, T) cumulative log forget gates from this call's first token, in float64."""

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedlm.cache.buffer import TokenBuffer
-from speedlm.cache.kv import FullPolicy
+from speedlm.cache.kv import FullPolicy, refuse_lossy
 from speedlm.errors import SpeedlmError
 from speedlm.layers.dims import ModelDims
 from speedlm.layers.flops import Flops, attention_flops, causal_keys
@@ -190,9 +190,7 @@ class MultiHeadLatentAttention(Mixer):
 
     # ----- the contract -----
     def init_cache(self, kv_policy=None):
-        if kv_policy is not None and not isinstance(kv_policy, FullPolicy):
-            raise SpeedlmError(f"mla caches latents, not keys and values; the {type(kv_policy).__name__} KV policy "
-                               "does not apply, use the full cache")
+        refuse_lossy(kv_policy, "mla", "caches latents, not keys and values")
         return TokenBuffer(FullPolicy(), n_entries=2)
 
     def max_context(self, kv_policy=None):

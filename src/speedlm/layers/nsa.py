@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from speedlm.cache.buffer import TokenBuffer
-from speedlm.cache.kv import FullPolicy
+from speedlm.cache.kv import FullPolicy, refuse_lossy
 from speedlm.errors import SpeedlmError
 from speedlm.layers.attention import AttentionBase
 from speedlm.layers.dims import ModelDims
@@ -59,9 +59,7 @@ class NativeSparseAttention(AttentionBase):
 
     @staticmethod
     def _refuse_lossy(kv_policy) -> None:
-        if kv_policy is not None and not isinstance(kv_policy, FullPolicy):
-            raise SpeedlmError(f"nsa keeps every key (its selection may read any block); the "
-                               f"{type(kv_policy).__name__} KV policy does not apply, use the full cache")
+        refuse_lossy(kv_policy, "nsa", "keeps every key (its selection may read any block)")
 
     def _gates(self, x):
         """(B, H, T, 3) sigmoid gates of the compressed, selected and window branches."""
