@@ -182,7 +182,7 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(SpeedlmError, match="sliding-window"):
         sepllm(tiny_hf_model("mistral", sliding_window=16), separators=SEPARATORS)
     with pytest.raises(SpeedlmError, match="unknown attention policy"):
-        sepllm(model, "h2o", separators=SEPARATORS)
+        sepllm(model, "lru", separators=SEPARATORS)
     wrapper = sepllm(model, separators=SEPARATORS, window=8)
     ids = token_ids(10)
     with pytest.raises(SpeedlmError, match="padding"):
@@ -197,3 +197,31 @@ def test_bad_input_is_a_clear_error():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64))
     with pytest.raises(SpeedlmError, match="supports llama, mistral, qwen2"):
         sepllm(gpt2, separators=SEPARATORS)
+
+
+@pytest.mark.parametrize(
+    "policy, options",
+    [("h2o", dict(window=9, heavy=8)), ("snapkv", dict(window=9, budget=20, observe=6)),
+     ("kivi", dict(bits=2, group=8, residual=8))],
+)
+def test_score_and_quantised_caches_match_speedlm_on_the_same_llama(policy, options):
+    """H2O, SnapKV and KIVI through the transformers wrapper decode as speedlm's own model under
+    the same policy (the same weights, imported), past the point where the cache evicts or
+    quantises."""
+    from speedlm.cache.policies import make_policy
+
+    model = tiny_hf_model("llama")
+    ours = from_llama(model).to(torch.float64)
+    ids = token_ids(80)
+    wrapper = sepllm(model, policy, **options)
+    kv_policy = make_policy(policy, **options)
+    with torch.no_grad():
+        cache = wrapper.new_cache()
+        hf_logits = decode_logits(model, ids, cache, first=1)
+        own_cache = ours.init_cache(kv_policy)
+        own = torch.cat([ours(ids[:, i : i + 1], own_cache) for i in range(80)], 1)
+    assert rel_err(hf_logits, own) < 1e-6  # RoPE angles in float32 in transformers, float64 here
+    if policy != "kivi":
+        assert max(cache.kv_slots) < 40
+    assert cache.nbytes() < 0.6 * 80 * 2 * model.config.num_hidden_layers * model.config.hidden_size * 8
+    wrapper.remove()

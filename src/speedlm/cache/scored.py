@@ -152,11 +152,22 @@ class ScoredKVCache(LayerCache):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """The new queries over the kept keys and their own (causally); then the policy's
         eviction. q (B, H, T, Dh), k, v (B, Hkv, T, Dh); returns (B, H, T, Dh)."""
-        self.scale = scale
+        k_all, v_all = self.append(k, v)
+        out, weights = attend_with_weights(q, k_all, v_all, scale)
+        self.observe(q, weights, scale)
+        return out
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new keys and values; return every key and value the new queries read."""
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        out, weights = attend_with_weights(q, self.k, self.v, scale)
-        received = weights.sum(2).unflatten(1, (k.shape[1], -1)).sum(2)  # (B, Hkv, L)
+        return self.k, self.v
+
+    def observe(self, q: torch.Tensor, weights: torch.Tensor, scale: float) -> None:
+        """The call's queries and their attention weights over every held key (B, H, T, L):
+        scores accumulate, then the policy evicts."""
+        self.scale = scale
+        received = weights.sum(2).unflatten(1, (self.k.shape[1], -1)).sum(2)  # (B, Hkv, L)
         old = 0 if self.score is None else self.score.shape[2]
         self.score = received if self.score is None else received + F.pad(self.score, (0, received.shape[2] - old))
         self.queries = q[:, :, -getattr(self.policy, "observe", 1):] if self.queries is None else torch.cat(
@@ -168,7 +179,6 @@ class ScoredKVCache(LayerCache):
             self.k = self.k.gather(2, index.expand(-1, -1, -1, self.k.shape[-1]))
             self.v = self.v.gather(2, index.expand(-1, -1, -1, self.v.shape[-1]))
             self.score = self.score.gather(2, keep)
-        return out
 
 
 def attend_with_weights(q, k, v, scale):

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, Cache
 from transformers.cache_utils import CacheLayerMixin
 
-from speedlm.cache.kv import KVCache, KVPolicy, token_positions
+from speedlm.cache.kv import KVPolicy, token_positions
+from speedlm.cache.scored import attend_with_weights
 from speedlm.cache.policies import make_policy
 from speedlm.errors import SpeedlmError
 from speedlm.ops.attention import attention
@@ -67,7 +68,8 @@ class PolicyLayer(CacheLayerMixin):
 
     def __init__(self, policy: KVPolicy, rotate=None):
         super().__init__()
-        self.kv = KVCache(policy, rotate)
+        self._rotate = rotate
+        self.kv = policy.make_cache(rotate)  # a KVCache, or a policy's own (scored, quantised)
         self.read: _Read | None = None
         self.is_initialized = True
 
@@ -87,7 +89,7 @@ class PolicyLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.kv = KVCache(self.kv.policy, self.kv._rotate)
+        self.kv = self.kv.policy.make_cache(self._rotate)
         self.read = None
 
 
@@ -159,6 +161,9 @@ class PolicyCache(Cache):
             k_all = (kk * cos[:, None].to(dt) + _rotate_half(kk) * sin[:, None].to(dt)).to(key_states.dtype)
             layer.read = _Read(*layer.kv.mask_terms(keys, self.seen, t, window))
             out = k_all, keys.v
+        elif policy.needs_weights:  # H2O, SnapKV: evicted by `policy_attention` once the weights exist
+            layer.read = None
+            out = layer.kv.append(key_states, value_states)
         else:
             keys = layer.kv.extend(key_states, value_states, self.seen, marks)
             layer.read = _Read(*layer.kv.mask_terms(keys, self.seen, t, window))
@@ -207,6 +212,12 @@ def policy_attention(module, query, key, value, attention_mask, scaling=None, dr
     wrap = getattr(module, "speedlm_policy", None)
     if wrap is None:
         raise SpeedlmError(f"attention {ATTENTION!r} runs only on a model wrapped by speedlm.hf.sepllm()")
+    cache = wrap._call[1] if wrap._call is not None else None
+    if cache is not None and wrap.policy.needs_weights:  # the weights decide what the cache keeps
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out, weights = attend_with_weights(query, key, value, scale)
+        cache.layers[module.layer_idx].kv.observe(query, weights, scale)
+        return out.transpose(1, 2).contiguous(), None
     mask = wrap.mask(module.layer_idx, query, key)
     out = attention(query, key, value, mask, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -366,6 +377,7 @@ def sepllm(
     initial: int = 4,
     cap: int | None = None,
     separator_cache: int | None = None,
+    **sizes,
 ) -> SepLLM:
     """Wrap a loaded Hugging Face Llama / Mistral / Qwen2 causal LM in place:
 
@@ -374,16 +386,17 @@ def sepllm(
       `cap` (and `separator_cache`, default 64): SepLLM's streaming cache, shifted positions.
     - policy "sink": StreamingLLM, `initial` sinks + `window`, shifted positions.
     - policy "window": the last `window` tokens.
+    - policies "h2o", "snapkv", "kivi" (`sizes`: heavy / budget, observe / bits, group, residual,
+      as `speedlm.cache.policies.make_policy`): the cache evicts by the attention weights the
+      wrapper's attention function computes, or holds quantised keys and values.
 
     Separator ids come from `separators` or are derived from `tokenizer`."""
     if policy == "sepllm" and separators is None:
         if tokenizer is None:
             raise SpeedlmError("SepLLM needs separator ids: pass separators=[...] or the model's tokenizer")
         separators = separator_ids_of(tokenizer)
-    kv_policy = make_policy(policy, window=window, sinks=initial, separators=separators, separator_cache=separator_cache, cap=cap)
+    kv_policy = make_policy(policy, window=window, sinks=initial, separators=separators,
+                            separator_cache=separator_cache, cap=cap, **sizes)
     if kv_policy is None:
         raise SpeedlmError("policy 'full' is the unwrapped model; choose sepllm, sink or window")
-    if not kv_policy.emulated_by_mask:
-        raise SpeedlmError(f"policy {policy!r} runs on speedlm models (import the checkpoint with `speedlm hf import`); "
-                           "this wrapper over transformers' attention serves sepllm, sink and window")
     return SepLLM(model, kv_policy)
