@@ -261,6 +261,9 @@ def test_stream_writes_segments_summary_and_plot(trained, tmp_path, capsys):
     assert (out / "stream-sepllm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(args + ["--policy", "sink"]) == 0
     assert json.loads((out / "stream-sink.json").read_text())["kv_peak"] <= 4 + 15
+    # heavy hitters: a bounded cache of 8 + 15 keys per head, evicted after each chunk of 8
+    assert main(args + ["--policy", "h2o", "--heavy", "8"]) == 0
+    assert json.loads((out / "stream-h2o.json").read_text())["kv_peak"] <= 8 + 15 + 8
 
 
 @pytest.mark.parametrize(
