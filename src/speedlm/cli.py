@@ -610,7 +610,8 @@ def _add_bench_decode_parser(bsub) -> None:
     p.add_argument("--contexts", type=_ints, default=[1024, 16384])
     p.add_argument("--steps", type=int, default=64, help="timed single-token steps per context")
     p.add_argument("--policies", type=_csv, default=["full"],
-                   help="KV policies to decode under, side by side: full (each mixer's own cache), window, sink")
+                   help="KV policies to decode under, side by side: full (each mixer's own cache), window, sink, h2o, "
+                   "snapkv (sized to hold --slots keys) or kivi (every key in 2-bit codes)")
     p.add_argument("--slots", type=int, default=1023, help="KV slots every lossy policy holds once full")
     p.add_argument("--sinks", type=int, default=4, help="of those slots, the attention sinks")
     p.add_argument("--compile", action="store_true",

@@ -34,7 +34,8 @@ from speedlm.checkpoint.pretrained import spec_config
 from speedlm.progress import progress_bar
 
 
-LOSSY_POLICIES = ("window", "sink")
+LOSSY_POLICIES = ("window", "sink", "h2o", "snapkv", "kivi")
+PREFILL_CHUNK = 1024  # untimed prefill in calls of this many tokens (a scored policy's weights are (T, chunk))
 
 
 def policy_at_slots(name: str, slots: int, sinks: int = 4):
@@ -46,6 +47,12 @@ def policy_at_slots(name: str, slots: int, sinks: int = 4):
         return make_policy("window", window=slots + 1)
     if name == "sink":
         return make_policy("sink", window=slots - sinks + 1, sinks=sinks)
+    if name == "h2o":  # half heavy hitters, half the newest keys
+        return make_policy("h2o", window=slots - slots // 2 + 1, heavy=slots // 2)
+    if name == "snapkv":  # holds budget .. budget + 31 slots: `slots` on average
+        return make_policy("snapkv", budget=slots - 16, observe=32)
+    if name == "kivi":  # every key, 2-bit codes; `slots` does not apply
+        return make_policy("kivi", bits=2, group=32, residual=32)
     raise SpeedlmError(f"bench decode measures the policies full, {', '.join(LOSSY_POLICIES)}; got {name!r}")
 
 
@@ -90,7 +97,8 @@ def _decode_rows(model, runs: list[tuple[str, int]], policies: dict, steps: int,
     with torch.no_grad():
         for run in runs:  # the same prefix for every run: the caches differ in length and policy
             caches[run] = model.init_cache(policies[run[0]])
-            model(ids[:, : run[1]], caches[run])
+            for s in range(0, run[1], PREFILL_CHUNK):
+                model(ids[:, s : min(run[1], s + PREFILL_CHUNK)], caches[run])
         times: dict[tuple[str, int | None], list[float]] = {run: [] for run in runs}
         times.update({(name, None): [] for name in probes})
         for i in range(steps + 1):
