@@ -76,15 +76,19 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class QuantizedKVCache(LayerCache):
-    """Packed quantised groups of keys and values plus a full-precision residual (module doc)."""
+    """Packed quantised groups of keys and values plus a full-precision residual (module doc).
+    Only the codes, their scales and the residual persist; each call dequantises the groups
+    into a temporary (what a fused kernel would do inside the attention), so the memory held
+    between calls is what `nbytes` reports."""
 
     stores_marks = False
 
     def __init__(self, policy: KIVIPolicy):
         self.policy = policy
-        self.groups: list[tuple] = []  # per token group: packed key codes, key scale/zero, value codes, scale/zero
+        # per group along dim 2: packed codes (B, Hkv, Ng, bytes), scales and zero points
+        self.k_codes = self.k_scale = self.k_zero = None
+        self.v_codes = self.v_scale = self.v_zero = None
         self.rk = self.rv = None  # the residual (B, Hkv, R, Dh)
-        self._deq_k = self._deq_v = None  # the dequantised groups, kept so a call need not redo them all
         self.quantized = 0
 
     @property
@@ -92,8 +96,8 @@ class QuantizedKVCache(LayerCache):
         return self.quantized + (0 if self.rk is None else self.rk.shape[2])
 
     def tensors(self) -> list[torch.Tensor]:
-        stored = [t for g in self.groups for t in g]
-        return stored + ([] if self.rk is None else [self.rk, self.rv])
+        stored = [self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero]
+        return [t for t in stored if t is not None] + ([] if self.rk is None else [self.rk, self.rv])
 
     def kv_slots(self) -> list[float]:
         return [self.length]
@@ -102,36 +106,49 @@ class QuantizedKVCache(LayerCache):
         if self.rk is not None:
             self.rk, self.rv = self.rk.detach(), self.rv.detach()
 
+    @staticmethod
+    def _append(held, new):
+        return new if held is None else torch.cat([held, new], dim=2)
+
     def _quantize_group(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (B, Hkv, G, Dh): keys per channel over the G tokens, values per token over channel
-        groups of `group` (the last one shorter if Dh is not a multiple)."""
-        p = self.policy
-        kc, ks, kz = quantize(k, p.bits, dim=2)
-        dh = v.shape[-1]
+        groups of `group` (padded to whole groups)."""
+        p, dh = self.policy, v.shape[-1]
+        kc, ks, kz = quantize(k, p.bits, dim=2)  # scales (B, Hkv, 1, Dh)
         cg = min(p.group, dh)
-        pad = (-dh) % cg
-        vp = torch.nn.functional.pad(v, (0, pad)).unflatten(-1, (-1, cg))
-        vc, vs, vz = quantize(vp, p.bits, dim=-1)
+        vp = torch.nn.functional.pad(v, (0, (-dh) % cg)).unflatten(-1, (-1, cg))
+        vc, vs, vz = quantize(vp, p.bits, dim=-1)  # scales (B, Hkv, G, Dh / cg, 1)
         per = 8 // p.bits
         kflat = torch.nn.functional.pad(kc.flatten(-2), (0, (-kc[0, 0].numel()) % per))
         vflat = torch.nn.functional.pad(vc.flatten(-3), (0, (-vc[0, 0].numel()) % per))
-        self.groups.append((pack(kflat, p.bits), ks, kz, pack(vflat, p.bits), vs, vz))
-        deq_k = dequantize(kc, ks, kz, k.dtype)
-        deq_v = dequantize(vc, vs, vz, v.dtype).flatten(-2)[..., :dh]
-        self._deq_k = deq_k if self._deq_k is None else torch.cat([self._deq_k, deq_k], dim=2)
-        self._deq_v = deq_v if self._deq_v is None else torch.cat([self._deq_v, deq_v], dim=2)
+        self.k_codes = self._append(self.k_codes, pack(kflat, p.bits)[:, :, None])
+        self.v_codes = self._append(self.v_codes, pack(vflat, p.bits)[:, :, None])
+        self.k_scale, self.k_zero = self._append(self.k_scale, ks), self._append(self.k_zero, kz)
+        self.v_scale, self.v_zero = self._append(self.v_scale, vs[:, :, None]), self._append(self.v_zero, vz[:, :, None])
         self.quantized += k.shape[2]
+
+    def _dequantized(self, dtype, dh: int):
+        """Every quantised group as (B, Hkv, quantized, Dh) keys and values, in `dtype`."""
+        p = self.policy
+        g = p.group
+        cg = min(p.group, dh)
+        kc = unpack(self.k_codes, p.bits)[..., : g * dh].unflatten(-1, (g, dh))  # (B, Hkv, Ng, G, Dh)
+        keys = dequantize(kc, self.k_scale[:, :, :, None], self.k_zero[:, :, :, None], dtype)
+        width = dh + (-dh) % cg
+        vc = unpack(self.v_codes, p.bits)[..., : g * width].unflatten(-1, (g, width // cg, cg))
+        values = dequantize(vc, self.v_scale, self.v_zero, dtype).flatten(-2)[..., :dh]
+        return keys.flatten(2, 3), values.flatten(2, 3)
 
     def extend(self, k, v, positions=None, marks=None) -> Keys:
         """Append the new tokens; return every key and value the new queries read (dequantised
         groups, then the full-precision residual and the new tokens), at positions 0 .. L - 1."""
         self.rk = k if self.rk is None else torch.cat([self.rk, k], dim=2)
         self.rv = v if self.rv is None else torch.cat([self.rv, v], dim=2)
-        if self._deq_k is None:
+        if self.k_codes is None:
             keys, values = self.rk, self.rv
         else:
-            keys = torch.cat([self._deq_k.to(k.dtype), self.rk], dim=2)
-            values = torch.cat([self._deq_v.to(v.dtype), self.rv], dim=2)
+            old_k, old_v = self._dequantized(k.dtype, k.shape[-1])
+            keys, values = torch.cat([old_k, self.rk], dim=2), torch.cat([old_v, self.rv], dim=2)
         p = self.policy
         while self.rk.shape[2] >= p.residual + p.group:  # the oldest complete group leaves the residual
             self._quantize_group(self.rk[:, :, : p.group], self.rv[:, :, : p.group])
