@@ -45,7 +45,9 @@ class KIVIPolicy(FullPolicy):
         """Stored bytes per quantised token and layer (codes, and float16 scale + zero point per
         group), against 2 * kv_heads * head_dim * full_bytes for a full-precision one."""
         codes = 2 * head_dim * self.bits / 8
-        params = 2 * 2 * (head_dim / self.group) * 2  # keys: per channel per token group; values: per channel group
+        width = min(self.group, head_dim)  # a value group: `group` channels, or the whole head if narrower
+        value_groups = -(-head_dim // width)
+        params = 2 * 2 * (head_dim / self.group + value_groups)  # keys: per channel per token group; values: per token
         return kv_heads * (codes + params)
 
 

@@ -43,6 +43,8 @@ class ScoredPolicy(KVPolicy):
     bounded: ClassVar[bool] = True
     needs_weights: ClassVar[bool] = True
     emulated_by_mask: ClassVar[bool] = False
+    accumulates: ClassVar[bool] = False  # keeps each slot's summed attention (H2O)
+    observed: ClassVar[int] = 0  # how many of the latest queries it keeps (SnapKV's window)
 
     def make_cache(self, rotate=None) -> ScoredKVCache:
         return ScoredKVCache(self)
@@ -64,6 +66,7 @@ class ScoredPolicy(KVPolicy):
 class H2OPolicy(ScoredPolicy):
     heavy: int = 64
     recent: int = 64
+    accumulates: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.heavy < 0 or self.recent < 1:
@@ -91,6 +94,10 @@ class SnapKVPolicy(ScoredPolicy):
     budget: int = 128
     observe: int = 32
     kernel: int = 7
+
+    @property
+    def observed(self) -> int:
+        return self.observe
 
     def __post_init__(self):
         if self.observe < 1 or self.budget <= self.observe:
@@ -131,7 +138,6 @@ class ScoredKVCache(LayerCache):
         self.policy = policy
         self.k = self.v = self.score = self.queries = None
         self.scale = 1.0
-        self.seen = 0
 
     @property
     def length(self) -> int:
@@ -164,21 +170,23 @@ class ScoredKVCache(LayerCache):
         return self.k, self.v
 
     def observe(self, q: torch.Tensor, weights: torch.Tensor, scale: float) -> None:
-        """The call's queries and their attention weights over every held key (B, H, T, L):
-        scores accumulate, then the policy evicts."""
+        """The call's queries and their attention weights over every held key (B, H, T, L): what
+        the policy reads is kept (summed attention, the latest queries), then it evicts."""
         self.scale = scale
-        received = weights.sum(2).unflatten(1, (self.k.shape[1], -1)).sum(2)  # (B, Hkv, L)
-        old = 0 if self.score is None else self.score.shape[2]
-        self.score = received if self.score is None else received + F.pad(self.score, (0, received.shape[2] - old))
-        self.queries = q[:, :, -getattr(self.policy, "observe", 1):] if self.queries is None else torch.cat(
-            [self.queries, q], dim=2)[:, :, -getattr(self.policy, "observe", 1):]
-        self.seen += q.shape[2]
+        if self.policy.accumulates:
+            received = weights.sum(2).unflatten(1, (self.k.shape[1], -1)).sum(2)  # (B, Hkv, L)
+            old = 0 if self.score is None else self.score.shape[2]
+            self.score = received if self.score is None else received + F.pad(self.score, (0, received.shape[2] - old))
+        n = self.policy.observed
+        if n:
+            self.queries = (q if self.queries is None else torch.cat([self.queries, q], dim=2))[:, :, -n:]
         keep = self.policy.evict(self)
         if keep is not None:
             index = keep[..., None]
             self.k = self.k.gather(2, index.expand(-1, -1, -1, self.k.shape[-1]))
             self.v = self.v.gather(2, index.expand(-1, -1, -1, self.v.shape[-1]))
-            self.score = self.score.gather(2, keep)
+            if self.score is not None:
+                self.score = self.score.gather(2, keep)
 
 
 def attend_with_weights(q, k, v, scale):

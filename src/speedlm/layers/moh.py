@@ -127,12 +127,11 @@ class MixtureOfHeadsAttention(AttentionBase):
         groups = self.n_heads // self.kv_heads
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)  # per query head: heads are split below
         s = self.shared
-        y_shared = torch.nn.functional.scaled_dot_product_attention(q[:, :s], k[:, :s], v[:, :s], is_causal=True)
+        y = torch.nn.functional.scaled_dot_product_attention(q[:, :s], k[:, :s], v[:, :s], is_causal=True)
         if self.routed:
             sel = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, chosen, True).transpose(1, 2)  # (B, R, T)
-            y_routed = routed_head_attention(q[:, s:], k[:, s:], v[:, s:], sel, block=self.block_size)
-            y_shared = torch.cat([y_shared, y_routed], dim=1)
-        y = y_shared * gates[..., None].to(q.dtype)
+            y = torch.cat([y, routed_head_attention(q[:, s:], k[:, s:], v[:, s:], sel, block=self.block_size)], dim=1)
+        y = y * gates[..., None].to(q.dtype)
         return self.o_proj(self.merge_heads(y))
 
     # ----- cost -----

@@ -51,9 +51,10 @@ def compressed_attention(q, k_cmp, v_cmp, q_pos: torch.Tensor, block_size: int, 
     return probs @ vc, probs
 
 
-def select_blocks(probs, q_pos: torch.Tensor, kv_heads: int, n_blocks: int, block_size: int, top_n: int):
-    """(blocks (B, Hkv, Tq, S), real (B, Hkv, Tq, S)): each query's selected blocks per KV group,
-    ranked by the group's mean compressed probability (detached), forced blocks first."""
+def block_scores(probs, q_pos: torch.Tensor, kv_heads: int, n_blocks: int, block_size: int) -> torch.Tensor:
+    """(B, Hkv, Tq, n_blocks) what the selection ranks: the KV group's mean compressed probability
+    of each block (detached), 1 for the forced blocks (the first, the own and the previous one),
+    -inf for blocks a query may not select (not yet complete and not forced)."""
     b, h, tq, nb = probs.shape
     score = probs.detach().view(b, kv_heads, h // kv_heads, tq, nb).mean(2)
     score = torch.cat([score, score.new_zeros(b, kv_heads, tq, n_blocks - nb)], dim=-1)  # blocks not yet pooled
@@ -61,8 +62,12 @@ def select_blocks(probs, q_pos: torch.Tensor, kv_heads: int, n_blocks: int, bloc
     own = (q_pos // block_size)[:, None]
     forced = (blk == 0) | (blk == own) | (blk == own - 1)
     allowed = forced | ((blk + 1) * block_size - 1 <= q_pos[:, None])
-    score = torch.where(forced, torch.ones_like(score), score).masked_fill(~allowed, float("-inf"))
-    vals, idx = score.topk(min(top_n, n_blocks), dim=-1)
+    return torch.where(forced, torch.ones_like(score), score).masked_fill(~allowed, float("-inf"))
+
+
+def select_blocks(probs, q_pos: torch.Tensor, kv_heads: int, n_blocks: int, block_size: int, top_n: int):
+    """(blocks (B, Hkv, Tq, S), real (B, Hkv, Tq, S)): each query's top_n blocks by `block_scores`."""
+    vals, idx = block_scores(probs, q_pos, kv_heads, n_blocks, block_size).topk(min(top_n, n_blocks), dim=-1)
     return idx, vals > float("-inf")
 
 
@@ -102,20 +107,13 @@ def nsa_branches(q, k, v, block_size: int, top_n: int, window: int, scale: float
 
 def nsa_masks(probs, tk: int, kv_heads: int, block_size: int, top_n: int, window: int):
     """Dense (B, H, Tq, Tk) masks of the selected and window branches, from the compressed
-    probabilities (queries the last Tq of the Tk keys): each block's rank is the number of
-    allowed blocks scoring higher, forced blocks scoring 1 (for the float64 reference)."""
-    b, h, tq, nb = probs.shape
+    probabilities (queries the last Tq of the Tk keys): a block is selected when fewer than top_n
+    allowed blocks score higher (for the float64 reference; the fast path takes `topk`)."""
+    b, h, tq, _ = probs.shape
     q_pos = torch.arange(tk - tq, tk, device=probs.device)
-    n_blocks = -(-tk // block_size)
-    blk = torch.arange(n_blocks, device=probs.device)
-    score = probs.view(b, kv_heads, h // kv_heads, tq, nb).mean(2)
-    score = torch.cat([score, score.new_zeros(b, kv_heads, tq, n_blocks - nb)], dim=-1)
-    own = (q_pos // block_size)[:, None]
-    forced = (blk == 0) | (blk == own) | (blk == own - 1)
-    allowed = forced | ((blk + 1) * block_size - 1 <= q_pos[:, None])
-    score = torch.where(forced, torch.ones_like(score), score).masked_fill(~allowed, float("-inf"))
+    score = block_scores(probs, q_pos, kv_heads, -(-tk // block_size), block_size)
     higher = (score[..., None, :] > score[..., :, None]).sum(-1)  # (B, Hkv, Tq, NB)
-    chosen = allowed & (higher < top_n)
+    chosen = (score > float("-inf")) & (higher < top_n)
     key_blk = torch.arange(tk, device=probs.device) // block_size
     causal = torch.arange(tk, device=probs.device) <= q_pos[:, None]
     selected = chosen.gather(-1, key_blk.expand(b, kv_heads, tq, tk)) & causal
