@@ -144,7 +144,9 @@ class ScoredKVCache(LayerCache):
         return 0 if self.k is None else self.k.shape[2]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [] if self.k is None else [self.k, self.v]
+        # the summed attention (H2O) and the latest queries (SnapKV) are state the policy reads
+        # later, so they count in `nbytes` beside the keys and values
+        return [t for t in (self.k, self.v, self.score, self.queries) if t is not None]
 
     def kv_slots(self) -> list[float]:
         return [self.length]
